@@ -1,0 +1,221 @@
+"""Subcommands of ``lepton``: each a ``register(subparsers)`` and a ``run(args, comm, log)``.
+
+They run the same alone, under ``mpirun -n N`` or under ``srun``; rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .comm.base import Communicator, agree
+from .log import Log
+
+
+# ---- datagen ---------------------------------------------------------------------------
+def register_datagen(sub) -> None:
+    p = sub.add_parser("datagen", help="write a synthetic data set (all ranks write in parallel)")
+    p.add_argument("--task", choices=("linear", "logistic", "blobs"), required=True)
+    p.add_argument("--rows", type=int, required=True)
+    p.add_argument("--features", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise", type=float, default=0.1, help="target noise (linear)")
+    p.add_argument("--classes", type=int, default=3, help="classes (blobs)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=run_datagen)
+
+
+def run_datagen(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
+    from .data.synth import write_dataset
+    from .errors import LeptonError
+
+    def check() -> None:
+        if args.rows < comm.size or args.features < 1 or args.seed < 0:
+            raise LeptonError(
+                f"--rows {args.rows} must be >= the {comm.size} ranks, "
+                f"--features >= 1 and --seed >= 0"
+            )
+
+    agree(comm, check)
+    write_dataset(
+        args.out,
+        args.task,
+        args.rows,
+        args.features,
+        args.seed,
+        comm,
+        noise=args.noise,
+        classes=args.classes,
+        force=args.force,
+    )
+    log.info(
+        f"wrote {args.out}: {args.rows} rows x {args.features} features ({args.task}, "
+        f"seed {args.seed}, {comm.size} writer rank{'s' if comm.size > 1 else ''})"
+    )
+    return 0
+
+
+# ---- train -----------------------------------------------------------------------------
+def register_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a TOML config")
+    p.add_argument("config", help="TOML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05")
+    p.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="continue from the newest good checkpoint of the run directory (auto) or from PATH",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
+    from .config import load_config
+    from .engine import train
+    from .metrics import headline
+
+    cfg = agree(comm, lambda: load_config(args.config, args.overrides))
+    if not cfg.data.train:
+        agree(comm, _missing_train)
+    log.info(
+        f"lepton train: {cfg.model.kind} on {cfg.data.train} with {comm.size} rank(s), "
+        f"optimizer {cfg.optim.name}, run directory {cfg.output.dir}"
+    )
+    res = train(cfg, comm, log, resume=args.resume, overwrite=args.overwrite)
+    t = res["timing"]
+    log.info("")
+    for part, m in res["metrics"].items():
+        log.info(f"  {part:<5} {headline(m)}")
+    log.info(
+        f"  throughput {res['throughput']['rows_per_s']:,.0f} rows/s on {comm.size} rank(s), "
+        f"{res['threads_per_rank']} thread(s) each ({res['device']})"
+    )
+    log.info(
+        f"  time {t['total_s']:.2f} s: io {t['io_s']:.2f}  compute {t['compute_s']:.2f}  "
+        f"comm {t['comm_s']:.3f}  eval {t['eval_s']:.2f}  checkpoint {t['checkpoint_s']:.2f}"
+    )
+    log.info(
+        f"  run directory {cfg.output.dir}/ (results.json, metrics.jsonl, model.h5, history.png)"
+    )
+    return 0
+
+
+def _missing_train() -> None:
+    from .errors import ConfigError
+
+    raise ConfigError("data.train", "is required (an HDF5 file)")
+
+
+# ---- evaluate --------------------------------------------------------------------------
+def register_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics of a trained model on a data set")
+    p.add_argument("--model", required=True, help="model.h5 of a run")
+    p.add_argument("--data", required=True, help="HDF5 file with features and targets")
+    p.add_argument("--x", default=None, help="features data set (default: as in training)")
+    p.add_argument("--y", default=None, help="targets data set (default: as in training)")
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.set_defaults(func=run_evaluate)
+
+
+def _load_for_inference(args, comm: Communicator, log: Log, with_y: bool):
+    from .data.dataset import load_eval_data
+    from .device import select_device
+    from .models import check_labels, target_stats
+    from .models.io import check_features, load_model
+
+    model, params, scaler, meta = agree(comm, lambda: load_model(args.model))
+    cfg = meta.get("config", {}).get("data", {})
+    x = args.x or cfg.get("x", "X")
+    y = (args.y or cfg.get("y", "y")) if with_y else None
+    split, info = load_eval_data(args.data, x, y, scaler, comm, log)
+    agree(comm, lambda: check_features(model, info.n_features, f"'{args.data}:{x}'", args.model))
+    if with_y:
+        stats = target_stats(split.y, comm)
+        agree(comm, lambda: check_labels(model, stats, f"'{args.data}:{y}'"))
+    device = agree(comm, lambda: select_device("cpu", 0, comm))
+    return model, params, split, device
+
+
+def run_evaluate(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
+    from .evaluate import evaluate
+    from .results import write_json
+
+    model, params, split, device = _load_for_inference(args, comm, log, with_y=True)
+    metrics = evaluate(model, params, split.X, split.y, device, comm)
+    log.info(f"{args.model} on {args.data} ({metrics['rows']} rows, {comm.size} rank(s))")
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            log.info(f"  {key:<10} {value:.6f}")
+    if "confusion" in metrics:
+        log.info("  confusion (rows: true class, columns: predicted)")
+        for row in metrics["confusion"]:
+            log.info("    " + " ".join(f"{v:>8d}" for v in row))
+    if args.json and comm.is_root:
+        write_json(Path(args.json), {"model": args.model, "data": args.data, "metrics": metrics})
+    return 0
+
+
+# ---- predict ---------------------------------------------------------------------------
+def register_predict(sub) -> None:
+    p = sub.add_parser("predict", help="predict every row of a data set, in parallel")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="output HDF5 file")
+    p.add_argument("--x", default=None)
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=run_predict, y=None)
+
+
+def run_predict(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
+    from .data.h5 import collective, create_parallel
+    from .evaluate import forward
+    from .metrics import predicted_labels
+
+    model, params, split, device = _load_for_inference(args, comm, log, with_y=False)
+    out = forward(model, params, split.X, device)
+    start = int(split.rows[0]) if split.n else 0
+    n = split.n_global
+    with create_parallel(args.out, comm, force=args.force) as fh:
+        name = "probabilities" if model.is_classifier else "predictions"
+        dset = fh.create_dataset(name, shape=(n, model.n_outputs), dtype=np.float64)
+        with collective(dset):
+            dset[start : start + split.n] = out
+        if model.is_classifier:
+            labels = fh.create_dataset("labels", shape=(n,), dtype=np.int64)
+            with collective(labels):
+                labels[start : start + split.n] = predicted_labels(out, model.head)
+        fh.attrs.update({"model": str(args.model), "data": str(args.data), "head": model.head})
+    log.info(f"wrote {args.out}: {n} rows ({name}{' and labels' if model.is_classifier else ''})")
+    return 0
+
+
+# ---- doctor ----------------------------------------------------------------------------
+def register_doctor(sub) -> None:
+    p = sub.add_parser(
+        "doctor", help="check MPI, parallel h5py, GPU, Horovod and the run directory"
+    )
+    p.add_argument("--run-dir", default="runs", help="directory whose file system must be writable")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.set_defaults(func=run_doctor)
+
+
+def run_doctor(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
+    from .doctor import run_checks
+
+    checks = run_checks(comm, Path(args.run_dir))
+    if args.json:
+        log.info(json.dumps(checks, indent=2))
+    else:
+        for c in checks:
+            log.info(
+                f"[{'ok' if c['ok'] else ('warn' if not c['required'] else 'FAIL'):>4}] "
+                f"{c['name']:<22} {c['detail']}"
+            )
+    return 0 if all(c["ok"] or not c["required"] for c in checks) else 1
+
+
+REGISTRY = [register_datagen, register_train, register_evaluate, register_predict, register_doctor]

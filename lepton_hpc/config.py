@@ -1,0 +1,310 @@
+"""Training configuration: one dataclass per TOML section, loaded with tomllib, validated once.
+
+``load_config(path, overrides)`` reads a TOML file, applies dotted ``section.key=value`` overrides
+(the value keeps the field's type), and checks every key and value. Any unknown key, wrong type or
+impossible value is a ``ConfigError`` that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, LeptonError
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
+    _check(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    train: str = ""
+    """HDF5 file with the training rows (required)."""
+    test: str = ""
+    """Optional HDF5 file evaluated after training."""
+    x: str = "X"
+    """Data set of features, rows x features."""
+    y: str = "y"
+    """Data set of targets, one per row (class ids for classification)."""
+    validation_fraction: float = 0.0
+    """Fraction of training rows held out, chosen by a hash of the global row index and the seed."""
+    scale: str = "none"
+    """Feature scaling fitted on the training rows: "none", "zscore" or "minmax"."""
+    nonfinite: str = "error"
+    """Rows with NaN or Inf: "error" (default) or "drop" them."""
+
+    def __post_init__(self) -> None:
+        _check(
+            0.0 <= self.validation_fraction < 1.0,
+            "data.validation_fraction",
+            f"{self.validation_fraction} is not in [0, 1)",
+        )
+        _one_of(self.scale, ("none", "zscore", "minmax"), "data.scale")
+        _one_of(self.nonfinite, ("error", "drop"), "data.nonfinite")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    kind: str = "logistic"
+    """"linear" (regression), "logistic" (binary), "softmax" (multi-class) or "mlp"."""
+    hidden: list[int] = field(default_factory=list)
+    """Hidden layer widths of an MLP, e.g. [64, 32]."""
+    activation: str = "relu"
+    """Hidden activation: "sigmoid", "tanh" or "relu"."""
+    init: str = "auto"
+    """"uniform", "xavier", "he", "zeros" or "auto" (He for ReLU, else Xavier; zeros if convex)."""
+    task: str = "auto"
+    """MLP head: "regression", "binary", "multiclass", or "auto" (from the labels)."""
+    l2: float = 0.0
+    """L2 penalty on weights (not biases), added to the mean loss as l2/2 * |w|^2."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, ("linear", "logistic", "softmax", "mlp"), "model.kind")
+        _one_of(self.activation, ("sigmoid", "tanh", "relu"), "model.activation")
+        _one_of(self.init, ("auto", "uniform", "xavier", "he", "zeros"), "model.init")
+        _one_of(self.task, ("auto", "regression", "binary", "multiclass"), "model.task")
+        _check(
+            all(h > 0 for h in self.hidden), "model.hidden", f"widths must be > 0: {self.hidden}"
+        )
+        _check(self.l2 >= 0, "model.l2", f"{self.l2} is negative")
+        if self.kind != "mlp":
+            _check(
+                not self.hidden, "model.hidden", f"only an mlp has hidden layers, not {self.kind!r}"
+            )
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    name: str = "adam"
+    """"sgd", "momentum", "adam" or "lbfgs" (full batch, convex models)."""
+    lr: float = 0.01
+    """Learning rate (step size); L-BFGS uses it as the first trial step."""
+    momentum: float = 0.9
+    """Momentum coefficient for "momentum" (and "sgd" when > 0 is wanted, set name="momentum")."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    history: int = 10
+    """L-BFGS memory (pairs kept)."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, ("sgd", "momentum", "adam", "lbfgs"), "optim.name")
+        _check(self.lr > 0, "optim.lr", f"{self.lr} must be > 0")
+        _check(0 <= self.momentum < 1, "optim.momentum", f"{self.momentum} is not in [0, 1)")
+        _check(0 <= self.beta1 < 1, "optim.beta1", f"{self.beta1} is not in [0, 1)")
+        _check(0 <= self.beta2 < 1, "optim.beta2", f"{self.beta2} is not in [0, 1)")
+        _check(self.eps > 0, "optim.eps", f"{self.eps} must be > 0")
+        _check(self.history > 0, "optim.history", f"{self.history} must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    epochs: int = 10
+    """Passes over the training rows."""
+    batch_size: int = 0
+    """Global batch (rows per step, split across ranks); 0 = full batch."""
+    max_steps: int = 0
+    """Stop after this many steps; 0 = no limit."""
+    seed: int = 42
+    """Seeds initialisation, shuffling and the validation split; never combined with the rank."""
+    device: str = "cpu"
+    """"cpu", "cuda" or "auto" (a GPU when Numba sees one)."""
+    threads: int = 0
+    """Numba threads per rank; 0 = the node's cores divided by the ranks on the node."""
+    patience: int = 0
+    """Early stopping: epochs without validation improvement before stopping; 0 = off."""
+    log_every: int = 1
+    """Print a progress line every this many epochs."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "train.epochs", f"{self.epochs} must be > 0")
+        _check(self.batch_size >= 0, "train.batch_size", f"{self.batch_size} is negative")
+        _check(self.max_steps >= 0, "train.max_steps", f"{self.max_steps} is negative")
+        _check(self.seed >= 0, "train.seed", f"{self.seed} is negative")
+        _one_of(self.device, ("cpu", "cuda", "auto"), "train.device")
+        _check(self.threads >= 0, "train.threads", f"{self.threads} is negative")
+        _check(self.patience >= 0, "train.patience", f"{self.patience} is negative")
+        _check(self.log_every > 0, "train.log_every", f"{self.log_every} must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class CommConfig:
+    backend: str = "mpi"
+    """"mpi" (mpi4py) or "horovod"."""
+    strategy: str = "sync"
+    """"sync" (average gradients each step), "local_sgd" (average parameters) or "overlap"."""
+    local_steps: int = 8
+    """Local steps between parameter averages for "local_sgd"."""
+    compression: str = "none"
+    """Allreduce payload: "none", "fp16" or "bf16" (with error feedback)."""
+    reproducible: bool = False
+    """Bitwise identical results for any rank count (fixed global reduction order)."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.backend, ("mpi", "horovod"), "comm.backend")
+        _one_of(self.strategy, ("sync", "local_sgd", "overlap"), "comm.strategy")
+        _check(self.local_steps > 0, "comm.local_steps", f"{self.local_steps} must be > 0")
+        _one_of(self.compression, ("none", "fp16", "bf16"), "comm.compression")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    every_steps: int = 0
+    """Checkpoint every this many steps; 0 = only at the end of each epoch."""
+    keep: int = 3
+    """Checkpoints kept (the newest)."""
+    watchdog_s: float = 0.0
+    """Abort the job when the step has not advanced for this many seconds; 0 = off."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, "checkpoint.every_steps", f"{self.every_steps} is negative")
+        _check(self.keep > 0, "checkpoint.keep", f"{self.keep} must be > 0")
+        _check(self.watchdog_s >= 0, "checkpoint.watchdog_s", f"{self.watchdog_s} is negative")
+
+
+@dataclass(kw_only=True, slots=True)
+class OutputConfig:
+    dir: str = "runs/default"
+    """Run directory: results.json, metrics.jsonl, model.h5, checkpoints/, history.png."""
+    plot: bool = True
+    """Draw history.png (needs matplotlib)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
+SECTIONS = {name: globals()[cls] if isinstance(cls, str) else cls for name, cls in SECTIONS.items()}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field annotation; ints are accepted for floats, nothing else."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (types.UnionType, typing.Union):
+        return value
+    if annotation is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        _check(
+            isinstance(value, int) and not isinstance(value, bool),
+            key,
+            f"expected an integer, got {value!r}",
+        )
+        return value
+    if annotation is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        _check(ok, key, f"expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported type {annotation!r}")  # pragma: no cover - a bug if hit
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value); the value is read as TOML, else taken as a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(text, "an override must look like section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a ``Config`` from nested dicts; every key is checked."""
+    sections: dict[str, Any] = {}
+    for name, body in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(name, f"unknown section (known: {', '.join(SECTIONS)})")
+        if not isinstance(body, dict):
+            raise ConfigError(name, "expected a table of keys")
+        cls = SECTIONS[name]
+        types_ = _field_types(cls)
+        values = {}
+        for key, value in body.items():
+            dotted = f"{name}.{key}"
+            if key not in types_:
+                raise ConfigError(dotted, f"unknown key (known in [{name}]: {', '.join(types_)})")
+            values[key] = _coerce(value, types_[key], dotted)
+        sections[name] = cls(**values)
+    return Config(**sections)
+
+
+def merge_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to nested dicts (a copy); the result is validated by the caller."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for text in overrides:
+        path, value = _parse_override(text)
+        if len(path) != 2:
+            raise ConfigError(".".join(path), "an override must be section.key=value")
+        section, key = path
+        if section not in SECTIONS:
+            raise ConfigError(section, f"unknown section (known: {', '.join(SECTIONS)})")
+        types_ = _field_types(SECTIONS[section])
+        if key in types_ and types_[key] is str and not isinstance(value, str):
+            value = text.partition("=")[
+                2
+            ].strip()  # optim.name=adam, output.dir=runs/1 stay strings
+        merged.setdefault(section, {})[key] = value
+    return merged
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise LeptonError(f"config file '{p}' does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise LeptonError(f"config file '{p}' is not valid TOML: {exc}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML config (or start from defaults when ``path`` is None) and apply overrides."""
+    raw = read_toml(path) if path is not None else {}
+    cfg = config_from_dict(merge_overrides(raw, list(overrides)))
+    if cfg.optim.name == "lbfgs":
+        _check(
+            cfg.model.kind in ("linear", "logistic", "softmax"),
+            "optim.name",
+            "lbfgs is for the convex models (linear, logistic, softmax)",
+        )
+        _check(cfg.train.batch_size == 0, "optim.name", "lbfgs needs train.batch_size = 0")
+    return cfg

@@ -1,0 +1,91 @@
+"""From a config's [data] section to this rank's scaled training and validation rows.
+
+The validation split is a hash of (seed, global row index) against the fraction, so the same
+rows are held out whatever the rank count; the scaler is fitted on the training rows only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..comm.base import Communicator
+from ..log import Log
+from .batches import uniform
+from .preprocess import Scaler, fit_scaler
+from .reader import Block, DataInfo, read_block
+
+VALIDATION_STREAM = 1
+
+
+@dataclass(slots=True)
+class Split:
+    """One part of the data on this rank, scaled, with global counts for exact means."""
+
+    X: np.ndarray
+    y: np.ndarray
+    rows: np.ndarray  # global row ids in the file
+    n_global: int
+    offset: int  # number of rows of this part on lower ranks (for rank-count-free ordering)
+
+    @property
+    def n(self) -> int:
+        return int(self.X.shape[0])
+
+    def index(self) -> np.ndarray:
+        """Global position of each local row within this part (0..n_global-1)."""
+        return self.offset + np.arange(self.n, dtype=np.int64)
+
+
+def make_split(X: np.ndarray, y: np.ndarray, rows: np.ndarray, comm: Communicator) -> Split:
+    counts = comm.allreduce_(np.array([X.shape[0]], dtype=np.int64))
+    return Split(X, y, rows, int(counts[0]), comm.exscan(X.shape[0]))
+
+
+def validation_mask(rows: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """True for rows held out for validation; depends only on (seed, global row id)."""
+    if fraction <= 0:
+        return np.zeros(rows.size, dtype=bool)
+    return uniform(rows, seed, VALIDATION_STREAM) < fraction
+
+
+@dataclass(slots=True)
+class TrainingData:
+    train: Split
+    val: Split | None
+    scaler: Scaler
+    info: DataInfo
+
+
+def load_training_data(data_cfg, seed: int, comm: Communicator, log: Log) -> TrainingData:
+    """Read this rank's block, split off validation rows, fit and apply the scaler."""
+    block: Block = read_block(
+        data_cfg.train, data_cfg.x, data_cfg.y, comm, log, nonfinite=data_cfg.nonfinite
+    )
+    assert block.y is not None
+    hold = validation_mask(block.rows, data_cfg.validation_fraction, seed)
+    keep = ~hold
+    Xt = np.ascontiguousarray(block.X[keep]) if hold.any() else block.X
+    scaler = fit_scaler(data_cfg.scale, Xt, comm)
+    train = make_split(scaler.apply(Xt), block.y[keep], block.rows[keep], comm)
+    val = None
+    if data_cfg.validation_fraction > 0:
+        Xv = np.ascontiguousarray(block.X[hold])
+        val = make_split(scaler.apply(Xv), block.y[hold], block.rows[hold], comm)
+    return TrainingData(train, val, scaler, block.info)
+
+
+def load_eval_data(
+    path: str,
+    x: str,
+    y: str | None,
+    scaler: Scaler,
+    comm: Communicator,
+    log: Log,
+    nonfinite: str = "error",
+) -> tuple[Split, DataInfo]:
+    """Rows of a test or prediction file, scaled with the training statistics."""
+    block = read_block(path, x, y, comm, log, nonfinite=nonfinite)
+    ys = block.y if block.y is not None else np.zeros(block.n)
+    return make_split(scaler.apply(block.X), ys, block.rows, comm), block.info

@@ -1,0 +1,77 @@
+"""Feature scaling with global statistics, fitted on the training rows of all ranks exactly.
+
+z-score merges per-rank (count, mean, M2) with Chan's formula in rank order (never an average of
+per-rank means); min-max reduces minima and maxima. The fitted ``Scaler`` is stored in model.h5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..comm.base import Communicator
+
+
+@dataclass(slots=True)
+class Scaler:
+    """``x' = (x - shift) / scale`` per feature; ``kind`` is "none", "zscore" or "minmax"."""
+
+    kind: str
+    shift: np.ndarray
+    scale: np.ndarray
+
+    def apply(self, X: np.ndarray) -> np.ndarray:
+        """A scaled copy of ``X`` in its own dtype (``X`` itself when kind is "none")."""
+        if self.kind == "none":
+            return X
+        out = (X - self.shift) / self.scale
+        return np.ascontiguousarray(out, dtype=X.dtype)
+
+    @classmethod
+    def identity(cls, d: int) -> Scaler:
+        return cls("none", np.zeros(d), np.ones(d))
+
+
+def merge_moments(
+    parts: list[tuple[int, np.ndarray, np.ndarray]],
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Chan et al.'s pairwise merge of (count, mean, M2), applied left to right."""
+    n, mean, m2 = parts[0]
+    for nb, mb, m2b in parts[1:]:
+        if nb == 0:
+            continue
+        tot = n + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + m2b + delta * delta * (n * nb / tot)
+        n = tot
+    return n, mean, m2
+
+
+def local_moments(X: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    n = X.shape[0]
+    if n == 0:
+        return 0, np.zeros(X.shape[1]), np.zeros(X.shape[1])
+    mean = X.mean(axis=0, dtype=np.float64)
+    m2 = ((X - mean) ** 2).sum(axis=0, dtype=np.float64)
+    return n, mean, m2
+
+
+def fit_scaler(kind: str, X: np.ndarray, comm: Communicator) -> Scaler:
+    """Fit a scaler on the training rows of every rank; all ranks get identical statistics."""
+    d = X.shape[1]
+    if kind == "none":
+        return Scaler.identity(d)
+    if kind == "zscore":
+        n, mean, m2 = merge_moments(comm.allgather(local_moments(X)))
+        std = np.sqrt(m2 / max(n, 1))
+        return Scaler(kind, mean, np.where(std > 0, std, 1.0))
+    if kind == "minmax":
+        lo = np.full(d, np.inf) if X.shape[0] == 0 else X.min(axis=0).astype(np.float64)
+        hi = np.full(d, -np.inf) if X.shape[0] == 0 else X.max(axis=0).astype(np.float64)
+        comm.allreduce_min_(lo)
+        comm.allreduce_max_(hi)
+        span = hi - lo
+        return Scaler(kind, lo, np.where(span > 0, span, 1.0))
+    raise ValueError(kind)

@@ -1,0 +1,151 @@
+"""Partitioned reads: rank r of p reads only its contiguous block of rows of an HDF5 data set.
+
+Blocks differ in size by at most one row (the remainder goes to the first ranks), so no rank
+ever holds the whole data set. Metadata is checked once on rank 0 and shared, so every rank
+fails together with one clear message when a file or data set is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..comm.base import CollectiveError, Communicator, agree
+from ..errors import DataError
+from ..log import Log
+from .h5 import collective, is_parallel, open_read
+
+
+def row_block(n_rows: int, rank: int, size: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of ``rank`` among ``size``: sizes differ by at most one."""
+    base, extra = divmod(n_rows, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class DataInfo:
+    """What rank 0 learned about a file before anyone reads rows."""
+
+    path: str
+    x: str
+    y: str | None
+    n_rows: int
+    n_features: int
+    x_dtype: str
+    y_shape: tuple[int, ...] | None
+
+
+@dataclass(slots=True)
+class Block:
+    """One rank's rows: features, targets, and the global index of each row."""
+
+    X: np.ndarray
+    y: np.ndarray | None
+    rows: np.ndarray  # global row index of each local row (int64), ascending
+    info: DataInfo
+
+    @property
+    def n(self) -> int:
+        return int(self.X.shape[0])
+
+
+def _numeric(dset: h5py.Dataset, where: str) -> None:
+    if dset.dtype.kind not in "fiub":
+        raise DataError(f"{where}: dtype {dset.dtype} is not numeric")
+
+
+def inspect(path: str, x: str, y: str | None, min_rows: int = 1) -> DataInfo:
+    """Check that ``path`` holds a 2-D numeric ``x`` (and ``y`` with as many rows)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file '{path}' does not exist")
+    try:
+        fh = h5py.File(p, "r")
+    except OSError as exc:
+        raise DataError(f"'{path}' is not a readable HDF5 file ({exc})") from None
+    with fh:
+        if x not in fh or not isinstance(fh[x], h5py.Dataset):
+            raise DataError(
+                f"'{path}' has no data set '{x}' (has: {', '.join(fh.keys()) or 'none'})"
+            )
+        dx = fh[x]
+        _numeric(dx, f"'{path}:{x}'")
+        if dx.ndim != 2:
+            raise DataError(f"'{path}:{x}' must be 2-D (rows x features), has shape {dx.shape}")
+        n, d = dx.shape
+        if n == 0 or d == 0:
+            raise DataError(f"'{path}:{x}' is empty (shape {dx.shape})")
+        if n < min_rows:
+            raise DataError(f"'{path}:{x}' has {n} rows, fewer than the {min_rows} ranks")
+        y_shape = None
+        if y is not None:
+            if y not in fh or not isinstance(fh[y], h5py.Dataset):
+                raise DataError(f"'{path}' has no data set '{y}' (has: {', '.join(fh.keys())})")
+            dy = fh[y]
+            _numeric(dy, f"'{path}:{y}'")
+            if dy.ndim not in (1, 2) or dy.shape[0] != n:
+                raise DataError(
+                    f"'{path}': '{y}' has shape {dy.shape} but '{x}' has {n} rows; "
+                    "targets need one row per row of features"
+                )
+            y_shape = tuple(dy.shape)
+        return DataInfo(str(path), x, y, int(n), int(d), str(dx.dtype), y_shape)
+
+
+def _feature_dtype(dtype: str) -> np.dtype:
+    """float32 and float64 are kept as stored; other numeric types are read as float32."""
+    return np.dtype(dtype) if dtype in ("float32", "float64") else np.dtype(np.float32)
+
+
+def read_block(
+    path: str, x: str, y: str | None, comm: Communicator, log: Log, *, nonfinite: str = "error"
+) -> Block:
+    """Read this rank's block of ``x`` (and ``y``) with collective mpio reads where available."""
+    info = agree(comm, lambda: inspect(path, x, y, comm.size) if comm.is_root else None)
+    info = comm.bcast(info)
+    if not is_parallel() and comm.size > 1:
+        log.warning("h5py is not built with MPI: every rank reads its block independently")
+    start, stop = row_block(info.n_rows, comm.rank, comm.size)
+    with open_read(path, comm) as fh:
+        dx = fh[x]
+        Xl = np.empty((stop - start, info.n_features), dtype=_feature_dtype(info.x_dtype))
+        yl = None
+        with collective(dx):  # every rank takes part; each block has >= 1 row (checked above)
+            dx.read_direct(Xl, np.s_[start:stop], np.s_[:])
+        if y is not None:
+            yl = np.asarray(fh[y][start:stop], dtype=np.float64)
+    rows = np.arange(start, stop, dtype=np.int64)
+    block = Block(Xl, yl, rows, info)
+    return _handle_nonfinite(block, comm, nonfinite)
+
+
+def _handle_nonfinite(block: Block, comm: Communicator, policy: str) -> Block:
+    """NaN or Inf rows are an error naming the first bad row, or are dropped on request."""
+    bad = ~np.isfinite(block.X).all(axis=1)
+    if block.y is not None:
+        ybad = ~np.isfinite(block.y)
+        bad |= ybad if ybad.ndim == 1 else ybad.any(axis=1)
+    counts = comm.allreduce_(np.array([bad.sum()], dtype=np.int64))
+    if counts[0] == 0:
+        return block
+    info = block.info
+    if policy == "error":
+        first = np.array([block.rows[bad][0] if bad.any() else np.iinfo(np.int64).max])
+        first = int(comm.allreduce_min_(first)[0])
+        # Every rank computed the same counts, so all raise the same error together.
+        raise CollectiveError(
+            f"'{info.path}': {counts[0]} rows hold NaN or Inf (first: row {first}); "
+            'fix the data or set data.nonfinite = "drop"',
+            DataError.exit_code,
+        )
+    keep = ~bad
+    return Block(
+        np.ascontiguousarray(block.X[keep]),
+        None if block.y is None else block.y[keep],
+        block.rows[keep],
+        info,
+    )

@@ -1,0 +1,426 @@
+"""The training loop, as the story of a step.
+
+Each rank holds its block of training rows. A step computes the gradient of the rows of the
+global batch that live on this rank with one fused kernel pass, reduces [gradient, loss sum,
+row count, stop flag, step] in ONE allreduce (so the mean is exact whatever the split, all ranks
+agree on stopping, and ranks that went out of step are caught), and updates the flat parameter
+buffer. Rank 0 writes the run directory; checkpoints make every step resumable bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .checkpoint import TrainState, latest_valid, read_checkpoint, write_checkpoint
+from .comm import make_backend
+from .comm.base import Communicator, agree
+from .config import Config
+from .data.batches import local_batches
+from .data.dataset import TrainingData, load_eval_data, load_training_data
+from .device import Device, select_device
+from .errors import EXIT_STOPPED, EXIT_WATCHDOG, LeptonError
+from .evaluate import evaluate
+from .faults import StopFlag, Watchdog
+from .log import Log
+from .metrics import headline
+from .models import Model, build_model, target_stats
+from .models.io import save_model
+from .optim import make_optimizer
+from .optim.lbfgs import LBFGS
+from .results import RunDir, prepare_run_dir, versions, write_json
+
+
+class Stopped(LeptonError):
+    """Training stopped on a signal after writing a checkpoint (exit code for requeueing)."""
+
+    exit_code = EXIT_STOPPED
+    collective = True
+
+
+class Timers:
+    """Seconds spent per kind of work (io, compute, comm), summed over the run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+
+
+@dataclass(slots=True)
+class StepOutcome:
+    loss_sum: float
+    rows: float
+    stop: bool
+
+
+class Trainer:
+    """Owns the pieces of one training run and the loop that drives them."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        comm: Communicator,
+        log: Log,
+        *,
+        resume: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.cfg, self.comm, self.log = cfg, comm, log
+        self.timers = Timers()
+        self.t_start = time.perf_counter()
+        self.run = RunDir(cfg.output.dir)
+        self.reducer = agree(comm, lambda: make_backend(cfg.comm.backend, comm))
+        agree(
+            comm,
+            lambda: (
+                prepare_run_dir(self.run.path, resume=resume is not None, overwrite=overwrite)
+                if comm.is_root
+                else None
+            ),
+        )
+        with self.timers("io"):
+            self.data: TrainingData = load_training_data(cfg.data, cfg.train.seed, comm, log)
+        train = self.data.train
+        y_dim = 1 if train.y.ndim == 1 else train.y.shape[1]
+        stats = target_stats(train.y, comm)
+        where = f"'{cfg.data.train}:{cfg.data.y}'"
+        self.model: Model = agree(
+            comm, lambda: build_model(cfg.model, self.data.info.n_features, y_dim, stats, where)
+        )
+        self.device: Device = agree(
+            comm, lambda: select_device(cfg.train.device, cfg.train.threads, comm)
+        )
+        self.X = self.device.place(train.X)
+        self.y = self.device.place(train.y)
+        self.sizes = np.asarray(self.model.sizes, dtype=np.int64)
+        self.l2_mask = self.model.weight_mask() * cfg.model.l2
+        P = self.model.n_params
+        self.buf = np.zeros(P + 4)  # [grad (P), loss sum, rows, stop flag, step]
+        self.rows_seen = 0.0
+        self.stop = StopFlag()
+        self.watchdog = Watchdog(cfg.checkpoint.watchdog_s, self._on_watchdog)
+        self.state = self._initial_state(resume)
+
+    # ---- set-up -------------------------------------------------------------------------
+    def meta(self) -> dict:
+        return {
+            "config": self.cfg.to_dict(),
+            "model": self.model.spec(),
+            "ranks": self.comm.size,
+            "scaler": self.data.scaler.kind,
+            "n_features": self.model.n_features,
+        }
+
+    def _initial_state(self, resume: str | None) -> TrainState:
+        """A fresh state, or the checkpoint ``--resume`` names (``auto``: the newest good one)."""
+        cfg = self.cfg
+        if resume is not None:
+            found = agree(
+                self.comm, lambda: self._find_checkpoint(resume) if self.comm.is_root else None
+            )
+            found = self.comm.bcast(found)
+            if found is not None:
+                path, state = found
+                agree(self.comm, lambda: self._check_compatible(state, path))
+                self.log.info(f"resuming from {path} (epoch {state.epoch}, step {state.step})")
+                return state
+            self.log.info("no checkpoint to resume from: starting a new run")
+        params = self.model.init_params(cfg.model.init, cfg.train.seed)
+        opt = self._new_optimizer()
+        return TrainState(params, opt.state(), meta=self.meta())
+
+    def _find_checkpoint(self, resume: str):
+        if resume == "auto":
+            return latest_valid(self.run.checkpoints, self.log)
+        from pathlib import Path
+
+        return Path(resume), read_checkpoint(Path(resume))
+
+    def _check_compatible(self, state: TrainState, path) -> None:
+        old, new = state.meta.get("model"), self.model.spec()
+        if old != new:
+            raise LeptonError(
+                f"checkpoint '{path}' is for model {old}, but this config gives {new}"
+            )
+
+    def _new_optimizer(self):
+        if self.cfg.optim.name == "lbfgs":
+            return LBFGS(self.cfg.optim.history, self.cfg.optim.lr)
+        return make_optimizer(self.cfg.optim, self.model.n_params)
+
+    # ---- one step -----------------------------------------------------------------------
+    def gradient(self, params: np.ndarray, X, y, step: int) -> tuple[np.ndarray, StepOutcome]:
+        """Global mean gradient of the batch (with L2) via one fused allreduce."""
+        P = params.size
+        buf = self.buf
+        act, head = self.model.codes
+        with self.timers("compute"):
+            self.device.kernels.gradient(X, y, params, self.sizes, act, head, buf[: P + 2])
+        buf[P + 2] = 1.0 if self.stop.requested else 0.0
+        buf[P + 3] = float(step)
+        with self.timers("comm"):
+            self.reducer.allreduce_(buf)
+        if buf[P + 3] != float(step) * self.comm.size:
+            raise RuntimeError(
+                f"ranks are out of step: step {step} here, mean "
+                f"{buf[P + 3] / self.comm.size:g} over ranks"
+            )
+        rows = buf[P + 1]
+        self.rows_seen += rows
+        grad = buf[:P] / max(rows, 1.0) + self.l2_mask * params
+        return grad, StepOutcome(buf[P], rows, buf[P + 2] > 0)
+
+    # ---- the loops ----------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train to the end (or until stopped), then evaluate and write the run directory."""
+        self.stop.install()
+        self.watchdog.start()
+        if self.comm.is_root:
+            self.run.status("running", step=self.state.step, ranks=self.comm.size)
+        t_loop = time.perf_counter()
+        try:
+            if self.cfg.optim.name == "lbfgs":
+                self._loop_lbfgs()
+            else:
+                self._loop_sgd()
+        finally:
+            self.stop.restore()
+        loop_s = time.perf_counter() - t_loop
+        self.watchdog.pause()
+        return self._finish(loop_s)
+
+    def _loop_sgd(self) -> None:
+        cfg, st = self.cfg, self.state
+        opt = make_optimizer(cfg.optim, self.model.n_params)
+        opt.load_state(st.optimizer)
+        train = self.data.train
+        index = train.index()
+        while st.epoch < cfg.train.epochs:
+            batches = local_batches(
+                index, train.n_global, cfg.train.batch_size, cfg.train.seed, st.epoch
+            )
+            t_epoch = time.perf_counter()
+            while st.batch < len(batches):
+                X, y = self._batch(batches[st.batch], len(batches) == 1)
+                grad, out = self.gradient(st.params, X, y, st.step)
+                opt.step(st.params, grad)
+                st.step += 1
+                st.batch += 1
+                st.epoch_loss += out.loss_sum
+                st.epoch_rows += out.rows
+                self.watchdog.beat(st.step)
+                st.optimizer = opt.state()
+                if out.stop:
+                    self._stop_now()
+                if cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0:
+                    self.checkpoint()
+                if cfg.train.max_steps and st.step >= cfg.train.max_steps:
+                    break
+            done = self._end_epoch(
+                st.epoch_loss / max(st.epoch_rows, 1.0), time.perf_counter() - t_epoch
+            )
+            if done or (cfg.train.max_steps and st.step >= cfg.train.max_steps):
+                break
+
+    def _batch(self, rows: np.ndarray, full: bool):
+        if full:
+            return self.X, self.y
+        train = self.data.train
+        return self.device.place(train.X[rows]), self.device.place(train.y[rows])
+
+    def _loop_lbfgs(self) -> None:
+        """Full-batch L-BFGS: an iteration is an "epoch"; each evaluation one pass and allreduce."""
+        cfg, st = self.cfg, self.state
+        opt = LBFGS(cfg.optim.history, cfg.optim.lr)
+        opt.load_state(st.optimizer)
+        stop_seen = False
+
+        def fg(x: np.ndarray) -> tuple[float, np.ndarray]:
+            nonlocal stop_seen
+            grad, out = self.gradient(x, self.X, self.y, st.step)
+            st.step += 1
+            self.watchdog.beat(st.step)
+            stop_seen |= out.stop
+            penalty = 0.5 * float(np.sum(self.l2_mask * x * x))
+            return out.loss_sum / max(out.rows, 1.0) + penalty, grad
+
+        if "g" in st.optimizer:
+            f, g = float(st.optimizer["f"]), st.optimizer["g"]
+        else:
+            f, g = fg(st.params)
+        while st.epoch < cfg.train.epochs and not opt.converged:
+            t_epoch = time.perf_counter()
+            f, g = opt.iterate(fg, st.params, f, g)
+            st.optimizer = {**opt.state(), "f": np.array(f), "g": g.copy()}
+            st.epoch_loss, st.epoch_rows = f, 1.0
+            if stop_seen:
+                self._stop_now()
+            if self._end_epoch(f, time.perf_counter() - t_epoch):
+                break
+
+    def _end_epoch(self, loss: float, seconds: float) -> bool:
+        """Metrics line, history, checkpoint, early stopping; True when training should end."""
+        cfg, st = self.cfg, self.state
+        entry = {"epoch": st.epoch + 1, "step": st.step, "loss": loss, "seconds": round(seconds, 6)}
+        entry["train"] = self._metrics(self.X, self.data.train.y)
+        if self.data.val is not None:
+            entry["val"] = self._metrics(self.device.place(self.data.val.X), self.data.val.y)
+        st.history.append(entry)
+        st.epoch += 1
+        st.batch = 0
+        st.epoch_loss = st.epoch_rows = 0.0
+        stop = self._early_stop(entry)
+        if (st.epoch) % cfg.train.log_every == 0 or stop or st.epoch == cfg.train.epochs:
+            shown = entry.get("val", entry["train"])
+            part = "val" if "val" in entry else "train"
+            self.log.info(
+                f"epoch {st.epoch:>3}/{cfg.train.epochs}  step {st.step:>6}  loss {loss:.6g}  "
+                f"{part} {headline(shown)}  ({seconds:.2f} s)"
+            )
+        if self.comm.is_root:
+            self.run.write_history(st.history)
+        if cfg.checkpoint.every_steps == 0:
+            self.checkpoint()
+        return stop
+
+    def _metrics(self, X, y) -> dict:
+        with self.timers("eval"):
+            return evaluate(self.model, self.state.params, X, y, self.device, self.comm)
+
+    def _early_stop(self, entry: dict) -> bool:
+        patience = self.cfg.train.patience
+        if patience == 0 or "val" not in entry:
+            return False
+        key = "mse" if self.model.head == "squared" else "log_loss"
+        value, best = entry["val"][key], self.state.best
+        if not best or value < best["value"]:
+            self.state.best = {
+                "value": value,
+                "epoch": entry["epoch"],
+                "params": self.state.params.copy(),
+            }
+            return False
+        return entry["epoch"] - best["epoch"] >= patience
+
+    # ---- checkpoints, stopping, the end -------------------------------------------------
+    def checkpoint(self) -> None:
+        if self.comm.is_root:
+            with self.timers("checkpoint"):
+                write_checkpoint(self.run.checkpoints, self.state, self.cfg.checkpoint.keep)
+        self.comm.barrier()
+
+    def _stop_now(self) -> None:
+        """All ranks saw the stop flag in the same allreduce: checkpoint and leave together."""
+        self.checkpoint()
+        step = self.state.step
+        if self.comm.is_root:
+            self.run.status(
+                "stopped",
+                step=step,
+                epoch=self.state.epoch,
+                signal=self.stop.signum,
+                resume="lepton train CONFIG --resume auto",
+            )
+        raise Stopped(
+            f"stopped by signal at step {step}; checkpoint written, resume with --resume auto"
+        )
+
+    def _on_watchdog(self, step: int, idle: float) -> None:
+        msg = (
+            f"watchdog: step {step} has not advanced for {idle:.0f} s "
+            f"(checkpoint.watchdog_s = {self.cfg.checkpoint.watchdog_s:g}); ending the job"
+        )
+        self.log.error(msg)
+        if self.comm.is_root:
+            self.run.status("failed", step=step, rank=self.comm.rank, error=msg)
+        self.comm.abort(EXIT_WATCHDOG)
+
+    def _finish(self, loop_s: float) -> dict:
+        cfg, st, comm = self.cfg, self.state, self.comm
+        if st.best.get("params") is not None:
+            st.params = st.best["params"]
+            self.log.info(f"early stopping: restored the parameters of epoch {st.best['epoch']}")
+        final = {"train": self._metrics(self.X, self.data.train.y)}
+        if self.data.val is not None:
+            final["val"] = self._metrics(self.device.place(self.data.val.X), self.data.val.y)
+        if cfg.data.test:
+            with self.timers("io"):
+                test, info = load_eval_data(
+                    cfg.data.test,
+                    cfg.data.x,
+                    cfg.data.y,
+                    self.data.scaler,
+                    comm,
+                    self.log,
+                    cfg.data.nonfinite,
+                )
+            stats = target_stats(test.y, comm)
+            agree(comm, lambda: self._check_test(info, stats))
+            final["test"] = self._metrics(self.device.place(test.X), test.y)
+        total = time.perf_counter() - self.t_start
+        secs = self.timers.seconds
+        results = {
+            "status": "completed",
+            "ranks": comm.size,
+            "device": self.device.name,
+            "threads_per_rank": self.device.threads,
+            "epochs": st.epoch,
+            "steps": st.step,
+            "model": self.model.spec(),
+            "n_params": self.model.n_params,
+            "rows": {
+                "train": self.data.train.n_global,
+                "val": self.data.val.n_global if self.data.val else 0,
+            },
+            "metrics": final,
+            "timing": {
+                "io_s": secs["io"],
+                "compute_s": secs["compute"],
+                "comm_s": secs["comm"],
+                "eval_s": secs["eval"],
+                "checkpoint_s": secs["checkpoint"],
+                "loop_s": loop_s,
+                "total_s": total,
+            },
+            "throughput": {"rows_per_s": self.rows_seen / max(loop_s, 1e-12)},
+            "config": cfg.to_dict(),
+            "versions": versions(),
+        }
+        if comm.is_root:
+            save_model(self.run.model_file, self.model, st.params, self.data.scaler, self.meta())
+            write_json(self.run.results_file, results)
+            if cfg.output.plot and st.history:
+                from .plot import plot_history
+
+                plot_history(st.history, self.run.plot_file, self.model.is_classifier)
+            self.run.status("completed", step=st.step, epoch=st.epoch)
+        comm.barrier()
+        return results
+
+    def _check_test(self, info, stats) -> None:
+        from .models import check_labels
+        from .models.io import check_features
+
+        check_features(
+            self.model, info.n_features, f"'{info.path}:{info.x}'", str(self.run.model_file)
+        )
+        check_labels(self.model, stats, f"'{info.path}:{info.y}'")
+
+
+def train(
+    cfg: Config, comm: Communicator, log: Log, *, resume: str | None = None, overwrite: bool = False
+) -> dict:
+    """Run one training job described by ``cfg`` on the ranks of ``comm``; returns results."""
+    return Trainer(cfg, comm, log, resume=resume, overwrite=overwrite).fit()

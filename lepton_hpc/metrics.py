@@ -1,0 +1,108 @@
+"""Exact metrics across ranks, built from allreduced integer counts and float64 sums.
+
+Never an average of per-rank metrics: each rank contributes counts (confusion matrix) or sums,
+one allreduce combines them, and the metric is computed once from the global totals.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .comm.base import Communicator
+
+EPS = 1e-15
+
+
+def predicted_labels(out: np.ndarray, head: str) -> np.ndarray:
+    """Class ids from model outputs: threshold 0.5 (binary) or argmax (softmax)."""
+    if head == "binary":
+        return (out[:, 0] >= 0.5).astype(np.int64)
+    return np.argmax(out, axis=1).astype(np.int64)
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int, comm: Communicator) -> np.ndarray:
+    """Global k x k confusion matrix (rows: true class, columns: predicted), int64."""
+    cm = np.bincount(y_true.astype(np.int64) * k + y_pred, minlength=k * k).astype(np.int64)
+    return comm.allreduce_(cm).reshape(k, k)
+
+
+def from_confusion(cm: np.ndarray) -> dict[str, float]:
+    """Accuracy and precision, recall, F1: of class 1 when binary, macro-averaged otherwise."""
+    tp = np.diag(cm).astype(np.float64)
+    pred = cm.sum(axis=0).astype(np.float64)
+    true = cm.sum(axis=1).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(pred > 0, tp / pred, 0.0)
+        recall = np.where(true > 0, tp / true, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    if cm.shape[0] == 2:
+        p, r, f = precision[1], recall[1], f1[1]
+    else:
+        p, r, f = precision.mean(), recall.mean(), f1.mean()
+    return {
+        "accuracy": float(tp.sum() / max(cm.sum(), 1)),
+        "precision": float(p),
+        "recall": float(r),
+        "f1": float(f),
+    }
+
+
+def classification_metrics(
+    y: np.ndarray, out: np.ndarray, head: str, k: int, comm: Communicator
+) -> dict:
+    """Exact global classification metrics and mean log-loss for outputs ``out``."""
+    labels = y.astype(np.int64)
+    cm = confusion(labels, predicted_labels(out, head), k, comm)
+    if head == "binary":
+        p = np.clip(out[:, 0], EPS, 1 - EPS)
+        ll = -np.sum(labels * np.log(p) + (1 - labels) * np.log1p(-p))
+    else:
+        ll = -np.sum(np.log(np.clip(out[np.arange(labels.size), labels], EPS, None)))
+    sums = comm.allreduce_(np.array([ll, labels.size], dtype=np.float64))
+    return {
+        **from_confusion(cm),
+        "log_loss": float(sums[0] / max(sums[1], 1)),
+        "confusion": cm.tolist(),
+        "rows": int(sums[1]),
+    }
+
+
+def regression_metrics(y: np.ndarray, out: np.ndarray, comm: Communicator) -> dict:
+    """Exact global MSE, RMSE, MAE and R² (two passes: the global mean first, then sums)."""
+    y2 = y.reshape(out.shape) if y.ndim == out.ndim else y[:, None]
+    err = out - y2
+    first = comm.allreduce_(np.concatenate([[y2.shape[0]], y2.sum(axis=0)]).astype(np.float64))
+    n = first[0]
+    mean = first[1:] / max(n, 1)
+    sums = comm.allreduce_(
+        np.array(
+            [np.sum(err * err), np.sum(np.abs(err)), np.sum((y2 - mean) ** 2)], dtype=np.float64
+        )
+    )
+    cells = max(n * y2.shape[1], 1)
+    mse = sums[0] / cells
+    r2 = 1.0 - sums[0] / sums[2] if sums[2] > 0 else 0.0
+    return {
+        "mse": float(mse),
+        "rmse": float(np.sqrt(mse)),
+        "mae": float(sums[1] / cells),
+        "r2": float(r2),
+        "rows": int(n),
+    }
+
+
+def compute_metrics(y: np.ndarray, out: np.ndarray, head: str, k: int, comm: Communicator) -> dict:
+    """The metrics for a model's head: classification counts or regression sums."""
+    if head == "squared":
+        return regression_metrics(y, out, comm)
+    return classification_metrics(y, out, head, k, comm)
+
+
+def headline(metrics: dict) -> str:
+    """A short human line: accuracy/F1 for classifiers, MSE/R² for regression."""
+    if "accuracy" in metrics:
+        return (
+            f"accuracy {metrics['accuracy']:.4f}  f1 {metrics['f1']:.4f}  "
+            f"log_loss {metrics['log_loss']:.4f}"
+        )
+    return f"mse {metrics['mse']:.6g}  r2 {metrics['r2']:.4f}"

@@ -1,0 +1,92 @@
+"""Optimisers that update the flat parameter buffer in place, chosen by name from a registry.
+
+Their state is a dict of arrays and counters, saved in checkpoints so a resumed run continues
+bit for bit. L-BFGS (full batch, convex models) is a different loop and lives in ``lbfgs``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class Optimizer:
+    """``step(params, grad)`` updates ``params`` in place from the global mean gradient."""
+
+    def __init__(self, n: int, cfg) -> None:  # noqa: ARG002 - n sizes the state of subclasses
+        self.lr = cfg.lr
+        self.t = 0
+
+    def step(self, params: np.ndarray, grad: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"t": np.array(self.t)}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.t = int(state["t"])
+
+
+class SGD(Optimizer):
+    """Plain gradient descent: ``p -= lr * g``."""
+
+    def step(self, params: np.ndarray, grad: np.ndarray) -> None:
+        self.t += 1
+        params -= self.lr * grad
+
+
+class Momentum(Optimizer):
+    """Heavy-ball momentum as in PyTorch: ``v = mu * v + g; p -= lr * v``."""
+
+    def __init__(self, n: int, cfg) -> None:
+        super().__init__(n, cfg)
+        self.mu = cfg.momentum
+        self.v = np.zeros(n)
+
+    def step(self, params: np.ndarray, grad: np.ndarray) -> None:
+        self.t += 1
+        self.v *= self.mu
+        self.v += grad
+        params -= self.lr * self.v
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {**super().state(), "v": self.v}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        super().load_state(state)
+        self.v[...] = state["v"]
+
+
+class Adam(Optimizer):
+    """Adam with bias correction (Kingma and Ba, 2015)."""
+
+    def __init__(self, n: int, cfg) -> None:
+        super().__init__(n, cfg)
+        self.b1, self.b2, self.eps = cfg.beta1, cfg.beta2, cfg.eps
+        self.m = np.zeros(n)
+        self.v = np.zeros(n)
+
+    def step(self, params: np.ndarray, grad: np.ndarray) -> None:
+        self.t += 1
+        self.m *= self.b1
+        self.m += (1.0 - self.b1) * grad
+        self.v *= self.b2
+        self.v += (1.0 - self.b2) * grad * grad
+        mhat = self.m / (1.0 - self.b1**self.t)
+        vhat = self.v / (1.0 - self.b2**self.t)
+        params -= self.lr * mhat / (np.sqrt(vhat) + self.eps)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {**super().state(), "m": self.m, "v": self.v}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        super().load_state(state)
+        self.m[...] = state["m"]
+        self.v[...] = state["v"]
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "momentum": Momentum, "adam": Adam}
+
+
+def make_optimizer(cfg, n: int) -> Optimizer:
+    """The optimiser named by ``optim.name`` for ``n`` parameters."""
+    return OPTIMIZERS[cfg.name](n, cfg)

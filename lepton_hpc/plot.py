@@ -1,0 +1,37 @@
+"""``history.png``: loss and a quality metric against epoch, train and validation (rank 0)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_history(history: list[dict], path: Path, classifier: bool) -> bool:
+    """Draw the training history with matplotlib's Agg backend; False if matplotlib is missing."""
+    try:
+        import matplotlib as mpl
+
+        mpl.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    epochs = [h["epoch"] for h in history]
+    metric = "accuracy" if classifier else "r2"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["loss"] for h in history], "o-", label="train (running)")
+    for part, style in (("val", "s--"),):
+        if history and history[0].get(part):
+            key = "log_loss" if classifier else "mse"
+            ax1.plot(epochs, [h[part][key] for h in history], style, label=part)
+    ax1.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax1.legend()
+    for part, style in (("train", "o-"), ("val", "s--")):
+        if history and history[0].get(part):
+            ax2.plot(epochs, [h[part][metric] for h in history], style, label=part)
+    ax2.set(xlabel="epoch", ylabel=metric, title="Accuracy" if classifier else "R²")
+    ax2.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return True

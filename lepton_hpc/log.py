@@ -33,7 +33,7 @@ class Log:
             prefix = "" if self.size == 1 or not self.verbose else f"[rank {self.rank}] "
             print(prefix + message, file=self.stream, flush=True)
 
-    def warn(self, message: str, *, all_ranks: bool = False) -> None:
+    def warning(self, message: str, *, all_ranks: bool = False) -> None:
         """A warning on stderr; by default once (rank 0) because every rank sees the same thing."""
         if self.is_root or all_ranks:
             where = f" (rank {self.rank})" if all_ranks and self.size > 1 else ""

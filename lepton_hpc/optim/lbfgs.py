@@ -19,7 +19,7 @@ class LBFGS:
     """Limited-memory BFGS with a backtracking (Armijo) line search; state is checkpointable."""
 
     def __init__(
-        self, history: int = 10, lr: float = 1.0, gtol: float = 1e-7, ftol: float = 1e-12
+        self, history: int = 10, lr: float = 1.0, gtol: float = 1e-8, ftol: float = 1e-14
     ) -> None:
         self.history = history
         self.first_step = lr

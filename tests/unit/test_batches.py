@@ -1,0 +1,52 @@
+"""Mini-batches and the validation split depend on (seed, epoch, global row) only, not on ranks."""
+
+import numpy as np
+import pytest
+
+from lepton_hpc.data.batches import local_batches, permute, uniform
+from lepton_hpc.data.dataset import validation_mask
+from lepton_hpc.data.reader import row_block
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])
+def test_permute_is_a_bijection_and_depends_on_epoch(n):
+    idx = np.arange(n)
+    p0 = permute(idx, n, seed=5, epoch=0)
+    assert np.array_equal(np.sort(p0), idx)
+    if n > 16:
+        p1 = permute(idx, n, seed=5, epoch=1)
+        assert not np.array_equal(p0, p1)
+        assert not np.array_equal(p0, permute(idx, n, seed=6, epoch=0))
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_global_batches_do_not_depend_on_rank_count(size):
+    n, batch = 1003, 64
+    single = local_batches(np.arange(n), n, batch, seed=3, epoch=2)
+    reference = [set(b.tolist()) for b in single]
+    assert sum(len(b) for b in reference) == n
+    assert all(len(b) == batch for b in reference[:-1])
+    union = [set() for _ in reference]
+    for r in range(size):
+        lo, hi = row_block(n, r, size)
+        parts = local_batches(np.arange(lo, hi), n, batch, seed=3, epoch=2)
+        assert len(parts) == len(reference)  # every rank takes part in every step
+        for k, part in enumerate(parts):
+            union[k] |= {lo + int(i) for i in part}
+    assert union == reference
+
+
+def test_full_batch_is_one_step():
+    (only,) = local_batches(np.arange(5, 10), 20, 0, seed=1, epoch=0)
+    assert only.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_uniform_and_validation_mask_are_keyed_by_row():
+    rows = np.arange(100_000)
+    u = uniform(rows, seed=1, stream=1)
+    assert u.min() >= 0.0 and u.max() < 1.0
+    assert abs(u.mean() - 0.5) < 0.01
+    mask = validation_mask(rows, 0.2, seed=9)
+    assert abs(mask.mean() - 0.2) < 0.01
+    assert np.array_equal(mask[500:900], validation_mask(rows[500:900], 0.2, seed=9))
+    assert not validation_mask(rows, 0.0, seed=9).any()

@@ -1,0 +1,73 @@
+"""Config: TOML plus dotted overrides; unknown keys, wrong types, impossible values name the key."""
+
+import pytest
+
+from lepton_hpc.config import load_config
+from lepton_hpc.errors import ConfigError, LeptonError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_file_values(tmp_path):
+    cfg = load_config(
+        write(tmp_path, '[optim]\nname = "sgd"\nlr = 1\n[model]\nkind = "mlp"\nhidden = [8, 4]\n')
+    )
+    assert cfg.optim.name == "sgd"
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.hidden == [8, 4]
+    assert cfg.train.epochs == 10
+
+
+def test_overrides_keep_types(tmp_path):
+    cfg = load_config(
+        write(tmp_path, ""),
+        [
+            "optim.lr=0.05",
+            "train.epochs=3",
+            "optim.name=momentum",
+            "output.dir=runs/x",
+            "comm.reproducible=true",
+        ],
+    )
+    assert cfg.optim.lr == 0.05 and cfg.train.epochs == 3 and cfg.optim.name == "momentum"
+    assert cfg.output.dir == "runs/x" and cfg.comm.reproducible is True
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "key"),
+    [
+        ("[optim]\nlearning_rate = 0.1\n", [], "optim.learning_rate"),
+        ("[optimizer]\nlr = 0.1\n", [], "optimizer"),
+        ('[optim]\nlr = "fast"\n', [], "optim.lr"),
+        ("", ["optim.lr=-0.1"], "optim.lr"),
+        ("", ["train.epochs=0"], "train.epochs"),
+        ("", ["train.epochs=2.5"], "train.epochs"),
+        ("", ["comm.reproducible=1"], "comm.reproducible"),
+        ("", ["model.kind=forest"], "model.kind"),
+        ("", ["data.validation_fraction=1.5"], "data.validation_fraction"),
+        ("", ["model.hidden=[8, 0]"], "model.hidden"),
+        ("", ["model.hidden=[8]"], "model.hidden"),  # only an mlp has hidden layers
+        ("", ["train.nope=1"], "train.nope"),
+        ("", ["lr=1"], "lr"),
+        (
+            '[model]\nkind = "logistic"\n[optim]\nname = "lbfgs"\n[train]\nbatch_size = 32\n',
+            [],
+            "optim.name",
+        ),
+    ],
+)
+def test_errors_name_the_key(tmp_path, text, overrides, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), overrides)
+    assert f"'{key}'" in str(info.value)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(LeptonError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(LeptonError, match="not valid TOML"):
+        load_config(write(tmp_path, "[optim\n"))

@@ -57,14 +57,22 @@ $(STAMP)/python: $(STAMP)/system | $(VENV)/bin/python
 
 $(STAMP)/package: $(STAMP)/python setup.cfg pyproject.toml
 	@echo "==> lepton_hpc (editable) and test tools"
-	@$(PIP) install --no-build-isolation --no-deps -e .
+	@$(PIP) install --no-build-isolation --no-deps -e . > $(STAMP)/package.log 2>&1 || { cat $(STAMP)/package.log; exit 1; }
 	@$(PIP) install matplotlib pytest pytest-timeout scikit-learn ruff
 	@touch $@
 
-run: install
-	@$(VENV)/bin/lepton datagen --task logistic --rows 200000 --features 32 --seed 7 --out runs/data/demo_train.h5 --force
-	@$(VENV)/bin/lepton datagen --task logistic --rows 50000 --features 32 --seed 8 --out runs/data/demo_test.h5 --force
-	@mpiexec -n $(NP) $(VENV)/bin/lepton train jobs/configs/demo.toml --overwrite
+MPIEXEC    ?= mpiexec
+DEMO_DATA  := runs/data/demo_train.h5 runs/data/demo_test.h5
+
+# The demo data: 250,000 rows of one synthetic stream, written by $(NP) ranks in parallel; the
+# test file is rows 200,000.. of the same stream (same true model, unseen rows).
+runs/data/demo_train.h5: | $(STAMP)/package
+	@$(MPIEXEC) -n $(NP) $(VENV)/bin/lepton datagen --task logistic --rows 200000 --features 32 --seed 7 --out $@ --force
+runs/data/demo_test.h5: | $(STAMP)/package
+	@$(MPIEXEC) -n $(NP) $(VENV)/bin/lepton datagen --task logistic --rows 50000 --start-row 200000 --features 32 --seed 7 --out $@ --force
+
+run: install $(DEMO_DATA)
+	@$(MPIEXEC) -n $(NP) $(VENV)/bin/lepton train jobs/configs/demo.toml --overwrite
 
 lint: install
 	@$(VENV)/bin/ruff check lepton_hpc kernels tests

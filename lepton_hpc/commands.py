@@ -24,6 +24,12 @@ def register_datagen(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=float, default=0.1, help="target noise (linear)")
     p.add_argument("--classes", type=int, default=3, help="classes (blobs)")
+    p.add_argument(
+        "--start-row",
+        type=int,
+        default=0,
+        help="first row of the seed's stream (a test set: the training row count)",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=run_datagen)
@@ -34,7 +40,7 @@ def run_datagen(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
     from .errors import LeptonError
 
     def check() -> None:
-        if args.rows < comm.size or args.features < 1 or args.seed < 0:
+        if args.rows < comm.size or args.features < 1 or args.seed < 0 or args.start_row < 0:
             raise LeptonError(
                 f"--rows {args.rows} must be >= the {comm.size} ranks, "
                 f"--features >= 1 and --seed >= 0"
@@ -51,6 +57,7 @@ def run_datagen(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
         noise=args.noise,
         classes=args.classes,
         force=args.force,
+        start_row=args.start_row,
     )
     log.info(
         f"wrote {args.out}: {args.rows} rows x {args.features} features ({args.task}, "

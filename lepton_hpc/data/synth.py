@@ -65,10 +65,17 @@ def write_dataset(
     noise: float = 0.1,
     classes: int = 3,
     force: bool = False,
+    start_row: int = 0,
 ) -> None:
-    """Write ``X`` and ``y`` of a synthetic task to ``path``; each rank writes its own rows."""
+    """Write rows ``[start_row, start_row + n_rows)`` of a synthetic task to ``path``.
+
+    Each rank writes its own rows. A test set is a later range of the same seed's stream (same
+    true model, disjoint rows), e.g. ``start_row`` = the training set's row count.
+    """
     start, stop = row_block(n_rows, comm.rank, comm.size)
-    X, y = generate_rows(task, start, stop, d, seed, noise=noise, classes=classes)
+    X, y = generate_rows(
+        task, start_row + start, start_row + stop, d, seed, noise=noise, classes=classes
+    )
     w, b = true_model(task, d, seed, classes)
     with create_parallel(path, comm, force=force) as fh:
         dx = fh.create_dataset("X", shape=(n_rows, d), dtype=np.float32)
@@ -77,6 +84,14 @@ def write_dataset(
             dx[start:stop] = X
         with collective(dy):
             dy[start:stop] = y
-        fh.attrs.update({"task": task, "seed": seed, "noise": noise, "generator": "lepton datagen"})
+        fh.attrs.update(
+            {
+                "task": task,
+                "seed": seed,
+                "noise": noise,
+                "start_row": start_row,
+                "generator": "lepton datagen",
+            }
+        )
         fh.attrs["true_coef"] = w
         fh.attrs["true_intercept"] = b

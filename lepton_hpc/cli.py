@@ -62,6 +62,8 @@ def run_guarded(func, args: argparse.Namespace) -> int:
         if exc.collective:
             if comm.is_root:
                 print(f"lepton: error: {exc}", file=sys.stderr, flush=True)
+            elif log.verbose:
+                log.error(str(exc))
             return exc.exit_code
         log.error(str(exc))
         if comm.size > 1:

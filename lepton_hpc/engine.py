@@ -26,7 +26,7 @@ from .data.dataset import TrainingData, load_eval_data, load_training_data
 from .device import Device, select_device
 from .errors import EXIT_STOPPED, EXIT_WATCHDOG, LeptonError
 from .evaluate import evaluate
-from .faults import StopFlag, Watchdog
+from .faults import FaultHooks, StopFlag, Watchdog
 from .log import Log
 from .metrics import headline
 from .models import Model, build_model, target_stats
@@ -110,6 +110,7 @@ class Trainer:
         self.buf = np.zeros(P + 4)  # [grad (P), loss sum, rows, stop flag, step]
         self.rows_seen = 0.0
         self.stop = StopFlag()
+        self.hooks = FaultHooks.from_env()
         self.watchdog = Watchdog(cfg.checkpoint.watchdog_s, self._on_watchdog)
         self.state = self._initial_state(resume)
 
@@ -169,7 +170,7 @@ class Trainer:
         with self.timers("compute"):
             self.device.kernels.gradient(X, y, params, self.sizes, act, head, buf[: P + 2])
         buf[P + 2] = 1.0 if self.stop.requested else 0.0
-        buf[P + 3] = float(step)
+        buf[P + 3] = float(self.hooks.before_step(self.comm.rank, step))
         with self.timers("comm"):
             self.reducer.allreduce_(buf)
         if buf[P + 3] != float(step) * self.comm.size:
@@ -343,8 +344,9 @@ class Trainer:
             f"(checkpoint.watchdog_s = {self.cfg.checkpoint.watchdog_s:g}); ending the job"
         )
         self.log.error(msg)
-        if self.comm.is_root:
-            self.run.status("failed", step=step, rank=self.comm.rank, error=msg)
+        # Any rank's watchdog may fire first (rank 0 may be the frozen one): each writes the
+        # status atomically, with the same step, before ending the job.
+        self.run.status("failed", step=step, rank=self.comm.rank, error=msg)
         self.comm.abort(EXIT_WATCHDOG)
 
     def _finish(self, loop_s: float) -> dict:

@@ -131,3 +131,53 @@ def read_params(model_file: Path) -> np.ndarray:
 
     with h5py.File(model_file, "r") as fh:
         return fh["params"][()]
+
+
+def start_mpi(
+    n: int, args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen:
+    """Start ``mpiexec -n n python ARGS`` in its own process group (for signal tests)."""
+    cmd = ["mpiexec", "-n", str(n), "--oversubscribe", PYTHON, *args]
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd or ROOT,
+        env=env or mpi_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> Result:
+    """Wait for a started job; kill its process group and fail the test if it outlives timeout."""
+    import time
+
+    t0 = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"job still running after {timeout} s\n{out}\n{err}")
+    return Result(proc.returncode, out, err, time.monotonic() - t0)
+
+
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the ranks mpiexec started on this node (from their environment)."""
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(launcher_pid)],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    ranks = {}
+    for pid in map(int, out.split()):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"OMPI_COMM_WORLD_RANK="):
+                ranks[int(item.split(b"=")[1])] = pid
+    return ranks

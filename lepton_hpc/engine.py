@@ -33,7 +33,7 @@ from .models import Model, build_model, target_stats
 from .models.io import save_model
 from .optim import make_optimizer
 from .optim.lbfgs import LBFGS
-from .results import RunDir, prepare_run_dir, versions, write_json
+from .results import RunDir, check_run_dir, create_run_dir, versions, write_json
 
 
 class Stopped(LeptonError):
@@ -82,14 +82,8 @@ class Trainer:
         self.t_start = time.perf_counter()
         self.run = RunDir(cfg.output.dir)
         self.reducer = agree(comm, lambda: make_backend(cfg.comm.backend, comm))
-        agree(
-            comm,
-            lambda: (
-                prepare_run_dir(self.run.path, resume=resume is not None, overwrite=overwrite)
-                if comm.is_root
-                else None
-            ),
-        )
+        fresh = {"resume": resume is not None, "overwrite": overwrite}
+        agree(comm, lambda: check_run_dir(self.run.path, **fresh) if comm.is_root else None)
         with self.timers("io"):
             self.data: TrainingData = load_training_data(cfg.data, cfg.train.seed, comm, log)
         train = self.data.train
@@ -112,6 +106,11 @@ class Trainer:
         self.stop = StopFlag()
         self.hooks = FaultHooks.from_env()
         self.watchdog = Watchdog(cfg.checkpoint.watchdog_s, self._on_watchdog)
+        # Inputs are valid: only now is the run directory created (or an old one replaced).
+        agree(
+            comm,
+            lambda: create_run_dir(self.run.path, overwrite=overwrite) if comm.is_root else None,
+        )
         self.state = self._initial_state(resume)
 
     # ---- set-up -------------------------------------------------------------------------

@@ -30,22 +30,35 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> None:
-    """Check (rank 0, before any rank writes) that the run directory may be used."""
-    if path.exists() and any(path.iterdir()):
-        if overwrite:
-            shutil.rmtree(path)
-        elif not resume:
-            raise LeptonError(
-                f"run directory '{path}' exists; pass --resume auto to continue it or --overwrite "
-                "to replace it"
-            )
+def check_run_dir(path: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is read or written, a run directory that may not be used."""
+    if path.exists() and not path.is_dir():
+        raise LeptonError(f"run directory '{path}' is a file")
+    if path.is_dir() and any(path.iterdir()) and not (resume or overwrite):
+        raise LeptonError(
+            f"run directory '{path}' exists; pass --resume auto to continue it or --overwrite "
+            "to replace it"
+        )
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LeptonError(f"cannot create run directory '{path}': '{ancestor}' is a file")
+    if not os.access(ancestor, os.W_OK):
+        raise LeptonError(f"cannot create run directory '{path}': '{ancestor}' is not writable")
+
+
+def create_run_dir(path: Path, *, overwrite: bool) -> None:
+    """Create the run directory (rank 0), replacing an old one only with ``--overwrite``.
+
+    Called once the inputs have been validated, so a bad input never destroys an old run.
+    """
+    if overwrite and path.is_dir():
+        shutil.rmtree(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LeptonError(f"cannot create run directory '{path}': {exc.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise LeptonError(f"run directory '{path}' is not writable")
 
 
 class RunDir:

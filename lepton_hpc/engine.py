@@ -35,6 +35,8 @@ from .optim import make_optimizer
 from .optim.lbfgs import LBFGS
 from .results import RunDir, check_run_dir, create_run_dir, versions, write_json
 
+PROGRESS_EVERY_S = 10.0
+
 
 class Stopped(LeptonError):
     """Training stopped on a signal after writing a checkpoint (exit code for requeueing)."""
@@ -98,6 +100,7 @@ class Trainer:
         )
         self.X = self.device.place(train.X)
         self.y = self.device.place(train.y)
+        self.X_val = None if self.data.val is None else self.device.place(self.data.val.X)
         self.sizes = np.asarray(self.model.sizes, dtype=np.int64)
         self.l2_mask = self.model.weight_mask() * cfg.model.l2
         P = self.model.n_params
@@ -212,6 +215,7 @@ class Trainer:
                 index, train.n_global, cfg.train.batch_size, cfg.train.seed, st.epoch
             )
             t_epoch = time.perf_counter()
+            next_report = t_epoch + PROGRESS_EVERY_S
             while st.batch < len(batches):
                 X, y = self._batch(batches[st.batch], len(batches) == 1)
                 grad, out = self.gradient(st.params, X, y, st.step)
@@ -228,6 +232,12 @@ class Trainer:
                     self.checkpoint()
                 if cfg.train.max_steps and st.step >= cfg.train.max_steps:
                     break
+                if time.perf_counter() > next_report:  # long epochs show progress (rank 0)
+                    next_report += PROGRESS_EVERY_S
+                    self.log.info(
+                        f"  epoch {st.epoch + 1}: batch {st.batch}/{len(batches)}, "
+                        f"loss {st.epoch_loss / max(st.epoch_rows, 1.0):.6g}"
+                    )
             done = self._end_epoch(
                 st.epoch_loss / max(st.epoch_rows, 1.0), time.perf_counter() - t_epoch
             )
@@ -276,7 +286,7 @@ class Trainer:
         entry = {"epoch": st.epoch + 1, "step": st.step, "loss": loss, "seconds": round(seconds, 6)}
         entry["train"] = self._metrics(self.X, self.data.train.y)
         if self.data.val is not None:
-            entry["val"] = self._metrics(self.device.place(self.data.val.X), self.data.val.y)
+            entry["val"] = self._metrics(self.X_val, self.data.val.y)
         st.history.append(entry)
         st.epoch += 1
         st.batch = 0
@@ -355,7 +365,7 @@ class Trainer:
             self.log.info(f"early stopping: restored the parameters of epoch {st.best['epoch']}")
         final = {"train": self._metrics(self.X, self.data.train.y)}
         if self.data.val is not None:
-            final["val"] = self._metrics(self.device.place(self.data.val.X), self.data.val.y)
+            final["val"] = self._metrics(self.X_val, self.data.val.y)
         if cfg.data.test:
             with self.timers("io"):
                 test, info = load_eval_data(

@@ -1,0 +1,632 @@
+"""CUDA backend of the kernel contract (see ``lepton_hpc.kernels``), written with ``numba.cuda``.
+
+Same API and semantics as the CPU backend: ``gradient`` fills a host ``out`` of length P + 2 with
+the summed per-row gradient, the summed loss and the row count; ``forward`` fills a host (n, k)
+output. X and y may be host arrays or device arrays from ``to_device``: the engine moves a rank's
+rows to the GPU once, so a step only uploads ``params`` and downloads P + 1 float64 values.
+
+Design (float32 or float64 data, float64 arithmetic and accumulation everywhere):
+
+* One-layer fast paths (linear / logistic ``(d, 1)``, softmax and multi-output ``(d, k)``, when
+  P + 1 <= ``FAST_MAX_ACC``): one thread per row in a grid-stride loop; each thread accumulates
+  its rows' gradient and loss in a per-thread local array; the block then reduces those arrays
+  in shared memory (a fixed tree, ``RED_CHUNK`` values per pass) and writes ONE partial row per
+  block into a (blocks, P + 1) device buffer.
+* General kernel (any hidden layers, any widths, and one-layer models too big for the fast
+  path): instead of per-thread activation arrays of a compile-time maximum width (which would
+  cap the layer width and make every thread carry P accumulators), each block owns a global
+  scratch slab (S, threads) holding, for the tile of rows it is working on, every row's hidden
+  activations, back-propagated deltas and loss (S = sum of widths + 1; thread index fastest, so
+  phase A is coalesced). Phase A: one thread per row runs forward, head and backward into its
+  column. Phase B (after a barrier): the block turns parameter-parallel; thread t owns parameter
+  indices t, t + threads, ... and adds sum over the tile's rows of (layer input x delta) to its
+  own entries of the block's partial row. Every partial entry has exactly one writer, so there
+  are no atomics, no width limit, and the order of additions is fixed.
+* ``_sum_partials`` then adds the (blocks, P + 1) partial rows column by column in block order:
+  the result is bitwise reproducible for a given launch configuration.
+
+Launches use 256 threads per block and min(4 x SMs, ceil(n / 256)) blocks on a GPU (capped so the
+general kernel's scratch stays under ``SCRATCH_BYTES``); under the Numba CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``, a Python thread per CUDA thread) 32 threads and at most 4 blocks.
+Losses are computed stably: log-loss as max(z, 0) - y z + log1p(exp(-|z|)), softmax after
+subtracting the row maximum; a softmax label outside 0..k-1 gives a NaN loss, never an
+out-of-bounds read.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import SimpleNamespace
+
+import numpy as np
+from numba import float64
+
+from . import BINARY, RELU, SIGMOID, SOFTMAX, SQUARED, TANH, param_count
+
+try:  # numba.cuda imports without a GPU; only a numba built without CUDA support lacks it.
+    from numba import cuda
+except ImportError:  # pragma: no cover - depends on the numba build
+    cuda = None
+
+MAX_TPB = 256  # most threads per block; the shared reduction buffer is sized for it
+RED_CHUNK = 16  # values reduced per shared-memory pass: MAX_TPB x RED_CHUNK float64 = 32 KiB
+FAST_MAX_ACC = 128  # per-thread float64 accumulators of the one-layer fast paths (P + 1 <= this)
+FAST_MAX_K = 64  # per-thread logits of the (d, k) fast path; P + 1 <= 128 implies k <= 63
+GPU_TPB = 256  # threads per block on a real GPU
+BLOCKS_PER_SM = 4  # blocks per multiprocessor for the grid-stride loops
+SIM_TPB = 32  # the simulator runs one Python thread per CUDA thread: keep launches small
+SIM_MAX_BLOCKS = 4
+SCRATCH_BYTES = 256 << 20  # cap on the general kernel's per-block scratch slabs
+
+# Rows of the general kernel's layout table (int64, shape (4, L + 1)).
+_SIZES, _P_OFF, _A_OFF, _D_OFF = 0, 1, 2, 3
+
+_buffers: dict[str, object] = {}  # reusable device buffers, one per purpose (see _buffer)
+_layouts: dict[tuple[int, ...], object] = {}  # device copies of layout tables, per sizes
+
+
+# ---- availability and placement ----------------------------------------------------------------
+def using_simulator() -> bool:
+    """True when numba.cuda is the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1`` at numba import)."""
+    from numba.core import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+def is_available() -> bool:
+    """True when numba.cuda sees a usable GPU, or the simulator is enabled."""
+    return cuda is not None and bool(cuda.is_available())
+
+
+def _require() -> None:
+    """Raise a clear error before any numba.cuda call when there is nothing to run on."""
+    if not is_available():
+        raise RuntimeError(
+            "the CUDA kernels need a GPU that numba.cuda can use, or NUMBA_ENABLE_CUDASIM=1"
+        )
+
+
+def select_device(node_local_rank: int) -> int:
+    """Bind this process to GPU ``node_local_rank % count``; return that GPU's id."""
+    _require()
+    count = len(cuda.gpus)
+    if count < 1:
+        raise RuntimeError("numba.cuda reports no GPUs on this node")
+    dev = int(node_local_rank) % count
+    cuda.select_device(dev)
+    _buffers.clear()
+    _layouts.clear()
+    return dev
+
+
+def _is_device_array(a) -> bool:
+    return bool(getattr(a, "__cuda_ndarray__", False)) or hasattr(a, "__cuda_array_interface__")
+
+
+def to_device(array):
+    """A C-contiguous device copy of a host array (device arrays are returned as they are)."""
+    _require()
+    if _is_device_array(array):
+        return _as_numba_device(array)
+    return cuda.to_device(np.ascontiguousarray(array))
+
+
+def _as_numba_device(a):
+    """Numba's own device array for ``a`` (wraps other libraries' CUDA arrays without a copy)."""
+    if getattr(a, "__cuda_ndarray__", False):
+        return a
+    return cuda.as_cuda_array(a)
+
+
+# ---- device functions and kernels (built on first use) -----------------------------------------
+@functools.cache
+def _kernels() -> SimpleNamespace:
+    """Compile-on-demand dispatchers for every kernel; built once, after numba.cuda is known."""
+
+    @cuda.jit(device=True)
+    def sigmoid(z):
+        """1 / (1 + e^-z) without overflow for either sign of z."""
+        if z >= 0.0:
+            return 1.0 / (1.0 + math.exp(-z))
+        e = math.exp(z)
+        return e / (1.0 + e)
+
+    # Device code avoids the max()/min() builtins: Numba's built-in CUDA target fails to compile
+    # their *args overloads ("Signature mismatch"), so comparisons are written out.
+    @cuda.jit(device=True)
+    def relu(z):
+        return z if z > 0.0 else 0.0
+
+    @cuda.jit(device=True)
+    def row_max(z, z0, k):
+        """Largest of z[z0 : z0 + k] (k >= 1)."""
+        mx = z[z0]
+        for j in range(1, k):
+            v = z[z0 + j]
+            mx = v if v > mx else mx
+        return mx
+
+    @cuda.jit(device=True)
+    def activate(z, activation):
+        if activation == SIGMOID:
+            return sigmoid(z)
+        if activation == TANH:
+            return math.tanh(z)
+        return relu(z)
+
+    @cuda.jit(device=True)
+    def slope(a, activation):
+        """d activation / dz written with the activation's output a (all three allow it)."""
+        if activation == SIGMOID:
+            return a * (1.0 - a)
+        if activation == TANH:
+            return 1.0 - a * a
+        return 1.0 if a > 0.0 else 0.0
+
+    @cuda.jit(device=True)
+    def binary_loss(z, t):
+        """Log-loss max(z,0) - t z + log1p(e^-|z|) and its slope sigmoid(z) - t."""
+        e = math.exp(-abs(z))
+        loss = relu(z) - t * z + math.log1p(e)
+        p = 1.0 / (1.0 + e) if z >= 0.0 else e / (1.0 + e)
+        return loss, p - t
+
+    @cuda.jit(device=True)
+    def head_delta(z, z0, k, y2, r, head):
+        """Row r's loss; the logits z[z0 : z0 + k] are overwritten with d loss / d logits."""
+        if head == SQUARED:
+            loss = 0.0
+            for j in range(k):
+                e = z[z0 + j] - y2[r, j]
+                loss += e * e
+                z[z0 + j] = 2.0 * e
+            return loss
+        if head == BINARY:
+            loss, g = binary_loss(z[z0], y2[r, 0])
+            z[z0] = g
+            return loss
+        cls = int(y2[r, 0])
+        zc = z[z0 + cls] if 0 <= cls < k else math.nan
+        mx = row_max(z, z0, k)
+        s = 0.0
+        for j in range(k):
+            e = math.exp(z[z0 + j] - mx)
+            z[z0 + j] = e
+            s += e
+        for j in range(k):
+            z[z0 + j] = z[z0 + j] / s - (1.0 if j == cls else 0.0)
+        return mx + math.log(s) - zc
+
+    @cuda.jit(device=True)
+    def head_output(z, z0, k, head, dst):
+        """dst[:k] = model output from logits z[z0 : z0 + k] (value, P(class 1), probabilities)."""
+        if head == SQUARED:
+            for j in range(k):
+                dst[j] = z[z0 + j]
+        elif head == BINARY:
+            for j in range(k):
+                dst[j] = sigmoid(z[z0 + j])
+        else:
+            mx = row_max(z, z0, k)
+            s = 0.0
+            for j in range(k):
+                e = math.exp(z[z0 + j] - mx)
+                dst[j] = e
+                s += e
+            for j in range(k):
+                dst[j] = dst[j] / s
+
+    @cuda.jit(device=True)
+    def block_reduce_store(acc, count, sh, partial):
+        """partial[block, :count] = sum over the block's threads of acc[:count] (fixed tree)."""
+        t = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        blk = cuda.blockIdx.x
+        for c0 in range(0, count, RED_CHUNK):
+            w = RED_CHUNK if count - c0 > RED_CHUNK else count - c0
+            for c in range(w):
+                sh[t, c] = acc[c0 + c]
+            cuda.syncthreads()
+            s = nt // 2
+            while s > 0:
+                if t < s:
+                    for c in range(w):
+                        sh[t, c] += sh[t + s, c]
+                cuda.syncthreads()
+                s //= 2
+            for c in range(t, w, nt):
+                partial[blk, c0 + c] = sh[0, c]
+            cuda.syncthreads()
+
+    @cuda.jit
+    def grad_glm1(X, y2, params, head, partial):
+        """Fast path for (d, 1) models (linear, logistic): z = x.w + b in a register."""
+        acc = cuda.local.array(FAST_MAX_ACC, float64)
+        sh = cuda.shared.array((MAX_TPB, RED_CHUNK), float64)
+        n, d = X.shape[0], X.shape[1]
+        for q in range(d + 2):
+            acc[q] = 0.0
+        start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        for r in range(start, n, cuda.blockDim.x * cuda.gridDim.x):
+            z = params[d]
+            for i in range(d):
+                z += X[r, i] * params[i]
+            if head == SQUARED:
+                e = z - y2[r, 0]
+                loss = e * e
+                g = 2.0 * e
+            else:
+                loss, g = binary_loss(z, y2[r, 0])
+            for i in range(d):
+                acc[i] += g * X[r, i]
+            acc[d] += g
+            acc[d + 1] += loss
+        block_reduce_store(acc, d + 2, sh, partial)
+
+    @cuda.jit
+    def grad_glmk(X, y2, params, k, head, partial):
+        """Fast path for (d, k) models (softmax, multi-output squared): logits in local memory."""
+        acc = cuda.local.array(FAST_MAX_ACC, float64)
+        z = cuda.local.array(FAST_MAX_K, float64)
+        sh = cuda.shared.array((MAX_TPB, RED_CHUNK), float64)
+        n, d = X.shape[0], X.shape[1]
+        count = (d + 1) * k + 1
+        for q in range(count):
+            acc[q] = 0.0
+        start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        for r in range(start, n, cuda.blockDim.x * cuda.gridDim.x):
+            for j in range(k):
+                z[j] = params[d * k + j]
+            for i in range(d):
+                xi = X[r, i]
+                for j in range(k):
+                    z[j] += xi * params[i * k + j]
+            acc[count - 1] += head_delta(z, 0, k, y2, r, head)
+            for i in range(d):
+                xi = X[r, i]
+                for j in range(k):
+                    acc[i * k + j] += xi * z[j]
+            for j in range(k):
+                acc[d * k + j] += z[j]
+        block_reduce_store(acc, count, sh, partial)
+
+    @cuda.jit(device=True)
+    def dense(src, s0, params, p0, n_in, n_out, dst, d0):
+        """dst[d0 + j] = b_j + sum_i src[s0 + i] W[i, j] for the layer whose W starts at p0."""
+        b0 = p0 + n_in * n_out
+        for j in range(n_out):
+            a = params[b0 + j]
+            for i in range(n_in):
+                a += src[s0 + i] * params[p0 + i * n_out + j]
+            dst[d0 + j] = a
+
+    @cuda.jit(device=True)
+    def row_forward(x, params, lay, n_layers, activation, mine):
+        """Run one row x through every layer: hidden activations and final logits go to mine."""
+        last = n_layers - 1
+        for layer in range(n_layers):
+            n_in, n_out = lay[_SIZES, layer], lay[_SIZES, layer + 1]
+            d0 = lay[_D_OFF, n_layers] if layer == last else lay[_A_OFF, layer + 1]
+            if layer == 0:
+                dense(x, 0, params, lay[_P_OFF, 0], n_in, n_out, mine, d0)
+            else:
+                dense(mine, lay[_A_OFF, layer], params, lay[_P_OFF, layer], n_in, n_out, mine, d0)
+            if layer != last:
+                for j in range(n_out):
+                    mine[d0 + j] = activate(mine[d0 + j], activation)
+
+    @cuda.jit(device=True)
+    def row_backward(params, lay, n_layers, activation, mine):
+        """Back-propagate the output delta in mine down to every hidden layer's delta."""
+        for layer in range(n_layers - 1, 0, -1):
+            n_in, n_out = lay[_SIZES, layer], lay[_SIZES, layer + 1]
+            p0, up = lay[_P_OFF, layer], lay[_D_OFF, layer + 1]
+            a0, d0 = lay[_A_OFF, layer], lay[_D_OFF, layer]
+            for i in range(n_in):
+                s = 0.0
+                for j in range(n_out):
+                    s += params[p0 + i * n_out + j] * mine[up + j]
+                mine[d0 + i] = s * slope(mine[a0 + i], activation)
+
+    @cuda.jit(device=True)
+    def tile_sum(X, r0, m, lay, n_layers, scratch, blk, q):
+        """Sum over the tile's m rows of d loss_row / d param q (q == P: of the loss)."""
+        acc = 0.0
+        if q == lay[_P_OFF, n_layers]:
+            for rr in range(m):
+                acc += scratch[blk, scratch.shape[1] - 1, rr]
+            return acc
+        layer = 0
+        while q >= lay[_P_OFF, layer + 1]:
+            layer += 1
+        n_in, n_out = lay[_SIZES, layer], lay[_SIZES, layer + 1]
+        loc = q - lay[_P_OFF, layer]
+        if loc >= n_in * n_out:  # a bias: the delta itself
+            dj = lay[_D_OFF, layer + 1] + loc - n_in * n_out
+            for rr in range(m):
+                acc += scratch[blk, dj, rr]
+            return acc
+        i = loc // n_out
+        dj = lay[_D_OFF, layer + 1] + loc - i * n_out
+        if layer == 0:
+            for rr in range(m):
+                acc += X[r0 + rr, i] * scratch[blk, dj, rr]
+        else:
+            ai = lay[_A_OFF, layer] + i
+            for rr in range(m):
+                acc += scratch[blk, ai, rr] * scratch[blk, dj, rr]
+        return acc
+
+    @cuda.jit
+    def grad_mlp(X, y2, params, lay, n_layers, activation, head, scratch, partial):
+        """General gradient: per tile, rows in parallel (phase A), then parameters (phase B)."""
+        t, nt, blk = cuda.threadIdx.x, cuda.blockDim.x, cuda.blockIdx.x
+        n, n_par = X.shape[0], params.shape[0]
+        k, z0, loss_at = lay[_SIZES, n_layers], lay[_D_OFF, n_layers], scratch.shape[1] - 1
+        for q in range(t, n_par + 1, nt):
+            partial[blk, q] = 0.0
+        for r0 in range(blk * nt, n, nt * cuda.gridDim.x):
+            r = r0 + t
+            if r < n:
+                mine = scratch[blk, :, t]
+                row_forward(X[r], params, lay, n_layers, activation, mine)
+                mine[loss_at] = head_delta(mine, z0, k, y2, r, head)
+                row_backward(params, lay, n_layers, activation, mine)
+            cuda.syncthreads()
+            m = nt if n - r0 > nt else n - r0
+            for q in range(t, n_par + 1, nt):
+                partial[blk, q] += tile_sum(X, r0, m, lay, n_layers, scratch, blk, q)
+            cuda.syncthreads()
+
+    @cuda.jit
+    def forward_rows(X, params, lay, n_layers, activation, head, scratch, out):
+        """out[r] = model output of row r; hidden activations live in the block's scratch."""
+        t, nt, blk = cuda.threadIdx.x, cuda.blockDim.x, cuda.blockIdx.x
+        k, z0 = lay[_SIZES, n_layers], lay[_D_OFF, n_layers]
+        for r in range(blk * nt + t, X.shape[0], nt * cuda.gridDim.x):
+            mine = scratch[blk, :, t]
+            row_forward(X[r], params, lay, n_layers, activation, mine)
+            head_output(mine, z0, k, head, out[r])
+
+    @cuda.jit
+    def sum_partials(partial, result):
+        """result[q] = sum over blocks b = 0, 1, ... of partial[b, q]: a fixed, serial order."""
+        q = cuda.grid(1)
+        if q < result.shape[0]:
+            s = 0.0
+            for b in range(partial.shape[0]):
+                s += partial[b, q]
+            result[q] = s
+
+    return SimpleNamespace(
+        grad_glm1=grad_glm1,
+        grad_glmk=grad_glmk,
+        grad_mlp=grad_mlp,
+        forward_rows=forward_rows,
+        sum_partials=sum_partials,
+    )
+
+
+# ---- host side: validation, layout, launch configuration ---------------------------------------
+def _check_model(params, sizes, activation: int, head: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate shapes and codes; return contiguous float64 params and int64 sizes."""
+    sizes = np.ascontiguousarray(sizes, dtype=np.int64)
+    if sizes.ndim != 1 or sizes.size < 2 or np.any(sizes < 1):
+        raise ValueError(f"sizes must be >= 2 positive widths, got {sizes}")
+    params = np.ascontiguousarray(params, dtype=np.float64)
+    if params.shape != (param_count(sizes),):
+        raise ValueError(f"params must have length {param_count(sizes)}, got {params.shape}")
+    if head not in (SQUARED, BINARY, SOFTMAX) or activation not in (SIGMOID, TANH, RELU):
+        raise ValueError(f"unknown head {head} or activation {activation}")
+    if head == BINARY and sizes[-1] != 1:
+        raise ValueError("the BINARY head needs one output")
+    return params, sizes
+
+
+def _check_rows(X, d: int):
+    """X as a 2-D float32/float64 array: device arrays as they are, host ones C-contiguous."""
+    if _is_device_array(X):
+        X = _as_numba_device(X)
+        if X.dtype not in (np.float32, np.float64):
+            raise ValueError(f"X on the GPU must be float32 or float64, got {X.dtype}")
+    else:
+        X = np.asarray(X)
+        if X.dtype not in (np.float32, np.float64):
+            X = X.astype(np.float64)
+    if len(X.shape) != 2 or X.shape[1] != d:
+        raise ValueError(f"X must be (n, {d}), got {tuple(X.shape)}")
+    return X if _is_device_array(X) else np.ascontiguousarray(X)
+
+
+def _upload(a):
+    """A device copy of a host array; device arrays pass through (no copy)."""
+    return a if _is_device_array(a) else cuda.to_device(a)
+
+
+def _device_targets(y, n: int, k: int, head: int):
+    """y on the GPU as (n, k) for SQUARED or (n, 1) for labels; host y is uploaded here."""
+    cols = k if head == SQUARED else 1
+    if not _is_device_array(y):
+        y = np.asarray(y)
+        if y.dtype not in (np.float32, np.float64):
+            y = y.astype(np.float64)
+    else:
+        y = _as_numba_device(y)
+    shape = tuple(y.shape)
+    if (
+        int(np.prod(shape)) != n * cols
+        or len(shape) > 2
+        or (len(shape) == 2 and shape != (n, cols))
+    ):
+        raise ValueError(f"y must have {n} rows of {cols} target(s), got shape {shape}")
+    if _is_device_array(y):
+        return y.reshape(n, cols)
+    return cuda.to_device(np.ascontiguousarray(y).reshape(n, cols))
+
+
+def _layout(sizes: np.ndarray) -> tuple[np.ndarray, int]:
+    """(4, L + 1) int64 table: widths, param offsets, activation and delta offsets; slab width S.
+
+    Per row the scratch column holds hidden activations a_1..a_{L-1}, then deltas d_1..d_L (d_L
+    first holds the logits), then the loss: S = sum(hidden) + sum(sizes[1:]) + 1.
+    """
+    n_layers = sizes.size - 1
+    lay = np.zeros((4, n_layers + 1), dtype=np.int64)
+    lay[_SIZES] = sizes
+    at = 0
+    for layer in range(n_layers):
+        lay[_P_OFF, layer] = at
+        at += int(sizes[layer]) * int(sizes[layer + 1]) + int(sizes[layer + 1])
+    lay[_P_OFF, n_layers] = at
+    at = 0
+    for layer in range(1, n_layers):
+        lay[_A_OFF, layer] = at
+        at += int(sizes[layer])
+    for layer in range(1, n_layers + 1):
+        lay[_D_OFF, layer] = at
+        at += int(sizes[layer])
+    return lay, at + 1
+
+
+def _device_layout(sizes: np.ndarray) -> tuple[object, int]:
+    """The layout table on the GPU, uploaded once per distinct ``sizes``."""
+    key = tuple(int(s) for s in sizes)
+    lay, width = _layout(sizes)
+    if key not in _layouts:
+        _layouts[key] = cuda.to_device(lay)
+    return _layouts[key], width
+
+
+def _buffer(name: str, shape: tuple[int, ...]):
+    """A float64 device buffer reused across calls while its shape stays the same."""
+    buf = _buffers.get(name)
+    if buf is None or tuple(buf.shape) != shape:
+        buf = cuda.device_array(shape, dtype=np.float64)
+        _buffers[name] = buf
+    return buf
+
+
+def _sm_count() -> int:
+    return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+
+
+def _launch(n: int, threads_per_block: int | None, max_blocks: int | None) -> tuple[int, int]:
+    """(blocks, threads per block) for n rows: power-of-two blocks, grid-stride over the rest."""
+    sim = using_simulator()
+    tpb = int(threads_per_block or (SIM_TPB if sim else GPU_TPB))
+    if tpb < 1 or tpb > MAX_TPB or tpb & (tpb - 1):
+        raise ValueError(f"threads_per_block must be a power of two <= {MAX_TPB}, got {tpb}")
+    if max_blocks is None:
+        max_blocks = SIM_MAX_BLOCKS if sim else BLOCKS_PER_SM * _sm_count()
+    return max(1, min(int(max_blocks), -(-n // tpb))), tpb
+
+
+def _scratch_blocks(blocks: int, tpb: int, width: int) -> int:
+    """Blocks limited so that the general kernel's scratch slabs fit in ``SCRATCH_BYTES``."""
+    return max(1, min(blocks, SCRATCH_BYTES // (width * tpb * 8)))
+
+
+def _choose_kernel(sizes: np.ndarray, head: int, n_params: int) -> str:
+    """'glm1', 'glmk' (one-layer fast paths) or 'mlp' (general)."""
+    if sizes.size == 2 and n_params + 1 <= FAST_MAX_ACC:
+        return "glm1" if sizes[1] == 1 and head != SOFTMAX else "glmk"
+    return "mlp"
+
+
+# ---- public API --------------------------------------------------------------------------------
+def gradient(
+    X,
+    y,
+    params,
+    sizes,
+    activation: int,
+    head: int,
+    out: np.ndarray,
+    *,
+    threads_per_block: int | None = None,
+    max_blocks: int | None = None,
+) -> None:
+    """out[:P] = sum of per-row loss gradients, out[P] = sum of losses, out[P+1] = n (host out).
+
+    ``threads_per_block`` / ``max_blocks`` override the launch configuration (tests, tuning).
+    """
+    _require()
+    params, sizes = _check_model(params, sizes, activation, head)
+    n_params = params.size
+    if out.shape != (n_params + 2,) or out.dtype != np.float64 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be contiguous float64 of length {n_params + 2}")
+    X = _check_rows(X, int(sizes[0]))
+    n = int(X.shape[0])
+    out[:] = 0.0
+    if n == 0:
+        return
+    y2 = _device_targets(y, n, int(sizes[-1]), head)
+    blocks, tpb = _launch(n, threads_per_block, max_blocks)
+    partial = _run_gradient(_upload(X), y2, params, sizes, activation, head, blocks, tpb)
+    result = _buffer("result", (n_params + 1,))
+    _kernels().sum_partials[-(-(n_params + 1) // tpb), tpb](partial, result)
+    out[: n_params + 1] = result.copy_to_host()
+    out[n_params + 1] = n
+
+
+def _run_gradient(X, y2, params, sizes, activation, head, blocks, tpb):
+    """Launch the gradient kernel that fits the model; return its (blocks, P + 1) partials."""
+    ks = _kernels()
+    n_params = params.size
+    d_params = cuda.to_device(params)
+    kind = _choose_kernel(sizes, head, n_params)
+    if kind == "mlp":
+        lay, width = _device_layout(sizes)
+        blocks = _scratch_blocks(blocks, tpb, width)
+        scratch = _buffer("grad_scratch", (blocks, width, tpb))
+        partial = _buffer("partial", (blocks, n_params + 1))
+        n_layers = sizes.size - 1
+        ks.grad_mlp[blocks, tpb](X, y2, d_params, lay, n_layers, activation, head, scratch, partial)
+        return partial
+    partial = _buffer("partial", (blocks, n_params + 1))
+    if kind == "glm1":
+        ks.grad_glm1[blocks, tpb](X, y2, d_params, head, partial)
+    else:
+        ks.grad_glmk[blocks, tpb](X, y2, d_params, int(sizes[-1]), head, partial)
+    return partial
+
+
+def forward(
+    X,
+    params,
+    sizes,
+    activation: int,
+    head: int,
+    out: np.ndarray,
+    *,
+    threads_per_block: int | None = None,
+    max_blocks: int | None = None,
+) -> None:
+    """out (n, k) float64 on the host = model output: value, P(class 1) or class probabilities."""
+    _require()
+    params, sizes = _check_model(params, sizes, activation, head)
+    X = _check_rows(X, int(sizes[0]))
+    n, k = int(X.shape[0]), int(sizes[-1])
+    if out.shape != (n, k) or out.dtype != np.float64 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be contiguous float64 of shape ({n}, {k})")
+    if n == 0:
+        return
+    blocks, tpb = _launch(n, threads_per_block, max_blocks)
+    lay, width = _device_layout(sizes)
+    blocks = _scratch_blocks(blocks, tpb, width)
+    scratch = _buffer("fwd_scratch", (blocks, width, tpb))
+    d_out = _buffer("fwd_out", (n, k))
+    n_layers = sizes.size - 1
+    _kernels().forward_rows[blocks, tpb](
+        _upload(X), cuda.to_device(params), lay, n_layers, activation, head, scratch, d_out
+    )
+    out[...] = d_out.copy_to_host()
+
+
+def loss_sum(X, y, params, sizes, activation: int, head: int) -> float:
+    """Sum over rows of the loss (for parity with the CPU backend; runs the gradient kernel)."""
+    params = np.ascontiguousarray(params, dtype=np.float64)
+    out = np.empty(params.size + 2, dtype=np.float64)
+    gradient(X, y, params, sizes, activation, head, out)
+    return float(out[params.size])

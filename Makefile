@@ -87,8 +87,11 @@ test-cuda: install
 test-mpi: install
 	@$(PY) -m pytest -q tests/mpi
 
+# The CUDA kernels run on Numba's CUDA simulator (a separate process: the simulator is chosen when
+# numba is imported); then everything else, real MPI jobs included.
 test: install lint
-	@$(PY) -m pytest tests
+	@NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -q tests/cuda
+	@$(PY) -m pytest tests --ignore=tests/cuda
 
 bench: install
 	@$(VENV)/bin/lepton bench

@@ -1,0 +1,371 @@
+"""CPU kernels against an independent whole-array float64 NumPy model, finite differences,
+row-split additivity, thread-count determinism, and the accuracy of the vectorisable fast math."""
+
+import itertools
+import platform
+
+import numba
+import numpy as np
+import pytest
+from lepton_hpc.kernels import (
+    BINARY,
+    RELU,
+    SIGMOID,
+    SOFTMAX,
+    SQUARED,
+    TANH,
+    cpu,
+    fastmath,
+    param_count,
+)
+from numba import njit
+
+# (sizes, activation, head): one-layer fast paths, then MLPs with every hidden activation.
+CASES = [
+    ((5, 1), SIGMOID, SQUARED),
+    ((5, 1), SIGMOID, BINARY),
+    ((5, 3), SIGMOID, SOFTMAX),
+    ((6, 4), SIGMOID, SOFTMAX),
+    ((4, 2), SIGMOID, SQUARED),
+] + [
+    (sizes, act, head)
+    for sizes, head in [((5, 7, 3, 1), BINARY), ((6, 8, 4), SOFTMAX), ((4, 6, 2), SQUARED)]
+    for act in (SIGMOID, TANH, RELU)
+]
+CASE_IDS = [f"{'x'.join(map(str, s))}-a{a}-h{h}" for s, a, h in CASES]
+
+
+# ------------------------------------------------------------------------- NumPy reference model
+
+
+def _unpack(params, sizes):
+    """List of (W, b) views of the flat parameter vector, contract layout."""
+    layers, p0 = [], 0
+    for w_in, w_out in itertools.pairwise(sizes):
+        W = params[p0 : p0 + w_in * w_out].reshape(w_in, w_out)
+        b = params[p0 + w_in * w_out : p0 + w_in * w_out + w_out]
+        layers.append((W, b))
+        p0 += w_in * w_out + w_out
+    return layers
+
+
+def _act(z, act):
+    if act == SIGMOID:
+        return 0.5 * (1.0 + np.tanh(0.5 * z))
+    if act == TANH:
+        return np.tanh(z)
+    return np.maximum(z, 0.0)
+
+
+def _act_grad(a, act):
+    """Derivative of the activation, from its output a."""
+    if act == SIGMOID:
+        return a * (1.0 - a)
+    if act == TANH:
+        return 1.0 - a * a
+    return (a > 0.0).astype(np.float64)
+
+
+def reference(X, y, params, sizes, act, head):
+    """(gradient sum, loss sum, output, pre-activations) in float64 by whole-array NumPy."""
+    X = np.asarray(X, dtype=np.float64)
+    layers = _unpack(np.asarray(params, dtype=np.float64), sizes)
+    inputs, pre = [X], []
+    a = X
+    for idx, (W, b) in enumerate(layers):
+        z = a @ W + b
+        pre.append(z)
+        if idx < len(layers) - 1:
+            a = _act(z, act)
+            inputs.append(a)
+    n, k = z.shape
+    if head == SQUARED:
+        r = z - np.asarray(y, dtype=np.float64).reshape(n, k)
+        loss, dz, out = float((r * r).sum()), 2.0 * r, z
+    elif head == BINARY:
+        t = np.asarray(y, dtype=np.float64)
+        zz = z[:, 0]
+        loss = float((np.logaddexp(0.0, zz) - t * zz).sum())
+        p = 0.5 * (1.0 + np.tanh(0.5 * zz))
+        dz, out = (p - t)[:, None], p[:, None]
+    else:
+        cls = np.asarray(y).astype(np.int64)
+        zm = z - z.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(zm).sum(axis=1))
+        prob = np.exp(zm - lse[:, None])
+        loss = float((lse - zm[np.arange(n), cls]).sum())
+        dz, out = prob - np.eye(k)[cls], prob
+    grads = []
+    for idx in range(len(layers) - 1, -1, -1):
+        W, _ = layers[idx]
+        grads.append(np.concatenate([(inputs[idx].T @ dz).ravel(), dz.sum(axis=0)]))
+        if idx > 0:
+            dz = (dz @ W.T) * _act_grad(inputs[idx], act)
+    return np.concatenate(grads[::-1]), loss, out, pre
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def make_problem(sizes, head, n, dtype=np.float64, seed=0):
+    """Random X (n, d), targets for the head, and parameters of moderate scale."""
+    rng = np.random.default_rng(seed)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    X = rng.standard_normal((n, sizes[0])).astype(dtype)
+    k = int(sizes[-1])
+    if head == SQUARED:
+        y = rng.standard_normal((n, k)) if k > 1 else rng.standard_normal(n)
+    elif head == BINARY:
+        y = (rng.random(n) < 0.5).astype(np.float64)
+    else:
+        y = rng.integers(0, k, n).astype(np.float64)
+    params = rng.standard_normal(param_count(sizes)) * 0.5
+    return X, y, params, sizes
+
+
+def run_gradient(X, y, params, sizes, act, head):
+    out = np.full(len(params) + 2, np.nan)
+    cpu.gradient(X, y, params, sizes, act, head, out)
+    return out
+
+
+def rel_err(a, b):
+    """Largest absolute difference relative to the largest reference magnitude."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+# ------------------------------------------------------------------------------ gradient and loss
+
+
+@pytest.mark.parametrize("n", [1, 7, 1001])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(("sizes", "act", "head"), CASES, ids=CASE_IDS)
+def test_gradient_matches_reference(sizes, act, head, dtype, n):
+    X, y, params, sizes = make_problem(sizes, head, n, dtype, seed=n)
+    out = run_gradient(X, y, params, sizes, act, head)
+    g_ref, loss_ref, _, _ = reference(X, y, params, sizes, act, head)
+    P = len(params)
+    tol = 1e-11  # float32 X is widened exactly; all arithmetic is float64 in both
+    assert rel_err(out[:P], g_ref) < tol
+    assert abs(out[P] - loss_ref) <= tol * abs(loss_ref)
+    assert out[P + 1] == n
+
+
+@pytest.mark.parametrize(
+    ("sizes", "act", "head"), CASES[:2] + CASES[5:6], ids=CASE_IDS[:2] + CASE_IDS[5:6]
+)
+def test_zero_rows(sizes, act, head):
+    X, y, params, sizes = make_problem(sizes, head, 0)
+    out = run_gradient(X, y, params, sizes, act, head)
+    assert np.array_equal(out, np.zeros(len(params) + 2))
+    assert cpu.loss_sum(X, y, params, sizes, act, head) == 0.0
+    fwd = np.empty((0, int(sizes[-1])))
+    cpu.forward(X, params, sizes, act, head, fwd)  # must not fail
+
+
+@pytest.mark.parametrize("head", [SQUARED, BINARY])
+def test_float32_large_matches_float64_reference(head):
+    """10^5 float32 rows vs the float64 reference (1e-5 needed; float64 sums give ~1e-13)."""
+    X, y, params, sizes = make_problem((32, 1), head, 100_000, np.float32, seed=3)
+    out = run_gradient(X, y, params, sizes, SIGMOID, head)
+    g_ref, loss_ref, _, _ = reference(X, y, params, sizes, SIGMOID, head)
+    assert rel_err(out[:-2], g_ref) < 1e-10
+    assert abs(out[-2] - loss_ref) < 1e-10 * loss_ref
+
+
+def test_integer_labels_and_float32_targets():
+    X, y, params, sizes = make_problem((6, 4), SOFTMAX, 301)
+    expect = run_gradient(X, y, params, sizes, SIGMOID, SOFTMAX)
+    np.testing.assert_array_equal(run_gradient(X, y.astype(np.int32), params, sizes, 0, 2), expect)
+    X, y, params, sizes = make_problem((5, 1), SQUARED, 301, seed=4)
+    g_ref, _, _, _ = reference(X, y.astype(np.float32), params, sizes, SIGMOID, SQUARED)
+    out = run_gradient(X, y.astype(np.float32), params, sizes, SIGMOID, SQUARED)
+    assert rel_err(out[:-2], g_ref) < 1e-12
+
+
+def test_bad_softmax_label_gives_nan_loss():
+    X, y, params, sizes = make_problem((5, 3), SOFTMAX, 10)
+    y[4] = 3.0  # out of range 0..2
+    assert np.isnan(run_gradient(X, y, params, sizes, SIGMOID, SOFTMAX)[-2])
+
+
+# ---------------------------------------------------------------------------- finite differences
+
+
+@pytest.mark.parametrize(("sizes", "act", "head"), CASES, ids=CASE_IDS)
+def test_finite_differences(sizes, act, head):
+    """Central differences of loss_sum (float64) against every backward pass: rel. err < 1e-6."""
+    for seed in range(11, 111):  # ReLU: first data set whose hidden pre-activations are all
+        X, y, params, sizes = make_problem(sizes, head, 13, seed=seed)  # >= 1e-3 from the kink
+        pre = reference(X, y, params, sizes, act, head)[3][:-1]
+        if act != RELU or min(float(np.abs(z).min()) for z in pre) > 1e-3:
+            break
+    else:
+        pytest.fail("no kink-free ReLU problem found")
+    g = run_gradient(X, y, params, sizes, act, head)[: len(params)]
+    h = 1e-5
+    fd = np.empty_like(params)
+    for i in range(len(params)):
+        step = np.zeros_like(params)
+        step[i] = h
+        up = cpu.loss_sum(X, y, params + step, sizes, act, head)
+        down = cpu.loss_sum(X, y, params - step, sizes, act, head)
+        fd[i] = (up - down) / (2 * h)
+    assert rel_err(g, fd) < 1e-6
+
+
+@pytest.mark.parametrize(("sizes", "act", "head"), CASES, ids=CASE_IDS)
+def test_loss_sum_equals_gradient_loss(sizes, act, head):
+    X, y, params, sizes = make_problem(sizes, head, 517, seed=5)
+    out = run_gradient(X, y, params, sizes, act, head)
+    assert cpu.loss_sum(X, y, params, sizes, act, head) == pytest.approx(out[-2], rel=1e-13)
+
+
+# ------------------------------------------------------------------ additivity and determinism
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(
+    ("sizes", "act", "head"), CASES[:3] + CASES[6:7], ids=CASE_IDS[:3] + CASE_IDS[6:7]
+)
+def test_row_split_additivity(sizes, act, head, dtype):
+    """grad[0, a) + grad[a, n) == grad[0, n): what makes the allreduce over uneven ranks exact."""
+    n, a = 3001, 1234
+    X, y, params, sizes = make_problem(sizes, head, n, dtype, seed=7)
+    whole = run_gradient(X, y, params, sizes, act, head)
+    left = run_gradient(X[:a], y[:a], params, sizes, act, head)
+    right = run_gradient(X[a:], y[a:], params, sizes, act, head)
+    assert rel_err(left + right, whole) < 1e-12
+    assert left[-1] + right[-1] == n
+
+
+def test_result_independent_of_thread_count():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 or more Numba threads")
+    saved = numba.get_num_threads()
+    X, y, params, sizes = make_problem((5, 7, 3, 1), BINARY, 20_001, seed=2)
+    Xl, yl, pl, sl = make_problem((16, 1), BINARY, 200_001, np.float32, seed=2)
+    try:
+        results = []
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            results.append(
+                (
+                    run_gradient(X, y, params, sizes, TANH, BINARY),
+                    run_gradient(Xl, yl, pl, sl, SIGMOID, BINARY),
+                )
+            )
+    finally:
+        numba.set_num_threads(saved)
+    for one, two in zip(*results, strict=True):
+        np.testing.assert_array_equal(one, two)
+
+
+# -------------------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(("sizes", "act", "head"), CASES, ids=CASE_IDS)
+def test_forward_matches_reference(sizes, act, head, dtype):
+    X, y, params, sizes = make_problem(sizes, head, 1001, dtype, seed=9)
+    out = np.full((1001, int(sizes[-1])), np.nan)
+    cpu.forward(X, params, sizes, act, head, out)
+    _, _, expect, _ = reference(X, y, params, sizes, act, head)
+    np.testing.assert_allclose(out, expect, rtol=1e-12, atol=1e-14)
+    if head == SOFTMAX:
+        np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-14)
+    if head != SQUARED:
+        assert out.min() >= 0.0
+        assert out.max() <= 1.0
+
+
+def test_rejects_bad_shapes():
+    X, y, params, sizes = make_problem((5, 1), SQUARED, 10)
+    with pytest.raises(ValueError, match="params"):
+        run_gradient(X, y, params[:-1], sizes, SIGMOID, SQUARED)
+    with pytest.raises(ValueError, match="BINARY"):
+        cpu.loss_sum(X, y, np.zeros(param_count((5, 2))), (5, 2), SIGMOID, BINARY)
+    with pytest.raises(ValueError, match="y must"):
+        run_gradient(X, y[:-1], params, sizes, SIGMOID, SQUARED)
+
+
+# ------------------------------------------------------------------------------------ fast math
+
+
+def _vectorised(fn):
+    """An array loop around a fastmath scalar function, compiled like the kernels compile it."""
+
+    @njit(fastmath={"nsz", "arcp", "contract", "reassoc"}, error_model="numpy")
+    def apply(x, out):
+        for i in range(x.size):
+            out[i] = fn(x[i])
+
+    def call(x):
+        out = np.empty_like(x)
+        apply(x, out)
+        return out
+
+    call.apply = apply
+    return call
+
+
+def _max_rel(got, want):
+    """Max relative error where the reference is a normal nonzero number."""
+    mask = np.isfinite(want) & (np.abs(want) > 1e-300)
+    return float(np.max(np.abs(got[mask] - want[mask]) / np.abs(want[mask])))
+
+
+WIDE = np.concatenate(
+    [
+        np.linspace(-750.0, 720.0, 400_001),
+        np.geomspace(1e-12, 2.0, 20_001),
+        -np.geomspace(1e-12, 2.0, 20_001),
+        [0.0],
+    ]
+)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_fast_exp_and_expm1():
+    got = _vectorised(fastmath.fast_exp)(WIDE)
+    assert _max_rel(got, np.exp(WIDE)) < 1e-14
+    assert np.all(got[WIDE < -745.2] == 0.0)
+    assert np.all(np.isinf(got[WIDE > 709.8]))
+    assert _vectorised(fastmath.fast_exp)(np.array([np.nan]))[0] != 0.0  # NaN stays NaN
+    assert np.isnan(_vectorised(fastmath.fast_exp)(np.array([np.nan]))[0])
+    grid = WIDE[WIDE < 709.0]
+    assert _max_rel(_vectorised(fastmath.fast_expm1)(grid), np.expm1(grid)) < 5e-14
+
+
+def test_fast_log_and_log1p():
+    x = np.concatenate([np.geomspace(1e-310, 1e308, 300_001), np.linspace(0.5, 2.0, 100_001)])
+    assert _max_rel(_vectorised(fastmath.fast_log)(x), np.log(x)) < 1e-14
+    special = _vectorised(fastmath.fast_log)(np.array([0.0, np.inf, -1.0, np.nan]))
+    assert special[0] == -np.inf
+    assert special[1] == np.inf
+    assert np.isnan(special[2:]).all()
+    t = np.concatenate([np.linspace(0.0, 1.0, 200_001), np.geomspace(1e-300, 1.0, 10_001)])
+    assert _max_rel(_vectorised(fastmath.log1p_unit)(t), np.log1p(t)) < 1e-14
+
+
+def test_fast_softplus_sigmoid_tanh():
+    sp = _vectorised(fastmath.fast_softplus)(WIDE)
+    assert _max_rel(sp, np.logaddexp(0.0, WIDE)) < 1e-14
+    assert np.all(np.isfinite(sp))
+    sig_ref = np.where(WIDE >= 0, 1.0, np.exp(np.minimum(WIDE, 0))) / (1.0 + np.exp(-np.abs(WIDE)))
+    sig = _vectorised(fastmath.fast_sigmoid)(WIDE)
+    assert _max_rel(sig, sig_ref) < 1e-14
+    assert sig.min() >= 0.0
+    assert sig.max() <= 1.0
+    assert _max_rel(_vectorised(fastmath.fast_tanh)(WIDE), np.tanh(WIDE)) < 5e-14
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 assembly check")
+def test_fast_softplus_loop_is_vectorised():
+    """The point of fastmath: a loop over it compiles to packed (SIMD) double arithmetic."""
+    fn = _vectorised(fastmath.fast_softplus)
+    fn(np.linspace(-3.0, 3.0, 64))
+    asm = fn.apply.inspect_asm(fn.apply.signatures[0])
+    packed = [line for line in asm.splitlines() if "pd\t" in line and "mm" in line]
+    assert any(op in line for line in packed for op in ("vfmadd", "vmulpd", "mulpd"))

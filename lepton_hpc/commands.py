@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .comm.base import Communicator, agree
+from .convert_cmd import register_convert
 from .log import Log
 
 
@@ -225,4 +226,11 @@ def run_doctor(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
     return 0 if all(c["ok"] or not c["required"] for c in checks) else 1
 
 
-REGISTRY = [register_datagen, register_train, register_evaluate, register_predict, register_doctor]
+REGISTRY = [
+    register_datagen,
+    register_convert,
+    register_train,
+    register_evaluate,
+    register_predict,
+    register_doctor,
+]

@@ -1,0 +1,77 @@
+"""``lepton convert``: CSV, NPY or NPZ into chunked HDF5 (the work is in ``data/convert.py``).
+
+The input formats are serial, so rank 0 converts and the other ranks wait for its verdict: under
+``mpirun`` every rank exits together, and an error is printed once.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .comm.base import Communicator, agree
+from .log import Log
+
+DEFAULT_CHUNK_ROWS = 65_536
+
+
+def register_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="CSV, NPY or NPZ into chunked HDF5 (streamed: files larger than memory convert)",
+    )
+    p.add_argument("input", help="INPUT.csv, INPUT.npy or INPUT.npz")
+    p.add_argument("--out", required=True, help="HDF5 file to write")
+    p.add_argument("--x", default="X", help="features data set written (NPZ: member read too)")
+    p.add_argument("--y", default="y", help="target data set written (NPZ: member read too)")
+    p.add_argument(
+        "--target-column",
+        metavar="NAME|INDEX",
+        default=None,
+        help="CSV/NPY column of the target: header name or 0-based index (default: the last)",
+    )
+    p.add_argument("--no-target", action="store_true", help="every column is a feature; no y")
+    p.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=DEFAULT_CHUNK_ROWS,
+        help=f"rows read and written at a time (default {DEFAULT_CHUNK_ROWS})",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default=None,
+        help="features' type (default: float32 for float32 sources, else float64)",
+    )
+    p.add_argument("--delimiter", default=",", help="CSV field separator (default ',')")
+    p.add_argument(
+        "--missing",
+        choices=("error", "nan"),
+        default="error",
+        help="empty CSV cells: an error (default) or NaN (train with data.nonfinite = drop)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=run_convert)
+
+
+def run_convert(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
+    from .data.convert import Options, convert_file
+
+    opts = Options(
+        x=args.x,
+        y=args.y,
+        target_column=args.target_column,
+        no_target=args.no_target,
+        chunk_rows=args.chunk_rows,
+        dtype=args.dtype,
+        delimiter=args.delimiter,
+        missing=args.missing,
+        force=args.force,
+    )
+
+    def convert() -> str | None:
+        return convert_file(args.input, args.out, opts, log) if comm.is_root else None
+
+    summary = agree(comm, convert)
+    if summary is not None:
+        log.info(summary)
+    return 0

@@ -14,6 +14,7 @@ import numpy as np
 from .comm.base import Communicator, agree
 from .convert_cmd import register_convert
 from .log import Log
+from .sweep import register_sweep
 
 
 # ---- datagen ---------------------------------------------------------------------------
@@ -171,23 +172,50 @@ def run_evaluate(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
 def register_predict(sub) -> None:
     p = sub.add_parser("predict", help="predict every row of a data set, in parallel")
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, help="output HDF5 file")
+    p.add_argument(
+        "--data", required=True, help="HDF5 file, or a quoted glob such as 'inputs/*.h5'"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output HDF5 file; a directory (ending in '/') for a glob: one output per input",
+    )
     p.add_argument("--x", default=None)
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run_predict, y=None)
 
 
 def run_predict(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
+    from .scheduler.batch_predict import is_batch, predict_files
+
+    if is_batch(args.data, args.out):  # one task per file through the task farm
+        predict_files(args.model, args.data, args.out, comm, log, args.force, x=args.x)
+    else:
+        predict_one(args.model, args.data, args.out, comm, log, args.force, x=args.x)
+    return 0
+
+
+def predict_one(
+    model_path: str,
+    data_path: str,
+    out_path: str,
+    comm: Communicator,
+    log: Log,
+    force: bool,
+    *,
+    x: str | None = None,
+) -> str:
+    """Predict every row of one file on the ranks of ``comm`` into ``out_path``."""
     from .data.h5 import collective, create_parallel
     from .evaluate import forward
     from .metrics import predicted_labels
 
+    args = argparse.Namespace(model=model_path, data=data_path, x=x, y=None)
     model, params, split, device = _load_for_inference(args, comm, log, with_y=False)
     out = forward(model, params, split.X, device)
     start = int(split.rows[0]) if split.n else 0
     n = split.n_global
-    with create_parallel(args.out, comm, force=args.force) as fh:
+    with create_parallel(out_path, comm, force=force) as fh:
         name = "probabilities" if model.is_classifier else "predictions"
         dset = fh.create_dataset(name, shape=(n, model.n_outputs), dtype=np.float64)
         with collective(dset):
@@ -196,9 +224,9 @@ def run_predict(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
             labels = fh.create_dataset("labels", shape=(n,), dtype=np.int64)
             with collective(labels):
                 labels[start : start + split.n] = predicted_labels(out, model.head)
-        fh.attrs.update({"model": str(args.model), "data": str(args.data), "head": model.head})
-    log.info(f"wrote {args.out}: {n} rows ({name}{' and labels' if model.is_classifier else ''})")
-    return 0
+        fh.attrs.update({"model": str(model_path), "data": str(data_path), "head": model.head})
+    log.info(f"wrote {out_path}: {n} rows ({name}{' and labels' if model.is_classifier else ''})")
+    return out_path
 
 
 # ---- doctor ----------------------------------------------------------------------------
@@ -233,4 +261,5 @@ REGISTRY = [
     register_evaluate,
     register_predict,
     register_doctor,
+    register_sweep,
 ]

@@ -43,12 +43,26 @@ class DataConfig:
     """Feature scaling fitted on the training rows: "none", "zscore" or "minmax"."""
     nonfinite: str = "error"
     """Rows with NaN or Inf: "error" (default) or "drop" them."""
+    folds: int = 0
+    """k-fold cross-validation (set by ``lepton sweep``): rows are dealt into k folds by the same
+    hash as the validation split, and fold ``fold`` is held out; 0 = off."""
+    fold: int = 0
+    """The fold held out for validation when ``folds`` >= 2."""
 
     def __post_init__(self) -> None:
         _check(
             0.0 <= self.validation_fraction < 1.0,
             "data.validation_fraction",
             f"{self.validation_fraction} is not in [0, 1)",
+        )
+        _check(self.folds != 1 and self.folds >= 0, "data.folds", f"{self.folds} is not 0 or >= 2")
+        _check(
+            0 <= self.fold < max(self.folds, 1), "data.fold", f"{self.fold} is not in [0, folds)"
+        )
+        _check(
+            not (self.folds and self.validation_fraction),
+            "data.folds",
+            "folds and validation_fraction both choose validation rows: set one of them",
         )
         _one_of(self.scale, ("none", "zscore", "minmax"), "data.scale")
         _one_of(self.nonfinite, ("error", "drop"), "data.nonfinite")
@@ -299,7 +313,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a TOML config (or start from defaults when ``path`` is None) and apply overrides."""
     raw = read_toml(path) if path is not None else {}
-    cfg = config_from_dict(merge_overrides(raw, list(overrides)))
+    return check_config(config_from_dict(merge_overrides(raw, list(overrides))))
+
+
+def check_config(cfg: Config) -> Config:
+    """Checks across sections (``load_config`` and ``lepton sweep`` run them on every config)."""
     if cfg.optim.name == "lbfgs":
         _check(
             cfg.model.kind in ("linear", "logistic", "softmax"),

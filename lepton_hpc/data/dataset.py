@@ -43,8 +43,16 @@ def make_split(X: np.ndarray, y: np.ndarray, rows: np.ndarray, comm: Communicato
     return Split(X, y, rows, int(counts[0]), comm.exscan(X.shape[0]))
 
 
-def validation_mask(rows: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """True for rows held out for validation; depends only on (seed, global row id)."""
+def validation_mask(
+    rows: np.ndarray, fraction: float, seed: int, folds: int = 0, fold: int = 0
+) -> np.ndarray:
+    """True for rows held out for validation; depends only on (seed, global row id).
+
+    With ``folds`` >= 2 (k-fold cross-validation) the same hash deals the rows into k folds and
+    fold ``fold`` is held out, so the k validation sets partition the rows.
+    """
+    if folds >= 2:
+        return np.floor(uniform(rows, seed, VALIDATION_STREAM) * folds) == fold
     if fraction <= 0:
         return np.zeros(rows.size, dtype=bool)
     return uniform(rows, seed, VALIDATION_STREAM) < fraction
@@ -64,13 +72,15 @@ def load_training_data(data_cfg, seed: int, comm: Communicator, log: Log) -> Tra
         data_cfg.train, data_cfg.x, data_cfg.y, comm, log, nonfinite=data_cfg.nonfinite
     )
     assert block.y is not None
-    hold = validation_mask(block.rows, data_cfg.validation_fraction, seed)
+    hold = validation_mask(
+        block.rows, data_cfg.validation_fraction, seed, data_cfg.folds, data_cfg.fold
+    )
     keep = ~hold
     Xt = np.ascontiguousarray(block.X[keep]) if hold.any() else block.X
     scaler = fit_scaler(data_cfg.scale, Xt, comm)
     train = make_split(scaler.apply(Xt), block.y[keep], block.rows[keep], comm)
     val = None
-    if data_cfg.validation_fraction > 0:
+    if data_cfg.validation_fraction > 0 or data_cfg.folds:
         Xv = np.ascontiguousarray(block.X[hold])
         val = make_split(scaler.apply(Xv), block.y[hold], block.rows[hold], comm)
     return TrainingData(train, val, scaler, block.info)

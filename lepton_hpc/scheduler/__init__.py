@@ -1,0 +1,16 @@
+"""The task farm: many independent tasks (sweep points, folds, files) over the ranks of one job.
+
+- ``tasks``: ``Task`` (id + payload), attempt ``Report``, final ``TaskResult``, the test hook;
+- ``queue``: the coordinator's policy (dynamic assignment, retries on another worker), no MPI;
+- ``journal``: finished tasks, appended and fsynced, so a rerun skips what is done;
+- ``progress``: the rank-0 display (one redrawn line on a terminal, a line per event otherwise);
+- ``farm``: ``run_tasks``, the coordinator and worker-group loops;
+- ``batch_predict``: one prediction task per input file;
+- ``sweep_spec`` and ``report``: sweep files into tasks, and results into csv/json/toml/png.
+"""
+
+from .farm import run_tasks
+from .journal import Journal
+from .tasks import Task, TaskResult
+
+__all__ = ["Journal", "Task", "TaskResult", "run_tasks"]

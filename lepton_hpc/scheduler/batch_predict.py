@@ -1,0 +1,105 @@
+"""Batch prediction over many files: one task per input file through the task farm.
+
+``lepton predict --model M --data 'inputs/*.h5' --out outdir/`` runs, for each matching file,
+exactly what ``lepton predict`` does for one file (``commands.predict_one``) on a worker group,
+writing ``outdir/<input file name>``. Every output is written under a temporary name and renamed
+when complete, so an interrupted batch never leaves a partial file under a final name.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+from ..comm.base import Communicator, agree
+from ..errors import LeptonError
+from ..log import Log
+from .farm import run_tasks
+from .tasks import Task
+
+GLOB_CHARS = "*?["
+
+
+class BatchError(LeptonError):
+    """Some files could not be predicted (every rank knows: the results are shared)."""
+
+    collective = True
+
+
+def is_batch(data: str, out: str) -> bool:
+    """``--data`` is a glob pattern or ``--out`` names a directory (ends with '/')."""
+    return any(c in data for c in GLOB_CHARS) or out.endswith(("/", os.sep))
+
+
+def plan_outputs(pattern: str, outdir: str | Path, force: bool) -> list[tuple[str, str]]:
+    """(input, output) pairs for the files matching ``pattern``; checked before anything runs."""
+    files = sorted(glob.glob(pattern)) if any(c in pattern for c in GLOB_CHARS) else [pattern]
+    files = [f for f in files if Path(f).is_file()]
+    if not files:
+        raise LeptonError(f"--data '{pattern}': no file matches")
+    out = Path(outdir)
+    pairs = [(f, str(out / Path(f).name)) for f in files]
+    names = [o for _, o in pairs]
+    if len(set(names)) != len(names):
+        raise LeptonError(f"--data '{pattern}': two inputs have the same file name in '{out}'")
+    inputs = {Path(f).resolve() for f in files}
+    for _, o in pairs:
+        if Path(o).resolve() in inputs:
+            raise LeptonError(f"--out '{outdir}' would overwrite the input '{o}'")
+    existing = [o for o in names if Path(o).exists()]
+    if existing and not force:
+        raise LeptonError(
+            f"{len(existing)} output(s) exist, e.g. '{existing[0]}'; pass --force to replace them"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return pairs
+
+
+def predict_files(
+    model_path: str,
+    pattern: str,
+    outdir: str,
+    comm: Communicator,
+    log: Log,
+    force: bool,
+    *,
+    x: str | None = None,
+    ranks_per_task: int = 1,
+    retries: int = 1,
+) -> list[str]:
+    """Predict every file matching ``pattern`` into ``outdir``; the output paths, input order."""
+    pairs = agree(comm, lambda: plan_outputs(pattern, outdir, force) if comm.is_root else None)
+    pairs = comm.bcast(pairs)
+    tasks = [
+        Task(f"file-{i:04d}", {"model": model_path, "data": d, "out": o, "x": x, "force": force})
+        for i, (d, o) in enumerate(pairs)
+    ]
+    results = run_tasks(
+        tasks,
+        _predict_task,
+        comm,
+        log,
+        ranks_per_task=ranks_per_task,
+        retries=retries,
+        title="predict",
+    )
+    failed = [(t, r) for t, r in zip(tasks, results, strict=True) if not r.ok]
+    if failed:
+        listed = "; ".join(f"{t.payload['data']}: {r.error}" for t, r in failed[:3])
+        raise BatchError(f"{len(failed)} of {len(tasks)} file(s) failed: {listed}")
+    log.info(f"wrote {len(pairs)} prediction file(s) into {outdir}")
+    return [o for _, o in pairs]
+
+
+def _predict_task(task: Task, comm: Communicator, log: Log) -> str:  # noqa: ARG001
+    """One file, on the ranks of ``comm``; quiet (the farm's progress speaks for it)."""
+    from ..commands import predict_one
+
+    p = task.payload
+    with open(os.devnull, "w") as quiet:
+        predict_one(
+            p["model"], p["data"], p["out"], comm, Log(comm.rank, comm.size, quiet), p["force"],
+            x=p["x"],
+        )  # fmt: skip
+    return p["out"]

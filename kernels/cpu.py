@@ -1,34 +1,47 @@
 """CPU backend of the dense-stack contract in ``lepton_hpc.kernels`` (Numba, multithreaded).
 
-Layout of the work: rows are cut into blocks (a few hundred rows, sized to stay in L1/L2), and
-blocks are grouped into chunks; ``prange`` runs over chunks and each chunk accumulates its blocks,
-in order, into its own row of a (n_chunks, P + 1) float64 scratch. The chunk rows are then summed
-column by column in chunk order. The split depends only on n and the model, never on the thread
-count, so a result is bitwise the same for 1 or 16 threads. There are no shared writes (no races).
+Work split: rows are cut into blocks (about 8 KiB of X for one-layer models, about 128 KiB of
+activations for MLPs) and consecutive blocks are grouped into chunks; ``prange`` runs over
+chunks, and each chunk accumulates its blocks, in order, into its own row of an
+(n_chunks, P + 1) float64 scratch. Those rows are then summed column by column in chunk order.
+The split depends only on n and the model, never on the thread count, so results are bitwise
+identical for any number of threads, and nothing is written by two threads (no races).
 
-Precision: float32 X is widened to float64 element by element as it is read; every product, sum
-and accumulator is float64. exp/log come from ``fastmath`` (vectorisable, relative error < 1e-13).
+Precision: float32 X is widened to float64 as it is read; every product, sum and accumulator
+is float64 (so the float32 and float64 paths agree with a float64 reference to ~1e-13, and
+row-split sums are additive to rounding). exp/log/sigmoid/tanh come from ``fastmath``:
+vectorisable arithmetic versions, relative error < 5e-14.
 
-Inside a block each step is a loop that LLVM vectorises: (1) affine map z = x W + b as dot
-products over the input width, (2) the activation or head on the whole block of z at once, (3)
-the gradient as axpys over the input width. Weights are used transposed (out x in) for that.
+Speed: each step inside a block is a loop that LLVM vectorises (dot products over the input
+width, the head or activation over the whole block, axpys for the gradient); weights are used
+transposed (out x in) for that. The one-layer, one-output path (linear, logistic) pipelines
+blocks: the logits of block b+1 are computed, row-interleaved, with the gradient of block b,
+with software prefetch ahead, so memory keeps streaming while the cached block is reduced.
 """
 
 import numpy as np
 from numba import njit, prange
 
 from . import BINARY, RELU, SIGMOID, SOFTMAX, SQUARED, TANH, param_count
-from .fastmath import fast_exp, fast_log, fast_sigmoid, fast_tanh, log1p_unit, prefetch_row
+from .fastmath import (
+    fast_exp,
+    fast_log,
+    fast_sigmoid,
+    fast_tanh,
+    log1p_unit,
+    prefetch_row,
+)
 
 # Reassociation lets LLVM vectorise the dot-product and loss reductions; no nnan/ninf, so a
 # diverged model still shows NaN/inf. error_model="numpy": a division must not branch to raise.
 _JIT = {"fastmath": {"nsz", "arcp", "contract", "reassoc"}, "error_model": "numpy", "cache": True}
 
-SINGLE_BLOCK = 256  # rows per block, one-layer models: 256 x 32 float32 = 32 KiB, L1-resident
-PREFETCH_ROWS = 32  # software prefetch distance in the one-output pipeline (measured best)
+SINGLE_BLOCK_BYTES = 8192  # one-layer models: rows of X per block (measured best: 4-16 KiB)
+PREFETCH_BYTES = 1024  # software prefetch distance ahead of the row being read (measured)
 MLP_ROW_FLOATS = 16384  # MLP blocks: rows x (sum of layer widths) <= this (128 KiB of float64)
 MAX_CHUNKS = 1024  # enough chunks to balance any thread count we run with
-SCRATCH_BYTES = 64 << 20  # cap on the per-chunk partial sums for very large models
+SCRATCH_BYTES = 64 << 20  # fewer chunks for big models, to bound the per-chunk partial sums...
+MIN_CHUNKS = 16  # ...but never fewer than this (when there are enough blocks)
 
 
 # ---------------------------------------------------------------------------------- building blocks
@@ -76,31 +89,64 @@ def _accumulate(src, s0, w_in, m, delta, w_out, gT, p0):
 
 
 @njit(**_JIT)
-def _pipeline_one_output(X, nxt, m_nxt, pT, z_nxt, cur, m_cur, z_cur, gT):
-    """k == 1 (linear, logistic): logits of block nxt and gradient of block cur, row-interleaved.
+def _dot4(X, r, m, w, z, i):
+    """z[i + t] = X[r + t] . w for t < m <= 4; four rows share each load of w."""
+    if m == 4:
+        x0, x1, x2, x3 = X[r], X[r + 1], X[r + 2], X[r + 3]
+        a0 = a1 = a2 = a3 = 0.0
+        for j in range(w.size):
+            a0 += x0[j] * w[j]
+            a1 += x1[j] * w[j]
+            a2 += x2[j] * w[j]
+            a3 += x3[j] * w[j]
+        z[i], z[i + 1], z[i + 2], z[i + 3] = a0, a1, a2, a3
+        return
+    for t in range(m):
+        x = X[r + t]
+        acc = 0.0
+        for j in range(w.size):
+            acc += x[j] * w[j]
+        z[i + t] = acc
 
-    Software pipelining keeps memory busy: rows of the next block stream in (prefetched a few
-    rows ahead) while the current block, already in L1, is accumulated into float64 gT.
+
+@njit(**_JIT)
+def _axpy4(X, r, m, z, i, g):
+    """g += sum_t z[i + t] X[r + t] for t < m <= 4; one load and store of g per four rows."""
+    if m == 4:
+        x0, x1, x2, x3 = X[r], X[r + 1], X[r + 2], X[r + 3]
+        q0, q1, q2, q3 = z[i], z[i + 1], z[i + 2], z[i + 3]
+        for j in range(g.size):
+            g[j] += q0 * x0[j] + q1 * x1[j] + q2 * x2[j] + q3 * x3[j]
+        return
+    for t in range(m):
+        x = X[r + t]
+        q = z[i + t]
+        for j in range(g.size):
+            g[j] += q * x[j]
+
+
+@njit(**_JIT)
+def _pipeline_one_output(X, nxt, m_nxt, pT, z_nxt, cur, m_cur, z_cur, gT):
+    """k == 1 (linear, logistic): logits of block nxt and gradient of block cur, interleaved.
+
+    Software pipelining keeps memory busy: rows of the next block stream in (prefetched
+    PREFETCH_BYTES ahead) while the current block, already in L1, is accumulated into gT.
     """
     d = X.shape[1]
-    w, b = pT[:d], pT[d]
-    g = gT[:d]
+    w, g = pT[:d], gT[:d]
     last = X.shape[0] - 1
+    ahead = max(1, PREFETCH_BYTES // (d * X.itemsize))
+    for i in range(0, max(m_nxt, m_cur), 4):
+        for t in range(min(4, m_nxt - i)):
+            prefetch_row(X, min(nxt + i + t + ahead, last))
+        _dot4(X, nxt + i, min(4, m_nxt - i), w, z_nxt, i)
+        _axpy4(X, cur + i, min(4, m_cur - i), z_cur, i, g)
+    b = pT[d]
+    for i in range(m_nxt):
+        z_nxt[i] += b
     gb = 0.0
-    for i in range(max(m_nxt, m_cur)):
-        if i < m_nxt:
-            prefetch_row(X, min(nxt + i + PREFETCH_ROWS, last))
-            x = X[nxt + i]
-            acc = 0.0
-            for j in range(d):
-                acc += x[j] * w[j]
-            z_nxt[i] = acc + b
-        if i < m_cur:
-            x = X[cur + i]
-            r = z_cur[i]
-            gb += r
-            for j in range(d):
-                g[j] += r * x[j]
+    for i in range(m_cur):
+        gb += z_cur[i]
     gT[d] += gb
 
 
@@ -159,6 +205,22 @@ def _backprop(delta, w_out, m, pT, p0, w_in, act, activation, out):
 
 
 @njit(**_JIT)
+def _softmax_row(z):
+    """Softmax of one row of logits in place; returns its log-sum-exp (max subtracted first)."""
+    mx = z[0]
+    for o in range(1, z.size):
+        mx = max(mx, z[o])
+    s = 0.0
+    for o in range(z.size):
+        z[o] = fast_exp(z[o] - mx)
+        s += z[o]
+    inv = 1.0 / s
+    for o in range(z.size):
+        z[o] *= inv
+    return mx + fast_log(s)
+
+
+@njit(**_JIT)
 def _head_loss(z, m, k, Y, r0, head):
     """Sum of the m rows' losses; z (m x k logits) is overwritten by d loss / d z.
 
@@ -189,21 +251,13 @@ def _head_loss(z, m, k, Y, r0, head):
             z[i] = (inv if v >= 0.0 else e * inv) - t
     else:  # SOFTMAX: log-sum-exp after subtracting the row max; d/dz = p - onehot(y)
         for i in range(m):
-            a = i * k
-            mx = z[a]
-            for o in range(1, k):
-                mx = max(mx, z[a + o])
+            row = z[i * k : (i + 1) * k]
             cls = int(y[i])
-            zy = z[a + cls] if 0 <= cls < k else np.nan
-            s = 0.0
-            for o in range(k):
-                e = fast_exp(z[a + o] - mx)
-                z[a + o] = e
-                s += e
-            loss += mx + fast_log(s) - zy
-            inv = 1.0 / s
-            for o in range(k):
-                z[a + o] = z[a + o] * inv - (1.0 if o == cls else 0.0)
+            valid = 0 <= cls < k
+            zy = row[cls] if valid else np.nan
+            loss += _softmax_row(row) - zy
+            if valid:
+                row[cls] -= 1.0
     return loss
 
 
@@ -215,18 +269,7 @@ def _head_output(z, m, k, head):
             z[i] = fast_sigmoid(z[i])
     elif head == SOFTMAX:
         for i in range(m):
-            a = i * k
-            mx = z[a]
-            for o in range(1, k):
-                mx = max(mx, z[a + o])
-            s = 0.0
-            for o in range(k):
-                e = fast_exp(z[a + o] - mx)
-                z[a + o] = e
-                s += e
-            inv = 1.0 / s
-            for o in range(k):
-                z[a + o] *= inv
+            _softmax_row(z[i * k : (i + 1) * k])
 
 
 @njit(**_JIT)
@@ -383,9 +426,15 @@ def _combine(partial, out):
 def _plan(n: int, block: int, width: int) -> tuple[int, int]:
     """(n_chunks, rows per chunk): whole blocks per chunk, from n and the model only."""
     n_blocks = -(-n // block)
-    cap = max(1, min(MAX_CHUNKS, SCRATCH_BYTES // (8 * width)))
+    cap = max(MIN_CHUNKS, min(MAX_CHUNKS, SCRATCH_BYTES // (8 * width)))
     per = max(1, -(-n_blocks // cap))
     return -(-n_blocks // per), per * block
+
+
+def _single_block(X: np.ndarray) -> int:
+    """Rows per one-layer block: about SINGLE_BLOCK_BYTES of X, a multiple of 4 rows."""
+    rows = SINGLE_BLOCK_BYTES // max(1, X.shape[1] * X.itemsize)
+    return int(np.clip(rows, 16, 512)) // 4 * 4
 
 
 def _mlp_block(sizes: np.ndarray) -> int:
@@ -449,8 +498,9 @@ def gradient(X, y, params, sizes, activation: int, head: int, out: np.ndarray) -
     Y = _targets(y, n, int(sizes[-1]), head)
     pT = _transposed(params, sizes)
     if sizes.size == 2:
-        n_chunks, rows = _plan(n, SINGLE_BLOCK, P + 1)
-        partial = _single_layer_gradient(X, Y, pT, sizes, head, SINGLE_BLOCK, rows, n_chunks)
+        block = _single_block(X)
+        n_chunks, rows = _plan(n, block, P + 1)
+        partial = _single_layer_gradient(X, Y, pT, sizes, head, block, rows, n_chunks)
     else:
         block = _mlp_block(sizes)
         n_chunks, rows = _plan(n, block, P + 1)
@@ -462,7 +512,7 @@ def gradient(X, y, params, sizes, activation: int, head: int, out: np.ndarray) -
 def _run_forward(X, Y, params, sizes, activation, head, out):
     """Shared driver of forward() and loss_sum(); returns the per-chunk losses."""
     n = X.shape[0]
-    block = SINGLE_BLOCK if sizes.size == 2 else _mlp_block(sizes)
+    block = _single_block(X) if sizes.size == 2 else _mlp_block(sizes)
     n_chunks, rows = _plan(n, block, 1)
     pT = _transposed(params, sizes)
     want_loss = out.shape[0] == 0

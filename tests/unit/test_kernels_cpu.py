@@ -184,10 +184,13 @@ def test_integer_labels_and_float32_targets():
     assert rel_err(out[:-2], g_ref) < 1e-12
 
 
-def test_bad_softmax_label_gives_nan_loss():
+@pytest.mark.parametrize("label", [3.0, -1.0, 1e9])
+def test_bad_softmax_label_gives_nan_loss(label):
+    """Out-of-range class ids are not read out of bounds: the loss becomes NaN instead."""
     X, y, params, sizes = make_problem((5, 3), SOFTMAX, 10)
-    y[4] = 3.0  # out of range 0..2
+    y[4] = label
     assert np.isnan(run_gradient(X, y, params, sizes, SIGMOID, SOFTMAX)[-2])
+    assert np.isnan(cpu.loss_sum(X, y, params, sizes, SIGMOID, SOFTMAX))
 
 
 # ---------------------------------------------------------------------------- finite differences

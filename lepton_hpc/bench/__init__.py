@@ -1,0 +1,1 @@
+"""Benchmarks: ``lepton bench`` measures the toolkit against the machine and its peers."""

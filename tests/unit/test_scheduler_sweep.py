@@ -189,3 +189,12 @@ def test_k_folds_partition_the_rows_and_config_checks_them():
         with pytest.raises(ConfigError) as err:
             config_from_dict({"data": bad})
         assert err.value.key == key
+
+
+def test_the_example_sweep_in_jobs_parses(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    spec = load_sweep("jobs/sweep_demo.toml")
+    assert len(sweep_tasks(spec)) == 6 and spec.metric == "val.accuracy"
+    assert spec.base["model"]["kind"] == "mlp"

@@ -1,8 +1,9 @@
 """Run plain-Python tasks through the task farm and print a JSON report (rank 0, last line).
 
 Usage: task_farm.py SPEC.json
-SPEC: {"tasks": [{"id": "t0", "cost": 0.1, "value": 3, "fail": "never|always|user"}, ...],
-       "retries": 1, "ranks_per_task": 1, "journal": path or null, "counters": dir or null}
+SPEC: {"tasks": [{"id": "t0", "cost": 0.1, "value": 3, "fail": "never|always|user|one_rank"}],
+       "retries": 1, "ranks_per_task": 1, "journal": path or null, "counters": dir or null,
+       "group_sync_s": 60}
 A task sleeps ``cost`` seconds, appends a line to counters/<id> (a run counter across reruns)
 and returns value**2 plus the size of its group communicator (all ranks of a group must agree).
 """
@@ -28,6 +29,8 @@ def run_one(task, comm, log):
         raise RuntimeError(f"{task.id} always fails")
     if spec.get("fail") == "user":
         raise LeptonError(f"{task.id}: a user error")
+    if spec.get("fail") == "one_rank" and comm.rank == 1:  # its peers go on into a collective
+        raise RuntimeError(f"{task.id} fails on one rank of its group")
     sizes = comm.allgather(comm.size)
     return {
         "square": spec.get("value", 0) ** 2,
@@ -50,6 +53,7 @@ def main() -> int:
         retries=spec.get("retries", 1),
         journal=spec.get("journal"),
         title="farm",
+        group_sync_s=spec.get("group_sync_s", 60.0),
     )
     if comm.rank == 0:
         report = [

@@ -13,7 +13,6 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,6 +33,7 @@ from .models.io import save_model
 from .optim import make_optimizer
 from .optim.lbfgs import LBFGS
 from .results import RunDir, check_run_dir, create_run_dir, versions, write_json
+from .strategies import StepOutcome, check_comm_config, check_step, make_reduction, make_strategy
 
 PROGRESS_EVERY_S = 10.0
 
@@ -60,13 +60,6 @@ class Timers:
             self.seconds[name] += time.perf_counter() - t0
 
 
-@dataclass(slots=True)
-class StepOutcome:
-    loss_sum: float
-    rows: float
-    stop: bool
-
-
 class Trainer:
     """Owns the pieces of one training run and the loop that drives them."""
 
@@ -83,11 +76,14 @@ class Trainer:
         self.timers = Timers()
         self.t_start = time.perf_counter()
         self.run = RunDir(cfg.output.dir)
+        check_comm_config(cfg)
         self.reducer = agree(comm, lambda: make_backend(cfg.comm.backend, comm))
         fresh = {"resume": resume is not None, "overwrite": overwrite}
         agree(comm, lambda: check_run_dir(self.run.path, **fresh) if comm.is_root else None)
         with self.timers("io"):
-            self.data: TrainingData = load_training_data(cfg.data, cfg.train.seed, comm, log)
+            self.data: TrainingData = load_training_data(
+                cfg.data, cfg.train.seed, comm, log, reproducible=cfg.comm.reproducible
+            )
         train = self.data.train
         y_dim = 1 if train.y.ndim == 1 else train.y.shape[1]
         stats = target_stats(train.y, comm)
@@ -105,6 +101,7 @@ class Trainer:
         self.l2_mask = self.model.weight_mask() * cfg.model.l2
         P = self.model.n_params
         self.buf = np.zeros(P + 4)  # [grad (P), loss sum, rows, stop flag, step]
+        self.reduction = make_reduction(self)  # how buf is summed (compressed, block-ordered)
         self.rows_seen = 0.0
         self.stop = StopFlag()
         self.hooks = FaultHooks.from_env()
@@ -164,22 +161,22 @@ class Trainer:
         return make_optimizer(self.cfg.optim, self.model.n_params)
 
     # ---- one step -----------------------------------------------------------------------
-    def gradient(self, params: np.ndarray, X, y, step: int) -> tuple[np.ndarray, StepOutcome]:
-        """Global mean gradient of the batch (with L2) via one fused allreduce."""
+    def gradient(
+        self, params: np.ndarray, X, y, step: int, batch: np.ndarray | None = None
+    ) -> tuple[np.ndarray, StepOutcome]:
+        """Global mean gradient of the batch (with L2) via one fused allreduce.
+
+        ``batch``: the local row positions of X (None: all local rows), for block-ordered sums.
+        """
         P = params.size
         buf = self.buf
-        act, head = self.model.codes
         with self.timers("compute"):
-            self.device.kernels.gradient(X, y, params, self.sizes, act, head, buf[: P + 2])
+            self.reduction.local_sums(params, X, y, buf[: P + 2], batch)
         buf[P + 2] = 1.0 if self.stop.requested else 0.0
         buf[P + 3] = float(self.hooks.before_step(self.comm.rank, step))
         with self.timers("comm"):
-            self.reducer.allreduce_(buf)
-        if buf[P + 3] != float(step) * self.comm.size:
-            raise RuntimeError(
-                f"ranks are out of step: step {step} here, mean "
-                f"{buf[P + 3] / self.comm.size:g} over ranks"
-            )
+            self.reduction.reduce_(buf)
+        check_step(buf[P + 3], step, self.comm.size)
         rows = buf[P + 1]
         self.rows_seen += rows
         grad = buf[:P] / max(rows, 1.0) + self.l2_mask * params
@@ -208,6 +205,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         opt = make_optimizer(cfg.optim, self.model.n_params)
         opt.load_state(st.optimizer)
+        strategy = make_strategy(self, opt)  # sync, local_sgd or overlap
         train = self.data.train
         index = train.index()
         while st.epoch < cfg.train.epochs:
@@ -217,11 +215,19 @@ class Trainer:
             t_epoch = time.perf_counter()
             next_report = t_epoch + PROGRESS_EVERY_S
             while st.batch < len(batches):
-                X, y = self._batch(batches[st.batch], len(batches) == 1)
-                grad, out = self.gradient(st.params, X, y, st.step)
-                opt.step(st.params, grad)
+                rows = self.reduction.arrange(batches[st.batch])
+                X, y = self._batch(rows, len(batches) == 1)
+                out = strategy.step(st.params, X, y, st.step, rows)
                 st.step += 1
                 st.batch += 1
+                every = cfg.checkpoint.every_steps
+                if (
+                    out.stop
+                    or (every and st.step % every == 0)
+                    or st.batch == len(batches)
+                    or (cfg.train.max_steps and st.step >= cfg.train.max_steps)
+                ):  # about to save or stop: local SGD averages, overlap drains its pipeline
+                    out = out + strategy.settle(st.params, st.step)
                 st.epoch_loss += out.loss_sum
                 st.epoch_rows += out.rows
                 self.watchdog.beat(st.step)

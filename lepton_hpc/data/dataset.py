@@ -14,7 +14,7 @@ from ..comm.base import Communicator
 from ..log import Log
 from .batches import uniform
 from .preprocess import Scaler, fit_scaler
-from .reader import Block, DataInfo, read_block
+from .reader import Block, DataInfo, global_block_rows, read_block
 
 VALIDATION_STREAM = 1
 
@@ -66,10 +66,22 @@ class TrainingData:
     info: DataInfo
 
 
-def load_training_data(data_cfg, seed: int, comm: Communicator, log: Log) -> TrainingData:
-    """Read this rank's block, split off validation rows, fit and apply the scaler."""
+def load_training_data(
+    data_cfg, seed: int, comm: Communicator, log: Log, *, reproducible: bool = False
+) -> TrainingData:
+    """Read this rank's block, split off validation rows, fit and apply the scaler.
+
+    ``reproducible``: ranks read whole global row blocks and the scaler merges per-block
+    statistics in block order, so everything is bitwise the same for any rank count.
+    """
     block: Block = read_block(
-        data_cfg.train, data_cfg.x, data_cfg.y, comm, log, nonfinite=data_cfg.nonfinite
+        data_cfg.train,
+        data_cfg.x,
+        data_cfg.y,
+        comm,
+        log,
+        nonfinite=data_cfg.nonfinite,
+        aligned=reproducible,
     )
     assert block.y is not None
     hold = validation_mask(
@@ -77,7 +89,10 @@ def load_training_data(data_cfg, seed: int, comm: Communicator, log: Log) -> Tra
     )
     keep = ~hold
     Xt = np.ascontiguousarray(block.X[keep]) if hold.any() else block.X
-    scaler = fit_scaler(data_cfg.scale, Xt, comm)
+    blocks = None
+    if reproducible:
+        blocks = block.rows[keep] // global_block_rows(block.info.n_rows)
+    scaler = fit_scaler(data_cfg.scale, Xt, comm, blocks)
     train = make_split(scaler.apply(Xt), block.y[keep], block.rows[keep], comm)
     val = None
     if data_cfg.validation_fraction > 0 or data_cfg.folds:

@@ -2,6 +2,8 @@
 
 z-score merges per-rank (count, mean, M2) with Chan's formula in rank order (never an average of
 per-rank means); min-max reduces minima and maxima. The fitted ``Scaler`` is stored in model.h5.
+In reproducible mode (``blocks`` given) z-score merges per-block moments in global block order
+instead, so the statistics are bitwise the same for any rank count.
 """
 
 from __future__ import annotations
@@ -58,13 +60,33 @@ def local_moments(X: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     return n, mean, m2
 
 
-def fit_scaler(kind: str, X: np.ndarray, comm: Communicator) -> Scaler:
-    """Fit a scaler on the training rows of every rank; all ranks get identical statistics."""
+def block_moments(X: np.ndarray, blocks: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(count, mean, M2) of each run of equal ``blocks`` ids (ascending), in order."""
+    if X.shape[0] == 0:
+        return []
+    cuts = np.flatnonzero(blocks[1:] != blocks[:-1]) + 1
+    bounds = zip(np.r_[0, cuts], np.r_[cuts, X.shape[0]], strict=True)
+    return [local_moments(X[a:b]) for a, b in bounds]
+
+
+def fit_scaler(
+    kind: str, X: np.ndarray, comm: Communicator, blocks: np.ndarray | None = None
+) -> Scaler:
+    """Fit a scaler on the training rows of every rank; all ranks get identical statistics.
+
+    ``blocks``: the global block of each row (ascending); z-score moments are then merged block
+    by block in global order, independent of the rank count.
+    """
     d = X.shape[1]
     if kind == "none":
         return Scaler.identity(d)
     if kind == "zscore":
-        n, mean, m2 = merge_moments(comm.allgather(local_moments(X)))
+        if blocks is None:
+            parts = comm.allgather(local_moments(X))
+        else:  # ranks hold ascending runs of whole blocks: rank order is block order
+            parts = [p for rank in comm.allgather(block_moments(X, blocks)) for p in rank]
+            parts = parts or [local_moments(X)]
+        n, mean, m2 = merge_moments(parts)
         std = np.sqrt(m2 / max(n, 1))
         return Scaler(kind, mean, np.where(std > 0, std, 1.0))
     if kind == "minmax":

@@ -26,6 +26,23 @@ def row_block(n_rows: int, rank: int, size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+REPRODUCIBLE_BLOCK_ROWS = 1024
+MIN_BLOCKS = 64
+
+
+def global_block_rows(n_rows: int) -> int:
+    """Rows per global block in reproducible mode: 1024, or fewer so that a file has at least 64
+    blocks (a function of the file alone, never of the rank count)."""
+    return min(REPRODUCIBLE_BLOCK_ROWS, max(1, -(-n_rows // MIN_BLOCKS)))
+
+
+def aligned_row_block(n_rows: int, rank: int, size: int, block_rows: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of ``rank``: whole blocks of ``block_rows`` rows, block counts
+    differing by at most one between ranks (reproducible mode's partition)."""
+    first, last = row_block(-(-n_rows // block_rows), rank, size)
+    return min(first * block_rows, n_rows), min(last * block_rows, n_rows)
+
+
 @dataclass(frozen=True, slots=True)
 class DataInfo:
     """What rank 0 learned about a file before anyone reads rows."""
@@ -102,14 +119,36 @@ def _feature_dtype(dtype: str) -> np.dtype:
 
 
 def read_block(
-    path: str, x: str, y: str | None, comm: Communicator, log: Log, *, nonfinite: str = "error"
+    path: str,
+    x: str,
+    y: str | None,
+    comm: Communicator,
+    log: Log,
+    *,
+    nonfinite: str = "error",
+    aligned: bool = False,
 ) -> Block:
-    """Read this rank's block of ``x`` (and ``y``) with collective mpio reads where available."""
+    """Read this rank's block of ``x`` (and ``y``) with collective mpio reads where available.
+
+    ``aligned``: the rank's rows are whole global blocks (``global_block_rows``), as the
+    reproducible mode needs.
+    """
     info = agree(comm, lambda: inspect(path, x, y, comm.size) if comm.is_root else None)
     info = comm.bcast(info)
     if not is_parallel() and comm.size > 1:
         log.warning("h5py is not built with MPI: every rank reads its block independently")
-    start, stop = row_block(info.n_rows, comm.rank, comm.size)
+    if aligned:
+        block_rows = global_block_rows(info.n_rows)
+        n_blocks = -(-info.n_rows // block_rows)
+        if n_blocks < comm.size:  # every rank computed the same numbers, so all raise together
+            raise CollectiveError(
+                f"'{path}': {info.n_rows} rows make {n_blocks} blocks of {block_rows} rows, "
+                f"fewer than the {comm.size} ranks (comm.reproducible gives whole blocks to ranks)",
+                DataError.exit_code,
+            )
+        start, stop = aligned_row_block(info.n_rows, comm.rank, comm.size, block_rows)
+    else:
+        start, stop = row_block(info.n_rows, comm.rank, comm.size)
     with open_read(path, comm) as fh:
         dx = fh[x]
         Xl = np.empty((stop - start, info.n_features), dtype=_feature_dtype(info.x_dtype))

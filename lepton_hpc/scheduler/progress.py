@@ -92,9 +92,11 @@ class Progress:
     # ---- display -------------------------------------------------------------------------
     def seconds_left(self) -> float | None:
         """Mean task time x tasks left / workers; None before the first task finished."""
+        left = self.total - self.done - self.failed
+        if left <= 0:
+            return 0.0
         if not self._durations:
             return None
-        left = self.total - self.done - self.failed
         mean = sum(self._durations) / len(self._durations)
         return mean * max(left, 0) / self.workers
 

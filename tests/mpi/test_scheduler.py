@@ -177,6 +177,24 @@ def test_sweep_with_failures_on_3_ranks_equals_a_serial_sweep(small_data, tmp_pa
     assert {k: best["metrics"]["val"][k] for k in expected} == expected
 
 
+def test_sweep_on_worker_groups_of_two_ranks(small_data, tmp_path):
+    """ranks_per_task = 2: each run is a data-parallel run over its group's two ranks."""
+    grid = '{"model.l2" = [0.0, 0.01]}'
+    groups = write_sweep(tmp_path / "g.toml", small_data, tmp_path / "g", grid,
+                         "ranks_per_task = 2")  # fmt: skip
+    serial = write_sweep(tmp_path / "s.toml", small_data, tmp_path / "s", grid)
+    ok(lepton(3, "sweep", groups, timeout=180))
+    ok(lepton(1, "sweep", serial, timeout=180))
+    for task in ("task-0000", "task-0001"):
+        run = json.loads((tmp_path / "g" / task / "results.json").read_text())
+        alone = json.loads((tmp_path / "s" / task / "results.json").read_text())
+        assert run["ranks"] == 2 and alone["ranks"] == 1
+        for part in ("train", "val"):  # the same run up to the order of floating-point sums
+            for name, value in alone["metrics"][part].items():
+                expected = pytest.approx(value, rel=1e-6) if isinstance(value, float) else value
+                assert run["metrics"][part][name] == expected, name
+
+
 def test_sweep_killed_midway_resumes_without_repeating_finished_runs(small_data, tmp_path):
     grid = '{"optim.lr" = [1.0, 0.5, 0.25, 0.125], "model.l2" = [0.0, 0.01]}'
     sweep = write_sweep(tmp_path / "s.toml", small_data, tmp_path / "out", grid)

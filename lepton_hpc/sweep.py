@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .comm.base import Communicator, agree
-from .errors import EXIT_FAILED
+from .errors import EXIT_FAILED, EXIT_USAGE, LeptonError
 from .log import Log
 from .scheduler.tasks import Task
 
@@ -41,6 +41,7 @@ def run_sweep(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
     from .scheduler.sweep_spec import load_sweep, sweep_tasks
 
     spec = agree(comm, lambda: load_sweep(args.sweep, args.overrides))
+    agree(comm, lambda: _check_out(spec.out) if comm.is_root else None)
     tasks = sweep_tasks(spec)
     folds = f" x {spec.folds} folds" if spec.folds else ""
     log.info(
@@ -58,7 +59,10 @@ def run_sweep(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
         title="sweep",
     )
     failed = [r for r in results if not r.ok]
+    missing = _metric_missing(spec.metric, results)
     if comm.is_root:
+        if missing:
+            log.error(missing)
         paths = write_report(spec, tasks, results, str(args.sweep))
         best = paths.get("best")
         log.info(f"wrote {', '.join(str(p) for p in paths.values())}")
@@ -69,7 +73,34 @@ def run_sweep(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
                 f"{len(failed)} of {len(tasks)} run(s) failed ({', '.join(r.id for r in failed)}): "
                 f"see {spec.out}/sweep.json and {spec.out}/logs/; run the sweep again to retry them"
             )
+    if missing:
+        return EXIT_USAGE
     return EXIT_FAILED if failed else 0
+
+
+def _check_out(out: Path) -> None:
+    """The sweep's directory exists (created if needed) and is writable, before any run."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LeptonError(f"sweep.out: cannot create '{out}': {exc.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise LeptonError(f"sweep.out: directory '{out}' is not writable")
+
+
+def _metric_missing(metric: str, results: list) -> str:
+    """A message when the runs did not report ``metric`` (e.g. val.r2 of a classifier)."""
+    part, _, name = metric.partition(".")
+    for r in results:
+        if r.ok and name not in r.value["metrics"].get(part, {}):
+            known = ", ".join(
+                f"{p}.{n}"
+                for p, m in r.value["metrics"].items()
+                for n, v in m.items()
+                if isinstance(v, float)
+            )
+            return f"sweep.metric '{metric}' is not reported by these runs (they report: {known})"
+    return ""
 
 
 def train_task(task: Task, comm: Communicator, log: Log) -> dict:  # noqa: ARG001

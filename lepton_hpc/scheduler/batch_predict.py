@@ -52,7 +52,10 @@ def plan_outputs(pattern: str, outdir: str | Path, force: bool) -> list[tuple[st
         raise LeptonError(
             f"{len(existing)} output(s) exist, e.g. '{existing[0]}'; pass --force to replace them"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LeptonError(f"--out: cannot create directory '{out}': {exc.strerror}") from None
     return pairs
 
 

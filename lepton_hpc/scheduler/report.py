@@ -64,7 +64,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "sweep.csv", "json": out / "sweep.json"}
     atomic_write_text(paths["csv"], to_csv(spec, rows))
-    best = rows[0] if rows and rows[0]["status"] == "ok" else None
+    best = rows[0] if rows and isinstance(rows[0]["score"], float) else None
     write_json(
         paths["json"],
         {

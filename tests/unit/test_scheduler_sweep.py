@@ -198,3 +198,18 @@ def test_the_example_sweep_in_jobs_parses(monkeypatch):
     spec = load_sweep("jobs/sweep_demo.toml")
     assert len(sweep_tasks(spec)) == 6 and spec.metric == "val.accuracy"
     assert spec.base["model"]["kind"] == "mlp"
+
+
+def test_a_metric_the_runs_do_not_report_gives_no_best_and_a_clear_message(tmp_path):
+    from lepton_hpc.scheduler.report import write_report
+    from lepton_hpc.sweep import _metric_missing
+
+    spec = spec_of({"grid": {"optim.lr": [0.1, 0.2]}, "metric": "val.r2"})
+    spec.out = tmp_path / "out"
+    tasks = sweep_tasks(spec)
+    results = fake_results(tasks, [0.5, 0.6])
+    paths = write_report(spec, tasks, results, "s.toml")
+    assert "best" not in paths and (tmp_path / "out" / "sweep.csv").exists()
+    message = _metric_missing("val.r2", results)
+    assert "val.r2" in message and "val.accuracy" in message
+    assert _metric_missing("val.accuracy", results) == ""

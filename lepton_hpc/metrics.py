@@ -1,7 +1,8 @@
 """Exact metrics across ranks, built from allreduced integer counts and float64 sums.
 
 Never an average of per-rank metrics: each rank contributes counts (confusion matrix) or sums,
-one allreduce combines them, and the metric is computed once from the global totals.
+one allreduce combines them, and the metric is computed once from the global totals. Float sums
+are exact (``exact_sums``), so a metric has the same bits for any rank count.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from .comm.base import Communicator
+from .exact import exact_sums
 
-EPS = 1e-15
+EPS = float(np.finfo(np.float64).eps)  # probabilities clipped to [EPS, 1 - EPS], as scikit-learn
 
 
 def predicted_labels(out: np.ndarray, head: str) -> np.ndarray:
@@ -55,15 +57,15 @@ def classification_metrics(
     cm = confusion(labels, predicted_labels(out, head), k, comm)
     if head == "binary":
         p = np.clip(out[:, 0], EPS, 1 - EPS)
-        ll = -np.sum(labels * np.log(p) + (1 - labels) * np.log1p(-p))
+        ll = -(labels * np.log(p) + (1 - labels) * np.log1p(-p))
     else:
-        ll = -np.sum(np.log(np.clip(out[np.arange(labels.size), labels], EPS, None)))
-    sums = comm.allreduce_(np.array([ll, labels.size], dtype=np.float64))
+        ll = -np.log(np.clip(out[np.arange(labels.size), labels], EPS, None))
+    rows = int(cm.sum())
     return {
         **from_confusion(cm),
-        "log_loss": float(sums[0] / max(sums[1], 1)),
+        "log_loss": float(exact_sums([ll], comm)[0] / max(rows, 1)),
         "confusion": cm.tolist(),
-        "rows": int(sums[1]),
+        "rows": rows,
     }
 
 
@@ -71,14 +73,9 @@ def regression_metrics(y: np.ndarray, out: np.ndarray, comm: Communicator) -> di
     """Exact global MSE, RMSE, MAE and R² (two passes: the global mean first, then sums)."""
     y2 = y.reshape(out.shape) if y.ndim == out.ndim else y[:, None]
     err = out - y2
-    first = comm.allreduce_(np.concatenate([[y2.shape[0]], y2.sum(axis=0)]).astype(np.float64))
-    n = first[0]
-    mean = first[1:] / max(n, 1)
-    sums = comm.allreduce_(
-        np.array(
-            [np.sum(err * err), np.sum(np.abs(err)), np.sum((y2 - mean) ** 2)], dtype=np.float64
-        )
-    )
+    n = int(comm.allreduce_(np.array([y2.shape[0]], dtype=np.int64))[0])
+    mean = exact_sums(list(y2.T), comm) / max(n, 1)
+    sums = exact_sums([err * err, np.abs(err), (y2 - mean) ** 2], comm)
     cells = max(n * y2.shape[1], 1)
     mse = sums[0] / cells
     r2 = 1.0 - sums[0] / sums[2] if sums[2] > 0 else 0.0

@@ -110,7 +110,12 @@ def load_eval_data(
     log: Log,
     nonfinite: str = "error",
 ) -> tuple[Split, DataInfo]:
-    """Rows of a test or prediction file, scaled with the training statistics."""
+    """Rows of a test or prediction file, scaled with the training statistics.
+
+    Rows of another width are returned unscaled, for the caller's ``check_features`` to refuse.
+    """
     block = read_block(path, x, y, comm, log, nonfinite=nonfinite)
     ys = block.y if block.y is not None else np.zeros(block.n)
-    return make_split(scaler.apply(block.X), ys, block.rows, comm), block.info
+    fits = block.info.n_features == scaler.shift.size
+    X = scaler.apply(block.X) if fits else block.X
+    return make_split(X, ys, block.rows, comm), block.info

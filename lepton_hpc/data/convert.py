@@ -184,14 +184,11 @@ def _target_index(spec: str | None, names: list[str] | None, n_cols: int, where:
 
 def open_csv(path: Path, opts: Options) -> Source:
     """A CSV table: a header row when its first row is not all numbers; the target one column."""
-    fh = path.open(newline="")
     try:
-        reader = csv.reader(fh, delimiter=opts.delimiter)
-        first = next((r for r in reader if r), None)
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            first = next((r for r in csv.reader(fh, delimiter=opts.delimiter) if r), None)
     except (csv.Error, UnicodeDecodeError) as exc:
-        fh.close()
         raise DataError(f"'{path}' is not a readable CSV file ({exc})") from None
-    fh.close()
     if first is None:
         raise DataError(f"'{path}' is empty")
     header = not all(_is_number(c) for c in first)
@@ -207,7 +204,7 @@ def open_csv(path: Path, opts: Options) -> Source:
         return f"column '{names[j]}'" if names else f"column {j}"
 
     def chunks(chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f, delimiter=opts.delimiter)
             rows: list[list[str]] = []
             lines: list[int] = []

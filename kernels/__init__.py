@@ -27,6 +27,8 @@ Codes (small ints so that Numba and CUDA can take them):
     class probabilities (SOFTMAX).
 """
 
+import itertools
+
 SIGMOID, TANH, RELU = 0, 1, 2
 SQUARED, BINARY, SOFTMAX = 0, 1, 2
 
@@ -36,4 +38,4 @@ HEADS = {"squared": SQUARED, "binary": BINARY, "softmax": SOFTMAX}
 
 def param_count(sizes) -> int:
     """Length of the flat parameter vector for layer widths ``sizes``."""
-    return int(sum(int(a) * int(b) + int(b) for a, b in zip(sizes[:-1], sizes[1:], strict=False)))
+    return int(sum(int(a) * int(b) + int(b) for a, b in itertools.pairwise(sizes)))

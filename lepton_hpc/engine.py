@@ -76,7 +76,7 @@ class Trainer:
         self.timers = Timers()
         self.t_start = time.perf_counter()
         self.run = RunDir(cfg.output.dir)
-        check_comm_config(cfg)
+        agree(comm, lambda: check_comm_config(cfg))  # [comm] x [optim] combinations
         self.reducer = agree(comm, lambda: make_backend(cfg.comm.backend, comm))
         fresh = {"resume": resume is not None, "overwrite": overwrite}
         agree(comm, lambda: check_run_dir(self.run.path, **fresh) if comm.is_root else None)

@@ -241,3 +241,18 @@ def test_resume_after_a_crash_is_exact(uneven_file, tmp_path, comm):
     assert crashed.returncode != 0
     ok(lepton(3, "train", cfg, "--resume", "auto", timeout=240))
     assert read_params(run / "model.h5").tobytes() == reference.tobytes()
+
+
+def test_meaningless_combination_is_one_clear_error(uneven_file, tmp_path):
+    cfg = write_config(
+        tmp_path / "bad.toml",
+        {
+            "data": {"train": str(uneven_file)},
+            "comm": {"reproducible": True, "strategy": "overlap"},
+            "output": {"dir": str(tmp_path / "run")},
+        },
+    )
+    res = lepton(2, "train", cfg, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.count("comm.reproducible") == 1 and "sync" in res.stderr
+    assert not (tmp_path / "run").exists()

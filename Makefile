@@ -22,7 +22,7 @@ export OMPI_MCA_oob_tcp_if_include := lo
 export OMPI_MCA_rmaps_base_oversubscribe := 1
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: install run test test-unit test-mpi test-cuda lint bench clean distclean
+.PHONY: install install-horovod run test test-unit test-mpi test-cuda lint bench clean distclean
 
 install: $(STAMP)/package
 
@@ -71,6 +71,11 @@ runs/data/demo_train.h5: | $(STAMP)/package
 runs/data/demo_test.h5: | $(STAMP)/package
 	@$(MPIEXEC) -n $(NP) $(VENV)/bin/lepton datagen --task logistic --rows 50000 --start-row 200000 --features 32 --seed 7 --out $@ --force
 
+# Horovod 0.28.1 (PyTorch CPU + MPI) for comm.backend = "horovod", patched to build with C++17
+# against current PyTorch; does nothing when already installed (about 3 minutes the first time).
+install-horovod: $(STAMP)/package
+	@bash scripts/install_horovod.sh $(VENV)
+
 run: install $(DEMO_DATA)
 	@$(MPIEXEC) -n $(NP) $(VENV)/bin/lepton train jobs/configs/demo.toml --overwrite
 
@@ -84,12 +89,12 @@ test-unit: install
 test-cuda: install
 	@NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -q tests/cuda
 
-test-mpi: install
+test-mpi: install install-horovod
 	@$(PY) -m pytest -q tests/mpi
 
 # The CUDA kernels run on Numba's CUDA simulator (a separate process: the simulator is chosen when
 # numba is imported); then everything else, real MPI jobs included.
-test: install lint
+test: install install-horovod lint
 	@NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -q tests/cuda
 	@$(PY) -m pytest tests --ignore=tests/cuda
 

@@ -22,6 +22,7 @@ from .comm.base import Communicator, agree
 from .config import Config
 from .data.batches import local_batches
 from .data.dataset import TrainingData, load_eval_data, load_training_data
+from .data.reader import inspect_shared
 from .device import Device, select_device
 from .errors import EXIT_STOPPED, EXIT_WATCHDOG, LeptonError
 from .evaluate import evaluate
@@ -106,6 +107,9 @@ class Trainer:
         self.stop = StopFlag()
         self.hooks = FaultHooks.from_env()
         self.watchdog = Watchdog(cfg.checkpoint.watchdog_s, self._on_watchdog)
+        if cfg.data.test:  # a wrong test file fails now, not after hours of training
+            test = inspect_shared(cfg.data.test, cfg.data.x, cfg.data.y, comm)
+            agree(comm, lambda: self._check_test(test, None))
         # Inputs are valid: only now is the run directory created (or an old one replaced).
         agree(
             comm,
@@ -195,6 +199,11 @@ class Trainer:
                 self._loop_lbfgs()
             else:
                 self._loop_sgd()
+        except Stopped:
+            raise
+        except BaseException as exc:
+            self._record_failure(exc)
+            raise
         finally:
             self.stop.restore()
         loop_s = time.perf_counter() - t_loop
@@ -353,6 +362,17 @@ class Trainer:
             f"stopped by signal at step {step}; checkpoint written, resume with --resume auto"
         )
 
+    def _record_failure(self, exc: BaseException) -> None:
+        """status.json says failed, with the rank and error; rank 0 writes an error all share."""
+        collective = isinstance(exc, LeptonError) and exc.collective
+        if self.comm.is_root or not collective:
+            self.run.status(
+                "failed",
+                step=self.state.step,
+                rank=self.comm.rank,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
     def _on_watchdog(self, step: int, idle: float) -> None:
         msg = (
             f"watchdog: step {step} has not advanced for {idle:.0f} s "
@@ -433,7 +453,8 @@ class Trainer:
         check_features(
             self.model, info.n_features, f"'{info.path}:{info.x}'", str(self.run.model_file)
         )
-        check_labels(self.model, stats, f"'{info.path}:{info.y}'")
+        if stats is not None:
+            check_labels(self.model, stats, f"'{info.path}:{info.y}'")
 
 
 def train(

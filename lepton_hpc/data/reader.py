@@ -118,6 +118,12 @@ def _feature_dtype(dtype: str) -> np.dtype:
     return np.dtype(dtype) if dtype in ("float32", "float64") else np.dtype(np.float32)
 
 
+def inspect_shared(path: str, x: str, y: str | None, comm: Communicator) -> DataInfo:
+    """``inspect`` on rank 0 only (no metadata storm on a parallel file system), shared by all."""
+    info = agree(comm, lambda: inspect(path, x, y, comm.size) if comm.is_root else None)
+    return comm.bcast(info)
+
+
 def read_block(
     path: str,
     x: str,
@@ -133,8 +139,7 @@ def read_block(
     ``aligned``: the rank's rows are whole global blocks (``global_block_rows``), as the
     reproducible mode needs.
     """
-    info = agree(comm, lambda: inspect(path, x, y, comm.size) if comm.is_root else None)
-    info = comm.bcast(info)
+    info = inspect_shared(path, x, y, comm)
     if not is_parallel() and comm.size > 1:
         log.warning("h5py is not built with MPI: every rank reads its block independently")
     if aligned:

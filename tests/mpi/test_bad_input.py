@@ -188,3 +188,16 @@ def test_missing_model_file(tmp_path):
         lepton(RANKS, "evaluate", "--model", tmp_path / "none.h5", "--data", data),
         f"model file '{tmp_path / 'none.h5'}' does not exist",
     )
+
+
+def test_wrong_test_file_fails_before_training(tmp_path):
+    X, y = rng_data(d=3)
+    X4, y4 = rng_data(d=4, seed=2)
+    train = write_h5(tmp_path / "ok.h5", X, y)
+    wide = write_h5(tmp_path / "test4.h5", X4, y4)
+    cfg = train_cfg(tmp_path, train, data={"test": str(wide), "scale": "zscore"})
+    check_error(lepton(RANKS, "train", cfg), f"'{wide}:X' has 4 features", "trained on 3")
+    assert not (tmp_path / "run").exists()
+    cfg = train_cfg(tmp_path, train, data={"test": str(tmp_path / "none.h5")})
+    check_error(lepton(RANKS, "train", cfg), "none.h5", "does not exist")
+    assert not (tmp_path / "run").exists()

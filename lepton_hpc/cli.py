@@ -51,10 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_guarded(func, args: argparse.Namespace) -> int:
     """Run a subcommand on every rank; see the module docstring for what happens on errors."""
-    from .comm import world
+    from .comm import SerialComm, world
     from .log import Log
 
-    comm = world()
+    # An orchestrator (``lepton bench``) launches its own mpiexec jobs: it must not start MPI.
+    comm = world() if getattr(args, "needs_mpi", True) else SerialComm()
     log = Log(comm.rank, comm.size)
     try:
         return int(func(args, comm, log) or 0)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench import register_bench
 from .comm.base import Communicator, agree
 from .convert_cmd import register_convert
 from .log import Log
@@ -262,4 +263,5 @@ REGISTRY = [
     register_predict,
     register_doctor,
     register_sweep,
+    register_bench,
 ]

@@ -1,0 +1,200 @@
+"""The parts that run under ``mpiexec -n k``: our allreduce by buffer size, the HDF5 read rate
+of our partitioned reader against a raw read of the same bytes, and the steady full-batch step.
+
+    mpiexec -n 2 python -m lepton_hpc.bench.mpi_parts allreduce --features D --out J
+    mpiexec -n k python -m lepton_hpc.bench.mpi_parts hdf5 --h5 F --x-bin X --y-bin Y --rows N ...
+    mpiexec -n k python -m lepton_hpc.bench.mpi_parts step --h5 F [--weak-h5 W] [--backend B] ...
+
+Collectives go through ``lepton_hpc.comm`` (``allreduce_`` is mpi4py's in-place
+``Allreduce``), as in training. Rank 0 writes the part's JSON.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from ..comm import Communicator, world
+from .common import bench_params, buffer_sizes, figure, part_parser, repeats_for, write_part
+
+
+def _median_max(comm: Communicator, samples: list[float]) -> float:
+    """The slowest rank decides a collective step: max over ranks of each rank's median."""
+    return float(max(comm.allgather(statistics.median(samples))))
+
+
+def allreduce(args, comm: Communicator) -> dict:
+    """Median seconds of one in-place float64 sum per buffer size (8 B .. 8 MiB, and ours)."""
+    rows = []
+    train_bytes = 8 * (args.features + 5)  # [gradient (d + 1), loss, rows, stop flag, step]
+    for nbytes in sorted({*buffer_sizes(args.sizes), train_bytes}):
+        buf = np.ones(max(1, nbytes // 8))
+        reps = repeats_for(nbytes, args.repeats)
+        for _ in range(10):
+            comm.allreduce_(buf)
+        comm.barrier()
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            comm.allreduce_(buf)
+            samples.append(time.perf_counter() - t0)
+        rows.append({"bytes": nbytes, "median_s": _median_max(comm, samples), "repeats": reps})
+    return {"ranks": comm.size, "allreduce": rows, "train_buffer_bytes": train_bytes}
+
+
+def _read_exact(path: str, offset: int, out: np.ndarray) -> None:
+    """Fill ``out`` with the bytes of ``path`` from ``offset`` (unbuffered reads into it)."""
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(offset)
+        done = 0
+        while done < view.nbytes:
+            got = fh.readinto(view[done:])
+            if not got:
+                raise OSError(f"{path}: short read at byte {offset + done}")
+            done += got
+
+
+def hdf5(args, comm: Communicator) -> dict:
+    """Our reader (``read_block``: collective mpio read of X and y, finite check) against raw reads
+    of the same rows' bytes from flat files, each rank its block, all warm in the page cache."""
+    import h5py
+
+    from ..data.h5 import collective, open_read
+    from ..data.reader import read_block, row_block
+    from ..log import Log
+
+    log = Log(comm.rank, comm.size)
+    d = args.features
+    start, stop = row_block(args.rows, comm.rank, comm.size)
+    m = stop - start
+    X_pre = np.empty((m, d), dtype=np.float32)
+    y_pre = np.empty(m, dtype=np.float64)
+    X_pre.fill(0)  # touch the pages once: the raw read below measures reading, not first-touch
+    y_pre.fill(0)
+
+    def ours():
+        read_block(args.h5, "X", "y", comm, log)
+
+    def h5py_only():  # the bare HDF5 read of the same rows into fresh arrays, no checks
+        with open_read(args.h5, comm) as fh:
+            Xl = np.empty((m, d), dtype=np.float32)
+            with collective(fh["X"]):
+                fh["X"].read_direct(Xl, np.s_[start:stop], np.s_[:])
+            fh["y"][start:stop]
+
+    def raw_preallocated():
+        _read_exact(args.x_bin, start * d * 4, X_pre)
+        _read_exact(args.y_bin, start * 8, y_pre)
+
+    def raw_fresh():  # what a plain loader does: np.fromfile into a new array
+        np.fromfile(args.x_bin, dtype=np.float32, count=m * d, offset=start * d * 4)
+        np.fromfile(args.y_bin, dtype=np.float64, count=m, offset=start * 8)
+
+    fns = {"ours": ours, "h5py": h5py_only, "raw": raw_preallocated, "raw_fresh": raw_fresh}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for rep in range(args.repeats + 1):  # the first round warms the page cache and is dropped
+        for name, fn in fns.items():
+            comm.barrier()
+            t0 = time.perf_counter()
+            fn()
+            comm.barrier()
+            if rep:
+                samples[name].append(time.perf_counter() - t0)
+    with h5py.File(args.h5, "r") as fh:
+        total = fh["X"].size * fh["X"].dtype.itemsize + fh["y"].size * fh["y"].dtype.itemsize
+    figures = {}
+    for name in fns:
+        seconds = _median_max(comm, samples[name])
+        figures[f"{name}_s"] = figure(seconds, "s")
+        figures[f"{name}_GBps"] = figure(total / seconds / 1e9, "GB/s", note="bytes of X and y")
+    return {
+        "ranks": comm.size,
+        "bytes": total,
+        "driver": "mpio" if h5py.get_config().mpi else "sec2 (h5py not parallel)",
+        "page_cache": "warm: every file read once before the timed rounds",
+        "timings": {name: [round(s, 7) for s in samples[name]] for name in fns},
+        "figures": figures,
+    }
+
+
+def step(args, comm: Communicator) -> dict:
+    """The full-batch step of training, after warm-up: each rank's fused gradient over its block
+    (threads as in training), then one allreduce of [gradient, loss, rows, stop, step] through the
+    chosen backend. Steps run back to back as in the engine, so the allreduce time includes waiting
+    for the slower rank. Also the time to load the block with ``read_block``."""
+    from ..comm import make_backend
+    from ..data.reader import read_block
+    from ..device import select_device
+    from ..kernels import BINARY, SIGMOID, cpu
+    from ..log import Log
+
+    reducer = make_backend(args.backend, comm)
+    device = select_device("cpu", 0, comm)
+    log = Log(comm.rank, comm.size)
+    params = bench_params(args.features)
+    sizes = np.array([args.features, 1], dtype=np.int64)
+    P = params.size
+    buf = np.zeros(P + 4)
+    result: dict = {"ranks": comm.size, "threads_per_rank": device.threads, "backend": args.backend}
+    figures: dict = {}
+    for label, path in (("strong", args.h5), ("weak", args.weak_h5)):
+        if not path:
+            continue
+        comm.barrier()
+        t0 = time.perf_counter()
+        block = read_block(path, "X", "y", comm, log)
+        comm.barrier()
+        io = float(max(comm.allgather(time.perf_counter() - t0)))
+        compute, reduce = [], []
+        for i in range(2 + max(5, 2 * args.repeats)):  # two warm-up steps, then the timed ones
+            t0 = time.perf_counter()
+            cpu.gradient(block.X, block.y, params, sizes, SIGMOID, BINARY, buf[: P + 2])
+            t1 = time.perf_counter()
+            reducer.allreduce_(buf)
+            t2 = time.perf_counter()
+            if i >= 2:
+                compute.append(t1 - t0)
+                reduce.append(t2 - t1)
+        per_rank = comm.allgather((statistics.median(compute), statistics.median(reduce)))
+        # Ranks split a step differently (the faster one waits in the allreduce): average them.
+        c = statistics.fmean(x[0] for x in per_rank)
+        r = statistics.fmean(x[1] for x in per_rank)
+        rows = sum(comm.allgather(block.n))
+        note = "mean over ranks of each rank's median"
+        figures.update(
+            {
+                f"{label}_compute_step_s": figure(c, "s", note=note),
+                f"{label}_comm_step_s": figure(r, "s", note=note + "; includes waiting"),
+                f"{label}_step_s": figure(c + r, "s"),
+                f"{label}_comm_share": figure(r / (c + r), "fraction", note="comm / step"),
+                f"{label}_comm_share_max_rank": figure(
+                    max(x[1] / (x[0] + x[1]) for x in per_rank), "fraction"
+                ),
+                f"{label}_io_s": figure(io, "s", note="read_block, slowest rank"),
+                f"{label}_rows": figure(rows, "rows"),
+            }
+        )
+        result[f"{label}_per_rank_median_s"] = per_rank
+    result["figures"] = figures
+    return result
+
+
+PARTS = {"allreduce": allreduce, "hdf5": hdf5, "step": step}
+
+
+def main() -> None:
+    parser = part_parser(__doc__)
+    parser.add_argument("--weak-h5", default="")
+    parser.add_argument("--backend", default="mpi")
+    args = parser.parse_args()
+    comm = world()
+    result = PARTS[args.part](args, comm)
+    if comm.is_root:
+        write_part(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

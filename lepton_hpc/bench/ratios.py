@@ -1,0 +1,330 @@
+"""Ratios between figures measured in the same run, each with its definition, which way is
+better, and the target issue #6 sets (where it sets one); and the L-BFGS time-to-loss figure."""
+
+from __future__ import annotations
+
+import math
+
+from .common import figure
+
+TOLERANCE = 1e-6  # "reached sklearn's loss": within this relative distance of it
+
+
+def value(parts: dict, part: str, name: str) -> float | None:
+    """A figure of a part that ran, or None."""
+    entry = parts.get(part, {})
+    if entry.get("status") != "ok":
+        return None
+    fig = entry["results"].get("figures", {}).get(name)
+    return None if fig is None else float(fig["value"])
+
+
+def latency(parts: dict, part: str, nbytes: int | None = None) -> float | None:
+    """Median seconds of one allreduce of ``nbytes`` (default: the training buffer) in a sweep."""
+    entry = parts.get(part, {})
+    if entry.get("status") != "ok":
+        return None
+    res = entry["results"]
+    want = res.get("train_buffer_bytes") if nbytes is None else nbytes
+    for row in res["allreduce"]:
+        if row["bytes"] == want:
+            return float(row["median_s"])
+    return None
+
+
+def time_to_loss(history: list[dict], target: float) -> tuple[float, int] | None:
+    """Seconds of our L-BFGS until its objective is within TOLERANCE of ``target``, and the
+    iteration: the sum of iteration times, plus one evaluation for the initial gradient (made
+    before the first timed iteration; costed at the median seconds per evaluation)."""
+    per_eval, prev = [], 1
+    for e in history:
+        per_eval.append(e["seconds"] / max(1, e["step"] - prev))
+        prev = e["step"]
+    if not per_eval:
+        return None
+    elapsed = sorted(per_eval)[len(per_eval) // 2]
+    for e in history:
+        elapsed += e["seconds"]
+        if e["loss"] <= target * (1.0 + TOLERANCE):
+            return elapsed, int(e["epoch"])
+    return None
+
+
+def add_time_to_loss(parts: dict, ks: list[int]) -> None:
+    """Figures of each L-BFGS run: time to scikit-learn's objective, and the objectives."""
+    sk = parts.get("sklearn", {})
+    if sk.get("status") != "ok":
+        return
+    target = sk["results"]["lbfgs_objective"]
+    for k in ks:
+        run = parts.get(f"train_lbfgs_k{k}", {})
+        if run.get("status") != "ok":
+            continue
+        res = run["results"]
+        found = time_to_loss(res["history"], target)
+        figs = res["figures"]
+        figs["final_objective"] = figure(res["history"][-1]["loss"], "mean log-loss + l2/2|w|^2")
+        figs["sklearn_objective"] = figure(target, "mean log-loss + l2/2|w|^2")
+        if found is not None:
+            figs["time_to_sklearn_loss_s"] = figure(found[0], "s", iteration=found[1])
+
+
+def ratio_specs(ks: list[int], kc: int) -> list[tuple]:
+    """(key, numerator, denominator, definition, target, better); a term is (part, figure) or a
+    callable on parts; denominator None for figures that are already fractions."""
+    specs = [
+        (
+            "ours_vs_read_ceiling",
+            ("memory", "ceiling_s"),
+            ("memory", "ours_s"),
+            (
+                "read-ceiling time / our fused gradient time, same array, all cores (1 = at memory "
+                "bandwidth)"
+            ),
+            ">= 0.70",
+            "higher",
+        ),
+        (
+            "ours_vs_read_ceiling_best",
+            ("memory", "ceiling_best_s"),
+            ("memory", "ours_best_s"),
+            "the same from the fastest repeat of each (less sensitive to other processes)",
+            None,
+            "higher",
+        ),
+        (
+            "ours_vs_read_ceiling_1thread",
+            ("memory", "ceiling_1thread_s"),
+            ("memory", "ours_1thread_s"),
+            "the same with one thread",
+            None,
+            "higher",
+        ),
+        (
+            "ours_speedup_vs_numpy_f64",
+            ("numpy", "numpy_f64_s"),
+            ("memory", "ours_s"),
+            "float64 NumPy reference gradient time / ours (float32 data)",
+            ">= 1.5",
+            "higher",
+        ),
+        (
+            "ours_speedup_vs_torch_cpu",
+            ("torch_cpu", "torch_manual_s"),
+            ("memory", "ours_s"),
+            "PyTorch CPU float32 gradient by hand (all threads) / ours",
+            None,
+            "higher",
+        ),
+        (
+            "ours_speedup_vs_torch_autograd",
+            ("torch_cpu", "torch_autograd_s"),
+            ("memory", "ours_s"),
+            "PyTorch CPU autograd gradient / ours",
+            None,
+            "higher",
+        ),
+        (
+            f"ours_speedup_vs_ddp_fullbatch_k{kc}",
+            (f"ddp_k{kc}", "ddp_full_epoch_s"),
+            (f"train_full_k{kc}", "epoch_s"),
+            f"DDP (gloo) full-batch epoch / ours via lepton train, {kc} rank(s)",
+            ">= 2",
+            "higher",
+        ),
+        (
+            f"ours_speedup_vs_ddp_minibatch_k{kc}",
+            (f"ddp_k{kc}", "ddp_minibatch_epoch_s"),
+            (f"train_minibatch_k{kc}", "epoch_s"),
+            f"DDP (gloo) mini-batch epoch / ours, global batch 4,096, {kc} rank(s)",
+            ">= 10",
+            "higher",
+        ),
+        (
+            f"comm_share_fullbatch_k{kc}",
+            (f"step_k{kc}", "strong_comm_share"),
+            None,
+            (
+                f"allreduce / (gradient + allreduce) of a steady full-batch step at {kc} ranks "
+                "(includes waiting for the slower rank; mean over ranks)"
+            ),
+            "<= 0.05",
+            "lower",
+        ),
+        (
+            f"comm_share_wire_fullbatch_k{kc}",
+            lambda p: latency(p, f"allreduce_k{kc}"),
+            (f"step_k{kc}", "strong_step_s"),
+            f"one allreduce of the training buffer (from the sweep) / full-batch step, {kc} ranks",
+            "<= 0.05",
+            "lower",
+        ),
+        (
+            "ours_speedup_vs_sklearn_sgd_epoch",
+            ("sklearn", "sklearn_sgd_epoch_s"),
+            ("train_minibatch_k1", "epoch_s"),
+            "SGDClassifier one epoch / ours one mini-batch epoch (batch 4,096), 1 process",
+            None,
+            "higher",
+        ),
+        (
+            f"gloo_vs_mpi_allreduce_k{kc}",
+            lambda p: latency(p, f"ddp_k{kc}", _train_bytes(p)),
+            lambda p: latency(p, f"allreduce_k{kc}"),
+            "gloo all_reduce / MPI Allreduce latency, training-buffer size",
+            None,
+            "higher",
+        ),
+        (
+            f"horovod_vs_mpi_allreduce_k{kc}",
+            lambda p: latency(p, f"horovod_k{kc}"),
+            lambda p: latency(p, f"allreduce_k{kc}"),
+            "Horovod allreduce_ / MPI Allreduce latency, training-buffer size",
+            None,
+            "higher",
+        ),
+        (
+            f"horovod_vs_mpi_step_comm_k{kc}",
+            (f"step_horovod_k{kc}", "strong_comm_step_s"),
+            (f"step_k{kc}", "strong_comm_step_s"),
+            "allreduce time in a full-batch step with comm.backend=horovod / with mpi",
+            None,
+            "lower",
+        ),
+    ]
+    for k in ks:
+        specs.append(
+            (
+                f"train_epoch_vs_read_ceiling_k{k}",
+                ("memory", "ceiling_s"),
+                (f"train_full_k{k}", "epoch_s"),
+                (
+                    f"read ceiling / full-batch epoch of lepton train at {k} rank(s) (gradient + "
+                    "allreduce + update)"
+                ),
+                None,
+                "higher",
+            )
+        )
+        specs.append(
+            (
+                f"hdf5_vs_raw_k{k}",
+                (f"hdf5_k{k}", "ours_GBps"),
+                (f"hdf5_k{k}", "raw_GBps"),
+                f"read_block rate / raw read into a preallocated buffer, {k} rank(s), warm cache",
+                ">= 0.80",
+                "higher",
+            )
+        )
+        specs.append(
+            (
+                f"hdf5_h5py_vs_raw_k{k}",
+                (f"hdf5_k{k}", "h5py_GBps"),
+                (f"hdf5_k{k}", "raw_GBps"),
+                "bare h5py read (fresh arrays, no checks) / raw preallocated",
+                None,
+                "higher",
+            )
+        )
+        specs.append(
+            (
+                f"ours_speedup_vs_sklearn_lbfgs_k{k}",
+                ("sklearn", "sklearn_lbfgs_fit_s"),
+                (f"train_lbfgs_k{k}", "time_to_sklearn_loss_s"),
+                (
+                    f"LogisticRegression(lbfgs) fit / our L-BFGS time to the same objective, {k} "
+                    "rank(s)"
+                ),
+                None,
+                "higher",
+            )
+        )
+        if k > 1:
+            specs.append(
+                (
+                    f"strong_speedup_k{k}",
+                    ("train_full_k1", "epoch_s"),
+                    (f"train_full_k{k}", "epoch_s"),
+                    f"full-batch epoch at 1 rank / at {k} ranks, same data",
+                    None,
+                    "higher",
+                )
+            )
+            specs.append(
+                (
+                    f"weak_efficiency_k{k}",
+                    ("train_weak_k1", "epoch_s"),
+                    (f"train_weak_k{k}", "epoch_s"),
+                    f"epoch at 1 rank / at {k} ranks with {k}x the rows",
+                    None,
+                    "higher",
+                )
+            )
+    return specs
+
+
+def _train_bytes(parts: dict) -> int | None:
+    for entry in parts.values():
+        res = entry.get("results") or {}
+        if "train_buffer_bytes" in res:
+            return int(res["train_buffer_bytes"])
+    return None
+
+
+def _term(parts: dict, term) -> float | None:
+    if term is None:
+        return 1.0
+    if callable(term):
+        return term(parts)
+    return value(parts, *term)
+
+
+def _meets(v: float, target: str | None) -> bool | None:
+    if target is None:
+        return None
+    op, bound = target.split()
+    return v >= float(bound) if op == ">=" else v <= float(bound)
+
+
+def compute_ratios(parts: dict, ks: list[int], kc: int) -> tuple[dict, dict]:
+    """(ratios, skipped): every ratio whose two figures were measured, finite and positive."""
+    ratios, skipped = {}, {}
+    for key, num, den, definition, target, better in ratio_specs(ks, kc):
+        a, b = _term(parts, num), _term(parts, den)
+        if a is None or b is None:
+            skipped[key] = "a figure it needs was not measured (part skipped or failed)"
+            continue
+        if not (math.isfinite(a) and math.isfinite(b)) or a <= 0 or b <= 0:
+            skipped[key] = f"not a positive finite ratio ({a} / {b})"
+            continue
+        v = a / b
+        ratios[key] = {
+            "value": v,
+            "definition": definition,
+            "better": better,
+            "target": target,
+            "meets_target": _meets(v, target),
+        }
+    return ratios, skipped
+
+
+def agreement(parts: dict) -> dict:
+    """That every implementation timed computes the same thing: the largest difference of each
+    mean gradient from NumPy's float64 one, relative to the largest component of NumPy's."""
+    ref = parts.get("numpy", {})
+    if ref.get("status") != "ok":
+        return {}
+    g_ref = ref["results"]["gradient"]
+    scale = max(abs(v) for v in g_ref) or 1.0
+    out = {}
+    for name in ("memory", "torch_cpu"):
+        entry = parts.get(name, {})
+        if entry.get("status") == "ok":
+            g = entry["results"]["gradient"]
+            diff = max(abs(a - b) for a, b in zip(g, g_ref, strict=True)) / scale
+            out[f"{name}_gradient_vs_numpy_f64"] = figure(diff, "relative (max-norm)")
+            loss = entry["results"]["loss"]
+            out[f"{name}_loss_vs_numpy_f64"] = figure(
+                abs(loss - ref["results"]["loss"]) / abs(ref["results"]["loss"]), "relative"
+            )
+    return out

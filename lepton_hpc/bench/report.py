@@ -1,0 +1,245 @@
+"""From the measurements to ``results.md``, the plots and the printed summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .ratios import value
+
+
+# ---- Markdown -----------------------------------------------------------------------------
+def _fmt(v: float | None, unit: str = "s") -> str:
+    if v is None:
+        return "—"
+    if unit == "s":
+        return f"{v * 1e3:.1f} ms" if v < 10 else f"{v:.1f} s"
+    return f"{v:.3g} {unit}"
+
+
+TIMING_ROWS = [
+    (
+        "memory",
+        "ceiling_s",
+        "ceiling_GBps",
+        "memory-read ceiling (Numba prange sum of X), all cores",
+    ),
+    ("memory", "ceiling_1thread_s", "ceiling_1thread_GBps", "memory-read ceiling, 1 thread"),
+    ("memory", "ours_s", "ours_GBps", "ours: kernels.cpu.gradient, all cores"),
+    ("memory", "ours_1thread_s", "ours_1thread_GBps", "ours: kernels.cpu.gradient, 1 thread"),
+    ("numpy", "numpy_f64_s", "numpy_f64_rows_per_s", "NumPy float64 reference gradient"),
+    ("torch_cpu", "torch_manual_s", "torch_manual_rows_per_s", "PyTorch CPU gradient (by hand)"),
+    ("torch_cpu", "torch_autograd_s", "torch_autograd_rows_per_s", "PyTorch CPU autograd"),
+    ("sklearn", "sklearn_sgd_epoch_s", None, "scikit-learn SGDClassifier, one epoch"),
+    ("sklearn", "sklearn_lbfgs_fit_s", None, "scikit-learn LogisticRegression(lbfgs) fit"),
+]
+
+
+SHOWN = {  # figures of the training and DDP runs listed under "Timings"
+    "ddp_": ("ddp_full_epoch_s", "ddp_minibatch_epoch_s", "ddp_minibatch_step_s"),
+    "train_minibatch": ("epoch_s", "step_s"),
+    "train_lbfgs": ("time_to_sklearn_loss_s",),
+}
+
+
+def markdown(res: dict) -> str:
+    parts, ratios, s = res["parts"], res["ratios"], res["settings"]
+    host = res["host"]
+    lines = [
+        "# lepton bench",
+        "",
+        (
+            f"`{res['command']}` — {res['created']}; {s['rows']:,} rows x {s['features']} float32 "
+            f"features (logistic), ranks {s['ranks']}, {host['cores']} cores "
+            f"({host.get('cpu', '?')}), load average {host['loadavg_start'][0]:.2f} at the start "
+            f"and {host['loadavg_end'][0]:.2f} at the end. Each figure: warm-up, then the median "
+            f"of {s['repeats']} repeats (fewer for slow peers); every sample is in results.json."
+        ),
+        "",
+        "## Ratios (same run)",
+        "",
+        "| ratio | value | target | meets | definition |",
+        "|---|---:|---|---|---|",
+    ]
+    for key, r in ratios.items():
+        meets = {True: "yes", False: "**no**", None: ""}[r["meets_target"]]
+        lines.append(
+            f"| {key} | {r['value']:.3g} | {r['target'] or ''} | {meets} | {r['definition']} |"
+        )
+    checks = res.get("checks", {})
+    if checks:
+        lines += ["", "Same computation everywhere (difference from the float64 NumPy gradient): "]
+        lines[-1] += ", ".join(f"{k} {c['value']:.1e}" for k, c in checks.items()) + "."
+    lines += ["", "## Timings", "", "| measurement | median | rate |", "|---|---:|---:|"]
+    for part, t_fig, r_fig, label in TIMING_ROWS:
+        t = value(parts, part, t_fig)
+        if t is not None:
+            rate = value(parts, part, r_fig) if r_fig else None
+            unit = "GB/s" if r_fig and r_fig.endswith("GBps") else "rows/s"
+            lines.append(f"| {label} | {_fmt(t)} | {_fmt(rate, unit) if rate else ''} |")
+    for name, entry in parts.items():
+        shown = [v for prefix, v in SHOWN.items() if name.startswith(prefix)]
+        if entry.get("status") == "ok" and shown:
+            figs = entry["results"]["figures"]
+            for key in shown[0]:
+                if key in figs:
+                    lines.append(f"| {name}: {key} | {_fmt(figs[key]['value'])} | |")
+    for k in s["ranks"]:
+        for key in ("ours", "h5py", "raw", "raw_fresh"):
+            t, rate = (value(parts, f"hdf5_k{k}", f"{key}_{u}") for u in ("s", "GBps"))
+            if t is not None:
+                lines.append(
+                    f"| HDF5 load, {k} rank(s): {key} | {_fmt(t)} | {_fmt(rate, 'GB/s')} |"
+                )
+    lines += [
+        "",
+        "## Scaling (full batch: epoch from lepton train; step split and load from the step part)",
+        "",
+        "| data | ranks | threads/rank | epoch | compute/step | comm/step | load (I/O) | comm |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in scaling_rows(res):
+        lines.append(
+            f"| {row['label']} | {row['ranks']} | {row['threads']} | {_fmt(row['epoch'])} | "
+            f"{_fmt(row['compute'])} | {_fmt(row['comm'])} | {_fmt(row['io'])} | "
+            f"{row['share']:.2%} |"
+        )
+    lines += _allreduce_table(parts)
+    lines += [
+        "",
+        "## Machine load while measuring",
+        "",
+        (
+            "Other processes' CPU use during each part (machine CPU time less ours, in cores), and "
+            "the 1-minute load average at its start; figures measured under load are pessimistic."
+        ),
+        "",
+        "| part | wall | other processes (cores) | load average |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, entry in parts.items():
+        load = entry.get("load")
+        if load:
+            other = load.get("other_processes_cores")
+            lines.append(
+                f"| {name} | {entry['wall_s']:.1f} s | {'' if other is None else f'{other:.2f}'} "
+                f"| {load['loadavg_1min_start']:.2f} |"
+            )
+    off = {n: e["reason"] for n, e in parts.items() if e.get("status") != "ok"}
+    if off or res["skipped_ratios"]:
+        lines += ["", "## Skipped or failed", ""]
+        lines += [f"- part `{n}`: {why.splitlines()[0]}" for n, why in off.items()]
+        lines += [f"- ratio `{n}`: {why}" for n, why in res["skipped_ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def scaling_rows(res: dict) -> list[dict]:
+    """Strong (same rows), weak (rows x ranks) and Horovod rows of the scaling table."""
+    parts, rows = res["parts"], []
+    ks = res["settings"]["ranks"]
+    cases = [("strong", "step", "train_full", k) for k in ks]
+    cases += [("weak", "step", "train_weak", k) for k in ks]
+    cases += [("strong", "step_horovod", "train_horovod", k) for k in ks if k > 1]
+    for kind, step, train, k in cases:
+        entry = parts.get(f"{step}_k{k}", {})
+        if entry.get("status") != "ok" or f"{kind}_step_s" not in entry["results"]["figures"]:
+            continue
+        figs = entry["results"]["figures"]
+        rows_ = int(figs[f"{kind}_rows"]["value"])
+        backend = " (horovod)" if step == "step_horovod" else ""
+        rows.append(
+            {
+                "label": f"{kind}: {rows_:,} rows{backend}",
+                "kind": kind,
+                "ranks": k,
+                "backend": entry["results"]["backend"],
+                "threads": entry["results"]["threads_per_rank"],
+                "epoch": value(parts, f"{train}_k{k}", "epoch_s"),
+                "compute": figs[f"{kind}_compute_step_s"]["value"],
+                "comm": figs[f"{kind}_comm_step_s"]["value"],
+                "io": figs[f"{kind}_io_s"]["value"],
+                "share": figs[f"{kind}_comm_share"]["value"],
+            }
+        )
+    return rows
+
+
+def sweeps(parts: dict) -> dict[str, dict[int, float]]:
+    """{label: {bytes: seconds}} of every allreduce sweep that ran."""
+    out = {}
+    for name, entry in parts.items():
+        if entry.get("status") == "ok" and "allreduce" in entry["results"]:
+            kind = "MPI" if name.startswith("allreduce") else name.split("_")[0]
+            label = f"{kind} ({entry['results']['ranks']} ranks)"
+            out[label] = {r["bytes"]: r["median_s"] for r in entry["results"]["allreduce"]}
+    return out
+
+
+def _allreduce_table(parts: dict) -> list[str]:
+    data = sweeps(parts)
+    if not data:
+        return []
+    labels = list(data)
+    sizes = sorted({b for d in data.values() for b in d})
+    lines = ["", "## Allreduce latency (median per call, µs)", ""]
+    lines.append("| bytes | " + " | ".join(labels) + " |")
+    lines.append("|---:|" + "---:|" * len(labels))
+    for b in sizes:
+        cells = [f"{data[lab][b] * 1e6:.1f}" if b in data[lab] else "—" for lab in labels]
+        lines.append(f"| {b:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# ---- plots --------------------------------------------------------------------------------
+def plots(res: dict, out: Path) -> list[str]:
+    """scaling.png (time split per rank count) and allreduce.png (latency by size)."""
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts, written = res["parts"], []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
+    table = [r for r in scaling_rows(res) if r["backend"] == "mpi"]
+    for ax, kind in ((axes[0], "strong"), (axes[1], "weak")):
+        rows = [r for r in table if r["kind"] == kind]
+        x = list(range(len(rows)))
+        comp = [r["compute"] for r in rows]
+        ax.bar([i - 0.2 for i in x], comp, 0.4, label="compute / step")
+        ax.bar(
+            [i - 0.2 for i in x], [r["comm"] for r in rows], 0.4, bottom=comp, label="comm / step"
+        )
+        ax.bar(
+            [i + 0.2 for i in x], [r["io"] for r in rows], 0.4, label="I/O (load, once)", hatch="//"
+        )
+        ax.set_xticks(x, [f"{r['ranks']} rank{'s' if r['ranks'] > 1 else ''}" for r in rows])
+        ax.set_ylabel("seconds")
+        ax.set_title(f"{kind} scaling (full-batch step)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=110)
+    plt.close(fig)
+    written.append(str(out / "scaling.png"))
+    data = sweeps(parts)
+    if data:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, d in data.items():
+            sizes = sorted(d)
+            ax.loglog(sizes, [d[b] * 1e6 for b in sizes], marker="o", label=label)
+        ax.set_xlabel("buffer size (bytes)")
+        ax.set_ylabel("median time per allreduce (µs)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "allreduce.png", dpi=110)
+        plt.close(fig)
+        written.append(str(out / "allreduce.png"))
+    return written
+
+
+def summary_lines(res: dict) -> list[str]:
+    """The ratios as printed at the end of a run."""
+    lines = ["", "ratios (same run; target from issue #6 where it sets one):"]
+    for key, r in res["ratios"].items():
+        mark = {True: "ok", False: "SHORT", None: ""}[r["meets_target"]]
+        lines.append(f"  {key:<40} {r['value']:>9.3g}  {r['target'] or '':<8} {mark}")
+    return lines

@@ -1,0 +1,201 @@
+"""``lepton bench``: one small end-to-end run (structure of results.json and results.md, every
+ratio finite and positive), and the pure pieces (time to loss, ratios, epoch figures).
+
+Speed is what the benchmark shows, never what a test asserts: no thresholds on any figure here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from lepton_hpc.bench import ratios
+from lepton_hpc.bench.common import buffer_sizes, time_it
+from lepton_hpc.bench.runner import epoch_figures
+from tests.conftest import ROOT, mpi_env
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+TORCH_PARTS = ("torch_cpu", "ddp_k1", "ddp_k2")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """``lepton bench --quick --rows 20000`` once, alone (it launches its own mpiexec jobs)."""
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "lepton_hpc", "bench", "--quick", "--rows", "20000"]
+    proc = subprocess.run(
+        [*cmd, "--repeats", "2", "--out", str(out)],
+        cwd=ROOT,
+        env=mpi_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return out, proc.stdout, json.loads((out / "results.json").read_text())
+
+
+def test_results_json_structure(bench_run):
+    _, _, res = bench_run
+    assert res["schema"] == "lepton-bench/1"
+    assert res["settings"]["rows"] == 20000
+    assert res["settings"]["ranks"] == [1, 2]
+    assert {"cores", "loadavg_start", "loadavg_end"} <= set(res["host"])
+    parts = res["parts"]
+    for name in (
+        "data",
+        "memory",
+        "numpy",
+        "step_k1",
+        "step_k2",
+        "train_full_k1",
+        "train_full_k2",
+        "train_minibatch_k2",
+        "allreduce_k2",
+        "hdf5_k1",
+        "hdf5_k2",
+        "train_lbfgs_k1",
+    ):
+        assert parts[name]["status"] == "ok", (name, parts[name])
+    for name, entry in parts.items():
+        assert entry["status"] in ("ok", "skipped"), (name, entry.get("reason"))
+        if entry["status"] == "skipped":
+            assert entry["reason"]
+            continue
+        assert entry["command"]  # every figure can be traced to the command that made it
+        for fig_name, fig in entry["results"].get("figures", {}).items():
+            assert set(fig) >= {"value", "unit"}, (name, fig_name)
+            assert math.isfinite(fig["value"]), (name, fig_name, fig)
+    sweep = parts["allreduce_k2"]["results"]["allreduce"]
+    assert sweep[0]["bytes"] == 8 and sweep[-1]["bytes"] == 8 << 20
+    assert all(r["median_s"] > 0 for r in sweep)
+
+
+def test_every_implementation_timed_computes_the_same_gradient(bench_run):
+    _, _, res = bench_run
+    checks = res["checks"]
+    assert checks["memory_gradient_vs_numpy_f64"]["value"] < 1e-8  # float64 accumulation
+    if HAS_TORCH:
+        assert checks["torch_cpu_gradient_vs_numpy_f64"]["value"] < 1e-3  # float32 throughout
+
+
+def test_every_ratio_is_finite_and_positive(bench_run):
+    _, stdout, res = bench_run
+    assert res["ratios"], "no ratio was computed"
+    for key in (
+        "ours_vs_read_ceiling",
+        "ours_speedup_vs_numpy_f64",
+        "comm_share_fullbatch_k2",
+        "comm_share_wire_fullbatch_k2",
+        "hdf5_vs_raw_k1",
+        "hdf5_vs_raw_k2",
+        "strong_speedup_k2",
+        "weak_efficiency_k2",
+    ):
+        assert key in res["ratios"], (key, res["skipped_ratios"].get(key))
+    for key, r in res["ratios"].items():
+        assert math.isfinite(r["value"]) and r["value"] > 0, (key, r)
+        assert r["definition"] and r["better"] in ("higher", "lower")
+        assert r["meets_target"] in (True, False, None)
+        assert key in stdout  # the ratios are printed
+    for key, why in res["skipped_ratios"].items():
+        assert why, key
+
+
+def test_peers_run_or_are_skipped_with_a_reason(bench_run):
+    _, _, res = bench_run
+    parts = res["parts"]
+    for name in TORCH_PARTS:
+        if HAS_TORCH:
+            assert parts[name]["status"] == "ok", parts[name]
+        else:
+            assert parts[name]["status"] == "skipped" and "torch" in parts[name]["reason"]
+    if HAS_TORCH:
+        assert "ours_speedup_vs_ddp_minibatch_k2" in res["ratios"]
+        assert parts["ddp_k2"]["results"]["allreduce"]  # gloo's latency for contrast
+
+
+def test_markdown_and_plots(bench_run):
+    out, _, res = bench_run
+    md = (out / "results.md").read_text()
+    for heading in ("## Ratios (same run)", "## Timings", "## Scaling", "## Allreduce latency"):
+        assert heading in md
+    for key in res["ratios"]:
+        assert f"| {key} |" in md
+    for plot in ("scaling.png", "allreduce.png"):
+        assert (out / plot).stat().st_size > 1000
+        assert str(out / plot) in res["plots"]
+
+
+def test_bench_refuses_to_run_under_mpiexec(tmp_path):
+    env = mpi_env(OMPI_COMM_WORLD_SIZE="2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lepton_hpc", "bench", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2 and "alone" in proc.stderr
+
+
+# ---- pure pieces ----------------------------------------------------------------------------
+def test_time_to_loss_counts_iterations_until_the_target():
+    history = [
+        {"epoch": 1, "step": 3, "loss": 0.50, "seconds": 0.2},  # 2 evaluations: 0.1 s each
+        {"epoch": 2, "step": 4, "loss": 0.40, "seconds": 0.1},
+        {"epoch": 3, "step": 6, "loss": 0.30, "seconds": 0.2},
+    ]
+    seconds, epoch = ratios.time_to_loss(history, target=0.40)
+    assert epoch == 2 and seconds == pytest.approx(0.1 + 0.2 + 0.1)  # initial eval + 2 iterations
+    assert ratios.time_to_loss(history, target=0.1) is None
+    # within the relative tolerance counts as reached
+    assert ratios.time_to_loss(history, target=0.30 / (1 + 0.5 * ratios.TOLERANCE))[1] == 3
+
+
+def test_ratios_need_both_figures_and_positive_values():
+    def part(**figs):
+        return {
+            "status": "ok",
+            "results": {"figures": {k: {"value": v, "unit": "s"} for k, v in figs.items()}},
+        }
+
+    parts = {
+        "memory": part(ceiling_s=0.05, ours_s=0.1, ceiling_1thread_s=0.1, ours_1thread_s=0.0),
+        "numpy": {"status": "skipped", "reason": "test"},
+    }
+    got, skipped = ratios.compute_ratios(parts, [1], 1)
+    assert got["ours_vs_read_ceiling"]["value"] == pytest.approx(0.5)
+    assert got["ours_vs_read_ceiling"]["meets_target"] is False
+    assert "ours_vs_read_ceiling_1thread" in skipped  # a zero time is not a ratio
+    assert "ours_speedup_vs_numpy_f64" in skipped
+
+
+def test_epoch_figures_use_the_epochs_after_the_first():
+    res = {
+        "timing": {"io_s": 0.5, "compute_s": 1.0, "comm_s": 0.01},
+        "steps": 4,
+        "rows": {"train": 1000},
+    }
+    history = [{"seconds": s} for s in (0.9, 0.1, 0.3, 0.2)]
+    figs = epoch_figures(res, history)
+    assert figs["epoch_s"]["value"] == pytest.approx(0.2)
+    assert figs["step_s"]["value"] == pytest.approx(0.2)
+    assert figs["first_epoch_extra_s"]["value"] == pytest.approx(0.7)
+    assert figs["rows_per_s"]["value"] == pytest.approx(5000)
+
+
+def test_buffer_sizes_and_timing_helpers():
+    assert buffer_sizes("")[0] == 8 and buffer_sizes("")[-1] == 8 << 20
+    assert buffer_sizes("8,64") == [8, 64]
+    calls = []
+    stats = time_it(lambda: calls.append(1), repeats=3, warmup=2)
+    assert len(calls) == 5 and stats["repeats"] == 3 and stats["min_s"] <= stats["median_s"]

@@ -25,6 +25,11 @@ def mpiexec(k: int, cores: int) -> list[str]:
     return ["mpiexec", "-n", str(k), *over, "--bind-to", "none"]
 
 
+def flags(**options) -> list[str]:
+    """``flags(x_bin="X", rows=4)`` -> ``["--x-bin", "X", "--rows", "4"]``."""
+    return [item for k, v in options.items() for item in (f"--{k.replace('_', '-')}", str(v))]
+
+
 def bench_env(**extra: str) -> dict[str, str]:
     """The environment for launched jobs: no MPI singleton variables, loopback and shared memory."""
     from ..doctor import clean_env
@@ -58,6 +63,10 @@ def run_command(cmd: list[str], timeout: float, env: dict[str, str]) -> tuple[in
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         return 124, out, err + f"\n(killed after {timeout:.0f} s)"
+    except BaseException:  # Ctrl-C reaches only us (the job has its own session): end it too
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     return proc.returncode, out, err
 
 

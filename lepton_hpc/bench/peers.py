@@ -255,7 +255,12 @@ PARTS = {"torch": torch_cpu, "ddp": ddp, "horovod": horovod, "sklearn": sklearn}
 
 def main() -> None:
     args = part_parser(__doc__).parse_args()
-    result = PARTS[args.part](args)
+    try:
+        result = PARTS[args.part](args)
+    except ImportError as exc:  # a peer that is absent or broken is skipped, with the reason
+        if launcher_rank_size()[0] == 0:
+            write_part(args.out, {"skipped": f"{args.part}: {exc}"})
+        return
     if result is not None:  # rank 0 of an mpiexec job, or a single process
         write_part(args.out, result)
 

@@ -21,6 +21,7 @@ from .launch import (
     PY,
     BackgroundLoad,
     bench_env,
+    flags,
     free_port,
     horovod_importable,
     mpiexec,
@@ -88,7 +89,13 @@ class Bench:
         try:
             if rc != 0:
                 raise RuntimeError(f"exit code {rc}")
-            entry.update(status="ok", results=collect())
+            results = collect()
+            if "skipped" in results:  # the part found its peer missing
+                self.log.info(f"  {name:<24} skipped: {results['skipped']}")
+                entry.update(status="skipped", reason=results["skipped"])
+                self.parts[name] = entry
+                return entry
+            entry.update(status="ok", results=results)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             tail = "\n".join((stderr or stdout).strip().splitlines()[-15:])
             entry.update(status="failed", reason=f"{exc}: {tail}")
@@ -102,56 +109,28 @@ class Bench:
         self, name: str, module: str, part: str, k: int | None = None, *extra: str, **env: str
     ) -> dict:
         """A part that takes the data set's files (``extra``: more arguments)."""
-        d = self.data
-        argv = [
-            f"lepton_hpc.bench.{module}",
-            part,
-            "--h5",
-            d["h5"],
-            "--x-bin",
-            d["x_bin"],
-            "--y-bin",
-            d["y_bin"],
-            "--rows",
-            str(self.plan.rows),
-            "--features",
-            str(self.plan.features),
-            "--repeats",
-            str(self.plan.repeats),
-        ]
+        d, p = self.data, self.plan
+        argv = [f"lepton_hpc.bench.{module}", part, *flags(h5=d["h5"], x_bin=d["x_bin"])]
+        argv += flags(y_bin=d["y_bin"], rows=p.rows, features=p.features, repeats=p.repeats)
         if part == "ddp":
             argv += ["--port", str(free_port())]
         return self.launch(name, [*argv, *extra], k, **env)
 
     # ---- data ---------------------------------------------------------------------------
-    def datagen(self, rows: int) -> tuple[Path, list[str]]:
-        """The logistic data set of ``rows`` rows (the first rows of the seed's stream)."""
+    def datagen(self, rows: int) -> tuple[Path, list[str], bool]:
+        """The logistic data set of ``rows`` rows (the first rows of the seed's stream), its
+        command, and whether an earlier run's file was reused."""
         p = self.plan
         path = p.out / "data" / f"logistic_{rows}x{p.features}_seed{p.seed}.h5"
         k = min(2, p.cores)
-        cmd = [
-            *mpiexec(k, p.cores),
-            PY,
-            "-m",
-            "lepton_hpc",
-            "datagen",
-            "--task",
-            "logistic",
-            "--rows",
-            str(rows),
-            "--features",
-            str(p.features),
-            "--seed",
-            str(p.seed),
-            "--out",
-            str(path),
-            "--force",
-        ]
-        if not _has_shape(path, rows, p.features):
+        cmd = [*mpiexec(k, p.cores), PY, "-m", "lepton_hpc", "datagen", "--task", "logistic"]
+        cmd += [*flags(rows=rows, features=p.features, seed=p.seed, out=path), "--force"]
+        reused = _has_shape(path, rows, p.features)
+        if not reused:
             rc, _, err = run_command(cmd, p.timeout_s, self.env)
             if rc != 0:
                 raise RuntimeError(f"datagen failed ({rc}): {err.strip()[-2000:]}")
-        return path, cmd
+        return path, cmd, reused
 
     def prepare_data(self) -> None:
         """The data set, its raw copy (flat X and y files), and the weak-scaling subsets."""
@@ -160,9 +139,10 @@ class Bench:
 
         p = self.plan
         t0 = time.perf_counter()
-        h5, cmd = self.datagen(p.rows)
+        h5, cmd, reused = self.datagen(p.rows)
         x_bin, y_bin = h5.with_suffix(".X.bin"), h5.with_suffix(".y.bin")
-        if not (x_bin.exists() and x_bin.stat().st_size == p.rows * p.features * 4):
+        fresh = x_bin.exists() and x_bin.stat().st_mtime >= h5.stat().st_mtime
+        if not (fresh and x_bin.stat().st_size == p.rows * p.features * 4):
             with h5py.File(h5, "r") as fh, open(x_bin, "wb") as fx, open(y_bin, "wb") as fy:
                 for s in range(0, p.rows, 1 << 18):
                     fx.write(np.ascontiguousarray(fh["X"][s : s + (1 << 18)]).tobytes())
@@ -186,6 +166,7 @@ class Bench:
                 "weak_scaling_files": {str(k): str(v) for k, v in weak.items()},
                 "weak_rows_per_rank": per_rank,
                 "raw_copy": "X (float32) and y (float64) as flat little-endian files",
+                "reused": reused,
             },
         }
         self.log.info(f"  {'data':<24} {time.perf_counter() - t0:6.1f} s  ({h5})")
@@ -208,18 +189,8 @@ class Bench:
 
     def _train(self, name: str, k: int, data: str | Path, overrides) -> dict:
         run_dir = self.plan.out / "runs" / name
-        cmd = [
-            *mpiexec(k, self.plan.cores),
-            PY,
-            "-m",
-            "lepton_hpc",
-            "train",
-            str(self.config()),
-            f"data.train={data}",
-            f"output.dir={run_dir}",
-            *overrides,
-            "--overwrite",
-        ]
+        cmd = [*mpiexec(k, self.plan.cores), PY, "-m", "lepton_hpc", "train", str(self.config())]
+        cmd += [f"data.train={data}", f"output.dir={run_dir}", *overrides, "--overwrite"]
         return self._run(name, cmd, lambda: read_run(run_dir), {})
 
     # ---- the whole run --------------------------------------------------------------------

@@ -121,6 +121,29 @@ def test_peers_run_or_are_skipped_with_a_reason(bench_run):
         assert parts["ddp_k2"]["results"]["allreduce"]  # gloo's latency for contrast
 
 
+def test_a_peer_that_does_not_import_is_skipped_with_the_reason(tmp_path):
+    shadow = tmp_path / "shadow" / "torch"  # a torch whose import fails
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('no torch in this test')\n")
+    out = tmp_path / "bench"
+    only_peers = "memory,numpy,step,train,allreduce,hdf5,sklearn"
+    cmd = [sys.executable, "-m", "lepton_hpc", "bench", "--quick", "--rows", "10000"]
+    proc = subprocess.run(
+        [*cmd, "--skip", only_peers, "--out", str(out)],
+        cwd=ROOT,
+        env=mpi_env(PYTHONPATH=str(tmp_path / "shadow")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    parts = json.loads((out / "results.json").read_text())["parts"]
+    for name in ("torch_cpu", "ddp_k1", "ddp_k2", "horovod_k2", "train_horovod_k2"):
+        assert parts[name]["status"] == "skipped", (name, parts[name])
+        assert "torch" in parts[name]["reason"], (name, parts[name]["reason"])
+
+
 def test_markdown_and_plots(bench_run):
     out, _, res = bench_run
     md = (out / "results.md").read_text()

@@ -6,12 +6,13 @@
 SHELL      := /bin/bash
 PYTHON     ?= python3
 PREFIX     ?= $(CURDIR)
-VENV       ?= $(PREFIX)/.venv
+VENV       ?= $(CURDIR)/.venv
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --disable-pip-version-check --quiet
 STAMP      := $(VENV)/.lepton-stamps
 NP         ?= 2
 APT_PKGS   := openmpi-bin libopenmpi-dev libhdf5-openmpi-dev pkg-config
+
 
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
@@ -107,3 +108,6 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# make install PREFIX=/opt/lepton: a self-contained copy and an Lmod modulefile (jobs/prefix.mk).
+include jobs/prefix.mk

@@ -86,8 +86,11 @@ def register_train(sub) -> None:
 def run_train(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
     from .config import load_config
     from .engine import train
+    from .faults import StopFlag
     from .metrics import headline
 
+    stop = StopFlag()  # from the start: a SIGUSR1 while loading must not kill the ranks
+    stop.install()
     cfg = agree(comm, lambda: load_config(args.config, args.overrides))
     if not cfg.data.train:
         agree(comm, _missing_train)
@@ -95,7 +98,7 @@ def run_train(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
         f"lepton train: {cfg.model.kind} on {cfg.data.train} with {comm.size} rank(s), "
         f"optimizer {cfg.optim.name}, run directory {cfg.output.dir}"
     )
-    res = train(cfg, comm, log, resume=args.resume, overwrite=args.overwrite)
+    res = train(cfg, comm, log, resume=args.resume, overwrite=args.overwrite, stop=stop)
     t = res["timing"]
     log.info("")
     for part, m in res["metrics"].items():

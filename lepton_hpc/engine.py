@@ -72,8 +72,13 @@ class Trainer:
         *,
         resume: str | None = None,
         overwrite: bool = False,
+        stop: StopFlag | None = None,
     ) -> None:
         self.cfg, self.comm, self.log = cfg, comm, log
+        # A stop signal during start-up (data loading can be long) is kept, not fatal: the
+        # first step's allreduce carries it and the job checkpoints and stops there.
+        self.stop = stop or StopFlag()
+        self.stop.install()
         self.timers = Timers()
         self.t_start = time.perf_counter()
         self.run = RunDir(cfg.output.dir)
@@ -104,7 +109,6 @@ class Trainer:
         self.buf = np.zeros(P + 4)  # [grad (P), loss sum, rows, stop flag, step]
         self.reduction = make_reduction(self)  # how buf is summed (compressed, block-ordered)
         self.rows_seen = 0.0
-        self.stop = StopFlag()
         self.hooks = FaultHooks.from_env()
         self.watchdog = Watchdog(cfg.checkpoint.watchdog_s, self._on_watchdog)
         if cfg.data.test:  # a wrong test file fails now, not after hours of training
@@ -189,7 +193,6 @@ class Trainer:
     # ---- the loops ----------------------------------------------------------------------
     def fit(self) -> dict:
         """Train to the end (or until stopped), then evaluate and write the run directory."""
-        self.stop.install()
         self.watchdog.start()
         if self.comm.is_root:
             self.run.status("running", step=self.state.step, ranks=self.comm.size)
@@ -458,7 +461,13 @@ class Trainer:
 
 
 def train(
-    cfg: Config, comm: Communicator, log: Log, *, resume: str | None = None, overwrite: bool = False
+    cfg: Config,
+    comm: Communicator,
+    log: Log,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    stop: StopFlag | None = None,
 ) -> dict:
     """Run one training job described by ``cfg`` on the ranks of ``comm``; returns results."""
-    return Trainer(cfg, comm, log, resume=resume, overwrite=overwrite).fit()
+    return Trainer(cfg, comm, log, resume=resume, overwrite=overwrite, stop=stop).fit()

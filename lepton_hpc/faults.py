@@ -24,7 +24,8 @@ class StopFlag:
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
+        """Take over SIGTERM and SIGUSR1 (once: a second call keeps the original handlers)."""
+        if self._previous or threading.current_thread() is not threading.main_thread():
             return
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)

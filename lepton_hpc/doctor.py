@@ -43,12 +43,10 @@ def _run(cmd: list[str]) -> str:
 
 
 def clean_env() -> dict[str, str]:
-    """The environment without the MPI singleton's variables, for starting mpirun from here."""
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("OMPI_", "PMIX_")) or k.startswith(("OMPI_ALLOW", "OMPI_MCA"))
-    }
+    """The environment for starting mpirun from here (see ``lepton_hpc.launch.mpi_env``)."""
+    from .launch import mpi_env
+
+    return mpi_env()
 
 
 # ---- parsing (pure functions, unit-tested) ---------------------------------------------------

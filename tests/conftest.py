@@ -7,15 +7,16 @@ the whole group when the timeout expires, so a hung job fails the test instead o
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from lepton_hpc import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -23,23 +24,8 @@ SCRIPTS = Path(__file__).resolve().parent / "mpi" / "scripts"
 
 
 def mpi_env(**extra: str) -> dict[str, str]:
-    """os.environ without OMPI_*/PMIX_* singleton variables, plus what mpiexec needs as root."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("OMPI_", "PMIX_")) or k.startswith(("OMPI_ALLOW", "OMPI_MCA"))
-    }
-    env.update(
-        OMPI_ALLOW_RUN_AS_ROOT="1",
-        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-        OMPI_MCA_btl="self,vader,tcp",
-        OMPI_MCA_btl_tcp_if_include="lo",
-        OMPI_MCA_oob_tcp_if_include="lo",
-        OMPI_MCA_rmaps_base_oversubscribe="1",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
+    """The launch environment of ``lepton_hpc.launch`` plus oversubscription for 3 ranks on 2 cores."""
+    return launch.mpi_env(OMPI_MCA_rmaps_base_oversubscribe="1", **extra)
 
 
 @dataclass
@@ -59,26 +45,7 @@ def run_mpi(
     env: dict[str, str] | None = None,
 ) -> Result:
     """Run ``mpiexec -n n python ARGS`` to completion or kill its process group at ``timeout``."""
-    import time
-
-    cmd = ["mpiexec", "-n", str(n), "--oversubscribe", PYTHON, *args]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd or ROOT,
-        env=env or mpi_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"mpiexec -n {n} {' '.join(args)} hung for {timeout} s\n{out}\n{err}")
-    return Result(proc.returncode, out, err, time.monotonic() - t0)
+    return finish(start_mpi(n, args, env=env, cwd=cwd), timeout)
 
 
 def lepton(n: int, *args: str, **kw) -> Result:
@@ -138,29 +105,19 @@ def start_mpi(
 ) -> subprocess.Popen:
     """Start ``mpiexec -n n python ARGS`` in its own process group (for signal tests)."""
     cmd = ["mpiexec", "-n", str(n), "--oversubscribe", PYTHON, *args]
-    return subprocess.Popen(
-        cmd,
-        cwd=cwd or ROOT,
-        env=env or mpi_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    return launch.start(cmd, env=env or mpi_env(), cwd=cwd or ROOT)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> Result:
-    """Wait for a started job; kill its process group and fail the test if it outlives timeout."""
-    import time
-
+    """Wait for a started job; its process group is killed and the test fails past ``timeout``."""
     t0 = time.monotonic()
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"job still running after {timeout} s\n{out}\n{err}")
-    return Result(proc.returncode, out, err, time.monotonic() - t0)
+    done = launch.finish(proc, timeout)
+    if done.timed_out:
+        pytest.fail(
+            f"{' '.join(map(str, proc.args))} still running after {timeout} s\n"
+            f"{done.stdout}\n{done.stderr}"
+        )
+    return Result(done.returncode, done.stdout, done.stderr, time.monotonic() - t0)
 
 
 def rank_pids(launcher_pid: int) -> dict[int, int]:

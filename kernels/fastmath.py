@@ -21,6 +21,8 @@ Inputs are assumed finite except where stated; NaN propagates through every func
 These helpers are compiled with FMA contraction only, never with ``reassoc``: reassociation would
 fold the Cody-Waite split and the round-to-integer shift. Keep them out of ``inline="always"``
 (Numba-IR inlining would give them the caller's fast-math flags); LLVM inlines them anyway.
+Callers need ``error_model="numpy"``: Python's error model guards every division with a
+ZeroDivisionError branch, and that branch alone stops the loop from vectorising.
 """
 
 import math

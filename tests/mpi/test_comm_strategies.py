@@ -256,3 +256,35 @@ def test_meaningless_combination_is_one_clear_error(uneven_file, tmp_path):
     assert res.returncode == 2
     assert res.stderr.count("comm.reproducible") == 1 and "sync" in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_strategies_on_the_demo_job_itself(tmp_path):
+    """`make run`'s own config (MLP [32, 16], Adam, batch 1024, 8 epochs, 2 ranks): local_sgd and
+    overlap end within 1 % of sync's final training loss."""
+    from tests.conftest import ROOT
+
+    train, test = tmp_path / "train.h5", tmp_path / "test.h5"
+    common = ["--task", "logistic", "--features", 32, "--seed", 7]
+    ok(lepton(2, "datagen", *common, "--rows", 200_000, "--out", train))
+    ok(lepton(2, "datagen", *common, "--rows", 50_000, "--start-row", 200_000, "--out", test))
+    loss = {}
+    for strategy in ("sync", "local_sgd", "overlap"):
+        run = tmp_path / strategy
+        ok(
+            lepton(
+                2,
+                "train",
+                ROOT / "jobs" / "configs" / "demo.toml",
+                f"data.train={train}",
+                f"data.test={test}",
+                f"comm.strategy={strategy}",
+                f"output.dir={run}",
+                "output.plot=false",
+                timeout=300,
+            )
+        )
+        loss[strategy] = json.loads((run / "results.json").read_text())["metrics"]["train"][
+            "log_loss"
+        ]
+    for strategy in ("local_sgd", "overlap"):
+        assert abs(loss[strategy] / loss["sync"] - 1) < 0.01, loss

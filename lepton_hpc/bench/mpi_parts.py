@@ -125,6 +125,8 @@ def step(args, comm: Communicator) -> dict:
     (threads as in training), then one allreduce of [gradient, loss, rows, stop, step] through the
     chosen backend. Steps run back to back as in the engine, so the allreduce time includes waiting
     for the slower rank. Also the time to load the block with ``read_block``."""
+    import numba
+
     from ..comm import make_backend
     from ..data.reader import read_block
     from ..device import select_device
@@ -143,6 +145,9 @@ def step(args, comm: Communicator) -> dict:
     for label, path in (("strong", args.h5), ("weak", args.weak_h5)):
         if not path:
             continue
+        if label == "weak":  # weak scaling: one core per rank, so resources grow with ranks
+            numba.set_num_threads(1)
+            result["weak_threads_per_rank"] = 1
         comm.barrier()
         t0 = time.perf_counter()
         block = read_block(path, "X", "y", comm, log)

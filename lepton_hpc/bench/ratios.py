@@ -245,7 +245,10 @@ def ratio_specs(ks: list[int], kc: int) -> list[tuple]:
                     f"strong_speedup_k{k}",
                     ("train_full_k1", "epoch_s"),
                     (f"train_full_k{k}", "epoch_s"),
-                    f"full-batch epoch at 1 rank / at {k} ranks, same data",
+                    (
+                        f"full-batch epoch, 1 rank using every core / {k} ranks sharing them "
+                        "(same data, same cores: ideal 1)"
+                    ),
                     None,
                     "higher",
                 )
@@ -255,7 +258,10 @@ def ratio_specs(ks: list[int], kc: int) -> list[tuple]:
                     f"weak_efficiency_k{k}",
                     ("train_weak_k1", "epoch_s"),
                     (f"train_weak_k{k}", "epoch_s"),
-                    f"epoch at 1 rank / at {k} ranks with {k}x the rows",
+                    (
+                        f"epoch at 1 rank / at {k} ranks with {k}x the rows, one thread per rank "
+                        "(ideal 1 while ranks <= cores)"
+                    ),
                     None,
                     "higher",
                 )

@@ -152,7 +152,8 @@ def scaling_rows(res: dict) -> list[dict]:
                 "kind": kind,
                 "ranks": k,
                 "backend": entry["results"]["backend"],
-                "threads": entry["results"]["threads_per_rank"],
+                "threads": entry["results"].get(f"{kind}_threads_per_rank")
+                or entry["results"]["threads_per_rank"],
                 "epoch": value(parts, f"{train}_k{k}", "epoch_s"),
                 "compute": figs[f"{kind}_compute_step_s"]["value"],
                 "comm": figs[f"{kind}_comm_step_s"]["value"],

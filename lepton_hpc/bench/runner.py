@@ -215,7 +215,7 @@ class Bench:
         for k in p.ranks:
             self.train(f"train_full_k{k}", k, self.data["h5"], *full)
         for k in p.ranks:
-            self.train(f"train_weak_k{k}", k, self.weak[k], *full)
+            self.train(f"train_weak_k{k}", k, self.weak[k], *full, "train.threads=1")
         fitting = [k for k in p.ranks if k <= p.cores]
         mini = ("train.epochs=3", f"train.batch_size={GLOBAL_BATCH}", "optim.name=sgd")
         for k in fitting:

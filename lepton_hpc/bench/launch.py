@@ -2,18 +2,18 @@
 load of the (shared) machine while each part ran.
 
 Nothing here initialises MPI: each ``mpiexec`` gets an environment free of the singleton's
-OMPI_*/PMIX_* variables (except OMPI_ALLOW*/OMPI_MCA*).
+OMPI_*/PMIX_* variables (except OMPI_ALLOW*/OMPI_MCA*), from ``lepton_hpc.launch``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ..launch import mpi_env, run_bounded
 
 PY = sys.executable
 
@@ -31,43 +31,16 @@ def flags(**options) -> list[str]:
 
 
 def bench_env(**extra: str) -> dict[str, str]:
-    """The environment for launched jobs: no MPI singleton variables, loopback and shared memory."""
-    from ..doctor import clean_env
-
-    env = clean_env()
-    for key, value in {
-        "OMPI_MCA_btl": "self,vader,tcp",
-        "OMPI_MCA_btl_tcp_if_include": "lo",
-        "OMPI_MCA_oob_tcp_if_include": "lo",
-    }.items():
-        env.setdefault(key, value)
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    env.update(PYTHONUNBUFFERED="1", **extra)
-    return env
+    """The environment for launched jobs (``lepton_hpc.launch.mpi_env``)."""
+    return mpi_env(**extra)
 
 
 def run_command(cmd: list[str], timeout: float, env: dict[str, str]) -> tuple[int, str, str]:
-    """Run to completion, or kill the whole process group at ``timeout`` (rc 124)."""
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        return 124, out, err + f"\n(killed after {timeout:.0f} s)"
-    except BaseException:  # Ctrl-C reaches only us (the job has its own session): end it too
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    return proc.returncode, out, err
+    """Run to completion, or kill the whole process group at ``timeout`` (rc 124) or on Ctrl-C."""
+    done = run_bounded(cmd, timeout, env=env)
+    if done.timed_out:
+        return 124, done.stdout, done.stderr + f"\n(killed after {timeout:.0f} s)"
+    return done.returncode, done.stdout, done.stderr
 
 
 class BackgroundLoad:

@@ -101,11 +101,11 @@ def test_srun_direct_launch_gives_the_same_parameters_as_mpirun(
 
 
 WHOAMI = """
-import json, os
+import json, os, sys
 launched_by = "mpirun" if "OMPI_COMM_WORLD_RANK" in os.environ else os.environ.get("SLURM_PROCID", "-")
 from lepton_hpc.comm import world
 c = world()
-print(json.dumps([c.rank, c.size, c.node_rank, c.node_size, launched_by]))
+sys.stdout.write(json.dumps([c.rank, c.size, c.node_rank, c.node_size, launched_by]) + "\\n")
 """
 
 
@@ -128,7 +128,8 @@ def test_rank_size_and_node_rank_come_from_mpi_under_any_launcher(slurm, job_env
             check=False,
         )
     assert res.returncode == 0, res.stderr
-    rows = sorted(json.loads(line) for line in res.stdout.splitlines() if line.startswith("["))
+    # ranks write concurrently: find each rank's [...] wherever the launcher put it
+    rows = sorted(json.loads(m) for m in re.findall(r"\[[^\[\]]*\]", res.stdout))
     assert [r[:4] for r in rows] == [[r, n, r, n] for r in range(n)]  # one node: node rank = rank
     if launcher == "srun":  # srun started the ranks itself (no mpirun environment)
         assert [r[4] for r in rows] == ["0", "1", "2"]

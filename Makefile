@@ -23,7 +23,7 @@ export OMPI_MCA_oob_tcp_if_include := lo
 export OMPI_MCA_rmaps_base_oversubscribe := 1
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: install install-horovod run test test-unit test-mpi test-cuda lint bench clean distclean
+.PHONY: install install-horovod bench-peers run test test-unit test-mpi test-cuda lint bench clean distclean
 
 install: $(STAMP)/package
 
@@ -99,8 +99,16 @@ test: install install-horovod lint
 	@NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -q tests/cuda
 	@$(PY) -m pytest tests --ignore=tests/cuda
 
-bench: install
-	@$(VENV)/bin/lepton bench
+# The benchmark's peers: torch pinned to the CPU build on this machine's disk, resolved in the same
+# pip command as scikit-learn so pip never brings another torch; Horovod from its own script.
+bench-peers: install install-horovod
+	@$(PIP) install "torch==2.13.0" scikit-learn
+
+# One benchmark run into bench/ (results.json, results.md, scaling.png, allreduce.png); run it
+# alone, it launches its own mpiexec jobs. BENCH_ARGS="--quick" for a small data set.
+BENCH_ARGS ?=
+bench: bench-peers
+	@$(VENV)/bin/lepton bench $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

@@ -23,3 +23,22 @@ def test_blocks_cover_rows_in_order_and_balance(size):
 def test_known_values():
     assert [row_block(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
     assert row_block(7, 0, 1) == (0, 7)
+
+
+def test_nonfinite_rows_screen_is_exact():
+    import numpy as np
+
+    from lepton_hpc.data.reader import nonfinite_rows
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        X = rng.normal(size=(1000, 7)).astype(dtype)
+        big = np.finfo(dtype).max / 2
+        X[10] = big  # finite, but its row sum overflows: must not be flagged
+        X[20, 3] = np.nan
+        X[30, 0] = np.inf
+        X[40, 1], X[40, 2] = np.inf, -np.inf
+        expected = ~np.isfinite(X).all(axis=1)
+        assert np.array_equal(nonfinite_rows(X), expected)
+        assert np.flatnonzero(nonfinite_rows(X)).tolist() == [20, 30, 40]
+    assert nonfinite_rows(np.zeros((0, 3))).shape == (0,)

@@ -5,14 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_history(history: list[dict], path: Path, classifier: bool) -> bool:
-    """Draw the training history with matplotlib's Agg backend; False if matplotlib is missing."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), or None without matplotlib."""
     try:
         import matplotlib as mpl
 
         mpl.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_history(history: list[dict], path: Path, classifier: bool) -> bool:
+    """Draw the training history with matplotlib's Agg backend; False if matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return False
     epochs = [h["epoch"] for h in history]
     metric = "accuracy" if classifier else "r2"
@@ -29,9 +37,16 @@ def plot_history(history: list[dict], path: Path, classifier: bool) -> bool:
             ax2.plot(epochs, [h[part][metric] for h in history], style, label=part)
     ax2.set(xlabel="epoch", ylabel=metric, title="Accuracy" if classifier else "R²")
     ax2.legend()
+    save_figure(fig, path)
+    return True
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, save atomically (temporary name, then rename) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
-    return True

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..plot import pyplot, save_figure
 from .sweep_spec import SweepSpec
 from .toml_writer import toml_value
 
 
 def plot_sweep(spec: SweepSpec, rows: list[dict], path: Path) -> bool:
     """Draw with matplotlib's Agg backend; False if matplotlib is missing or nothing succeeded."""
-    try:
-        import matplotlib as mpl
-
-        mpl.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     done = [r for r in rows if r["status"] == "ok" and r["score"] is not None]
     if not done:
@@ -41,11 +38,7 @@ def plot_sweep(spec: SweepSpec, rows: list[dict], path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     fig.suptitle(f"{spec.metric} ({spec.mode}) over {len(done)} point(s)")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
     return True
 
 

@@ -53,6 +53,29 @@ def lepton(n: int, *args: str, **kw) -> Result:
     return run_mpi(n, ["-m", "lepton_hpc", *map(str, args)], **kw)
 
 
+def datagen(
+    path: Path, rows: int, features: int, seed: int, task: str = "logistic", ranks: int = 1
+) -> Path:
+    """``lepton datagen`` into ``path`` (checked), for test fixtures."""
+    ok(
+        lepton(
+            ranks,
+            "datagen",
+            "--task",
+            task,
+            "--rows",
+            rows,
+            "--features",
+            features,
+            "--seed",
+            seed,
+            "--out",
+            path,
+        )
+    )
+    return path
+
+
 def ok(res: Result) -> Result:
     assert res.returncode == 0, (
         f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"

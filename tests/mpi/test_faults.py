@@ -14,6 +14,7 @@ import pytest
 
 from lepton_hpc.checkpoint import read_checkpoint
 from tests.conftest import (
+    datagen,
     finish,
     lepton,
     mpi_env,
@@ -30,24 +31,7 @@ EXIT_STOPPED, EXIT_WATCHDOG = 75, 76
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("faults") / "train.h5"
-    ok(
-        lepton(
-            1,
-            "datagen",
-            "--task",
-            "logistic",
-            "--rows",
-            4001,
-            "--features",
-            6,
-            "--seed",
-            2,
-            "--out",
-            path,
-        )
-    )
-    return path
+    return datagen(tmp_path_factory.mktemp("faults") / "train.h5", 4001, 6, seed=2)
 
 
 def config(tmp_path, data, name, **extra):

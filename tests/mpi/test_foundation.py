@@ -6,7 +6,16 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import SCRIPTS, lepton, ok, read_params, run_mpi, write_config, write_h5
+from tests.conftest import (
+    SCRIPTS,
+    datagen,
+    lepton,
+    ok,
+    read_params,
+    run_mpi,
+    write_config,
+    write_h5,
+)
 
 RANKS = [1, 2, 3]
 
@@ -14,24 +23,7 @@ RANKS = [1, 2, 3]
 @pytest.fixture(scope="module")
 def logistic_file(tmp_path_factory):
     """1,001 rows: not divisible by 2 or 3, so the partitions are uneven."""
-    path = tmp_path_factory.mktemp("data") / "logistic.h5"
-    ok(
-        lepton(
-            1,
-            "datagen",
-            "--task",
-            "logistic",
-            "--rows",
-            1001,
-            "--features",
-            6,
-            "--seed",
-            3,
-            "--out",
-            path,
-        )
-    )
-    return path
+    return datagen(tmp_path_factory.mktemp("data") / "logistic.h5", 1001, 6, seed=3)
 
 
 @pytest.mark.parametrize("ranks", RANKS)

@@ -22,7 +22,17 @@ import numpy as np
 import pytest
 
 from lepton_hpc.checkpoint import read_checkpoint
-from tests.conftest import PYTHON, ROOT, lepton, mpi_env, ok, read_params, run_mpi, write_config
+from tests.conftest import (
+    PYTHON,
+    ROOT,
+    datagen,
+    lepton,
+    mpi_env,
+    ok,
+    read_params,
+    run_mpi,
+    write_config,
+)
 from tests.slurm.cluster import TERMINAL
 
 RANKS = 2
@@ -39,24 +49,7 @@ SLOW = "delay=0.05"  # ~1,100 steps take about a minute: the first run is always
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("slurm-data") / "train.h5"
-    ok(
-        lepton(
-            1,
-            "datagen",
-            "--task",
-            "logistic",
-            "--rows",
-            2000,
-            "--features",
-            5,
-            "--seed",
-            4,
-            "--out",
-            path,
-        )
-    )
-    return path
+    return datagen(tmp_path_factory.mktemp("slurm-data") / "train.h5", 2000, 5, seed=4)
 
 
 def config(folder: Path, data: Path, name: str) -> Path:

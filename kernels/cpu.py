@@ -42,6 +42,7 @@ MLP_ROW_FLOATS = 16384  # MLP blocks: rows x (sum of layer widths) <= this (128 
 MAX_CHUNKS = 1024  # enough chunks to balance any thread count we run with
 SCRATCH_BYTES = 64 << 20  # fewer chunks for big models, to bound the per-chunk partial sums...
 MIN_CHUNKS = 16  # ...but never fewer than this (when there are enough blocks)
+MIN_CHUNK_BLOCKS = 8  # a chunk has at least this many blocks: small batches pay less per chunk
 
 
 # ---------------------------------------------------------------------------------- building blocks
@@ -396,11 +397,25 @@ def _mlp_forward(X, Y, pT, sizes, activation, head, want_loss, block, chunk_rows
     return losses
 
 
+_COMBINE_TILE = 256
+
+
+@njit(**_JIT)
+def _combine_serial(partial, out):
+    """_combine for narrow partials, on the calling thread (the same additions, same order)."""
+    n_chunks, width = partial.shape
+    for j in range(width):
+        out[j] = 0.0
+    for c in range(n_chunks):
+        for j in range(width):
+            out[j] += partial[c, j]
+
+
 @njit(parallel=True, **_JIT)
 def _combine(partial, out):
     """out[j] = sum over chunks c (in order) of partial[c, j]: fixed order, so deterministic."""
     n_chunks, width = partial.shape
-    tile = 256
+    tile = _COMBINE_TILE
     for t in prange((width + tile - 1) // tile):
         lo, hi = t * tile, min(width, (t + 1) * tile)
         for j in range(lo, hi):
@@ -417,23 +432,28 @@ def _plan(n: int, block: int, width: int) -> tuple[int, int]:
     """(n_chunks, rows per chunk): whole blocks per chunk, from n and the model only."""
     n_blocks = -(-n // block)
     cap = max(MIN_CHUNKS, min(MAX_CHUNKS, SCRATCH_BYTES // (8 * width)))
-    per = max(1, -(-n_blocks // cap))
+    per = max(min(MIN_CHUNK_BLOCKS, n_blocks), -(-n_blocks // cap))
     return -(-n_blocks // per), per * block
 
 
 def _single_block(X: np.ndarray) -> int:
     """Rows per one-layer block: about SINGLE_BLOCK_BYTES of X, a multiple of 4 rows."""
     rows = SINGLE_BLOCK_BYTES // max(1, X.shape[1] * X.itemsize)
-    return int(np.clip(rows, 16, 512)) // 4 * 4
+    return min(max(rows, 16), 512) // 4 * 4
 
 
 def _mlp_block(sizes: np.ndarray) -> int:
     """Rows per MLP block so that the block's activations stay around 128 KiB."""
-    return int(np.clip(MLP_ROW_FLOATS // int(sizes[1:].sum()), 8, 512))
+    return min(max(MLP_ROW_FLOATS // int(sizes[1:].sum()), 8), 512)
 
 
 def _transposed(params: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Copy of params with every W (in x out) stored as W^T (out x in); biases unchanged."""
+    """params with every W (in x out) stored as W^T (out x in); biases unchanged.
+
+    One output layer (linear, logistic): W^T has the same layout as W, params is returned as is.
+    """
+    if sizes.size == 2 and sizes[1] == 1:
+        return params
     pT = np.empty_like(params)
     p0 = 0
     for w_in, w_out in zip(sizes[:-1].tolist(), sizes[1:].tolist(), strict=True):
@@ -444,36 +464,50 @@ def _transposed(params: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return pT
 
 
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def _prepare(X, params, sizes, activation, head):
-    """Validate shapes and codes; return contiguous X (float32/64), params, int64 sizes."""
-    sizes = np.ascontiguousarray(sizes, dtype=np.int64)
-    X = np.asarray(X)
-    if X.dtype not in (np.float32, np.float64):
-        X = X.astype(np.float64)
-    X = np.ascontiguousarray(X)
-    params = np.ascontiguousarray(params, dtype=np.float64)
-    if sizes.ndim != 1 or sizes.size < 2 or np.any(sizes < 1):
+    """Validate shapes and codes; return contiguous X (float32/64), params, int64 sizes.
+
+    Arrays that already have the right dtype and layout pass through without a copy (this runs
+    once per training step, so it is kept to a few microseconds).
+    """
+    if not (isinstance(sizes, np.ndarray) and sizes.dtype == np.int64 and sizes.flags.c_contiguous):
+        sizes = np.ascontiguousarray(sizes, dtype=np.int64)
+    if not isinstance(X, np.ndarray) or X.dtype not in _FLOATS or not X.flags.c_contiguous:
+        X = np.asarray(X)
+        X = np.ascontiguousarray(X if X.dtype in _FLOATS else X.astype(np.float64))
+    if not (
+        isinstance(params, np.ndarray) and params.dtype == np.float64 and params.flags.c_contiguous
+    ):
+        params = np.ascontiguousarray(params, dtype=np.float64)
+    widths = sizes.tolist()
+    if sizes.ndim != 1 or len(widths) < 2 or min(widths) < 1:
         raise ValueError(f"sizes must be >= 2 positive widths, got {sizes}")
-    if X.ndim != 2 or X.shape[1] != sizes[0]:
-        raise ValueError(f"X must be (n, {sizes[0]}), got {X.shape}")
-    if params.shape != (param_count(sizes),):
-        raise ValueError(f"params must have length {param_count(sizes)}, got {params.shape}")
+    if X.ndim != 2 or X.shape[1] != widths[0]:
+        raise ValueError(f"X must be (n, {widths[0]}), got {X.shape}")
+    if params.shape != (param_count(widths),):
+        raise ValueError(f"params must have length {param_count(widths)}, got {params.shape}")
     if head not in (SQUARED, BINARY, SOFTMAX) or activation not in (SIGMOID, TANH, RELU):
         raise ValueError(f"unknown head {head} or activation {activation}")
-    if head == BINARY and sizes[-1] != 1:
+    if head == BINARY and widths[-1] != 1:
         raise ValueError("the BINARY head needs one output")
     return X, params, sizes
 
 
 def _targets(y, n: int, k: int, head: int) -> np.ndarray:
     """y as a C-contiguous (n, k) array for SQUARED, (n, 1) for labels; float32/64 kept as is."""
-    y = np.asarray(y)
-    if y.dtype not in (np.float32, np.float64):
+    if not isinstance(y, np.ndarray):
+        y = np.asarray(y)
+    if y.dtype not in _FLOATS:
         y = y.astype(np.float64)
     cols = k if head == SQUARED else 1
     if y.size != n * cols or (y.ndim == 2 and y.shape != (n, cols)) or y.ndim > 2:
         raise ValueError(f"y must have {n} rows of {cols} target(s), got shape {y.shape}")
-    return np.ascontiguousarray(y).reshape(n, cols)
+    if not y.flags.c_contiguous:
+        y = np.ascontiguousarray(y)
+    return y.reshape(n, cols)
 
 
 def gradient(X, y, params, sizes, activation: int, head: int, out: np.ndarray) -> None:
@@ -495,7 +529,10 @@ def gradient(X, y, params, sizes, activation: int, head: int, out: np.ndarray) -
         block = _mlp_block(sizes)
         n_chunks, rows = _plan(n, block, P + 1)
         partial = _mlp_gradient(X, Y, pT, sizes, activation, head, block, rows, n_chunks)
-    _combine(partial, out[: P + 1])
+    if partial.shape[1] <= _COMBINE_TILE:  # one tile: no thread pool for a few hundred adds
+        _combine_serial(partial, out[: P + 1])
+    else:
+        _combine(partial, out[: P + 1])
     out[P + 1] = n
 
 

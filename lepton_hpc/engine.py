@@ -9,10 +9,8 @@ buffer. Rank 0 writes the run directory; checkpoints make every step resumable b
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -20,7 +18,7 @@ from .checkpoint import TrainState, latest_valid, read_checkpoint, write_checkpo
 from .comm import make_backend
 from .comm.base import Communicator, agree
 from .config import Config
-from .data.batches import local_batches
+from .data.batches import BatchGather, EpochBatches
 from .data.dataset import TrainingData, load_eval_data, load_training_data
 from .data.reader import inspect_shared
 from .device import Device, select_device
@@ -47,18 +45,26 @@ class Stopped(LeptonError):
 
 
 class Timers:
-    """Seconds spent per kind of work (io, compute, comm), summed over the run."""
+    """Seconds spent per kind of work (io, compute, comm), summed over the run.
+
+    ``with timers("compute"):`` times a block; a plain class, not a generator context manager,
+    because it runs several times per training step.
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self._open: list[tuple[str, float]] = []
 
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - t0
+    def __call__(self, name: str) -> Timers:
+        self._open.append((name, time.perf_counter()))
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        name, t0 = self._open.pop()
+        self.seconds[name] += time.perf_counter() - t0
 
 
 class Trainer:
@@ -220,15 +226,15 @@ class Trainer:
         strategy = make_strategy(self, opt)  # sync, local_sgd or overlap
         train = self.data.train
         index = train.index()
+        gather = BatchGather(train.X, train.y)
+        plan = EpochBatches(index, train.n_global, cfg.train.batch_size, cfg.train.seed)
         while st.epoch < cfg.train.epochs:
-            batches = local_batches(
-                index, train.n_global, cfg.train.batch_size, cfg.train.seed, st.epoch
-            )
-            t_epoch = time.perf_counter()
+            t_epoch = time.perf_counter()  # the epoch's time includes drawing its batches
+            batches = plan(st.epoch)
             next_report = t_epoch + PROGRESS_EVERY_S
             while st.batch < len(batches):
                 rows = self.reduction.arrange(batches[st.batch])
-                X, y = self._batch(rows, len(batches) == 1)
+                X, y = self._batch(gather, rows, len(batches) == 1)
                 out = strategy.step(st.params, X, y, st.step, rows)
                 st.step += 1
                 st.batch += 1
@@ -262,11 +268,11 @@ class Trainer:
             if done or (cfg.train.max_steps and st.step >= cfg.train.max_steps):
                 break
 
-    def _batch(self, rows: np.ndarray, full: bool):
+    def _batch(self, gather: BatchGather, rows: np.ndarray, full: bool):
         if full:
             return self.X, self.y
-        train = self.data.train
-        return self.device.place(train.X[rows]), self.device.place(train.y[rows])
+        X, y = gather(rows)
+        return self.device.place(X), self.device.place(y)
 
     def _loop_lbfgs(self) -> None:
         """Full-batch L-BFGS: an iteration is an "epoch"; each evaluation one pass and allreduce."""

@@ -81,6 +81,12 @@ def hdf5(args, comm: Communicator) -> dict:
     def h5py_only():  # the bare HDF5 read of the same rows into fresh arrays, no checks
         with open_read(args.h5, comm) as fh:
             Xl = np.empty((m, d), dtype=np.float32)
+            fh["X"].read_direct(Xl, np.s_[start:stop], np.s_[:])
+            fh["y"][start:stop]
+
+    def h5py_collective():  # the same with MPI-IO collective transfers
+        with open_read(args.h5, comm) as fh:
+            Xl = np.empty((m, d), dtype=np.float32)
             with collective(fh["X"]):
                 fh["X"].read_direct(Xl, np.s_[start:stop], np.s_[:])
             fh["y"][start:stop]
@@ -93,7 +99,13 @@ def hdf5(args, comm: Communicator) -> dict:
         np.fromfile(args.x_bin, dtype=np.float32, count=m * d, offset=start * d * 4)
         np.fromfile(args.y_bin, dtype=np.float64, count=m, offset=start * 8)
 
-    fns = {"ours": ours, "h5py": h5py_only, "raw": raw_preallocated, "raw_fresh": raw_fresh}
+    fns = {
+        "ours": ours,
+        "h5py": h5py_only,
+        "h5py_collective": h5py_collective,
+        "raw": raw_preallocated,
+        "raw_fresh": raw_fresh,
+    }
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for rep in range(args.repeats + 1):  # the first round warms the page cache and is dropped
         for name, fn in fns.items():

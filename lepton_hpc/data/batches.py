@@ -7,7 +7,13 @@ computed pointwise, so each rank finds its own rows' batches without holding the
 
 from __future__ import annotations
 
+import numba
 import numpy as np
+from numba import njit, prange
+
+from ..kernels.fastmath import prefetch_row
+
+_AHEAD = 16  # rows of prefetch distance in the batch gather (measured: 8-32 alike)
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -28,42 +34,220 @@ def uniform(keys: np.ndarray, seed: int, stream: int) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def permute(index: np.ndarray, n: int, seed: int, epoch: int, rounds: int = 4) -> np.ndarray:
-    """Position of each ``index`` in [0, n) under a keyed random permutation (cycle walking)."""
-    if n <= 1:
-        return index.astype(np.int64)
-    half = max(1, (int(n - 1).bit_length() + 1) // 2)
-    lo_mask = np.uint64((1 << half) - 1)
-    keys = mix64(np.arange(rounds, dtype=np.uint64) + np.uint64(seed * 7919 + epoch * 104_729))
+@njit(cache=True)
+def _mix64(z):
+    """mix64 of one uint64 (Numba): the same bits as ``mix64``."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
-    def feistel(v: np.ndarray) -> np.ndarray:
-        left, right = v >> np.uint64(half), v & lo_mask
-        for k in keys:
-            left, right = right, left ^ (mix64(right ^ k) & lo_mask)
-        return (left << np.uint64(half)) | right
 
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+@njit(cache=True)
+def _round(r, k):
+    """Feistel round function: murmur3's fmix32 of (r xor k), on 32 bits.
+
+    Written on uint64 with masks (Numba widens small integers); LLVM keeps 32-bit lanes, so
+    the loops calling it vectorise 8 or 16 values wide.
+    """
+    h = (r ^ k) & _M32
+    h ^= h >> np.uint64(16)
+    h = (h * np.uint64(0x85EBCA6B)) & _M32
+    h ^= h >> np.uint64(13)
+    h = (h * np.uint64(0xC2B2AE35)) & _M32
+    return h ^ (h >> np.uint64(16))
+
+
+@njit(cache=True)
+def _network(v, h, lo_mask, keys):
+    """Four keyed Feistel rounds on the two ``h``-bit halves of v (h <= 32), written out with
+    no inner loop so that the loop calling it vectorises."""
+    left, right = v >> h, v & lo_mask
+    left, right = right, left ^ (_round(right, keys[0]) & lo_mask)
+    left, right = right, left ^ (_round(right, keys[1]) & lo_mask)
+    left, right = right, left ^ (_round(right, keys[2]) & lo_mask)
+    left, right = right, left ^ (_round(right, keys[3]) & lo_mask)
+    return (left << h) | right
+
+
+@njit(cache=True)
+def _floor_div(v, d, inv):
+    """v // d for 0 <= v < 2^52 by a float64 product, corrected by one where it rounds over."""
+    q = np.int64(np.float64(v) * inv)
+    q = q - 1 if q * d > v else q
+    return q + 1 if (q + 1) * d <= v else q
+
+
+@njit(cache=True)
+def _permute_part(index, n, half, keys, per, out, lo, hi):
+    h = np.uint64(half)
+    lo_mask = (np.uint64(1) << h) - np.uint64(1)
+    k0, k1, k2, k3 = keys[0], keys[1], keys[2], keys[3]
+    ks = (k0, k1, k2, k3)
+    top = np.uint64(n)
+    src, dst = index[lo:hi], out[lo:hi]
+    for i in range(src.size):
+        dst[i] = np.int64(_network(np.uint64(src[i]), h, lo_mask, ks))
+    for i in range(src.size):
+        v = np.uint64(dst[i])
+        while v >= top:
+            v = _network(v, h, lo_mask, ks)
+        dst[i] = np.int64(v)
+    if per & (per - 1) == 0:  # a power of two: the batch is a shift
+        shift = np.int64(0)
+        while (np.int64(1) << shift) < per:
+            shift += 1
+        for i in range(src.size):
+            dst[i] >>= shift
+    elif per > 1:
+        inv = 1.0 / per
+        for i in range(src.size):
+            dst[i] = _floor_div(dst[i], per, inv)
+
+
+@njit(parallel=True, cache=True)
+def _permute(index, n, half, keys, per, out):
+    """out[i] = position of index[i] under the permutation (cycle walking into [0, n)), divided
+    by ``per`` (1: the position itself; the batch size: the batch of the row).
+
+    Chunks of 64K values run in parallel; in each, one pass of the network over every index (no
+    branch: SIMD), then the few values that landed in [n, 2^(2 half)) (the domain is < 4n) walk
+    again until they are below n.
+    """
+    chunk = 65536
+    for c in prange((index.size + chunk - 1) // chunk):
+        _permute_part(index, n, half, keys, per, out, c * chunk, min(index.size, (c + 1) * chunk))
+
+
+@njit(cache=True)
+def _group(batch, steps, order):
+    """Counting sort of local rows by batch number: rows ascending within each batch."""
+    m = batch.size
+    starts = np.zeros(steps + 1, np.int64)
+    for i in range(m):
+        starts[batch[i] + 1] += 1
+    for b in range(steps):
+        starts[b + 1] += starts[b]
+    fill = starts[:steps].copy()
+    for i in range(m):
+        b = batch[i]
+        order[fill[b]] = i
+        fill[b] += 1
+    return starts
+
+
+def _keys(seed: int, epoch: int) -> np.ndarray:
     with np.errstate(over="ignore"):
-        out = feistel(index.astype(np.uint64))
-        todo = out >= np.uint64(n)
-        while todo.any():  # the domain is < 4n, so this ends after a few passes
-            out[todo] = feistel(out[todo])
-            todo = out >= np.uint64(n)
-    return out.astype(np.int64)
+        keys = mix64(np.arange(4, dtype=np.uint64) + np.uint64(seed * 7919 + epoch * 104_729))
+    return keys & np.uint64(0xFFFFFFFF)
+
+
+def _half(n: int) -> int:
+    return max(1, (int(n - 1).bit_length() + 1) // 2)
+
+
+def permute(index: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
+    """Position of each ``index`` in [0, n) under a keyed random permutation (cycle walking).
+
+    A 4-round Feistel network on the two halves of the index's bits, round keys from (seed,
+    epoch); values that land outside [0, n) are permuted again until they fall inside.
+    """
+    index = np.ascontiguousarray(index, dtype=np.int64)
+    if n <= 1:
+        return index.copy()
+    out = np.empty(index.size, np.int64)
+    _permute(index, n, _half(n), _keys(seed, epoch), 1, out)
+    return out
+
+
+class EpochBatches:
+    """Local row positions of each global batch of an epoch, for one rank's training rows.
+
+    ``train_index`` is the global training-row number (0..n_train-1) of each local training row.
+    Every rank gets the same number of batches (some may be empty), so every rank takes part in
+    every step. Within a batch the rows are in ascending order (so also in global row order,
+    whatever the rank count): the gather of a batch then walks memory forward. O(n) per epoch:
+    a parallel pointwise permutation and a counting sort, no argsort, into buffers kept from
+    epoch to epoch. The arrays of one epoch are views, valid until the next call.
+    """
+
+    def __init__(self, train_index: np.ndarray, n_train: int, batch_size: int, seed: int):
+        self.index = np.ascontiguousarray(train_index, dtype=np.int64)
+        self.n, self.batch_size, self.seed = n_train, batch_size, seed
+        self.full = batch_size <= 0 or batch_size >= n_train
+        self.steps = 1 if self.full else -(-n_train // batch_size)
+        m = self.index.size
+        self.batch = np.empty(m, np.int64)
+        self.order = np.empty(m, np.int64)
+
+    def __call__(self, epoch: int) -> list[np.ndarray]:
+        if self.full:
+            return [np.arange(self.index.size)]
+        keys = _keys(self.seed, epoch)
+        _permute(self.index, self.n, _half(self.n), keys, self.batch_size, self.batch)
+        starts = _group(self.batch, self.steps, self.order)
+        return np.split(self.order, starts[1:-1])
 
 
 def local_batches(
     train_index: np.ndarray, n_train: int, batch_size: int, seed: int, epoch: int
 ) -> list[np.ndarray]:
-    """Local row positions of each global batch of the epoch (some lists may be empty).
+    """The batches of one epoch (see ``EpochBatches``, which keeps its buffers across epochs)."""
+    return EpochBatches(train_index, n_train, batch_size, seed)(epoch)
 
-    ``train_index`` is the global training-row number (0..n_train-1) of each local training row.
-    Every rank gets the same number of batches, so every rank takes part in every step.
+
+@njit(cache=True)
+def _gather_serial(X, y, rows, bx, by):
+    d, m = X.shape[1], rows.size
+    for i in range(m):
+        if i + _AHEAD < m:  # random rows: ask for a later row's lines while this one copies
+            prefetch_row(X, rows[i + _AHEAD])
+        r = rows[i]
+        for j in range(d):  # element by element: a row slice costs a view per row (4x slower)
+            bx[i, j] = X[r, j]
+        by[i] = y[r]
+
+
+@njit(parallel=True, cache=True)
+def _gather_parallel(X, y, rows, bx, by):
+    d, m = X.shape[1], rows.size
+    for i in prange(m):
+        if i + _AHEAD < m:
+            prefetch_row(X, rows[i + _AHEAD])
+        r = rows[i]
+        for j in range(d):
+            bx[i, j] = X[r, j]
+        by[i] = y[r]
+
+
+class BatchGather:
+    """``X[rows], y[rows]`` into buffers reused from step to step (no allocation per step).
+
+    A Numba loop over the batch's (ascending) rows copies them in parallel: at 4,096 rows of
+    32 float32 it is several times faster than NumPy's fancy indexing into new arrays. The arrays
+    returned are views of the buffers, valid until the next call.
     """
-    if batch_size <= 0 or batch_size >= n_train:
-        return [np.arange(train_index.size)]
-    pos = permute(train_index, n_train, seed, epoch)
-    batch = pos // batch_size
-    order = np.argsort(pos, kind="stable")
-    steps = -(-n_train // batch_size)
-    cuts = np.searchsorted(batch[order], np.arange(1, steps))
-    return np.split(order, cuts)
+
+    def __init__(self, X: np.ndarray, y: np.ndarray) -> None:
+        self.X, self.y = X, y
+        self.bx = np.empty((0, *X.shape[1:]), X.dtype)
+        self.by = np.empty((0, *y.shape[1:]), y.dtype)
+
+    def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = rows.size
+        if m > self.bx.shape[0]:
+            self.bx = np.empty((m, *self.X.shape[1:]), self.X.dtype)
+            self.by = np.empty((m, *self.y.shape[1:]), self.y.dtype)
+        bx, by = self.bx[:m], self.by[:m]
+        if m and self.X.flags.c_contiguous and self.y.flags.c_contiguous:
+            if m >= 1024 and numba.get_num_threads() > 1:
+                _gather_parallel(self.X, self.y, rows, bx, by)
+            else:
+                _gather_serial(self.X, self.y, rows, bx, by)
+        else:
+            np.take(self.X, rows, axis=0, out=bx)
+            np.take(self.y, rows, axis=0, out=by)
+        return bx, by

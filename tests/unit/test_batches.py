@@ -50,3 +50,49 @@ def test_uniform_and_validation_mask_are_keyed_by_row():
     assert abs(mask.mean() - 0.2) < 0.01
     assert np.array_equal(mask[500:900], validation_mask(rows[500:900], 0.2, seed=9))
     assert not validation_mask(rows, 0.0, seed=9).any()
+
+
+def _permute_numpy(index, n, seed, epoch):
+    """The permutation written with NumPy arrays, the reference for the Numba version."""
+    from lepton_hpc.data.batches import mix64
+
+    half = max(1, (int(n - 1).bit_length() + 1) // 2)
+    lo_mask, m32 = np.uint64((1 << half) - 1), np.uint64(0xFFFFFFFF)
+    with np.errstate(over="ignore"):
+        keys = mix64(np.arange(4, dtype=np.uint64) + np.uint64(seed * 7919 + epoch * 104_729))
+
+        def fmix32(h):
+            h = h ^ (h >> np.uint64(16))
+            h = (h * np.uint64(0x85EBCA6B)) & m32
+            h = h ^ (h >> np.uint64(13))
+            h = (h * np.uint64(0xC2B2AE35)) & m32
+            return h ^ (h >> np.uint64(16))
+
+        def feistel(v):
+            left, right = v >> np.uint64(half), v & lo_mask
+            for k in keys & m32:
+                left, right = right, left ^ (fmix32((right ^ k) & m32) & lo_mask)
+            return (left << np.uint64(half)) | right
+
+        out = feistel(index.astype(np.uint64))
+        todo = out >= np.uint64(n)
+        while todo.any():
+            out[todo] = feistel(out[todo])
+            todo = out >= np.uint64(n)
+    return out.astype(np.int64)
+
+
+@pytest.mark.parametrize("n", [2, 17, 1000, 65_537, 1_000_003])
+def test_permute_equals_the_numpy_reference(n):
+    idx = np.arange(n)
+    assert np.array_equal(permute(idx, n, seed=11, epoch=3), _permute_numpy(idx, n, 11, 3))
+
+
+def test_batches_are_the_permutation_cut_in_order():
+    n, batch, lo, hi = 10_007, 256, 3_000, 7_001
+    index = np.arange(lo, hi)
+    pos = _permute_numpy(index, n, 4, 1)
+    parts = local_batches(index, n, batch, seed=4, epoch=1)
+    assert len(parts) == -(-n // batch)
+    for k, part in enumerate(parts):
+        assert np.array_equal(part, np.flatnonzero(pos // batch == k))  # ascending rows

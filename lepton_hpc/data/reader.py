@@ -8,6 +8,8 @@ fails together with one clear message when a file or data set is wrong.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,9 @@ def row_block(n_rows: int, rank: int, size: int) -> tuple[int, int]:
 
 REPRODUCIBLE_BLOCK_ROWS = 1024
 MIN_BLOCKS = 64
+READ_PIECE_BYTES = 64 << 20  # direct reads: at most this per pread (then NaN-screened in cache)
+MIN_PIECE_BYTES = 8 << 20  # ...and at least this, else two pieces per thread
+DIRECT_READ = os.environ.get("LEPTON_READ", "auto") != "hdf5"  # LEPTON_READ=hdf5: h5py only
 
 
 def global_block_rows(n_rows: int) -> int:
@@ -56,6 +61,8 @@ class DataInfo:
     n_features: int
     x_dtype: str
     y_shape: tuple[int, ...] | None
+    x_offset: int | None = None  # file offset of X when it can be read directly (see _direct)
+    y_offset: int | None = None  # the same for y (stored as float64)
 
 
 @dataclass(slots=True)
@@ -112,7 +119,23 @@ def inspect(path: str, x: str, y: str | None, min_rows: int = 1) -> DataInfo:
                     "targets need one row per row of features"
                 )
             y_shape = tuple(dy.shape)
-        return DataInfo(str(path), x, y, int(n), int(d), str(dx.dtype), y_shape)
+        size = p.stat().st_size
+        x_off = _direct(dx, _feature_dtype(str(dx.dtype)), size)
+        y_off = _direct(fh[y], np.dtype(np.float64), size) if y is not None else None
+        return DataInfo(str(path), x, y, int(n), int(d), str(dx.dtype), y_shape, x_off, y_off)
+
+
+def _direct(dset: h5py.Dataset, want: np.dtype, file_size: int) -> int | None:
+    """File offset of ``dset`` when its bytes are one contiguous run of ``want`` in the file
+    itself (contiguous layout, no filters, no external storage, little-endian ``want``), so that
+    rows can be read with plain ``pread``; else None (read through HDF5)."""
+    little = np.little_endian and dset.dtype.str == want.newbyteorder("<").str
+    if not little or dset.chunks is not None or dset.external:
+        return None
+    offset = dset.id.get_offset()
+    if offset is None or offset + dset.size * dset.dtype.itemsize > file_size:
+        return None  # not written yet, or a truncated file: HDF5 gives the error
+    return int(offset)
 
 
 def _feature_dtype(dtype: str) -> np.dtype:
@@ -156,17 +179,92 @@ def read_block(
         start, stop = aligned_row_block(info.n_rows, comm.rank, comm.size, block_rows)
     else:
         start, stop = row_block(info.n_rows, comm.rank, comm.size)
-    with open_read(path, comm) as fh:
-        dx = fh[x]
-        Xl = np.empty((stop - start, info.n_features), dtype=_feature_dtype(info.x_dtype))
-        yl = None
-        with collective(dx):  # every rank takes part; each block has >= 1 row (checked above)
-            dx.read_direct(Xl, np.s_[start:stop], np.s_[:])
-        if y is not None:
-            yl = np.asarray(fh[y][start:stop], dtype=np.float64)
+    Xl = np.empty((stop - start, info.n_features), dtype=_feature_dtype(info.x_dtype))
+    yl, bad = None, None
+    direct = DIRECT_READ and info.x_offset is not None
+    if direct:  # plain preads from threads, each piece screened for NaN/Inf while in cache
+        threads = _reader_threads(comm)
+        bad = pread_rows(path, info.x_offset, start, Xl, threads, screen=True)
+        if y is not None and info.y_offset is not None:
+            shape = (stop - start, *(info.y_shape or ())[1:])
+            yl = np.empty(shape, dtype=np.float64)
+            pread_rows(path, info.y_offset, start, yl.reshape(stop - start, -1), threads)
+    if not direct or (y is not None and yl is None):
+        with open_read(path, comm) as fh:
+            if not direct:
+                dx = fh[x]
+                with collective(dx):  # every rank takes part; each block has >= 1 row
+                    dx.read_direct(Xl, np.s_[start:stop], np.s_[:])
+            if y is not None:
+                yl = np.asarray(fh[y][start:stop], dtype=np.float64)
     rows = np.arange(start, stop, dtype=np.int64)
     block = Block(Xl, yl, rows, info)
-    return _handle_nonfinite(block, comm, nonfinite)
+    return _handle_nonfinite(block, comm, nonfinite, bad)
+
+
+def _reader_threads(comm: Communicator) -> int:
+    from ..device import default_threads
+
+    return default_threads(comm)
+
+
+@njit(nogil=True, fastmath={"reassoc"}, cache=True)
+def _screen_piece(X, lo, hi, out):
+    """out[i] = the float64 sum of row i is NaN or Inf, for rows lo..hi (no GIL held)."""
+    for i in range(lo, hi):
+        s = 0.0
+        for j in range(X.shape[1]):
+            s += X[i, j]
+        out[i] = not (abs(s) < math.inf)
+
+
+def pread_rows(
+    path: str, offset: int, start: int, out: np.ndarray, threads: int, screen: bool = False
+) -> np.ndarray | None:
+    """Fill ``out`` (rows x width, C order) with rows ``start..`` of a contiguous data set at byte
+    ``offset`` of ``path``, with ``os.preadv`` from ``threads`` threads, two pieces per thread
+    (8 to 64 MiB each: measured 95 ms for 512 MB at 64 MiB, 112 ms at 4 MiB).
+
+    Why not h5py here: h5py holds the GIL while HDF5 reads, so one rank's read uses one core;
+    plain preads release it, so the copy from the page cache (or the file system) and the
+    first-touch zeroing of the new pages run on every core the rank owns (measured 1.9x faster
+    with 2 threads on 512 MB). ``screen``: each piece's rows are checked for NaN/Inf right after
+    they land (cache-hot); returns the rows whose sum is not finite (candidates, see
+    ``nonfinite_rows``), or None.
+    """
+    m = out.shape[0]
+    row_bytes = out.shape[1] * out.itemsize
+    flat = out.reshape(-1).view(np.uint8)
+    piece_bytes = min(READ_PIECE_BYTES, max(MIN_PIECE_BYTES, m * row_bytes // (2 * threads)))
+    per = max(1, piece_bytes // max(row_bytes, 1))
+    pieces = [(a, min(m, a + per)) for a in range(0, m, per)]
+    bad = np.zeros(m, dtype=bool) if screen else None
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(piece: tuple[int, int]) -> None:
+        a, b = piece
+        view = memoryview(flat[a * row_bytes : b * row_bytes])
+        pos, base = 0, offset + (start + a) * row_bytes
+        while pos < len(view):
+            got = os.preadv(fd, [view[pos:]], base + pos)
+            if got == 0:
+                raise DataError(f"'{path}' ends before the data it describes (truncated file?)")
+            pos += got
+        if bad is not None:
+            _screen_piece(out, a, b, bad)
+
+    try:
+        if threads > 1 and len(pieces) > 1:
+            with ThreadPoolExecutor(min(threads, len(pieces))) as pool:
+                list(pool.map(read, pieces))
+        else:
+            for piece in pieces:
+                read(piece)
+    finally:
+        os.close(fd)
+    if bad is not None and bad.any():
+        bad[bad] = ~np.isfinite(out[bad]).all(axis=1)
+    return bad
 
 
 @njit(parallel=True, fastmath={"reassoc"}, cache=True)
@@ -204,9 +302,14 @@ def nonfinite_rows(X: np.ndarray) -> np.ndarray:
     return bad
 
 
-def _handle_nonfinite(block: Block, comm: Communicator, policy: str) -> Block:
-    """NaN or Inf rows are an error naming the first bad row, or are dropped on request."""
-    bad = nonfinite_rows(block.X)
+def _handle_nonfinite(
+    block: Block, comm: Communicator, policy: str, bad: np.ndarray | None = None
+) -> Block:
+    """NaN or Inf rows are an error naming the first bad row, or are dropped on request.
+
+    ``bad``: the non-finite rows of X if the read already found them; None: screen X here.
+    """
+    bad = nonfinite_rows(block.X) if bad is None else bad
     if block.y is not None:
         ybad = ~np.isfinite(block.y)
         bad |= ybad if ybad.ndim == 1 else ybad.any(axis=1)

@@ -1,0 +1,83 @@
+"""The direct read path (threaded preads of contiguous data sets) gives exactly what h5py reads,
+and every layout it cannot read (chunked, compressed, big-endian, other dtypes) goes through h5py."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from lepton_hpc.comm.base import SerialComm
+from lepton_hpc.data import reader
+from lepton_hpc.errors import DataError
+from lepton_hpc.log import Log
+
+
+def _read(path, y="y", direct=True, monkeypatch=None):
+    monkeypatch.setattr(reader, "DIRECT_READ", direct)
+    return reader.read_block(str(path), "X", y, SerialComm(), Log(0, 1))
+
+
+@pytest.mark.parametrize("dtype", ["<f4", "<f8"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_direct_equals_h5py_on_uneven_pieces(tmp_path, monkeypatch, dtype, threads):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(10_007, 5)).astype(dtype)
+    y = rng.normal(size=(10_007, 2))
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("pad", data=np.arange(13))  # X does not start at the first byte
+        fh.create_dataset("X", data=X)
+        fh.create_dataset("y", data=y)
+    info = reader.inspect(str(path), "X", "y")
+    assert info.x_offset is not None and info.y_offset is not None
+    monkeypatch.setattr(reader, "MIN_PIECE_BYTES", 4096)  # many pieces, the last one short
+    monkeypatch.setattr(reader, "_reader_threads", lambda comm: threads)
+    direct = _read(path, monkeypatch=monkeypatch)
+    via_h5py = _read(path, direct=False, monkeypatch=monkeypatch)
+    assert direct.X.dtype == via_h5py.X.dtype == np.dtype(dtype).newbyteorder("=")
+    assert np.array_equal(direct.X, X) and np.array_equal(via_h5py.X, X)
+    assert np.array_equal(direct.y, y) and np.array_equal(via_h5py.y, y)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"chunks": (100, 4)},
+        {"chunks": (100, 4), "compression": "gzip"},
+        {"dtype": ">f4"},
+        {"dtype": "<i4"},
+    ],
+    ids=["chunked", "gzip", "big-endian", "int32"],
+)
+def test_layouts_it_cannot_read_go_through_h5py(tmp_path, monkeypatch, kwargs):
+    X = np.arange(4_000, dtype=np.float64).reshape(1_000, 4)
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=X, **kwargs)
+        fh.create_dataset("y", data=np.arange(1_000, dtype=np.float32))
+    info = reader.inspect(str(path), "X", "y")
+    assert info.x_offset is None and info.y_offset is None  # y is float32: read and widened
+    block = _read(path, monkeypatch=monkeypatch)
+    assert np.array_equal(block.X, X) and np.array_equal(block.y, np.arange(1_000))
+
+
+def test_nan_found_by_the_direct_read_names_the_first_bad_row(tmp_path, monkeypatch):
+    X = np.ones((50_000, 8), dtype=np.float32)
+    X[31_234, 5] = np.nan
+    X[40_000] = np.finfo(np.float32).max  # finite: its row sum overflows, it is not flagged
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=X)
+        fh.create_dataset("y", data=np.zeros(50_000))
+    monkeypatch.setattr(reader, "MIN_PIECE_BYTES", 4096)
+    with pytest.raises(Exception, match=r"1 rows hold NaN or Inf \(first: row 31234\)"):
+        _read(path, monkeypatch=monkeypatch)
+
+
+def test_pread_of_a_file_shorter_than_the_data_is_a_data_error(tmp_path):
+    path = tmp_path / "short.bin"
+    path.write_bytes(np.arange(10, dtype=np.float64).tobytes())
+    out = np.empty((4, 3))
+    with pytest.raises(DataError, match="ends before the data"):
+        reader.pread_rows(str(path), 0, 0, out, 2)

@@ -27,6 +27,7 @@ Codes (small ints so that Numba and CUDA can take them):
     class probabilities (SOFTMAX).
 """
 
+import functools
 import itertools
 
 SIGMOID, TANH, RELU = 0, 1, 2
@@ -38,4 +39,9 @@ HEADS = {"squared": SQUARED, "binary": BINARY, "softmax": SOFTMAX}
 
 def param_count(sizes) -> int:
     """Length of the flat parameter vector for layer widths ``sizes``."""
-    return int(sum(int(a) * int(b) + int(b) for a, b in itertools.pairwise(sizes)))
+    return _param_count(tuple(int(s) for s in sizes))
+
+
+@functools.lru_cache(maxsize=64)
+def _param_count(sizes: tuple[int, ...]) -> int:  # once per model: this runs every step
+    return sum(a * b + b for a, b in itertools.pairwise(sizes))

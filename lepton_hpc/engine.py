@@ -111,8 +111,10 @@ class Trainer:
         self.X_val = None if self.data.val is None else self.device.place(self.data.val.X)
         self.sizes = np.asarray(self.model.sizes, dtype=np.int64)
         self.l2_mask = self.model.weight_mask() * cfg.model.l2
+        self.l2_any = bool(self.l2_mask.any())
         P = self.model.n_params
         self.buf = np.zeros(P + 4)  # [grad (P), loss sum, rows, stop flag, step]
+        self._sums = self.buf[: P + 2]  # what the kernel fills: [grad, loss sum, rows]
         self.reduction = make_reduction(self)  # how buf is summed (compressed, block-ordered)
         self.rows_seen = 0.0
         self.hooks = FaultHooks.from_env()
@@ -185,16 +187,18 @@ class Trainer:
         P = params.size
         buf = self.buf
         with self.timers("compute"):
-            self.reduction.local_sums(params, X, y, buf[: P + 2], batch)
+            self.reduction.local_sums(params, X, y, self._sums, batch)
         buf[P + 2] = 1.0 if self.stop.requested else 0.0
-        buf[P + 3] = float(self.hooks.before_step(self.comm.rank, step))
+        buf[P + 3] = self.hooks.before_step(self.comm.rank, step)
         with self.timers("comm"):
             self.reduction.reduce_(buf)
-        check_step(buf[P + 3], step, self.comm.size)
-        rows = buf[P + 1]
+        loss, rows, stop, reported = buf[P:].tolist()  # Python floats: cheap to use below
+        check_step(reported, step, self.comm.size)
         self.rows_seen += rows
-        grad = buf[:P] / max(rows, 1.0) + self.l2_mask * params
-        return grad, StepOutcome(buf[P], rows, buf[P + 2] > 0)
+        grad = buf[:P] / max(rows, 1.0)
+        if self.l2_any:
+            grad += self.l2_mask * params
+        return grad, StepOutcome(loss, rows, stop > 0)
 
     # ---- the loops ----------------------------------------------------------------------
     def fit(self) -> dict:

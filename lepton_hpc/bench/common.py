@@ -89,13 +89,16 @@ def launcher_rank_size() -> tuple[int, int]:
 def load_raw(
     x_bin: str, y_bin: str, rows: int, features: int, start: int = 0, stop: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Rows [start, stop) of the flat copies of X (float32, row-major) and y (float64)."""
+    """Rows [start, stop) of the flat copies of X (float32, row-major) and y (float64), in
+    64-byte aligned arrays as ``lepton train`` has them (every contender gets the same)."""
+    from ..data.reader import aligned_empty, pread_rows
+
     stop = rows if stop is None else stop
-    X = np.fromfile(
-        x_bin, dtype=np.float32, count=(stop - start) * features, offset=start * 4 * features
-    )
-    y = np.fromfile(y_bin, dtype=np.float64, count=stop - start, offset=start * 8)
-    return X.reshape(stop - start, features), y
+    X = aligned_empty((stop - start, features), np.float32)
+    y = aligned_empty((stop - start,), np.float64)
+    pread_rows(x_bin, 0, start, X, 1)
+    pread_rows(y_bin, 0, start, y.reshape(-1, 1), 1)
+    return X, y
 
 
 def part_parser(doc: str) -> argparse.ArgumentParser:

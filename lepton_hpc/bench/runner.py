@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shlex
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -217,7 +218,7 @@ class Bench:
         for k in p.ranks:
             self.train(f"train_weak_k{k}", k, self.weak[k], *full, "train.threads=1")
         fitting = [k for k in p.ranks if k <= p.cores]
-        mini = ("train.epochs=3", f"train.batch_size={GLOBAL_BATCH}", "optim.name=sgd")
+        mini = ("train.epochs=6", f"train.batch_size={GLOBAL_BATCH}", "optim.name=sgd")
         for k in fitting:
             self.train(f"train_minibatch_k{k}", k, self.data["h5"], *mini)
         for k in fitting:
@@ -301,8 +302,7 @@ def epoch_figures(res: dict, history: list[dict]) -> dict:
     secs = [e["seconds"] for e in history]
     if not secs:
         return {}
-    later = sorted(secs[1:])
-    epoch_s = later[len(later) // 2] if later else secs[0]
+    epoch_s = statistics.median(secs[1:]) if len(secs) > 1 else secs[0]
     t = res["timing"]
     note = "results.json timing: all epochs, the first included"
     return {

@@ -12,6 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..kernels.fastmath import prefetch_row
+from .reader import aligned_empty
 
 _AHEAD = 16  # rows of prefetch distance in the batch gather (measured: 8-32 alike)
 
@@ -82,13 +83,13 @@ def _floor_div(v, d, inv):
 
 
 @njit(cache=True)
-def _permute_part(index, n, half, keys, per, out, lo, hi):
+def _permute_part(index, n, half, keys, per, pos, out, lo, hi):
     h = np.uint64(half)
     lo_mask = (np.uint64(1) << h) - np.uint64(1)
     k0, k1, k2, k3 = keys[0], keys[1], keys[2], keys[3]
     ks = (k0, k1, k2, k3)
     top = np.uint64(n)
-    src, dst = index[lo:hi], out[lo:hi]
+    src, dst, res = index[lo:hi], pos[lo:hi], out[lo:hi]
     for i in range(src.size):
         dst[i] = np.int64(_network(np.uint64(src[i]), h, lo_mask, ks))
     for i in range(src.size):
@@ -101,17 +102,17 @@ def _permute_part(index, n, half, keys, per, out, lo, hi):
         while (np.int64(1) << shift) < per:
             shift += 1
         for i in range(src.size):
-            dst[i] >>= shift
-    elif per > 1:
+            res[i] = dst[i] >> shift
+    else:
         inv = 1.0 / per
         for i in range(src.size):
-            dst[i] = _floor_div(dst[i], per, inv)
+            res[i] = _floor_div(dst[i], per, inv)
 
 
 @njit(parallel=True, cache=True)
-def _permute(index, n, half, keys, per, out):
-    """out[i] = position of index[i] under the permutation (cycle walking into [0, n)), divided
-    by ``per`` (1: the position itself; the batch size: the batch of the row).
+def _permute(index, n, half, keys, per, pos, out):
+    """pos[i] = position of index[i] under the permutation (cycle walking into [0, n)), and
+    out[i] = pos[i] // per (out may be pos itself when per == 1; int32 for batch numbers).
 
     Chunks of 64K values run in parallel; in each, one pass of the network over every index (no
     branch: SIMD), then the few values that landed in [n, 2^(2 half)) (the domain is < 4n) walk
@@ -119,7 +120,8 @@ def _permute(index, n, half, keys, per, out):
     """
     chunk = 65536
     for c in prange((index.size + chunk - 1) // chunk):
-        _permute_part(index, n, half, keys, per, out, c * chunk, min(index.size, (c + 1) * chunk))
+        lo, hi = c * chunk, min(index.size, (c + 1) * chunk)
+        _permute_part(index, n, half, keys, per, pos, out, lo, hi)
 
 
 @njit(cache=True)
@@ -159,7 +161,7 @@ def permute(index: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
     if n <= 1:
         return index.copy()
     out = np.empty(index.size, np.int64)
-    _permute(index, n, _half(n), _keys(seed, epoch), 1, out)
+    _permute(index, n, _half(n), _keys(seed, epoch), 1, out, out)
     return out
 
 
@@ -180,14 +182,15 @@ class EpochBatches:
         self.full = batch_size <= 0 or batch_size >= n_train
         self.steps = 1 if self.full else -(-n_train // batch_size)
         m = self.index.size
-        self.batch = np.empty(m, np.int64)
-        self.order = np.empty(m, np.int64)
+        self.pos = np.empty(m, np.int64)
+        self.batch = np.empty(m, np.int32)  # batch numbers (< 2^31: steps of an epoch)
+        self.order = np.empty(m, np.int32 if m < 2**31 else np.int64)  # half the bytes to sort
 
     def __call__(self, epoch: int) -> list[np.ndarray]:
         if self.full:
             return [np.arange(self.index.size)]
         keys = _keys(self.seed, epoch)
-        _permute(self.index, self.n, _half(self.n), keys, self.batch_size, self.batch)
+        _permute(self.index, self.n, _half(self.n), keys, self.batch_size, self.pos, self.batch)
         starts = _group(self.batch, self.steps, self.order)
         return np.split(self.order, starts[1:-1])
 
@@ -235,15 +238,17 @@ class BatchGather:
         self.X, self.y = X, y
         self.bx = np.empty((0, *X.shape[1:]), X.dtype)
         self.by = np.empty((0, *y.shape[1:]), y.dtype)
+        self.parallel = numba.get_num_threads() > 1  # the rank's threads are set by now
+        self.fast = X.flags.c_contiguous and y.flags.c_contiguous
 
     def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         m = rows.size
         if m > self.bx.shape[0]:
-            self.bx = np.empty((m, *self.X.shape[1:]), self.X.dtype)
+            self.bx = aligned_empty((m, *self.X.shape[1:]), self.X.dtype)
             self.by = np.empty((m, *self.y.shape[1:]), self.y.dtype)
         bx, by = self.bx[:m], self.by[:m]
-        if m and self.X.flags.c_contiguous and self.y.flags.c_contiguous:
-            if m >= 1024 and numba.get_num_threads() > 1:
+        if m and self.fast:
+            if m >= 1024 and self.parallel:
                 _gather_parallel(self.X, self.y, rows, bx, by)
             else:
                 _gather_serial(self.X, self.y, rows, bx, by)

@@ -14,7 +14,7 @@ from ..comm.base import Communicator
 from ..log import Log
 from .batches import uniform
 from .preprocess import Scaler, fit_scaler
-from .reader import Block, DataInfo, global_block_rows, read_block
+from .reader import Block, DataInfo, global_block_rows, read_block, take_rows
 
 VALIDATION_STREAM = 1
 
@@ -88,7 +88,7 @@ def load_training_data(
         block.rows, data_cfg.validation_fraction, seed, data_cfg.folds, data_cfg.fold
     )
     keep = ~hold
-    Xt = np.ascontiguousarray(block.X[keep]) if hold.any() else block.X
+    Xt = take_rows(block.X, keep) if hold.any() else block.X
     blocks = None
     if reproducible:
         blocks = block.rows[keep] // global_block_rows(block.info.n_rows)
@@ -96,7 +96,7 @@ def load_training_data(
     train = make_split(scaler.apply(Xt), block.y[keep], block.rows[keep], comm)
     val = None
     if data_cfg.validation_fraction > 0 or data_cfg.folds:
-        Xv = np.ascontiguousarray(block.X[hold])
+        Xv = take_rows(block.X, hold)
         val = make_split(scaler.apply(Xv), block.y[hold], block.rows[hold], comm)
     return TrainingData(train, val, scaler, block.info)
 

@@ -27,8 +27,11 @@ class Scaler:
         """A scaled copy of ``X`` in its own dtype (``X`` itself when kind is "none")."""
         if self.kind == "none":
             return X
-        out = (X - self.shift) / self.scale
-        return np.ascontiguousarray(out, dtype=X.dtype)
+        from .reader import aligned_empty
+
+        out = aligned_empty(X.shape, X.dtype)
+        out[...] = (X - self.shift) / self.scale
+        return out
 
     @classmethod
     def identity(cls, d: int) -> Scaler:

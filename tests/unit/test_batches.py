@@ -88,8 +88,9 @@ def test_permute_equals_the_numpy_reference(n):
     assert np.array_equal(permute(idx, n, seed=11, epoch=3), _permute_numpy(idx, n, 11, 3))
 
 
-def test_batches_are_the_permutation_cut_in_order():
-    n, batch, lo, hi = 10_007, 256, 3_000, 7_001
+@pytest.mark.parametrize("batch", [256, 100, 4097])
+def test_batches_are_the_permutation_cut_in_order(batch):
+    n, lo, hi = 10_007, 3_000, 7_001
     index = np.arange(lo, hi)
     pos = _permute_numpy(index, n, 4, 1)
     parts = local_batches(index, n, batch, seed=4, epoch=1)

@@ -399,7 +399,26 @@ def _kernels() -> SimpleNamespace:
                 s += partial[b, q]
             result[q] = s
 
+    @cuda.jit
+    def take_rows(X, y2, rows, xb, yb):
+        """xb[i] = X[rows[i]], yb[i] = y2[rows[i]]: one thread per element, so the threads of a
+        warp read consecutive elements of a row (coalesced)."""
+        d, k = X.shape[1], y2.shape[1]
+        width = d + k
+        t = cuda.grid(1)
+        step = cuda.gridsize(1)
+        while t < rows.shape[0] * width:
+            i = t // width
+            j = t - i * width
+            r = rows[i]
+            if j < d:
+                xb[i, j] = X[r, j]
+            else:
+                yb[i, j - d] = y2[r, j - d]
+            t += step
+
     return SimpleNamespace(
+        take_rows=take_rows,
         grad_glm1=grad_glm1,
         grad_glmk=grad_glmk,
         grad_mlp=grad_mlp,
@@ -498,13 +517,22 @@ def _device_layout(sizes: np.ndarray) -> tuple[object, int]:
     return _layouts[key], width
 
 
-def _buffer(name: str, shape: tuple[int, ...]):
-    """A float64 device buffer reused across calls while its shape stays the same."""
+def _buffer(name: str, shape: tuple[int, ...], dtype=np.float64):
+    """A device buffer reused across calls while its shape (and dtype) stays the same."""
     buf = _buffers.get(name)
-    if buf is None or tuple(buf.shape) != shape:
-        buf = cuda.device_array(shape, dtype=np.float64)
+    if buf is None or tuple(buf.shape) != shape or buf.dtype != np.dtype(dtype):
+        buf = cuda.device_array(shape, dtype=dtype)
         _buffers[name] = buf
     return buf
+
+
+def _rows_buffer(name: str, rows: int, cols: int, dtype):
+    """The first ``rows`` rows of a reused (capacity, cols) device buffer (grown when needed)."""
+    buf = _buffers.get(name)
+    if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != np.dtype(dtype):
+        buf = cuda.device_array((max(rows, 1), cols), dtype=dtype)
+        _buffers[name] = buf
+    return buf[:rows]
 
 
 def _sm_count() -> int:
@@ -590,6 +618,26 @@ def _run_gradient(X, y2, params, sizes, activation, head, blocks, tpb):
     else:
         ks.grad_glmk[blocks, tpb](X, y2, d_params, int(sizes[-1]), head, partial)
     return partial
+
+
+def gather_rows(X, y, rows: np.ndarray):
+    """``X[rows], y[rows]`` of device arrays, gathered on the GPU into reused device buffers.
+
+    The training data is placed on the GPU once (``to_device``) and stays there across epochs;
+    per mini-batch step only the row numbers go up (8 bytes a row) and the gradient buffer
+    comes back. The arrays returned are valid until the next call.
+    """
+    _require()
+    X, y = _as_numba_device(X), _as_numba_device(y)
+    m = int(rows.size)
+    y2 = y.reshape(y.shape[0], 1) if len(y.shape) == 1 else y
+    xb = _rows_buffer("take_x", m, int(X.shape[1]), X.dtype)
+    yb = _rows_buffer("take_y", m, int(y2.shape[1]), y2.dtype)
+    if m:
+        d_rows = cuda.to_device(np.ascontiguousarray(rows, dtype=np.int64))
+        blocks, tpb = _launch(m * (int(X.shape[1]) + int(y2.shape[1])), None, None)
+        _kernels().take_rows[blocks, tpb](X, y2, d_rows, xb, yb)
+    return xb, (yb.reshape(m) if len(y.shape) == 1 else yb)
 
 
 def forward(

@@ -275,8 +275,9 @@ class Trainer:
     def _batch(self, gather: BatchGather, rows: np.ndarray, full: bool):
         if full:
             return self.X, self.y
-        X, y = gather(rows)
-        return self.device.place(X), self.device.place(y)
+        if self.device.name == "cuda":  # the data stays on the GPU: gather there
+            return self.device.kernels.gather_rows(self.X, self.y, rows)
+        return gather(rows)
 
     def _loop_lbfgs(self) -> None:
         """Full-batch L-BFGS: an iteration is an "epoch"; each evaluation one pass and allreduce."""

@@ -463,3 +463,28 @@ def test_matches_cpu_backend_when_present(kc):
     want = np.empty(params.size + 2)
     cpu.gradient(X, y, params, np.asarray(sizes, dtype=np.int64), code, head, want)
     assert_close(run_gradient(kc, X, y, params, sizes, code, head), want, rtol=1e-9)
+
+
+# ---- mini-batches gathered on the device ------------------------------------------------------
+@pytest.mark.parametrize("y_cols", [0, 3], ids=["y-1d", "y-2d"])
+def test_gather_rows_on_the_device_equals_host_indexing(kc, y_cols):
+    """The batch is taken from the data already on the GPU; only the row numbers go up."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(257, 7)).astype(np.float32)
+    y = rng.normal(size=(257, y_cols) if y_cols else 257)
+    dX, dy = kc.to_device(X), kc.to_device(y)
+    for picked in ([3, 3, 256, 0], np.sort(rng.choice(257, 100, replace=False)), []):
+        rows = np.asarray(picked, dtype=np.int64)
+        xb, yb = kc.gather_rows(dX, dy, rows)
+        assert kc._is_device_array(xb) and kc._is_device_array(yb)
+        np.testing.assert_array_equal(xb.copy_to_host(), X[rows])
+        np.testing.assert_array_equal(yb.copy_to_host(), y[rows])
+
+
+def test_gradient_of_a_device_gathered_batch(kc):
+    _, sizes, code, head = BY_ID["logistic-glm1"]
+    X, y, params = make_data(sizes, head, 301, np.float32, seed=8)
+    rows = np.sort(np.random.default_rng(2).choice(301, 64, replace=False))
+    xb, yb = kc.gather_rows(kc.to_device(X), kc.to_device(y), rows)
+    got = run_gradient(kc, xb, yb, params, sizes, code, head)
+    assert_close(got, ref_gradient(X[rows], y[rows], params, sizes, code, head))

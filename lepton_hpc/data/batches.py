@@ -180,15 +180,18 @@ class EpochBatches:
         self.index = np.ascontiguousarray(train_index, dtype=np.int64)
         self.n, self.batch_size, self.seed = n_train, batch_size, seed
         self.full = batch_size <= 0 or batch_size >= n_train
+        self._all: np.ndarray | None = None
         self.steps = 1 if self.full else -(-n_train // batch_size)
-        m = self.index.size
+        m = 0 if self.full else self.index.size
         self.pos = np.empty(m, np.int64)
         self.batch = np.empty(m, np.int32)  # batch numbers (< 2^31: steps of an epoch)
         self.order = np.empty(m, np.int32 if m < 2**31 else np.int64)  # half the bytes to sort
 
     def __call__(self, epoch: int) -> list[np.ndarray]:
-        if self.full:
-            return [np.arange(self.index.size)]
+        if self.full:  # one step of every row, the same array every epoch
+            if self._all is None:
+                self._all = np.arange(self.index.size)
+            return [self._all]
         keys = _keys(self.seed, epoch)
         _permute(self.index, self.n, _half(self.n), keys, self.batch_size, self.pos, self.batch)
         starts = _group(self.batch, self.steps, self.order)

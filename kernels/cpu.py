@@ -425,28 +425,22 @@ _COMBINE_TILE = 256
 
 
 @njit(**_JIT)
-def _combine_serial(partial, out):
-    """_combine for narrow partials, on the calling thread (the same additions, same order)."""
-    n_chunks, width = partial.shape
-    for j in range(width):
+def _combine_columns(partial, out, lo, hi):
+    """out[j] = sum over chunks c (in order) of partial[c, j], for columns lo..hi."""
+    for j in range(lo, hi):
         out[j] = 0.0
-    for c in range(n_chunks):
-        for j in range(width):
+    for c in range(partial.shape[0]):
+        for j in range(lo, hi):
             out[j] += partial[c, j]
 
 
 @njit(parallel=True, **_JIT)
 def _combine(partial, out):
-    """out[j] = sum over chunks c (in order) of partial[c, j]: fixed order, so deterministic."""
-    n_chunks, width = partial.shape
+    """``_combine_columns`` over tiles of columns in parallel: fixed order, so deterministic."""
+    width = partial.shape[1]
     tile = _COMBINE_TILE
     for t in prange((width + tile - 1) // tile):
-        lo, hi = t * tile, min(width, (t + 1) * tile)
-        for j in range(lo, hi):
-            out[j] = 0.0
-        for c in range(n_chunks):
-            for j in range(lo, hi):
-                out[j] += partial[c, j]
+        _combine_columns(partial, out, t * tile, min(width, (t + 1) * tile))
 
 
 # ------------------------------------------------------------------------------ Python dispatch
@@ -554,7 +548,7 @@ def gradient(X, y, params, sizes, activation: int, head: int, out: np.ndarray) -
         n_chunks, rows = _plan(n, block, P + 1)
         partial = _mlp_gradient(X, Y, pT, sizes, activation, head, block, rows, n_chunks)
     if partial.shape[1] <= _COMBINE_TILE:  # one tile: no thread pool for a few hundred adds
-        _combine_serial(partial, out[: P + 1])
+        _combine_columns(partial, out, 0, P + 1)
     else:
         _combine(partial, out[: P + 1])
     out[P + 1] = n

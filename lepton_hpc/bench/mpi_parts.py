@@ -11,6 +11,7 @@ Collectives go through ``lepton_hpc.comm`` (``allreduce_`` is mpi4py's in-place
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -68,16 +69,10 @@ def hdf5(args, comm: Communicator) -> dict:
     def ours():
         read_block(args.h5, "X", "y", comm, log)
 
-    def h5py_only():  # the bare HDF5 read of the same rows into fresh arrays, no checks
+    def h5py_read(coll: bool):  # the bare HDF5 read of the same rows into fresh arrays, no checks
         with open_read(args.h5, comm) as fh:
             Xl = np.empty((m, d), dtype=np.float32)
-            fh["X"].read_direct(Xl, np.s_[start:stop], np.s_[:])
-            fh["y"][start:stop]
-
-    def h5py_collective():  # the same with MPI-IO collective transfers
-        with open_read(args.h5, comm) as fh:
-            Xl = np.empty((m, d), dtype=np.float32)
-            with collective(fh["X"]):
+            with collective(fh["X"]) if coll else contextlib.nullcontext():
                 fh["X"].read_direct(Xl, np.s_[start:stop], np.s_[:])
             fh["y"][start:stop]
 
@@ -91,8 +86,8 @@ def hdf5(args, comm: Communicator) -> dict:
 
     fns = {
         "ours": ours,
-        "h5py": h5py_only,
-        "h5py_collective": h5py_collective,
+        "h5py": lambda: h5py_read(False),
+        "h5py_collective": lambda: h5py_read(True),  # MPI-IO collective transfers
         "raw": raw_preallocated,
         "raw_fresh": raw_fresh,
     }

@@ -35,15 +35,6 @@ def uniform(keys: np.ndarray, seed: int, stream: int) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-@njit(cache=True)
-def _mix64(z):
-    """mix64 of one uint64 (Numba): the same bits as ``mix64``."""
-    z = z + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
 _M32 = np.uint64(0xFFFFFFFF)
 
 
@@ -205,6 +196,8 @@ def local_batches(
     return EpochBatches(train_index, n_train, batch_size, seed)(epoch)
 
 
+# The same loop twice: serial for ranks with one thread (a prange loop there measured 75 against
+# 66 us for 2,048 rows), prange for ranks with several.
 @njit(cache=True)
 def _gather_serial(X, y, rows, bx, by):
     d, m = X.shape[1], rows.size

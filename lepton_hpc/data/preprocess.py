@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..comm.base import Communicator
+from .reader import aligned_empty
 
 
 @dataclass(slots=True)
@@ -27,8 +28,6 @@ class Scaler:
         """A scaled copy of ``X`` in its own dtype (``X`` itself when kind is "none")."""
         if self.kind == "none":
             return X
-        from .reader import aligned_empty
-
         out = aligned_empty(X.shape, X.dtype)
         out[...] = (X - self.shift) / self.scale
         return out

@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..comm.base import CollectiveError, Communicator, agree
+from ..device import default_threads
 from ..errors import DataError
 from ..log import Log
 from .h5 import collective, is_parallel, open_read
@@ -216,14 +217,16 @@ def read_block(
 
 
 def _reader_threads(comm: Communicator) -> int:
-    from ..device import default_threads
-
     return default_threads(comm)
 
 
 @njit(nogil=True, fastmath={"reassoc"}, cache=True)
 def _screen_piece(X, lo, hi, out):
-    """out[i] = the float64 sum of row i is NaN or Inf, for rows lo..hi (no GIL held)."""
+    """out[i] = the float64 sum of row i is NaN or Inf, for rows lo..hi (no GIL held).
+
+    Only ``reassoc`` (for SIMD sums): NaN and Inf still propagate into the sum, and the test is a
+    comparison (with nsz, Numba's isfinite folds to True; tests/unit/test_partition.py checks).
+    """
     for i in range(lo, hi):
         s = 0.0
         for j in range(X.shape[1]):
@@ -275,23 +278,23 @@ def pread_rows(
                 read(piece)
     finally:
         os.close(fd)
-    if bad is not None and bad.any():
-        bad[bad] = ~np.isfinite(out[bad]).all(axis=1)
-    return bad
+    return None if bad is None else _confirm_nonfinite(out, bad)
 
 
-@njit(parallel=True, fastmath={"reassoc"}, cache=True)
+@njit(parallel=True, cache=True)
 def _row_sums_nonfinite(X, out):
-    """out[i] = the float64 sum of row i is NaN or Inf.
+    """``_screen_piece`` over chunks of 16K rows in parallel."""
+    chunk = 16384
+    for c in prange((X.shape[0] + chunk - 1) // chunk):
+        _screen_piece(X, c * chunk, min(X.shape[0], (c + 1) * chunk), out)
 
-    Only ``reassoc`` (for SIMD sums): NaN and Inf still propagate into the sum, and the test is a
-    comparison (with nsz, Numba's isfinite folds to True; tests/unit/test_partition.py checks).
-    """
-    for i in prange(X.shape[0]):
-        s = 0.0
-        for j in range(X.shape[1]):
-            s += X[i, j]
-        out[i] = not (abs(s) < math.inf)
+
+def _confirm_nonfinite(X: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Keep only the flagged rows that really hold NaN or Inf (huge finite values can overflow
+    a row sum); ``bad`` is updated in place and returned."""
+    if bad.any():
+        bad[bad] = ~np.isfinite(X[bad]).all(axis=1)
+    return bad
 
 
 def nonfinite_rows(X: np.ndarray) -> np.ndarray:
@@ -310,9 +313,7 @@ def nonfinite_rows(X: np.ndarray) -> np.ndarray:
     else:
         with np.errstate(invalid="ignore", over="ignore"):
             bad = ~np.isfinite(X.sum(axis=1, dtype=np.float64))
-    if bad.any():
-        bad[bad] = ~np.isfinite(X[bad]).all(axis=1)
-    return bad
+    return _confirm_nonfinite(X, bad)
 
 
 def take_rows(X: np.ndarray, keep: np.ndarray) -> np.ndarray:

@@ -217,7 +217,7 @@ def predict_one(
     args = argparse.Namespace(model=model_path, data=data_path, x=x, y=None)
     model, params, split, device = _load_for_inference(args, comm, log, with_y=False)
     out = forward(model, params, split.X, device)
-    start = int(split.rows[0]) if split.n else 0
+    start = int(split.ids[0]) if split.ids is not None and split.n else split.start
     n = split.n_global
     with create_parallel(out_path, comm, force=force) as fh:
         name = "probabilities" if model.is_classifier else "predictions"

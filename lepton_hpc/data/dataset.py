@@ -14,7 +14,7 @@ from ..comm.base import Communicator
 from ..log import Log
 from .batches import uniform
 from .preprocess import Scaler, fit_scaler
-from .reader import Block, DataInfo, global_block_rows, read_block, take_rows
+from .reader import Block, DataInfo, global_block_rows, read_block, row_ids, take_rows
 
 VALIDATION_STREAM = 1
 
@@ -25,22 +25,31 @@ class Split:
 
     X: np.ndarray
     y: np.ndarray
-    rows: np.ndarray  # global row ids in the file
     n_global: int
     offset: int  # number of rows of this part on lower ranks (for rank-count-free ordering)
+    start: int = 0  # global row id (in the file) of the first local row
+    ids: np.ndarray | None = None  # global row ids, when they are not start..start+n
 
     @property
     def n(self) -> int:
         return int(self.X.shape[0])
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Global row ids in the file (built when asked for)."""
+        return row_ids(self.start, self.n, self.ids)
 
     def index(self) -> np.ndarray:
         """Global position of each local row within this part (0..n_global-1)."""
         return self.offset + np.arange(self.n, dtype=np.int64)
 
 
-def make_split(X: np.ndarray, y: np.ndarray, rows: np.ndarray, comm: Communicator) -> Split:
+def make_split(
+    X: np.ndarray, y: np.ndarray, comm: Communicator, start: int, ids: np.ndarray | None = None
+) -> Split:
+    """A Split of these rows: global row ids ``ids``, or ``start..`` when they are contiguous."""
     counts = comm.allreduce_(np.array([X.shape[0]], dtype=np.int64))
-    return Split(X, y, rows, int(counts[0]), comm.exscan(X.shape[0]))
+    return Split(X, y, int(counts[0]), comm.exscan(X.shape[0]), start, ids)
 
 
 def validation_mask(
@@ -84,20 +93,22 @@ def load_training_data(
         aligned=reproducible,
     )
     assert block.y is not None
-    hold = validation_mask(
-        block.rows, data_cfg.validation_fraction, seed, data_cfg.folds, data_cfg.fold
-    )
+    holds_out = data_cfg.validation_fraction > 0 or bool(data_cfg.folds)
+    if not holds_out and not reproducible:  # every row trains: no row ids needed here
+        scaler = fit_scaler(data_cfg.scale, block.X, comm, None)
+        train = make_split(scaler.apply(block.X), block.y, comm, block.start, block.ids)
+        return TrainingData(train, None, scaler, block.info)
+    rows = block.rows
+    hold = validation_mask(rows, data_cfg.validation_fraction, seed, data_cfg.folds, data_cfg.fold)
     keep = ~hold
     Xt = take_rows(block.X, keep) if hold.any() else block.X
-    blocks = None
-    if reproducible:
-        blocks = block.rows[keep] // global_block_rows(block.info.n_rows)
+    blocks = rows[keep] // global_block_rows(block.info.n_rows) if reproducible else None
     scaler = fit_scaler(data_cfg.scale, Xt, comm, blocks)
-    train = make_split(scaler.apply(Xt), block.y[keep], block.rows[keep], comm)
+    train = make_split(scaler.apply(Xt), block.y[keep], comm, block.start, rows[keep])
     val = None
-    if data_cfg.validation_fraction > 0 or data_cfg.folds:
+    if holds_out:
         Xv = take_rows(block.X, hold)
-        val = make_split(scaler.apply(Xv), block.y[hold], block.rows[hold], comm)
+        val = make_split(scaler.apply(Xv), block.y[hold], comm, block.start, rows[hold])
     return TrainingData(train, val, scaler, block.info)
 
 
@@ -118,4 +129,4 @@ def load_eval_data(
     ys = block.y if block.y is not None else np.zeros(block.n)
     fits = block.info.n_features == scaler.shift.size
     X = scaler.apply(block.X) if fits else block.X
-    return make_split(X, ys, block.rows, comm), block.info
+    return make_split(X, ys, comm, block.start, block.ids), block.info

@@ -42,3 +42,18 @@ def test_nonfinite_rows_screen_is_exact():
         assert np.array_equal(nonfinite_rows(X), expected)
         assert np.flatnonzero(nonfinite_rows(X)).tolist() == [20, 30, 40]
     assert nonfinite_rows(np.zeros((0, 3))).shape == (0,)
+
+
+def test_nonfinite_rows_of_targets_or_into_the_feature_flags():
+    import numpy as np
+
+    from lepton_hpc.data.reader import nonfinite_rows
+
+    bad = np.zeros(200, dtype=bool)
+    bad[[5, 70]] = True  # flags from X: never cleared by the screen of y
+    y = np.zeros(200)
+    y[[70, 71, 199]] = (np.nan, np.inf, -np.inf)
+    assert np.flatnonzero(nonfinite_rows(y, out=bad)).tolist() == [5, 70, 71, 199]
+    y2 = np.zeros((200, 3), dtype=np.float32)[:, ::2]  # not C-ordered: the NumPy path
+    y2[7, 1] = np.nan
+    assert np.flatnonzero(nonfinite_rows(y2)).tolist() == [7]

@@ -81,3 +81,25 @@ def test_pread_of_a_file_shorter_than_the_data_is_a_data_error(tmp_path):
     out = np.empty((4, 3))
     with pytest.raises(DataError, match="ends before the data"):
         reader.pread_rows(str(path), 0, 0, out, 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_screened_read_finds_exactly_the_bad_rows_at_every_boundary(tmp_path, monkeypatch, dtype):
+    """Bad values at the edges of the screen's 64-row groups, of the screened reads and of the
+    pieces are all found; huge finite rows (whose group sum overflows) are not flagged."""
+    m, d = 5_003, 6
+    X = np.random.default_rng(2).normal(size=(m, d)).astype(dtype)
+    for r in (0, 63, 64, 127, 1_000, 1_001, 2_047, 4_999, m - 1):
+        X[r, r % d] = (np.nan, np.inf, -np.inf)[r % 3]
+    X[200:264] = np.finfo(dtype).max  # a whole finite group that overflows its sum
+    X[300, 2] = -np.finfo(dtype).max
+    path = tmp_path / "x.bin"
+    path.write_bytes(X.tobytes())
+    monkeypatch.setattr(reader, "MIN_PIECE_BYTES", 7 * 1024)  # uneven pieces ...
+    monkeypatch.setattr(reader, "SCREEN_READ_BYTES", 3 * 1024)  # ... read in uneven steps
+    for threads in (1, 3):
+        out = np.empty_like(X)
+        bad = reader.pread_rows(str(path), 0, 0, out, threads, screen=True)
+        assert np.array_equal(out, X, equal_nan=True)
+        assert np.array_equal(bad, ~np.isfinite(X).all(axis=1))
+    assert np.array_equal(reader.nonfinite_rows(X), ~np.isfinite(X).all(axis=1))

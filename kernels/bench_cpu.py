@@ -1,7 +1,8 @@
 """Bandwidth check of the CPU gradient kernels: ``python -m lepton_hpc.kernels.bench_cpu [rounds]``.
 
 Times one full-batch gradient (linear and logistic) on 4,000,000 x 32 float32 against the
-"memory-read ceiling": a Numba ``prange`` pass that only sums every element of the same array.
+"memory-read ceiling": the bench's Numba ``prange`` pass that only sums every element of the
+same array (``lepton_hpc.bench.micro.read_sum``).
 The three are timed in rotation so that load from other processes hits them alike; the medians
 are reported with ratio = ceiling time / kernel time (1.0 = running at read bandwidth).
 """
@@ -11,24 +12,10 @@ import time
 
 import numba
 import numpy as np
-from numba import njit, prange
+
+from lepton_hpc.bench.micro import read_sum
 
 from . import BINARY, SIGMOID, SQUARED, cpu, param_count
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def read_ceiling(X):
-    """Sum of all elements of X (float64 accumulation), prange over blocks of 1024 rows."""
-    n, d = X.shape
-    n_blocks = (n + 1023) // 1024
-    part = np.zeros(n_blocks)
-    for b in prange(n_blocks):
-        s = 0.0
-        for i in range(b * 1024, min(n, b * 1024 + 1024)):
-            for j in range(d):
-                s += X[i, j]
-        part[b] = s
-    return part.sum()
 
 
 def main(rounds: int = 9, n: int = 4_000_000, d: int = 32) -> dict[str, float]:
@@ -40,7 +27,7 @@ def main(rounds: int = 9, n: int = 4_000_000, d: int = 32) -> dict[str, float]:
     params = rng.normal(size=param_count(sizes)) * 0.1
     out = np.zeros(params.size + 2)
     runs = {
-        "ceiling": lambda: read_ceiling(X),
+        "ceiling": lambda: read_sum(X.reshape(-1), X.dtype.type(0)),
         "linear": lambda: cpu.gradient(X, y, params, sizes, SIGMOID, SQUARED, out),
         "logistic": lambda: cpu.gradient(X, y, params, sizes, SIGMOID, BINARY, out),
     }

@@ -22,18 +22,23 @@ READ_CHUNK = 1 << 16  # elements per parallel task of the read ceiling
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def read_sum(flat):  # pragma: no cover - compiled
+def read_sum(flat, zero):  # pragma: no cover - compiled
     """Sum of every element of a 1-D array: a pure streaming read, vectorised, all threads.
 
     Each task reads a slice, so its indices are provably >= 0: Numba then emits no negative-index
-    wraparound and LLVM vectorises the float64 sum (indexing ``flat[i]`` directly runs ~5x slower).
+    wraparound and LLVM vectorises the sum (indexing ``flat[i]`` directly runs ~5x slower). Each
+    task sums in the array's own precision (``zero``: its dtype's 0): widening float32 to float64
+    costs a conversion per element, and that made this "ceiling" about 9 % slower than the
+    memory (16.7 against 15.3 ms on 512 MB, 2 threads), flattering every ratio to it. One load per
+    cache line instead of per element measured slower still (16.9 ms): the prefetchers stream
+    best behind dense loads. Task sums are kept in float64.
     """
     n = flat.size
     n_chunks = (n + READ_CHUNK - 1) // READ_CHUNK
     part = np.zeros(n_chunks)
     for c in prange(n_chunks):
         chunk = flat[c * READ_CHUNK : min(n, (c + 1) * READ_CHUNK)]
-        s = 0.0
+        s = zero
         for i in range(chunk.size):
             s += chunk[i]
         part[c] = s
@@ -62,7 +67,7 @@ def memory(args) -> dict:
         cpu.gradient(X, y, params, sizes, SIGMOID, BINARY, out)
 
     def ceiling():
-        read_sum(flat)
+        read_sum(flat, flat.dtype.type(0))
 
     threads = min(cores(), numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(threads)

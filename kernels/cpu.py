@@ -29,7 +29,7 @@ from .fastmath import (
     fast_sigmoid,
     fast_tanh,
     log1p_unit,
-    prefetch_row,
+    prefetch_at,
 )
 
 # Reassociation lets LLVM vectorise the dot-product and loss reductions; no nnan/ninf, so a
@@ -97,7 +97,9 @@ def _pipeline_one_output(X, nxt, m_nxt, pT, z_nxt, cur, m_cur, z_cur, gT):
     """k == 1 (linear, logistic): logits of block nxt and gradient of block cur, interleaved.
 
     Software pipelining keeps memory busy: rows of the next block stream in (prefetched
-    PREFETCH_BYTES ahead) while the current block, already in L1, is accumulated into gT.
+    PREFETCH_BYTES ahead, one hint per cache line of the four rows, with no clamp at the array's
+    end since a prefetch never faults: 7 % faster on 4M rows than a clamped hint for the first
+    and last line of each row) while the current block, already in L1, is accumulated into gT.
     Rows go four at a time, so w and g are loaded (and g stored) once per four rows. Written
     out in one function on purpose: splitting it into helpers measured 1.6x slower. Indices
     are uint64 (constants _U*, never a plain int: uint64 + int64 is float64 in Numba): with
@@ -106,16 +108,17 @@ def _pipeline_one_output(X, nxt, m_nxt, pT, z_nxt, cur, m_cur, z_cur, gT):
     """
     d = X.shape[1]
     du = np.uint64(d)
-    last = X.shape[0] - 1
-    ahead = max(1, PREFETCH_BYTES // (d * X.itemsize))
+    row_bytes = d * X.itemsize
+    ahead = max(1, PREFETCH_BYTES // row_bytes)
     mn, mc = np.uint64(m_nxt), np.uint64(m_cur)
     base_n, base_c = np.uint64(nxt), np.uint64(cur)
     top = max(mn, mc)
     i = np.uint64(0)
     while i < top:
         if i + _U4 <= mn:  # logits of four next rows (bias added below)
-            for t in range(4):
-                prefetch_row(X, min(nxt + int(i) + t + ahead, last))
+            ahead_at = (nxt + int(i) + ahead) * row_bytes  # the next four rows' lines, ahead
+            for t in range(0, 4 * row_bytes, 64):
+                prefetch_at(X, ahead_at + t)
             r = base_n + i
             a0 = a1 = a2 = a3 = 0.0
             j = np.uint64(0)

@@ -207,3 +207,26 @@ def prefetch_row(_typingctx, arr, row):
         return context.get_dummy_value()
 
     return types.none(arr, row), codegen
+
+
+@intrinsic
+def prefetch_at(_typingctx, arr, offset):
+    """Hint the CPU to load the cache line at byte ``offset`` of ``arr``'s data into L1.
+
+    No bounds: ``llvm.prefetch`` never faults, whatever the address (past the end included).
+    """
+    if not (isinstance(arr, types.Array) and isinstance(offset, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        base = builder.bitcast(ary.data, i8p)
+        off = context.cast(builder, args[1], sig.args[1], types.intp)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        args_ = [builder.gep(base, [off]), *(ir.Constant(i32, v) for v in (0, 3, 1))]
+        builder.call(fn, args_)  # read, high locality, data cache
+        return context.get_dummy_value()
+
+    return types.none(arr, offset), codegen

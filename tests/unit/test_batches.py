@@ -97,3 +97,20 @@ def test_batches_are_the_permutation_cut_in_order(batch):
     assert len(parts) == -(-n // batch)
     for k, part in enumerate(parts):
         assert np.array_equal(part, np.flatnonzero(pos // batch == k))  # ascending rows
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 7])
+def test_parallel_grouping_equals_the_serial_counting_sort(parts):
+    from lepton_hpc.data.batches import _group, _group_parallel
+
+    rng = np.random.default_rng(parts)
+    steps = 13
+    batch = rng.integers(0, steps, size=10_007).astype(np.int32)
+    batch[:50] = 4  # one batch with a run at the start; batch 12 may be rare or empty
+    serial, parallel = np.empty(batch.size, np.int32), np.full(batch.size, -1, np.int32)
+    s_starts = _group(batch, steps, serial)
+    p_starts = _group_parallel(batch, steps, parallel, parts)
+    assert np.array_equal(s_starts, p_starts) and np.array_equal(serial, parallel)
+    for b in range(steps):  # each batch holds exactly its rows, ascending
+        rows = parallel[p_starts[b] : p_starts[b + 1]]
+        assert np.array_equal(rows, np.flatnonzero(batch == b))

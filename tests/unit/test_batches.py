@@ -114,3 +114,21 @@ def test_parallel_grouping_equals_the_serial_counting_sort(parts):
     for b in range(steps):  # each batch holds exactly its rows, ascending
         rows = parallel[p_starts[b] : p_starts[b + 1]]
         assert np.array_equal(rows, np.flatnonzero(batch == b))
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("y_cols", [0, 3])
+def test_batch_gather_equals_fancy_indexing(parallel, y_cols):
+    from lepton_hpc.data.batches import BatchGather
+
+    rng = np.random.default_rng(y_cols)
+    X = rng.normal(size=(5_000, 7)).astype(np.float32)
+    y = rng.normal(size=(5_000, y_cols) if y_cols else 5_000)
+    gather = BatchGather(X, y)
+    gather.parallel = parallel
+    for m in (1, 17, 1_500, 4_000, 300):  # the buffers grow, then are reused for fewer rows
+        rows = np.sort(rng.choice(5_000, size=m, replace=False)).astype(np.int32)
+        bx, by = gather(rows)
+        assert np.array_equal(bx, X[rows]) and np.array_equal(by, y[rows])
+    bx, by = BatchGather(X[:, ::2], y)(rows)  # not C-ordered: NumPy's take
+    assert np.array_equal(bx, X[:, ::2][rows]) and np.array_equal(by, y[rows])

@@ -116,19 +116,29 @@ def _permute(index, n, half, keys, per, pos, out):
 
 
 @njit(cache=True)
-def _group(batch, steps, order):
-    """Counting sort of local rows by batch number: rows ascending within each batch."""
-    m = batch.size
-    starts = np.zeros(steps + 1, np.int64)
-    for i in range(m):
-        starts[batch[i] + 1] += 1
-    for b in range(steps):
-        starts[b + 1] += starts[b]
-    fill = starts[:steps].copy()
-    for i in range(m):
+def _count(batch, lo, hi, counts):
+    """counts[b] += number of rows lo..hi in batch b."""
+    for i in range(lo, hi):
+        counts[batch[i]] += 1
+
+
+@njit(cache=True)
+def _scatter(batch, lo, hi, fill, order):
+    """Rows lo..hi, in order, into their batch's next free slot of ``order`` (fill: per batch)."""
+    for i in range(lo, hi):
         b = batch[i]
         order[fill[b]] = i
         fill[b] += 1
+
+
+@njit(cache=True)
+def _group(batch, steps, order):
+    """Counting sort of local rows by batch number: rows ascending within each batch."""
+    starts = np.zeros(steps + 1, np.int64)
+    _count(batch, 0, batch.size, starts[1:])
+    for b in range(steps):
+        starts[b + 1] += starts[b]
+    _scatter(batch, 0, batch.size, starts[:steps].copy(), order)
     return starts
 
 
@@ -141,9 +151,7 @@ def _group_parallel(batch, steps, order, parts):
     per = (m + parts - 1) // parts
     counts = np.zeros((parts, steps), np.int64)
     for p in prange(parts):
-        c = counts[p]
-        for i in range(p * per, min(m, (p + 1) * per)):
-            c[batch[i]] += 1
+        _count(batch, p * per, min(m, (p + 1) * per), counts[p])
     starts = np.zeros(steps + 1, np.int64)
     offsets = np.empty((parts, steps), np.int64)
     pos = 0
@@ -154,11 +162,7 @@ def _group_parallel(batch, steps, order, parts):
             pos += counts[p, b]
     starts[steps] = pos
     for p in prange(parts):
-        fill = offsets[p]
-        for i in range(p * per, min(m, (p + 1) * per)):
-            b = batch[i]
-            order[fill[b]] = i
-            fill[b] += 1
+        _scatter(batch, p * per, min(m, (p + 1) * per), offsets[p], order)
     return starts
 
 
@@ -230,34 +234,33 @@ def local_batches(
     return EpochBatches(train_index, n_train, batch_size, seed)(epoch)
 
 
-# The same loop twice: serial for ranks with one thread (a prange loop there measured 75 against
-# 66 us for 2,048 rows), prange for ranks with several.
+@njit(cache=True, inline="always")
+def _gather_row(X, y, rows, bx, by, i):
+    """Row i of the batch: bx[i] = X[rows[i]], by[i] = y[rows[i]], after asking for the lines of
+    a later row and its target (random rows; 50.9 -> 48.3 us per batch with the target's).
+    Inlined in Numba's IR: as a plain call the serial loop measured 79 against 54 us."""
+    if i + _AHEAD < rows.size:
+        later = rows[i + _AHEAD]
+        prefetch_row(X, later)
+        prefetch_at(y, later * y.strides[0])
+    r = rows[i]
+    for j in range(X.shape[1]):  # element by element: a row slice costs a view per row (4x slower)
+        bx[i, j] = X[r, j]
+    by[i] = y[r]
+
+
+# Serial for ranks with one thread (a prange loop there measured 75 against 66 us for 2,048
+# rows), prange for ranks with several.
 @njit(cache=True)
 def _gather_serial(X, y, rows, bx, by):
-    d, m = X.shape[1], rows.size
-    for i in range(m):
-        if i + _AHEAD < m:  # random rows: ask for a later row's lines while this one copies
-            later = rows[i + _AHEAD]
-            prefetch_row(X, later)
-            prefetch_at(y, later * y.strides[0])  # and its target's (50.9 -> 48.3 us per batch)
-        r = rows[i]
-        for j in range(d):  # element by element: a row slice costs a view per row (4x slower)
-            bx[i, j] = X[r, j]
-        by[i] = y[r]
+    for i in range(rows.size):
+        _gather_row(X, y, rows, bx, by, i)
 
 
 @njit(parallel=True, cache=True)
 def _gather_parallel(X, y, rows, bx, by):
-    d, m = X.shape[1], rows.size
-    for i in prange(m):
-        if i + _AHEAD < m:
-            later = rows[i + _AHEAD]
-            prefetch_row(X, later)
-            prefetch_at(y, later * y.strides[0])
-        r = rows[i]
-        for j in range(d):
-            bx[i, j] = X[r, j]
-        by[i] = y[r]
+    for i in prange(rows.size):
+        _gather_row(X, y, rows, bx, by, i)
 
 
 class BatchGather:

@@ -94,17 +94,20 @@ def load_training_data(
     )
     assert block.y is not None
     holds_out = data_cfg.validation_fraction > 0 or bool(data_cfg.folds)
-    if not holds_out and not reproducible:  # every row trains: no row ids needed here
-        scaler = fit_scaler(data_cfg.scale, block.X, comm, None)
-        train = make_split(scaler.apply(block.X), block.y, comm, block.start, block.ids)
-        return TrainingData(train, None, scaler, block.info)
-    rows = block.rows
-    hold = validation_mask(rows, data_cfg.validation_fraction, seed, data_cfg.folds, data_cfg.fold)
-    keep = ~hold
-    Xt = take_rows(block.X, keep) if hold.any() else block.X
-    blocks = rows[keep] // global_block_rows(block.info.n_rows) if reproducible else None
-    scaler = fit_scaler(data_cfg.scale, Xt, comm, blocks)
-    train = make_split(scaler.apply(Xt), block.y[keep], comm, block.start, rows[keep])
+    X, y, ids = block.X, block.y, block.ids  # every row trains unless some are held out
+    if holds_out:  # row ids are built only here and in reproducible mode
+        rows = block.rows
+        hold = validation_mask(
+            rows, data_cfg.validation_fraction, seed, data_cfg.folds, data_cfg.fold
+        )
+        if hold.any():
+            keep = ~hold
+            X, y, ids = take_rows(block.X, keep), block.y[keep], rows[keep]
+    blocks = None
+    if reproducible:
+        blocks = row_ids(block.start, X.shape[0], ids) // global_block_rows(block.info.n_rows)
+    scaler = fit_scaler(data_cfg.scale, X, comm, blocks)
+    train = make_split(scaler.apply(X), y, comm, block.start, ids)
     val = None
     if holds_out:
         Xv = take_rows(block.X, hold)

@@ -372,3 +372,53 @@ def test_fast_softplus_loop_is_vectorised():
     asm = fn.apply.inspect_asm(fn.apply.signatures[0])
     packed = [line for line in asm.splitlines() if "pd\t" in line and "mm" in line]
     assert any(op in line for line in packed for op in ("vfmadd", "vmulpd", "mulpd"))
+
+
+# ---------------------------------------------- one-output models: register tiles and pipeline
+
+
+@pytest.mark.parametrize("tiles", [True, False], ids=["tiles", "pipeline"])
+@pytest.mark.parametrize("head", [SQUARED, BINARY])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("d", [1, 7, 8, 9, 24, 31, 32, 33])
+def test_one_output_paths_match_reference(monkeypatch, tiles, head, dtype, d):
+    """Both one-output kernels, every feature-tile boundary, every tail of a group of 4 rows."""
+    monkeypatch.setattr(cpu, "USE_TILES", tiles)
+    for n in (1, 2, 3, 4, 5, 6, 7, 130, 1001):
+        X, y, params, sizes = make_problem((d, 1), head, n, dtype, seed=d * 1000 + n)
+        out = run_gradient(X, y, params, sizes, SIGMOID, head)
+        g_ref, loss_ref, _, _ = reference(X, y, params, sizes, SIGMOID, head)
+        P = len(params)
+        assert rel_err(out[:P], g_ref) < 1e-12, (n, d)
+        assert abs(out[P] - loss_ref) <= 1e-12 * abs(loss_ref), (n, d)
+        assert out[P + 1] == n
+
+
+def test_tiles_float32_targets_and_thread_count(monkeypatch):
+    """Tile kernel: float32 y is read as float32; 1 and 2 threads give bitwise the same sums."""
+    monkeypatch.setattr(cpu, "USE_TILES", True)
+    X, y, params, sizes = make_problem((13, 1), BINARY, 50_003, np.float32, seed=5)
+    out32 = run_gradient(X, y.astype(np.float32), params, sizes, SIGMOID, BINARY)
+    np.testing.assert_array_equal(out32, run_gradient(X, y, params, sizes, SIGMOID, BINARY))
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        return
+    saved = numba.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            runs.append(run_gradient(X, y, params, sizes, SIGMOID, BINARY))
+    finally:
+        numba.set_num_threads(saved)
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_tiles_nonfinite_logits_propagate(monkeypatch):
+    """A NaN or inf in X shows as a NaN loss (no fast-math assumption hides it)."""
+    monkeypatch.setattr(cpu, "USE_TILES", True)
+    for bad in (np.nan, np.inf):
+        for head in (SQUARED, BINARY):
+            X, y, params, sizes = make_problem((32, 1), head, 37, seed=1)
+            X[35, 31] = bad
+            out = run_gradient(X, y, params, sizes, SIGMOID, head)
+            assert np.isnan(out[len(params)]) or np.isinf(out[len(params)])

@@ -22,7 +22,10 @@ it against ``_head_loss`` (relative error < 1e-14).
 Measured and not kept (one thread, 64K x 32 float32 rows in cache, 4M rows from memory):
 a head on eight lanes for eight rows (the first four rows loaded twice: 8.8 against 9.8 ns per
 row in cache, but no faster from memory), and the head of one group run while the next group's
-dot products are computed (the same); longer software-prefetch distances (3-6 KiB: slower).
+dot products are computed (the same); longer software-prefetch distances (3-6 KiB: slower);
+the head's constants passed in an array instead of the constant pool, which Numba's large code
+model reaches with a 64-bit address load at each use (no change); dynamic scheduling of the
+chunks over threads (numba.set_parallel_chunksize: no change).
 """
 
 import operator

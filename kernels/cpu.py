@@ -189,7 +189,18 @@ def _pipeline_one_output(X, nxt, m_nxt, pT, z_nxt, cur, m_cur, z_cur, gT):
     gT[d] += gb
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", error_model="numpy")
+def _row_tiles(flat, o, count):
+    """flat[o : o + count] (count <= 32) as four vec8 of 8 values each, widened; the rest 0."""
+    return (
+        load8(flat, o, count),
+        load8(flat, o + 8, count - 8),
+        load8(flat, o + 16, count - 16),
+        load8(flat, o + 24, count - 24),
+    )
+
+
+@njit(inline="always", error_model="numpy")
 def _tile_group(xf, o, d, live, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2, g3):
     """Logits, head and gradient of rows i .. i + live - 1 (live <= 4) of a model with d <= 32.
 
@@ -201,31 +212,10 @@ def _tile_group(xf, o, d, live, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2,
     c1 = d if live > 1 else 0
     c2 = d if live > 2 else 0
     c3 = d if live > 3 else 0
-    o1, o2, o3 = o + d, o + 2 * d, o + 3 * d
-    x00, x01, x02, x03 = (
-        load8(xf, o, c0),
-        load8(xf, o + 8, c0 - 8),
-        load8(xf, o + 16, c0 - 16),
-        load8(xf, o + 24, c0 - 24),
-    )
-    x10, x11, x12, x13 = (
-        load8(xf, o1, c1),
-        load8(xf, o1 + 8, c1 - 8),
-        load8(xf, o1 + 16, c1 - 16),
-        load8(xf, o1 + 24, c1 - 24),
-    )
-    x20, x21, x22, x23 = (
-        load8(xf, o2, c2),
-        load8(xf, o2 + 8, c2 - 8),
-        load8(xf, o2 + 16, c2 - 16),
-        load8(xf, o2 + 24, c2 - 24),
-    )
-    x30, x31, x32, x33 = (
-        load8(xf, o3, c3),
-        load8(xf, o3 + 8, c3 - 8),
-        load8(xf, o3 + 16, c3 - 16),
-        load8(xf, o3 + 24, c3 - 24),
-    )
+    x00, x01, x02, x03 = _row_tiles(xf, o, c0)
+    x10, x11, x12, x13 = _row_tiles(xf, o + d, c1)
+    x20, x21, x22, x23 = _row_tiles(xf, o + 2 * d, c2)
+    x30, x31, x32, x33 = _row_tiles(xf, o + 3 * d, c3)
     z = (
         hsum4(
             fma(x03, w3, fma(x02, w2, fma(x01, w1, x00 * w0))),
@@ -248,7 +238,7 @@ def _tile_group(xf, o, d, live, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2,
     return g0, g1, g2, g3, q, loss
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, error_model="numpy", cache=True)
 def _one_output_tiles(X, Y, w, binary, ahead, chunk_rows, n_chunks):
     """k == 1 and d <= TILE_WIDTH (linear, logistic): one pass, rows and gradient in registers.
 
@@ -257,13 +247,19 @@ def _one_output_tiles(X, Y, w, binary, ahead, chunk_rows, n_chunks):
     which stays in four registers for the whole chunk. Returns the (n_chunks, d + 2) partial
     sums: gradient, bias gradient, loss. Chunks are as in _single_layer_gradient (whole blocks,
     from n and the model only), so results do not depend on the thread count.
+
+    No fast-math flags here: every fused multiply-add is an explicit fma, so the rounding is
+    fixed by the code. With _JIT's flags, Numba gave this parallel function fast-math when it
+    compiled it and not when it loaded it from its cache (or the other way round), and the two
+    differed in the last bit (tests/unit/test_kernels_cpu.py checks a cached against a fresh
+    compile).
     """
     n, d = X.shape
     xf = X.reshape(-1)
     yf = Y.reshape(-1)
     row_bytes = d * X.itemsize
     partial = np.empty((n_chunks, d + 2))
-    w0, w1, w2, w3 = load8(w, 0, d), load8(w, 8, d - 8), load8(w, 16, d - 16), load8(w, 24, d - 24)
+    w0, w1, w2, w3 = _row_tiles(w, 0, d)
     bias = splat4(w[d])
     for c in prange(n_chunks):
         g0, g1, g2, g3 = zero8(), zero8(), zero8(), zero8()

@@ -272,7 +272,11 @@ def _arithmetic(op, emit):
 
         return a(a, b), codegen
 
-    @overload(op)
+    # inline="always": the operation lands in the caller's IR. As a separate (linked) function its
+    # fast-math flags, and so its rounding, depended on what the process had compiled before:
+    # the same specialisation compiled after another one, or loaded from the cache, gave
+    # gradients 1 ulp apart.
+    @overload(op, inline="always")
     def _overload(a, b):
         if isinstance(a, VecType) and a == b:
             return lambda a, b: vector_op(a, b)  # noqa: PLW0108 - overload needs a Python impl

@@ -2,7 +2,10 @@
 row-split additivity, thread-count determinism, and the accuracy of the vectorisable fast math."""
 
 import itertools
+import os
 import platform
+import subprocess
+import sys
 
 import numba
 import numpy as np
@@ -422,3 +425,42 @@ def test_tiles_nonfinite_logits_propagate(monkeypatch):
             X[35, 31] = bad
             out = run_gradient(X, y, params, sizes, SIGMOID, head)
             assert np.isnan(out[len(params)]) or np.isinf(out[len(params)])
+
+
+_CACHED_RUN = """
+import hashlib, sys
+import numpy as np
+from lepton_hpc.kernels import BINARY, SIGMOID, SQUARED, cpu
+cpu.USE_TILES = True
+rng = np.random.default_rng(5)
+X = rng.standard_normal((20_003, 13)).astype(np.float32)
+y = (rng.random(20_003) < 0.5).astype(np.float64)
+p = rng.standard_normal(14) * 0.5
+digest = hashlib.sha256()
+for head in (SQUARED, BINARY):
+    out = np.zeros(16)
+    cpu.gradient(X, y, p, np.array([13, 1]), SIGMOID, head, out)
+    digest.update(out.tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_tiles_same_bits_compiled_and_from_cache(tmp_path):
+    """The tile kernel compiled in a process and loaded from Numba's cache in the next one gives
+    the same bits (with fast-math flags on this parallel function, the two differed by 1 ulp)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", _CACHED_RUN],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        for _ in range(2)
+    ]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    assert any(tmp_path.rglob("*.nbc")), "the first run should have written the cache"
+    assert runs[0].stdout == runs[1].stdout

@@ -272,10 +272,10 @@ def _arithmetic(op, emit):
 
         return a(a, b), codegen
 
-    # inline="always": the operation lands in the caller's IR. As a separate (linked) function its
-    # fast-math flags, and so its rounding, depended on what the process had compiled before:
-    # the same specialisation compiled after another one, or loaded from the cache, gave
-    # gradients 1 ulp apart.
+    # inline="always": the operation lands in the caller's IR as one instruction, not a call.
+    # Callers should be compiled without fast-math flags (see cpu._one_output_tiles): Numba
+    # applied them to these instructions when it compiled a parallel function and not when it
+    # loaded it from its cache, and the two then differed in the last bit.
     @overload(op, inline="always")
     def _overload(a, b):
         if isinstance(a, VecType) and a == b:

@@ -25,7 +25,9 @@ row in cache, but no faster from memory), and the head of one group run while th
 dot products are computed (the same); longer software-prefetch distances (3-6 KiB: slower);
 the head's constants passed in an array instead of the constant pool, which Numba's large code
 model reaches with a 64-bit address load at each use (no change); dynamic scheduling of the
-chunks over threads (numba.set_parallel_chunksize: no change).
+chunks over threads (numba.set_parallel_chunksize: no change); the gradient's broadcasts of
+the four d loss / d z read from memory (an embedded broadcast on the load ports instead of a
+shuffle on port 5: no change).
 """
 
 import operator

@@ -15,11 +15,12 @@ of the one-output kernel then no longer fits: ``kernels.cpu`` uses it only with 
 ``head_lanes`` is ``kernels.cpu._head_loss`` for one output (SQUARED and BINARY) on the lanes of
 a vector: exp and log1p on (0, 1] are emitted as LLVM vector code from the same method and
 constants as ``fastmath`` (Cody-Waite reduction with a degree-11 polynomial; the atanh series),
-with the same NaN/inf handling (selects, so NaN passes through); the polynomials are evaluated
-by Estrin's scheme and softplus and sigmoid share one division. tests/unit/test_simd.py checks
+with the same NaN/inf handling (selects, so NaN passes through). tests/unit/test_simd.py checks
 it against ``_head_loss`` (relative error < 1e-14).
 
 Measured and not kept (one thread, 64K x 32 float32 rows in cache, 4M rows from memory):
+Estrin's scheme for the polynomials and one division shared by softplus and sigmoid (no
+change: the head is not bound by its chain latency nor by the divider);
 a head on eight lanes for eight rows (the first four rows loaded twice: 8.8 against 9.8 ns per
 row in cache, but no faster from memory), and the head of one group run while the next group's
 dot products are computed (the same); longer software-prefetch distances (3-6 KiB: slower);
@@ -31,7 +32,6 @@ shuffle on port 5: no change).
 """
 
 import operator
-import struct
 
 from llvmlite import ir
 from numba import types
@@ -162,25 +162,16 @@ def store8(_typingctx, ary, off, count, v):
     return types.none(ary, off, count, v), codegen
 
 
-def _maker(lanes):
-    vtype = vec8 if lanes == 8 else vec4
+@intrinsic
+def splat4(_typingctx, x):
+    """A vec4 with all lanes = x."""
+    if not isinstance(x, (types.Float, types.Integer)):
+        return None
 
-    def splat(_typingctx, x):
-        """All lanes = x."""
-        if not isinstance(x, (types.Float, types.Integer)):
-            return None
+    def codegen(context, builder, sig, args):
+        return _splat(builder, context.cast(builder, args[0], sig.args[0], types.float64), 4)
 
-        def codegen(context, builder, sig, args):
-            value = context.cast(builder, args[0], sig.args[0], types.float64)
-            return _splat(builder, value, lanes)
-
-        return vtype(x), codegen
-
-    return splat
-
-
-splat8 = intrinsic(_maker(8))
-splat4 = intrinsic(_maker(4))
+    return vec4(x), codegen
 
 
 @intrinsic
@@ -237,9 +228,8 @@ def hsum4(_typingctx, a, b, c, d):
         return None
 
     def codegen(_context, builder, _sig, args):
-        def fold(
-            x, y, keep
-        ):  # [x folded | y folded]: lane i + lane i + keep, i with bit keep clear
+        def fold(x, y, keep):
+            """[x folded | y folded]: lane i + lane i + keep, for lanes i with bit keep clear."""
             n = x.type.count
             lo = [i for i in range(n) if (i // keep) % 2 == 0]
             hi = [i + keep for i in lo]
@@ -293,33 +283,16 @@ _arithmetic(operator.mul, "fmul")
 # ------------------------------------------------------------------------------- the head
 
 
-def _select(builder, cond, a, b):
-    return builder.select(cond, a, b)
+def _horner(builder, x, coefs):
+    """coefs[0] + coefs[1] x + ... + coefs[-1] x^(n-1), by FMAs from the top (as fastmath does).
 
-
-def _estrin(builder, x, coefs):
-    """coefs[0] + coefs[1] x + coefs[2] x^2 + ... by Estrin's scheme.
-
-    Horner's rule is one chain of len(coefs) - 1 dependent FMAs; in the one-output kernel the
-    head of each group of four rows is then bound by latency (measured: the logistic head cost
-    4.1 ns per row in cache). Estrin pairs terms (c0 + c1 x, c2 + c3 x, ...) and joins them with
-    x^2, x^4, ...: the chain is about log2(len(coefs)) FMAs deep for a few more multiplies.
+    Estrin's scheme (shallower chains) measured no faster in the one-output kernel.
     """
     n = x.type.count
-    terms = [
-        _fma(builder, _splat(builder, coefs[i + 1], n), x, _splat(builder, coefs[i], n))
-        if i + 1 < len(coefs)
-        else _splat(builder, coefs[i], n)
-        for i in range(0, len(coefs), 2)
-    ]
-    power = builder.fmul(x, x)
-    while len(terms) > 1:
-        terms = [
-            _fma(builder, terms[i + 1], power, terms[i]) if i + 1 < len(terms) else terms[i]
-            for i in range(0, len(terms), 2)
-        ]
-        power = builder.fmul(power, power)
-    return terms[0]
+    p = _splat(builder, coefs[-1], n)
+    for coef in reversed(coefs[:-1]):
+        p = _fma(builder, p, x, _splat(builder, coef, n))
+    return p
 
 
 def _exp(builder, x):
@@ -327,15 +300,14 @@ def _exp(builder, x):
     n = x.type.count
     c = lambda v: _splat(builder, v, n)  # noqa: E731 - local constant maker
     ivt = _vty(n, _I64)
-    x = _select(builder, builder.fcmp_ordered("<", x, c(fm._EXP_LO)), c(fm._EXP_LO), x)
-    x = _select(builder, builder.fcmp_ordered(">", x, c(fm._EXP_HI)), c(fm._EXP_HI), x)
+    x = builder.select(builder.fcmp_ordered("<", x, c(fm._EXP_LO)), c(fm._EXP_LO), x)
+    x = builder.select(builder.fcmp_ordered(">", x, c(fm._EXP_HI)), c(fm._EXP_HI), x)
     t = _fma(builder, x, c(fm._LOG2E), c(fm._SHIFT))
-    shift_bits = ir.Constant(ivt, [int.from_bytes(_f64_bytes(fm._SHIFT), "little")] * n)
-    k = builder.sub(builder.bitcast(t, ivt), shift_bits)
+    k = builder.sub(builder.bitcast(t, ivt), builder.bitcast(c(fm._SHIFT), ivt))
     kf = builder.fsub(t, c(fm._SHIFT))
     r = _fma(builder, builder.fneg(kf), c(fm._LN2_HI), x)
     r = _fma(builder, builder.fneg(kf), c(fm._LN2_LO), r)
-    p = _estrin(
+    p = _horner(
         builder,
         r,
         (fm._E2, fm._E3, fm._E4, fm._E5, fm._E6, fm._E7, fm._E8, fm._E9, fm._E10, fm._E11),
@@ -351,31 +323,18 @@ def _exp(builder, x):
     return builder.fmul(e, pow2(builder.sub(k, k1)))
 
 
-def _f64_bytes(v: float) -> bytes:
-    return struct.pack("<d", v)
-
-
-def _log1p_unit_with_sigmoid(builder, e):
-    """(log(1 + e), 1 / (1 + e)) for 0 <= e <= 1: fastmath.log1p_unit, and the sigmoid's divide.
-
-    log1p_unit needs s = w / (2 + w); the sigmoid needs 1 / (1 + e). Both come from one
-    reciprocal R = 1 / ((2 + w)(1 + e)): s = w (1 + e) R, 1 / (1 + e) = (2 + w) R (a vector
-    division is the slowest instruction here; two extra roundings keep the error < 1e-15).
-    """
-    n = e.type.count
+def _log1p_unit(builder, t):
+    """fastmath.log1p_unit (log(1 + t) for 0 <= t <= 1) on a vector."""
+    n = t.type.count
     c = lambda v: _splat(builder, v, n)  # noqa: E731
-    big = builder.fcmp_ordered(">", e, c(fm._SQRT2 - 1.0))
-    w = _select(builder, big, builder.fmul(c(0.5), builder.fsub(e, c(1.0))), e)
-    den_log, den_sig = builder.fadd(c(2.0), w), builder.fadd(c(1.0), e)
-    recip = builder.fdiv(c(1.0), builder.fmul(den_log, den_sig))
-    s = builder.fmul(builder.fmul(w, den_sig), recip)
+    big = builder.fcmp_ordered(">", t, c(fm._SQRT2 - 1.0))
+    w = builder.select(big, builder.fmul(c(0.5), builder.fsub(t, c(1.0))), t)
+    s = builder.fdiv(w, builder.fadd(c(2.0), w))
     z = builder.fmul(s, s)
-    p = _estrin(builder, z, (fm._A1, fm._A2, fm._A3, fm._A4, fm._A5, fm._A6, fm._A7, fm._A8))
+    p = _horner(builder, z, (fm._A1, fm._A2, fm._A3, fm._A4, fm._A5, fm._A6, fm._A7, fm._A8))
     res = builder.fmul(s, _fma(builder, z, p, c(2.0)))
-    log1p = _select(
-        builder, big, builder.fadd(c(fm._LN2_HI), builder.fadd(res, c(fm._LN2_LO))), res
-    )
-    return log1p, builder.fmul(den_log, recip)
+    high = builder.fadd(c(fm._LN2_HI), builder.fadd(res, c(fm._LN2_LO)))
+    return builder.select(big, high, res)
 
 
 @intrinsic
@@ -400,19 +359,19 @@ def head_lanes(_typingctx, z, y, count, binary):
             neg_abs = builder.fneg(_call(builder, f"llvm.fabs.v{lanes}f64", v.type, [v]))
             e = _exp(builder, neg_abs)
             pos = builder.fcmp_ordered(">", v, c(0.0))
-            loss = builder.fsub(_select(builder, pos, v, c(0.0)), builder.fmul(t, v))
-            log1p, inv = _log1p_unit_with_sigmoid(builder, e)
-            loss = builder.fadd(loss, log1p)
+            loss = builder.fsub(builder.select(pos, v, c(0.0)), builder.fmul(t, v))
+            loss = builder.fadd(loss, _log1p_unit(builder, e))
+            inv = builder.fdiv(c(1.0), builder.fadd(c(1.0), e))
             nonneg = builder.fcmp_ordered(">=", v, c(0.0))
-            grad = builder.fsub(_select(builder, nonneg, inv, builder.fmul(e, inv)), t)
+            grad = builder.fsub(builder.select(nonneg, inv, builder.fmul(e, inv)), t)
         else:
             r = builder.fsub(v, t)
             loss = builder.fmul(r, r)
             grad = builder.fmul(c(2.0), r)
         cnt = context.cast(builder, args[2], sig.args[2], types.int64)
         on = _lane_mask(builder, cnt, lanes)
-        grad = _select(builder, on, grad, c(0.0))
-        loss = _select(builder, on, loss, c(0.0))
+        grad = builder.select(on, grad, c(0.0))
+        loss = builder.select(on, loss, c(0.0))
         return context.make_tuple(builder, rtype, [grad, loss])
 
     return rtype(z, y, count, binary), codegen

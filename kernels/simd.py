@@ -162,16 +162,24 @@ def store8(_typingctx, ary, off, count, v):
     return types.none(ary, off, count, v), codegen
 
 
-@intrinsic
-def splat4(_typingctx, x):
-    """A vec4 with all lanes = x."""
-    if not isinstance(x, (types.Float, types.Integer)):
-        return None
+def _splatter(lanes):
+    def splat(_typingctx, x):
+        """A vector with all lanes = x."""
+        if not isinstance(x, (types.Float, types.Integer)):
+            return None
+        vtype = vec8 if lanes == 8 else vec4
 
-    def codegen(context, builder, sig, args):
-        return _splat(builder, context.cast(builder, args[0], sig.args[0], types.float64), 4)
+        def codegen(context, builder, sig, args):
+            value = context.cast(builder, args[0], sig.args[0], types.float64)
+            return _splat(builder, value, lanes)
 
-    return vec4(x), codegen
+        return vtype(x), codegen
+
+    return splat
+
+
+splat4 = intrinsic(_splatter(4))
+splat8 = intrinsic(_splatter(8))
 
 
 @intrinsic
@@ -221,6 +229,33 @@ def hsum(_typingctx, v):
     return types.float64(v), codegen
 
 
+def _fold(builder, x, y, keep):
+    """[x folded | y folded]: lane i + lane i + keep, for the lanes i with bit ``keep`` clear."""
+    n = x.type.count
+    lo = [i for i in range(n) if (i // keep) % 2 == 0]
+    hi = [i + keep for i in lo]
+    first = builder.shuffle_vector(x, y, ir.Constant(_vty(n, _I32), lo + [n + i for i in lo]))
+    second = builder.shuffle_vector(x, y, ir.Constant(_vty(n, _I32), hi + [n + i for i in hi]))
+    return builder.fadd(first, second)
+
+
+def _transposed_sums(builder, vectors):
+    """<8 x double> whose lane k is the sum of vectors[k] (8 vectors; 4: lanes 4-7 repeat 0-3).
+
+    A tree in fixed order: each vec8 is folded to 4 partial sums and paired with its neighbour
+    ([a's 4 | b's 4]), then to 2 and 1, pairing again, so 8 sums take 7 adds and 14 shuffles.
+    """
+    keep = 4
+    while keep:
+        if len(vectors) == 1:
+            vectors = vectors * 2
+        vectors = [
+            _fold(builder, a, b, keep) for a, b in zip(vectors[::2], vectors[1::2], strict=True)
+        ]
+        keep //= 2
+    return vectors[0]
+
+
 @intrinsic
 def hsum4(_typingctx, a, b, c, d):
     """vec4 (sum of a, sum of b, sum of c, sum of d) from four vec8, by a transposing tree."""
@@ -228,27 +263,22 @@ def hsum4(_typingctx, a, b, c, d):
         return None
 
     def codegen(_context, builder, _sig, args):
-        def fold(x, y, keep):
-            """[x folded | y folded]: lane i + lane i + keep, for lanes i with bit keep clear."""
-            n = x.type.count
-            lo = [i for i in range(n) if (i // keep) % 2 == 0]
-            hi = [i + keep for i in lo]
-            first = builder.shuffle_vector(
-                x, y, ir.Constant(_vty(n, _I32), lo + [n + i for i in lo])
-            )
-            second = builder.shuffle_vector(
-                x, y, ir.Constant(_vty(n, _I32), hi + [n + i for i in hi])
-            )
-            return builder.fadd(first, second)
-
-        # 8 lanes -> each of a..d folded to 4 partial sums, paired: ab has a's 4 then b's 4.
-        ab = fold(args[0], args[1], 4)  # [a0+a4, a1+a5, a2+a6, a3+a7, b0+b4, ...]
-        cd = fold(args[2], args[3], 4)
-        abcd = fold(ab, cd, 2)  # [a(02), a(13), b(02), b(13), c.., c.., d.., d..]
-        pairs = fold(abcd, abcd, 1)  # [a, b, c, d, a, b, c, d]
-        return builder.shuffle_vector(pairs, pairs, ir.Constant(_vty(4, _I32), [0, 1, 2, 3]))
+        sums = _transposed_sums(builder, list(args))  # [a, b, c, d, a, b, c, d]
+        return builder.shuffle_vector(sums, sums, ir.Constant(_vty(4, _I32), [0, 1, 2, 3]))
 
     return vec4(a, b, c, d), codegen
+
+
+@intrinsic
+def hsum8(_typingctx, a, b, c, d, e, f, g, h):
+    """vec8 (sum of a, ..., sum of h) from eight vec8, by the same transposing tree."""
+    if not (a == b == c == d == e == f == g == h == vec8):
+        return None
+
+    def codegen(_context, builder, _sig, args):
+        return _transposed_sums(builder, list(args))
+
+    return vec8(a, b, c, d, e, f, g, h), codegen
 
 
 def _arithmetic(op, emit):

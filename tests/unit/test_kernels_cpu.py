@@ -385,9 +385,9 @@ def test_fast_softplus_loop_is_vectorised():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("d", [1, 7, 8, 9, 24, 31, 32, 33])
 def test_one_output_paths_match_reference(monkeypatch, tiles, head, dtype, d):
-    """Both one-output kernels, every feature-tile boundary, every tail of a group of 4 rows."""
+    """Both one-output paths, every feature-tile boundary, every tail of a group of 4 or 8 rows."""
     monkeypatch.setattr(cpu, "USE_TILES", tiles)
-    for n in (1, 2, 3, 4, 5, 6, 7, 130, 1001):
+    for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 17, 130, 1001):
         X, y, params, sizes = make_problem((d, 1), head, n, dtype, seed=d * 1000 + n)
         out = run_gradient(X, y, params, sizes, SIGMOID, head)
         g_ref, loss_ref, _, _ = reference(X, y, params, sizes, SIGMOID, head)
@@ -395,6 +395,25 @@ def test_one_output_paths_match_reference(monkeypatch, tiles, head, dtype, d):
         assert rel_err(out[:P], g_ref) < 1e-12, (n, d)
         assert abs(out[P] - loss_ref) <= 1e-12 * abs(loss_ref), (n, d)
         assert out[P + 1] == n
+
+
+@pytest.mark.parametrize("group", [4, 8])
+@pytest.mark.parametrize("head", [SQUARED, BINARY])
+def test_tile_group_sizes_match_reference_for_both_heads(monkeypatch, group, head):
+    """gradient() runs the logistic head in groups of 8 rows and the squared head in groups of
+    4; each kernel is exact for either head (every row tail of its group, float32 and 64)."""
+    monkeypatch.setattr(cpu, "USE_TILES", True)
+    kernel = cpu._one_output_tiles8 if group == 8 else cpu._one_output_tiles
+    monkeypatch.setattr(cpu, "_one_output_tiles", kernel)
+    monkeypatch.setattr(cpu, "_one_output_tiles8", kernel)
+    for dtype in (np.float32, np.float64):
+        for d, n in ((5, 1), (32, 7), (9, 9), (17, 23), (32, 1003)):
+            X, y, params, sizes = make_problem((d, 1), head, n, dtype, seed=7 * d + n)
+            out = run_gradient(X, y, params, sizes, SIGMOID, head)
+            g_ref, loss_ref, _, _ = reference(X, y, params, sizes, SIGMOID, head)
+            P = len(params)
+            assert rel_err(out[:P], g_ref) < 1e-12, (d, n)
+            assert abs(out[P] - loss_ref) <= 1e-12 * abs(loss_ref), (d, n)
 
 
 def test_tiles_float32_targets_and_thread_count(monkeypatch):

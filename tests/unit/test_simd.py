@@ -68,6 +68,30 @@ def test_reductions_and_arithmetic():
 
 
 @njit
+def _reduce8(a, out):
+    sums = simd.hsum8(
+        simd.load8(a, 0, 8),
+        simd.load8(a, 8, 8),
+        simd.load8(a, 16, 8),
+        simd.load8(a, 24, 8),
+        simd.load8(a, 32, 8),
+        simd.load8(a, 40, 8),
+        simd.load8(a, 48, 8),
+        simd.load8(a, 56, 8),
+    )
+    simd.store8(out, 0, 8, sums)
+    simd.store8(out, 8, 8, simd.splat8(2.5))
+
+
+def test_hsum8_lane_k_is_the_sum_of_vector_k():
+    a = np.random.default_rng(4).standard_normal(64)
+    out = np.zeros(16)
+    _reduce8(a, out)
+    np.testing.assert_allclose(out[:8], a.reshape(8, 8).sum(axis=1), rtol=1e-15, atol=1e-15)
+    np.testing.assert_array_equal(out[8:], 2.5)
+
+
+@njit
 def _head_lanes(z, y, count, binary):
     out_q, out_l = np.zeros(z.size), np.zeros(z.size)
     for i in range(0, z.size, 4):
@@ -82,6 +106,20 @@ def _head_lanes(z, y, count, binary):
 
 
 @njit
+def _head_lanes8(z, y, count, binary):
+    out_q, out_l = np.zeros(z.size), np.zeros(z.size)
+    for i in range(0, z.size, 8):
+        zz, yy = simd.load8(z, i, 8), simd.load8(y, i, 8)
+        if binary:
+            q, loss = simd.head_lanes(zz, yy, count, True)
+        else:
+            q, loss = simd.head_lanes(zz, yy, count, False)
+        simd.store8(out_q, i, 8, q)
+        simd.store8(out_l, i, 8, loss)
+    return out_q, out_l
+
+
+@njit
 def _scalar_head_rows(z, y, head):
     """_head_loss row by row: per-row losses, and z turned into d loss / d z."""
     losses = np.empty(z.size)
@@ -92,8 +130,9 @@ def _scalar_head_rows(z, y, head):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("lanes", [4, 8])
 @pytest.mark.parametrize("head", [SQUARED, BINARY])
-def test_head_matches_scalar_head(head):
+def test_head_matches_scalar_head(head, lanes):
     rng = np.random.default_rng(7)
     z = np.concatenate(
         [
@@ -103,9 +142,9 @@ def test_head_matches_scalar_head(head):
             [0.0, -0.0, np.nan, np.inf, -np.inf, 1e300, -1e300, 5e-324],
         ]
     )
-    z = np.concatenate([z, np.zeros(-z.size % 4)])
+    z = np.concatenate([z, np.zeros(-z.size % 8)])
     y = (rng.random(z.size) < 0.5).astype(np.float64)
-    q, losses = _head_lanes(z, y, 4, head == BINARY)
+    q, losses = (_head_lanes8 if lanes == 8 else _head_lanes)(z, y, lanes, head == BINARY)
     q_ref = z.copy()
     loss_ref = _scalar_head_rows(q_ref, y, head)
     finite = np.isfinite(loss_ref)
@@ -120,12 +159,17 @@ def test_head_matches_scalar_head(head):
     assert np.max(np.abs(q[ok] - q_ref[ok]) / np.maximum(terms[ok], 1e-300)) < 1e-15
 
 
-@pytest.mark.parametrize("count", [-1, 0, 1, 2, 3])
+@pytest.mark.parametrize("count", [-1, 0, 1, 2, 3, 5, 7])
 def test_head_zeroes_lanes_past_count(count):
-    z = np.array([0.3, -2.0, 5.0, 40.0])
-    y = np.array([1.0, 0.0, 1.0, 0.0])
+    z = np.array([0.3, -2.0, 5.0, 40.0, -0.7, 3.0, -9.0, 1.5])
+    y = np.array([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
     for binary in (True, False):
-        q, losses = _head_lanes(z, y, count, binary)
+        if count < 4:
+            q, losses = _head_lanes(z[:4], y[:4], count, binary)
+            k = max(0, count)
+            assert np.all(q[k:] == 0.0) and np.all(losses[k:] == 0.0)
+            assert np.all(q[:k] != 0.0) and np.all(losses[:k] > 0.0)
+        q, losses = _head_lanes8(z, y, count, binary)
         k = max(0, count)
         assert np.all(q[k:] == 0.0) and np.all(losses[k:] == 0.0)
         assert np.all(q[:k] != 0.0) and np.all(losses[:k] > 0.0)

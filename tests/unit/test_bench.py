@@ -95,6 +95,8 @@ def test_every_ratio_is_finite_and_positive(bench_run):
         "comm_share_wire_fullbatch_k2",
         "hdf5_vs_raw_k1",
         "hdf5_vs_raw_k2",
+        "hdf5_vs_raw_touched_k2",
+        "raw_fresh_vs_raw_touched_k2",
         "strong_speedup_k2",
         "weak_efficiency_k2",
     ):

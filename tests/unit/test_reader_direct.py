@@ -75,12 +75,42 @@ def test_nan_found_by_the_direct_read_names_the_first_bad_row(tmp_path, monkeypa
         _read(path, monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_nonfinite_targets_are_found_by_either_read(tmp_path, monkeypatch, direct):
+    """y is screened while it is read (direct) or after (h5py): the same rows, the same error,
+    and data.nonfinite = "drop" drops exactly those rows."""
+    X = np.ones((9_000, 4), dtype=np.float32)
+    X[100, 2] = np.inf
+    y = np.zeros((9_000, 2))
+    y[[7, 4_321], [1, 0]] = (np.nan, -np.inf)
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=X)
+        fh.create_dataset("y", data=y)
+    monkeypatch.setattr(reader, "MIN_PIECE_BYTES", 4096)
+    with pytest.raises(Exception, match=r"3 rows hold NaN or Inf \(first: row 7\)"):
+        _read(path, direct=direct, monkeypatch=monkeypatch)
+    monkeypatch.setattr(reader, "DIRECT_READ", direct)
+    block = reader.read_block(str(path), "X", "y", SerialComm(), Log(0, 1), nonfinite="drop")
+    assert block.n == 8_997 and np.isfinite(block.y).all() and np.isfinite(block.X).all()
+    assert not np.isin([7, 100, 4_321], block.rows).any()
+
+
 def test_pread_of_a_file_shorter_than_the_data_is_a_data_error(tmp_path):
     path = tmp_path / "short.bin"
     path.write_bytes(np.arange(10, dtype=np.float64).tobytes())
-    out = np.empty((4, 3))
-    with pytest.raises(DataError, match="ends before the data"):
-        reader.pread_rows(str(path), 0, 0, out, 2)
+    for screen in (False, True):  # the screened read's Numba loop hands the end to os.preadv
+        out = np.empty((4, 3))
+        with pytest.raises(DataError, match="ends before the data"):
+            reader.pread_rows(str(path), 0, 0, out, 2, screen=screen)
+
+
+def test_screened_read_of_an_unreadable_descriptor_is_an_os_error(tmp_path):
+    """A pread error in the Numba loop is raised by the os.preadv retry, with its errno."""
+    path = tmp_path / "dir"
+    path.mkdir()  # open() of a directory works, pread() of it fails with EISDIR
+    with pytest.raises(IsADirectoryError):
+        reader.pread_rows(str(path), 0, 0, np.empty((4, 3)), 1, screen=True)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

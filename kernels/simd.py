@@ -5,7 +5,9 @@ its dot product, then, once the head has turned the logit into d loss / d z, for
 is loaded and widened twice, and the gradient goes through memory for every group of rows.
 With explicit vectors a group of four rows of up to 32 features stays in registers (16 x 8
 lanes), the gradient accumulates in registers for a whole chunk of rows, and the head runs on
-the four logits at once as one 4-lane vector (``head_lanes``).
+the four logits at once as one 4-lane vector (``head_lanes``). For the logistic head, groups
+of eight rows (``hsum8``, the head on one 8-lane vector) are faster still: see
+``kernels.cpu._tile_group8``.
 
 Values of type ``vec8`` / ``vec4`` are plain LLVM ``<8 x double>`` / ``<4 x double>``; they
 live in registers and never touch memory unless stored. On AVX-512 one ``vec8`` is one zmm
@@ -21,9 +23,11 @@ it against ``_head_loss`` (relative error < 1e-14).
 Measured and not kept (one thread, 64K x 32 float32 rows in cache, 4M rows from memory):
 Estrin's scheme for the polynomials and one division shared by softplus and sigmoid (no
 change: the head is not bound by its chain latency nor by the divider);
-a head on eight lanes for eight rows (the first four rows loaded twice: 8.8 against 9.8 ns per
-row in cache, but no faster from memory), and the head of one group run while the next group's
-dot products are computed (the same); longer software-prefetch distances (3-6 KiB: slower);
+a head on eight lanes for eight rows written with the first four rows loaded twice (8.8
+against 9.8 ns per row in cache, but no faster from memory; the kept eight-row kernel loads
+each row once and computes its dot product at once), and the head of one group run while the
+next group's dot products are computed (no faster from memory); longer software-prefetch
+distances (3-6 KiB: slower);
 the head's constants passed in an array instead of the constant pool, which Numba's large code
 model reaches with a 64-bit address load at each use (no change); dynamic scheduling of the
 chunks over threads (numba.set_parallel_chunksize: no change); the gradient's broadcasts of

@@ -209,7 +209,7 @@ def read_block(
     else:
         start, stop = row_block(info.n_rows, comm.rank, comm.size)
     Xl = aligned_empty((stop - start, info.n_features), _feature_dtype(info.x_dtype))
-    yl, bad, y_screened = None, None, False
+    yl, bad = None, None
     direct = DIRECT_READ and info.x_offset is not None
     if direct:  # plain preads from threads, each piece screened for NaN/Inf while in cache
         threads = _reader_threads(comm)
@@ -218,8 +218,7 @@ def read_block(
             shape = (stop - start, *(info.y_shape or ())[1:])
             yl = np.empty(shape, dtype=np.float64)
             yrows = yl.reshape(stop - start, -1)
-            bad |= pread_rows(path, info.y_offset, start, yrows, threads, screen=True)
-            y_screened = True
+            pread_rows(path, info.y_offset, start, yrows, threads, screen=True, flags=bad)
     if not direct or (y is not None and yl is None):
         with open_read(path, comm) as fh:
             if not direct:
@@ -228,8 +227,10 @@ def read_block(
                     dx.read_direct(Xl, np.s_[start:stop], np.s_[:])
             if y is not None:
                 yl = np.asarray(fh[y][start:stop], dtype=np.float64)
+                if bad is not None:  # X was screened as it was read: y joins its flags
+                    nonfinite_rows(yl, out=bad)
     block = Block(Xl, yl, info, start)
-    return _handle_nonfinite(block, comm, nonfinite, bad, y_screened)
+    return _handle_nonfinite(block, comm, nonfinite, bad)
 
 
 def _reader_threads(comm: Communicator) -> int:
@@ -292,8 +293,8 @@ def _pread(_typingctx, fd, address, nbytes, offset):
 @njit(nogil=True, cache=True)
 def _read_screened(fd, base, out, lo, hi, step, bad, zero):
     """Rows lo..hi of ``out`` from ``fd`` (row 0 at byte ``base``), ``step`` rows per pread, each
-    step screened for NaN/Inf while in L2. Without the GIL: the loop of a Python thread cost 9 ms
-    more for 512 MB on 2 threads (86 against 77 ms), two threads taking turns at the GIL.
+    step screened for NaN/Inf while in L2. Without the GIL: the same loop in Python threads cost
+    9 ms more for 512 MB on 2 threads (86 against 77 ms).
     Returns the first row not read: ``hi``, or where a pread failed or met the end of the file
     (the caller retries from there with ``os.preadv`` for the error).
     """
@@ -312,7 +313,13 @@ def _read_screened(fd, base, out, lo, hi, step, bad, zero):
 
 
 def pread_rows(
-    path: str, offset: int, start: int, out: np.ndarray, threads: int, screen: bool = False
+    path: str,
+    offset: int,
+    start: int,
+    out: np.ndarray,
+    threads: int,
+    screen: bool = False,
+    flags: np.ndarray | None = None,
 ) -> np.ndarray | None:
     """Fill ``out`` (rows x width, C order) with rows ``start..`` of a contiguous data set at byte
     ``offset`` of ``path``, with ``pread`` from ``threads`` threads, two pieces per thread
@@ -324,6 +331,8 @@ def pread_rows(
     with 2 threads on 512 MB). ``screen`` (float ``out``): each piece is read SCREEN_READ_BYTES
     at a time and those rows are checked for NaN/Inf at once, while they are still in L2
     (``_read_screened``); returns the rows holding NaN or Inf, or None without ``screen``.
+    ``flags``: with ``screen``, set those rows in this array (X's flags, when y is read after
+    X) instead of in a new one; rows already set stay set.
     Without ``screen`` the reads are plain ``os.preadv`` calls of whole pieces (the benchmark's
     raw read).
     """
@@ -333,7 +342,7 @@ def pread_rows(
     piece_bytes = min(READ_PIECE_BYTES, max(MIN_PIECE_BYTES, m * row_bytes // (2 * threads)))
     per = max(1, piece_bytes // max(row_bytes, 1))
     pieces = [(a, min(m, a + per)) for a in range(0, m, per)]
-    bad = np.zeros(m, dtype=bool) if screen else None
+    bad = (np.zeros(m, dtype=bool) if flags is None else flags) if screen else None
     step = max(1, SCREEN_READ_BYTES // max(row_bytes, 1))
     zero = out.dtype.type(0)
     base = offset + start * row_bytes
@@ -399,20 +408,17 @@ def take_rows(X: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 
 def _handle_nonfinite(
-    block: Block,
-    comm: Communicator,
-    policy: str,
-    bad: np.ndarray | None = None,
-    y_screened: bool = False,
+    block: Block, comm: Communicator, policy: str, bad: np.ndarray | None = None
 ) -> Block:
     """NaN or Inf rows are an error naming the first bad row, or are dropped on request.
 
-    ``bad``: the non-finite rows of X (and of y when ``y_screened``) if the read already found
-    them; None: screen X here.
+    ``bad``: the non-finite rows of X and y if the read already found them; None: screen both
+    here.
     """
-    bad = nonfinite_rows(block.X) if bad is None else bad
-    if block.y is not None and not y_screened:
-        nonfinite_rows(block.y, out=bad)
+    if bad is None:
+        bad = nonfinite_rows(block.X)
+        if block.y is not None:
+            nonfinite_rows(block.y, out=bad)
     counts = comm.allreduce_(np.array([np.count_nonzero(bad)], dtype=np.int64))
     if counts[0] == 0:
         return block

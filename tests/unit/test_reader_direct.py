@@ -75,10 +75,12 @@ def test_nan_found_by_the_direct_read_names_the_first_bad_row(tmp_path, monkeypa
         _read(path, monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("y_dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("direct", [True, False])
-def test_nonfinite_targets_are_found_by_either_read(tmp_path, monkeypatch, direct):
-    """y is screened while it is read (direct) or after (h5py): the same rows, the same error,
-    and data.nonfinite = "drop" drops exactly those rows."""
+def test_nonfinite_targets_are_found_by_either_read(tmp_path, monkeypatch, direct, y_dtype):
+    """y is screened while it is read (direct, float64) or after (h5py; and float32 y, read by
+    h5py beside a direct X): the same rows, the same error, and data.nonfinite = "drop" drops
+    exactly those rows."""
     X = np.ones((9_000, 4), dtype=np.float32)
     X[100, 2] = np.inf
     y = np.zeros((9_000, 2))
@@ -86,7 +88,7 @@ def test_nonfinite_targets_are_found_by_either_read(tmp_path, monkeypatch, direc
     path = tmp_path / "d.h5"
     with h5py.File(path, "w") as fh:
         fh.create_dataset("X", data=X)
-        fh.create_dataset("y", data=y)
+        fh.create_dataset("y", data=y.astype(y_dtype))
     monkeypatch.setattr(reader, "MIN_PIECE_BYTES", 4096)
     with pytest.raises(Exception, match=r"3 rows hold NaN or Inf \(first: row 7\)"):
         _read(path, direct=direct, monkeypatch=monkeypatch)

@@ -87,5 +87,14 @@ def run_guarded(func, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # ``lepton train c.toml --resume auto optim.lr=0.1``: overrides may follow the options.
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        stray = [a for a in extra if a.startswith("-") or "=" not in a]
+        if not stray:
+            args.overrides += extra
+            extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return run_guarded(args.func, args)

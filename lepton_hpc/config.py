@@ -8,6 +8,7 @@ impossible value is a ``ConfigError`` that names the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -82,6 +83,8 @@ class ModelConfig:
     """MLP head: "regression", "binary", "multiclass", or "auto" (from the labels)."""
     l2: float = 0.0
     """L2 penalty on weights (not biases), added to the mean loss as l2/2 * |w|^2."""
+    max_classes: int = 1000
+    """Most classes a multi-class model may have: a larger label is taken for a data error."""
 
     def __post_init__(self) -> None:
         _one_of(self.kind, ("linear", "logistic", "softmax", "mlp"), "model.kind")
@@ -92,6 +95,7 @@ class ModelConfig:
             all(h > 0 for h in self.hidden), "model.hidden", f"widths must be > 0: {self.hidden}"
         )
         _check(self.l2 >= 0, "model.l2", f"{self.l2} is negative")
+        _check(self.max_classes >= 2, "model.max_classes", f"{self.max_classes} must be >= 2")
         if self.kind != "mlp":
             _check(
                 not self.hidden, "model.hidden", f"only an mlp has hidden layers, not {self.kind!r}"
@@ -231,10 +235,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             key,
             f"expected an integer, got {value!r}",
         )
+        _check(abs(value) < 2**63, key, f"{value} does not fit in 64 bits")
         return value
     if annotation is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         _check(ok, key, f"expected a number, got {value!r}")
+        _check(math.isfinite(value), key, f"expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         _check(isinstance(value, str), key, f"expected a string, got {value!r}")

@@ -40,6 +40,10 @@ class Compressor:
     def decompress(self, words: np.ndarray) -> np.ndarray:
         return np.asarray(words, dtype=np.float64)
 
+    def scale_for(self, x: np.ndarray) -> float:  # noqa: ARG002 - the wire has the range
+        """A power of two that brings ``x`` into the wire format's range (1: none needed)."""
+        return 1.0
+
 
 class FP16Compressor(Compressor):
     """IEEE half precision (11 significant bits); values beyond +-65504 are clipped to it."""
@@ -53,6 +57,15 @@ class FP16Compressor(Compressor):
 
     def decompress(self, words: np.ndarray) -> np.ndarray:
         return words.view(np.float16).astype(np.float64)
+
+    def scale_for(self, x: np.ndarray) -> float:
+        """Per-rank gradient sums grow with the rank's rows and can pass 65504: such a payload
+        is divided by a power of two (exact) so its largest value lands near 2^14."""
+        finite = np.abs(x[np.isfinite(x)])
+        top = float(finite.max()) if finite.size else 0.0
+        if top <= FP16_MAX / 2:
+            return 1.0
+        return float(2.0 ** (np.frexp(top)[1] - 15))
 
 
 class BF16Compressor(Compressor):
@@ -95,11 +108,17 @@ class ErrorFeedback:
         self.compressor = compressor
         self.residual = np.zeros(n)
 
-    def compress(self, x: np.ndarray) -> np.ndarray:
+    def compress(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """Words and the power-of-two scale they are to be multiplied by."""
         corrected = x + self.residual
-        words = self.compressor.compress(corrected)
-        np.subtract(corrected, self.compressor.decompress(words), out=self.residual)
-        return words
+        scale = self.compressor.scale_for(corrected)
+        if scale == 1.0:
+            words = self.compressor.compress(corrected)
+            np.subtract(corrected, self.compressor.decompress(words), out=self.residual)
+        else:
+            words = self.compressor.compress(corrected / scale)
+            np.subtract(corrected, self.compressor.decompress(words) * scale, out=self.residual)
+        return words, scale
 
     def reset(self) -> None:
         """Forget the residual (at checkpoints, so that a resumed run continues bit for bit)."""
@@ -137,9 +156,10 @@ class CompressedReducer:
         self.bytes_sent = 0  # payload bytes this rank contributed (for the benchmark)
 
     def _pack(self, buf: np.ndarray) -> np.ndarray:
-        """[words (n uint16), tail float64 as raw bytes] as one byte string."""
-        words = self.feedback.compress(buf[: self.n])
-        tail = np.ascontiguousarray(buf[self.n :], dtype=np.float64)
+        """[words (n uint16), the words' scale and the tail, float64 as raw bytes] as one byte
+        string."""
+        words, scale = self.feedback.compress(buf[: self.n])
+        tail = np.concatenate([[scale], buf[self.n :]]).astype(np.float64)
         packed = np.concatenate([words.view(np.uint8), tail.view(np.uint8)])
         self.bytes_sent += packed.nbytes
         return packed
@@ -150,8 +170,11 @@ class CompressedReducer:
         total = np.zeros(self.n)
         tail = np.zeros(buf.size - self.n)
         for row in table:
-            total += self.compressor.decompress(row[:split].view(self.compressor.wire))
-            tail += row[split:].view(np.float64)
+            rest = row[split:].view(np.float64)
+            scale = rest[0]
+            words = self.compressor.decompress(row[:split].view(self.compressor.wire))
+            total += words if scale == 1.0 else words * scale
+            tail += rest[1:]
         buf[: self.n] = total
         buf[self.n :] = tail
 

@@ -30,7 +30,7 @@ def mix64(x: np.ndarray) -> np.ndarray:
 def uniform(keys: np.ndarray, seed: int, stream: int) -> np.ndarray:
     """A uniform number in [0, 1) per key (e.g. a global row index) for a seed and a stream."""
     with np.errstate(over="ignore"):
-        salt = mix64(np.array([seed * 1_000_003 + stream], dtype=np.uint64))[0]
+        salt = mix64(np.array([(seed * 1_000_003 + stream) % 2**64], dtype=np.uint64))[0]
         h = mix64(keys.astype(np.uint64) ^ salt)
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
@@ -168,7 +168,9 @@ def _group_parallel(batch, steps, order, parts):
 
 def _keys(seed: int, epoch: int) -> np.ndarray:
     with np.errstate(over="ignore"):
-        keys = mix64(np.arange(4, dtype=np.uint64) + np.uint64(seed * 7919 + epoch * 104_729))
+        keys = mix64(
+            np.arange(4, dtype=np.uint64) + np.uint64((seed * 7919 + epoch * 104_729) % 2**64)
+        )
     return keys & np.uint64(0xFFFFFFFF)
 
 
@@ -209,7 +211,7 @@ class EpochBatches:
         self.steps = 1 if self.full else -(-n_train // batch_size)
         m = 0 if self.full else self.index.size
         self.pos = np.empty(m, np.int64)
-        self.batch = np.empty(m, np.int32)  # batch numbers (< 2^31: steps of an epoch)
+        self.batch = np.empty(m, np.int32 if self.steps < 2**31 else np.int64)  # batch numbers
         self.order = np.empty(m, np.int32 if m < 2**31 else np.int64)  # half the bytes to sort
 
     def __call__(self, epoch: int) -> list[np.ndarray]:

@@ -139,6 +139,11 @@ def build_model(
     if head == "softmax":
         if not integer or lo < 0:
             raise DataError(f"{where} must hold class ids 0..k-1 for a multi-class model")
+        if hi + 1 > cfg.max_classes:
+            raise DataError(
+                f"{where} holds label {hi:.0f}: a multi-class model would have {hi + 1:.0f} "
+                f"classes, more than model.max_classes = {cfg.max_classes} (raise it if meant)"
+            )
         k = max(int(hi) + 1, 2)
     elif head == "squared":
         k = y_dim

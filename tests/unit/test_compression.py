@@ -71,7 +71,9 @@ def test_error_feedback_loses_nothing_for_good(name):
     for _ in range(200):
         g = rng.normal(size=500) * 1e-3 + 1e-6  # a small bias that plain rounding loses
         meant += g
-        sent += c.decompress(ef.compress(g))
+        words, scale = ef.compress(g)
+        assert scale == 1.0  # small values: no scaling
+        sent += c.decompress(words)
         plain += c.decompress(c.compress(g))
     assert np.allclose(sent + ef.residual, meant, rtol=0, atol=1e-15)
     assert np.abs(sent - meant).max() <= np.abs(plain - meant).max()
@@ -102,7 +104,23 @@ def test_compressed_reducer_sums_payload_and_keeps_the_tail_exact(name):
     c = make_compressor(name)
     assert np.array_equal(buf[:P], 3 * c.decompress(c.compress(expect[:P])))
     assert np.array_equal(buf[P:], 3 * expect[P:])  # loss, rows, flag, step: float64 exact
-    assert reducer.bytes_sent == 2 * P + 8 * 4
+    assert reducer.bytes_sent == 2 * P + 8 * 5  # words, their scale, the tail
+
+
+def test_fp16_sums_beyond_its_range_are_scaled_not_clipped():
+    """A rank's gradient *sum* over many rows passes 65504; it is sent scaled by a power of two,
+    so the reduced sum keeps fp16's relative precision instead of being clipped."""
+    comm = EchoComm(2)
+    P = 64
+    reducer = make_reducer("fp16", comm, P)
+    rng = np.random.default_rng(5)
+    grad = rng.normal(size=P) * 1e7  # e.g. 1e6 rows x gradients of ~10
+    buf = np.r_[grad, 1.0, 2e6, 0.0, 3.0]
+    reducer.allreduce_(buf)
+    assert np.allclose(buf[:P], 2 * grad, rtol=2**-10, atol=0)
+    assert np.array_equal(buf[P:], [2.0, 4e6, 0.0, 6.0])
+    # what one rank lost to rounding is in its residual, not clipped away
+    assert np.abs(reducer.feedback.residual).max() <= np.abs(grad).max() * 2**-10
 
 
 def test_no_compression_and_one_rank_leave_the_buffer_alone():

@@ -53,6 +53,13 @@ def test_overrides_keep_types(tmp_path):
         ("", ["model.hidden=[8]"], "model.hidden"),  # only an mlp has hidden layers
         ("", ["train.nope=1"], "train.nope"),
         ("", ["lr=1"], "lr"),
+        ("", ["optim.lr=inf"], "optim.lr"),  # non-finite numbers are never a setting
+        ("", ["optim.lr=nan"], "optim.lr"),
+        ("", ["model.l2=inf"], "model.l2"),
+        ("", ["checkpoint.watchdog_s=-inf"], "checkpoint.watchdog_s"),
+        ("[optim]\nbeta2 = nan\n", [], "optim.beta2"),
+        ("", ["train.seed=99999999999999999999999"], "train.seed"),  # beyond 64 bits
+        ("", ["model.max_classes=1"], "model.max_classes"),
         (
             '[model]\nkind = "logistic"\n[optim]\nname = "lbfgs"\n[train]\nbatch_size = 32\n',
             [],
@@ -71,3 +78,41 @@ def test_missing_and_broken_files(tmp_path):
         load_config(tmp_path / "nope.toml")
     with pytest.raises(LeptonError, match="not valid TOML"):
         load_config(write(tmp_path, "[optim\n"))
+
+
+def test_huge_seeds_within_64_bits_work():
+    """A seed near 2^63 keys every random stream without overflowing (it used to raise)."""
+    import numpy as np
+
+    from lepton_hpc.data.batches import EpochBatches, uniform
+
+    seed = 2**63 - 1
+    u = uniform(np.arange(10, dtype=np.int64), seed, 1)
+    assert ((u >= 0) & (u < 1)).all() and len(set(u.tolist())) == 10
+    batches = EpochBatches(np.arange(100, dtype=np.int64), 100, 7, seed)(3)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(100))
+    assert uniform(np.arange(4), 2**62, 1).tolist() != uniform(np.arange(4), 2**62 + 1, 1).tolist()
+
+
+def test_overrides_may_follow_the_options(monkeypatch):
+    """``lepton train c.toml --resume auto optim.lr=0.1`` keeps the override (argparse alone
+    rejected it); a stray word that is not an override is still an error."""
+    import argparse
+
+    from lepton_hpc import cli
+
+    seen = {}
+
+    def capture(_func, args):
+        seen.update(vars(args))
+        return 0
+
+    parser = cli.build_parser()
+    args, extra = parser.parse_known_args(["train", "c.toml", "--resume", "auto", "optim.lr=0.1"])
+    assert isinstance(args, argparse.Namespace) and extra == ["optim.lr=0.1"]
+    monkeypatch.setattr(cli, "run_guarded", capture)
+    assert cli.main(["train", "c.toml", "a.b=1", "--overwrite", "optim.lr=0.1"]) == 0
+    assert seen["overrides"] == ["a.b=1", "optim.lr=0.1"] and seen["overwrite"]
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "c.toml", "--overwrite", "stray"])
+    assert info.value.code == 2

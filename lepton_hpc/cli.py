@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import EXIT_FAILED, LeptonError
+from .safety import REFUSED as REFUSED_WRITES
 
 
 def launcher_rank() -> int:
@@ -78,9 +79,14 @@ def run_guarded(func, args: argparse.Namespace) -> int:
     except BaseException as exc:
         if isinstance(exc, SystemExit) and comm.size == 1:
             raise
-        tb = "".join(traceback.format_exception(exc))
-        where = f"rank {comm.rank} of {comm.size}"
-        print(f"lepton: unexpected error on {where}:\n{tb}", file=sys.stderr, flush=True)
+        if isinstance(exc, OSError) and exc.errno in REFUSED_WRITES:
+            # The system refused a write (full disk, quota, read-only): one line, no traceback.
+            where = f" writing '{exc.filename}'" if exc.filename else ""
+            log.error(f"the file system refused{where}: {os.strerror(exc.errno)}")
+        else:
+            tb = "".join(traceback.format_exception(exc))
+            where = f"rank {comm.rank} of {comm.size}"
+            print(f"lepton: unexpected error on {where}:\n{tb}", file=sys.stderr, flush=True)
         if comm.size > 1:
             comm.abort(EXIT_FAILED)
         return EXIT_FAILED

@@ -98,7 +98,15 @@ def run_train(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
         f"lepton train: {cfg.model.kind} on {cfg.data.train} with {comm.size} rank(s), "
         f"optimizer {cfg.optim.name}, run directory {cfg.output.dir}"
     )
-    res = train(cfg, comm, log, resume=args.resume, overwrite=args.overwrite, stop=stop)
+    res = train(
+        cfg,
+        comm,
+        log,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        stop=stop,
+        inputs={"config": args.config},
+    )
     t = res["timing"]
     log.info("")
     for part, m in res["metrics"].items():
@@ -131,6 +139,7 @@ def register_evaluate(sub) -> None:
     p.add_argument("--x", default=None, help="features data set (default: as in training)")
     p.add_argument("--y", default=None, help="targets data set (default: as in training)")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=run_evaluate)
 
 
@@ -154,9 +163,16 @@ def _load_for_inference(args, comm: Communicator, log: Log, with_y: bool):
 
 
 def run_evaluate(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
+    from .data.h5 import check_writable
     from .evaluate import evaluate
-    from .results import write_json
+    from .safety import check_not_input
 
+    def check_json() -> None:
+        if args.json and comm.is_root:
+            check_not_input(args.json, {"model": args.model, "data": args.data}, "--json")
+            check_writable(args.json, force=args.force)
+
+    agree(comm, check_json)  # before any work: a refused output costs nothing
     model, params, split, device = _load_for_inference(args, comm, log, with_y=True)
     metrics = evaluate(model, params, split.X, split.y, device, comm)
     log.info(f"{args.model} on {args.data} ({metrics['rows']} rows, {comm.size} rank(s))")
@@ -167,9 +183,21 @@ def run_evaluate(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
         log.info("  confusion (rows: true class, columns: predicted)")
         for row in metrics["confusion"]:
             log.info("    " + " ".join(f"{v:>8d}" for v in row))
-    if args.json and comm.is_root:
-        write_json(Path(args.json), {"model": args.model, "data": args.data, "metrics": metrics})
+    if args.json:
+        payload = {"model": args.model, "data": args.data, "metrics": metrics}
+        agree(comm, lambda: _write_json_output(Path(args.json), payload) if comm.is_root else None)
     return 0
+
+
+def _write_json_output(path: Path, payload: dict) -> None:
+    """Write a --json output atomically; a failed write is the user's to fix (a full disk)."""
+    from .errors import LeptonError
+    from .safety import write_json
+
+    try:
+        write_json(path, payload)
+    except OSError as exc:
+        raise LeptonError(f"cannot write --json '{path}': {exc.strerror}") from None
 
 
 # ---- predict ---------------------------------------------------------------------------
@@ -185,7 +213,11 @@ def register_predict(sub) -> None:
         help="output HDF5 file; a directory (ending in '/') for a glob: one output per input",
     )
     p.add_argument("--x", default=None)
-    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing output file (never the --data or --model file)",
+    )
     p.set_defaults(func=run_predict, y=None)
 
 
@@ -213,13 +245,17 @@ def predict_one(
     from .data.h5 import collective, create_parallel
     from .evaluate import forward
     from .metrics import predicted_labels
+    from .safety import check_not_input
 
+    inputs = {"data": data_path, "model": model_path}
+    # before any work, and again (with the existence check) when the file is created
+    agree(comm, lambda: check_not_input(out_path, inputs, "--out") if comm.is_root else None)
     args = argparse.Namespace(model=model_path, data=data_path, x=x, y=None)
     model, params, split, device = _load_for_inference(args, comm, log, with_y=False)
     out = forward(model, params, split.X, device)
     start = int(split.ids[0]) if split.ids is not None and split.n else split.start
     n = split.n_global
-    with create_parallel(out_path, comm, force=force) as fh:
+    with create_parallel(out_path, comm, force=force, inputs=inputs) as fh:
         name = "probabilities" if model.is_classifier else "predictions"
         dset = fh.create_dataset(name, shape=(n, model.n_outputs), dtype=np.float64)
         with collective(dset):

@@ -9,8 +9,11 @@ buffer. Rank 0 writes the run directory; checkpoints make every step resumable b
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
@@ -22,7 +25,7 @@ from .data.batches import BatchGather, EpochBatches
 from .data.dataset import TrainingData, load_eval_data, load_training_data
 from .data.reader import inspect_shared
 from .device import Device, select_device
-from .errors import EXIT_STOPPED, EXIT_WATCHDOG, LeptonError
+from .errors import EXIT_FAILED, EXIT_STOPPED, EXIT_WATCHDOG, DataError, LeptonError
 from .evaluate import evaluate
 from .faults import FaultHooks, StopFlag, Watchdog
 from .log import Log
@@ -41,6 +44,14 @@ class Stopped(LeptonError):
     """Training stopped on a signal after writing a checkpoint (exit code for requeueing)."""
 
     exit_code = EXIT_STOPPED
+    collective = True
+
+
+class Diverged(LeptonError):
+    """The loss or the parameters stopped being finite: the run fails, its last good
+    checkpoint is kept (none is written from the bad state)."""
+
+    exit_code = EXIT_FAILED
     collective = True
 
 
@@ -79,8 +90,16 @@ class Trainer:
         resume: str | None = None,
         overwrite: bool = False,
         stop: StopFlag | None = None,
+        inputs: Mapping[str, str] | None = None,
     ) -> None:
         self.cfg, self.comm, self.log = cfg, comm, log
+        # Files this run reads: never written or deleted, nor a directory holding one cleared.
+        self.inputs = {"data.train": cfg.data.train, **(inputs or {})}
+        if cfg.data.test:
+            self.inputs["data.test"] = cfg.data.test
+        if resume not in (None, "auto"):
+            self.inputs["resume"] = resume
+        self.lock = None  # rank 0's lock on the run directory, from its creation to the end
         # A stop signal during start-up (data loading can be long) is kept, not fatal: the
         # first step's allreduce carries it and the job checkpoints and stops there.
         self.stop = stop or StopFlag()
@@ -90,13 +109,21 @@ class Trainer:
         self.run = RunDir(cfg.output.dir)
         agree(comm, lambda: check_comm_config(cfg))  # [comm] x [optim] combinations
         self.reducer = agree(comm, lambda: make_backend(cfg.comm.backend, comm))
-        fresh = {"resume": resume is not None, "overwrite": overwrite}
+        fresh = {"resume": resume is not None, "overwrite": overwrite, "inputs": self.inputs}
         agree(comm, lambda: check_run_dir(self.run.path, **fresh) if comm.is_root else None)
         with self.timers("io"):
             self.data: TrainingData = load_training_data(
                 cfg.data, cfg.train.seed, comm, log, reproducible=cfg.comm.reproducible
             )
         train = self.data.train
+        val_rows = self.data.val.n_global if self.data.val is not None else 0
+        self.dropped = self.data.info.n_rows - train.n_global - val_rows
+        if self.dropped:
+            log.warning(
+                f"dropped {self.dropped} of {self.data.info.n_rows} rows of '{cfg.data.train}' "
+                'holding NaN or Inf (data.nonfinite = "drop")'
+            )
+        agree(comm, self._check_rows)
         y_dim = 1 if train.y.ndim == 1 else train.y.shape[1]
         stats = target_stats(train.y, comm)
         where = f"'{cfg.data.train}:{cfg.data.y}'"
@@ -122,14 +149,37 @@ class Trainer:
         if cfg.data.test:  # a wrong test file fails now, not after hours of training
             test = inspect_shared(cfg.data.test, cfg.data.x, cfg.data.y, comm)
             agree(comm, lambda: self._check_test(test, None))
-        # Inputs are valid: only now is the run directory created (or an old one replaced).
-        agree(
-            comm,
-            lambda: create_run_dir(self.run.path, overwrite=overwrite) if comm.is_root else None,
-        )
-        self.state = self._initial_state(resume)
+        # Inputs are valid: only now is the run directory created (or an old one cleared).
+        agree(comm, lambda: self._create_run_dir(overwrite))
+        try:
+            self.state = self._initial_state(resume)
+        except BaseException:
+            self._release()
+            raise
 
     # ---- set-up -------------------------------------------------------------------------
+    def _check_rows(self) -> None:
+        """Nothing left to train on (every row dropped or held out) is an error, not a run."""
+        train, val = self.data.train, self.data.val
+        if train.n_global == 0:
+            held = f", {val.n_global} held out for validation" if val is not None else ""
+            raise DataError(
+                f"'{self.cfg.data.train}:{self.cfg.data.x}' leaves no training rows "
+                f"({self.dropped} dropped as NaN or Inf{held})"
+            )
+
+    def _create_run_dir(self, overwrite: bool) -> None:
+        if self.comm.is_root:
+            self.lock = create_run_dir(self.run.path, overwrite=overwrite, inputs=self.inputs)
+            warning = getattr(self.lock, "warning", None)
+            if warning:
+                self.log.warning(warning)
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def meta(self) -> dict:
         return {
             "config": self.cfg.to_dict(),
@@ -160,7 +210,6 @@ class Trainer:
     def _find_checkpoint(self, resume: str):
         if resume == "auto":
             return latest_valid(self.run.checkpoints, self.log)
-        from pathlib import Path
 
         return Path(resume), read_checkpoint(Path(resume))
 
@@ -212,16 +261,18 @@ class Trainer:
                 self._loop_lbfgs()
             else:
                 self._loop_sgd()
+            loop_s = time.perf_counter() - t_loop
+            self.watchdog.pause()
+            return self._finish(loop_s)  # writing the outputs can fail too: status says so
         except Stopped:
             raise
         except BaseException as exc:
             self._record_failure(exc)
             raise
         finally:
+            self.watchdog.pause()
             self.stop.restore()
-        loop_s = time.perf_counter() - t_loop
-        self.watchdog.pause()
-        return self._finish(loop_s)
+            self._release()
 
     def _loop_sgd(self) -> None:
         cfg, st = self.cfg, self.state
@@ -250,6 +301,7 @@ class Trainer:
                     or (cfg.train.max_steps and st.step >= cfg.train.max_steps)
                 ):  # about to save or stop: local SGD averages, overlap drains its pipeline
                     out = out + strategy.settle(st.params, st.step)
+                self._check_finite(out.loss_sum, st.step)
                 st.epoch_loss += out.loss_sum
                 st.epoch_rows += out.rows
                 self.watchdog.beat(st.step)
@@ -293,6 +345,7 @@ class Trainer:
             self.watchdog.beat(st.step)
             stop_seen |= out.stop
             penalty = 0.5 * float(np.sum(self.l2_mask * x * x))
+            self._check_finite(out.loss_sum + penalty, st.step)
             return out.loss_sum / max(out.rows, 1.0) + penalty, grad
 
         if "g" in st.optimizer:
@@ -354,7 +407,24 @@ class Trainer:
         return entry["epoch"] - best["epoch"] >= patience
 
     # ---- checkpoints, stopping, the end -------------------------------------------------
+    def _check_finite(self, loss: float, step: int) -> None:
+        """A NaN or Inf loss (the same reduced value on every rank) ends the run as failed."""
+        if not math.isfinite(loss):
+            raise Diverged(
+                f"training diverged at step {step}: the loss is {loss}; the last good checkpoint "
+                f"is kept in {self.run.checkpoints}/ (lower optim.lr, or check the data's scale)"
+            )
+
+    def _check_params(self) -> None:
+        """Settled parameters are the same on every rank, so every rank decides alike."""
+        if not np.isfinite(self.state.params).all():
+            raise Diverged(
+                f"training diverged by step {self.state.step}: the parameters are not finite; "
+                f"the last good checkpoint is kept in {self.run.checkpoints}/ (lower optim.lr)"
+            )
+
     def checkpoint(self) -> None:
+        self._check_params()
         if self.comm.is_root:
             with self.timers("checkpoint"):
                 write_checkpoint(self.run.checkpoints, self.state, self.cfg.checkpoint.keep)
@@ -377,32 +447,44 @@ class Trainer:
         )
 
     def _record_failure(self, exc: BaseException) -> None:
-        """status.json says failed, with the rank and error; rank 0 writes an error all share."""
+        """status.json says failed, with the rank and error; rank 0 writes an error all share.
+
+        Best effort: when the file system refuses the write (full, quota), the original error
+        still ends the job."""
         collective = isinstance(exc, LeptonError) and exc.collective
         if self.comm.is_root or not collective:
-            self.run.status(
+            self._status_best_effort(
                 "failed",
                 step=self.state.step,
                 rank=self.comm.rank,
                 error=f"{type(exc).__name__}: {exc}",
             )
 
+    def _status_best_effort(self, state: str, **fields) -> None:
+        try:
+            self.run.status(state, **fields)
+        except Exception as exc:  # noqa: BLE001 - the job is ending anyway; say why not written
+            self.log.warning(f"could not write {self.run.status_file}: {exc}", all_ranks=True)
+
     def _on_watchdog(self, step: int, idle: float) -> None:
         msg = (
             f"watchdog: step {step} has not advanced for {idle:.0f} s "
             f"(checkpoint.watchdog_s = {self.cfg.checkpoint.watchdog_s:g}); ending the job"
         )
-        self.log.error(msg)
-        # Any rank's watchdog may fire first (rank 0 may be the frozen one): each writes the
-        # status atomically, with the same step, before ending the job.
-        self.run.status("failed", step=step, rank=self.comm.rank, error=msg)
-        self.comm.abort(EXIT_WATCHDOG)
+        # Any rank's watchdog may fire first (rank 0 may be the frozen one): each tries to write
+        # the status (per-process temporary name), and ends the job whatever that gave.
+        try:
+            self.log.error(msg)
+            self._status_best_effort("failed", step=step, rank=self.comm.rank, error=msg)
+        finally:
+            self.comm.abort(EXIT_WATCHDOG)
 
     def _finish(self, loop_s: float) -> dict:
         cfg, st, comm = self.cfg, self.state, self.comm
         if st.best.get("params") is not None:
             st.params = st.best["params"]
             self.log.info(f"early stopping: restored the parameters of epoch {st.best['epoch']}")
+        self._check_params()
         final = {"train": self._metrics(self.X, self.data.train.y)}
         if self.data.val is not None:
             final["val"] = self._metrics(self.X_val, self.data.val.y)
@@ -479,6 +561,11 @@ def train(
     resume: str | None = None,
     overwrite: bool = False,
     stop: StopFlag | None = None,
+    inputs: Mapping[str, str] | None = None,
 ) -> dict:
-    """Run one training job described by ``cfg`` on the ranks of ``comm``; returns results."""
-    return Trainer(cfg, comm, log, resume=resume, overwrite=overwrite, stop=stop).fit()
+    """Run one training job described by ``cfg`` on the ranks of ``comm``; returns results.
+
+    ``inputs``: further files the run reads (the config), named by role, that the run
+    directory's guards protect besides the data files."""
+    trainer = Trainer(cfg, comm, log, resume=resume, overwrite=overwrite, stop=stop, inputs=inputs)
+    return trainer.fit()

@@ -42,11 +42,14 @@ def plot_history(history: list[dict], path: Path, classifier: bool) -> bool:
 
 
 def save_figure(fig, path: Path) -> None:
-    """Lay out, save atomically (temporary name, then rename) and close a matplotlib figure."""
+    """Lay out, save atomically and close a matplotlib figure."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    from .safety import atomic_file
+
+    try:
+        fig.tight_layout()
+        with atomic_file(Path(path)) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

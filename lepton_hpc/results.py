@@ -1,64 +1,37 @@
 """The run directory, written by rank 0 only: status, metrics, results, model and plot.
 
 ``status.json`` is rewritten atomically at each change (running, completed, stopped at step N,
-failed on rank R with error E) so job scripts can trust it more than mpirun's exit code.
+failed on rank R with error E) so job scripts can trust it more than mpirun's exit code. Every
+writer goes through ``safety`` (per-process temporary names, fsync of file and directory).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from .errors import LeptonError
+# The writers and run-directory guards live in ``safety``; re-exported for existing imports.
+from .safety import (
+    RunLock,
+    atomic_write_text,
+    check_run_dir,
+    create_run_dir,
+    finite_json,
+    write_json,
+)
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def check_run_dir(path: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse, before anything is read or written, a run directory that may not be used."""
-    if path.exists() and not path.is_dir():
-        raise LeptonError(f"run directory '{path}' is a file")
-    if path.is_dir() and any(path.iterdir()) and not (resume or overwrite):
-        raise LeptonError(
-            f"run directory '{path}' exists; pass --resume auto to continue it or --overwrite "
-            "to replace it"
-        )
-    ancestor = path
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise LeptonError(f"cannot create run directory '{path}': '{ancestor}' is a file")
-    if not os.access(ancestor, os.W_OK):
-        raise LeptonError(f"cannot create run directory '{path}': '{ancestor}' is not writable")
-
-
-def create_run_dir(path: Path, *, overwrite: bool) -> None:
-    """Create the run directory (rank 0), replacing an old one only with ``--overwrite``.
-
-    Called once the inputs have been validated, so a bad input never destroys an old run.
-    """
-    if overwrite and path.is_dir():
-        shutil.rmtree(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LeptonError(f"cannot create run directory '{path}': {exc.strerror}") from None
+__all__ = [
+    "RunDir",
+    "RunLock",
+    "atomic_write_text",
+    "check_run_dir",
+    "create_run_dir",
+    "versions",
+    "write_json",
+]
 
 
 class RunDir:
@@ -81,7 +54,8 @@ class RunDir:
 
     def write_history(self, history: list[dict]) -> None:
         """metrics.jsonl: one JSON line per finished epoch (rewritten whole, so resume is clean)."""
-        atomic_write_text(self.metrics_file, "".join(json.dumps(h) + "\n" for h in history))
+        lines = (json.dumps(finite_json(h), allow_nan=False, default=str) + "\n" for h in history)
+        atomic_write_text(self.metrics_file, "".join(lines))
 
 
 def versions() -> dict[str, str]:

@@ -112,13 +112,31 @@ def train_task(task: Task, comm: Communicator, log: Log) -> dict:  # noqa: ARG00
     payload = task.payload
     cfg = check_config(config_from_dict(merge_overrides(payload["base"], payload["overrides"])))
     log_path = Path(payload["log"])
+    agree(comm, lambda: _make_task_dir(Path(cfg.output.dir)) if comm.is_root else None)
     with _task_log(log_path, comm) as stream:
         if comm.is_root:
             stream.write(f"== {task.id}: attempt at {time.strftime('%Y-%m-%dT%H:%M:%S')} ==\n")
             stream.flush()
         # overwrite: the journal says this run is not done, so its directory is a partial run
+        # of the sweep's (marked); an unmarked directory there is not ours and is refused
         results = train(cfg, comm, Log(comm.rank, comm.size, stream=stream), overwrite=True)
     return {"metrics": results["metrics"], "epochs": results["epochs"], "steps": results["steps"]}
+
+
+def _make_task_dir(path: Path) -> None:
+    """Create a task's run directory with the run-directory marker; an existing one is left as
+    it is (marked: an earlier attempt of the sweep's; unmarked: not the sweep's, then refused)."""
+    from .safety import write_marker
+
+    if path.exists():
+        return
+    try:
+        path.mkdir(parents=True)
+        write_marker(path)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise LeptonError(f"cannot create run directory '{path}': {exc.strerror}") from None
 
 
 @contextlib.contextmanager

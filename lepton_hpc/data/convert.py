@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import DataError, LeptonError
 from ..log import Log
+from ..safety import atomic_file, check_not_input
 from .h5 import check_writable
 
 FORMATS = (".csv", ".npy", ".npz")
@@ -74,8 +75,7 @@ def convert_file(src: str | Path, out: str | Path, opts: Options, log: Log | Non
     kind = src.suffix.lower()
     if kind not in FORMATS:
         raise DataError(f"'{src}': unknown format '{src.suffix}' (expected .csv, .npy or .npz)")
-    if out.resolve() == src.resolve():
-        raise LeptonError(f"output '{out}' is the input file")
+    check_not_input(out, {"data": src}, "--out")  # even with --force
     check_writable(out, force=opts.force)
     opener = {".csv": open_csv, ".npy": open_npy, ".npz": open_npz}[kind]
     try:
@@ -110,50 +110,45 @@ def write_h5(source: Source, out: Path, opts: Options, log: Log | None) -> int:
     rows_per_chunk = max(1, min(opts.chunk_rows, CHUNK_BYTES // max(1, d * x_dtype.itemsize)))
     if source.n_rows:  # no chunk larger than the whole data set
         rows_per_chunk = min(rows_per_chunk, source.n_rows)
-    tmp = out.with_name(f".{out.name}.tmp")
     n = 0
     t_report = time.monotonic() + PROGRESS_EVERY_S
-    try:
-        with h5py.File(tmp, "w") as fh:
-            dx = fh.create_dataset(
-                opts.x, (0, d), maxshape=(None, d), chunks=(rows_per_chunk, d), dtype=x_dtype
+    # the temporary is removed on any error; fsynced and renamed into place on success
+    with atomic_file(out) as tmp, h5py.File(tmp, "w") as fh:
+        dx = fh.create_dataset(
+            opts.x, (0, d), maxshape=(None, d), chunks=(rows_per_chunk, d), dtype=x_dtype
+        )
+        dy = None
+        if source.y_shape is not None:
+            ys = source.y_shape
+            dy = fh.create_dataset(
+                opts.y,
+                (0, *ys),
+                maxshape=(None, *ys),
+                chunks=(rows_per_chunk, *ys),
+                dtype=np.float64,
             )
-            dy = None
-            if source.y_shape is not None:
-                ys = source.y_shape
-                dy = fh.create_dataset(
-                    opts.y,
-                    (0, *ys),
-                    maxshape=(None, *ys),
-                    chunks=(rows_per_chunk, *ys),
-                    dtype=np.float64,
-                )
-            for X, y in source.chunks(opts.chunk_rows):
-                m = X.shape[0]
-                dx.resize(n + m, axis=0)
-                dx[n : n + m] = X
-                if dy is not None:
-                    dy.resize(n + m, axis=0)
-                    dy[n : n + m] = y
-                n += m
-                if log is not None and time.monotonic() > t_report:
-                    t_report += PROGRESS_EVERY_S
-                    log.info(f"  {source.path}: {n:,} rows converted")
-            if n == 0:
-                raise DataError(f"'{source.path}' holds no data rows")
-            fh.attrs.update(
-                {
-                    "source": str(source.path),
-                    "format": source.kind,
-                    "converter": "lepton convert",
-                    "columns": np.array(source.columns, dtype=h5py.string_dtype()),
-                    "target": source.target,
-                }
-            )
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        for X, y in source.chunks(opts.chunk_rows):
+            m = X.shape[0]
+            dx.resize(n + m, axis=0)
+            dx[n : n + m] = X
+            if dy is not None:
+                dy.resize(n + m, axis=0)
+                dy[n : n + m] = y
+            n += m
+            if log is not None and time.monotonic() > t_report:
+                t_report += PROGRESS_EVERY_S
+                log.info(f"  {source.path}: {n:,} rows converted")
+        if n == 0:
+            raise DataError(f"'{source.path}' holds no data rows")
+        fh.attrs.update(
+            {
+                "source": str(source.path),
+                "format": source.kind,
+                "converter": "lepton convert",
+                "columns": np.array(source.columns, dtype=h5py.string_dtype()),
+                "target": source.target,
+            }
+        )
     return n
 
 

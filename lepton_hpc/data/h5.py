@@ -1,20 +1,22 @@
 """Opening HDF5 files for a communicator: the mpio driver when h5py is parallel, else plain h5py.
 
-Writes go to a temporary name that rank 0 renames once every rank has closed the file, so a
-failed or interrupted job never leaves a partial output under the final name.
+Writes go to a temporary name that rank 0 renames (then fsyncs the directory) once every rank
+has closed the file, so a failed or interrupted job never leaves a partial output under the final
+name, and an output is never one of the command's inputs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import h5py
 
 from ..comm.base import Communicator, agree
 from ..errors import LeptonError
+from ..safety import NO_INPUTS, check_not_input, commit, temp_path
 
 
 def is_parallel() -> bool:
@@ -37,6 +39,8 @@ def open_read(path: str | Path, comm: Communicator) -> h5py.File:
 def check_writable(path: str | Path, *, force: bool) -> None:
     """The checks a new output file needs, run before any rank writes anything."""
     p = Path(path)
+    if p.is_dir():
+        raise LeptonError(f"output '{p}' is a directory")
     if p.exists() and not force:
         raise LeptonError(f"output '{p}' exists; pass --force to replace it")
     parent = p.parent if str(p.parent) else Path()
@@ -50,14 +54,36 @@ def check_writable(path: str | Path, *, force: bool) -> None:
 
 @contextlib.contextmanager
 def create_parallel(
-    path: str | Path, comm: Communicator, *, force: bool = False
+    path: str | Path,
+    comm: Communicator,
+    *,
+    force: bool = False,
+    inputs: Mapping[str, str | Path] = NO_INPUTS,
 ) -> Iterator[h5py.File]:
-    """A new HDF5 file written by every rank, renamed into place only when complete."""
+    """A new HDF5 file written by every rank, renamed into place only when complete.
+
+    ``inputs`` (role: path) are files the command reads: ``path`` may never be one of them, even
+    with ``force``. The temporary name is rank 0's (host and pid), shared by all ranks because
+    the file is opened collectively; it is removed on any failure.
+    """
     final = Path(path)
-    agree(comm, lambda: check_writable(final, force=force) if comm.is_root else None)
-    tmp = final.with_name(f".{final.name}.tmp")
-    fh = h5py.File(tmp, "w", **driver_kwargs(comm)) if (is_parallel() or comm.is_root) else None
+
+    def check() -> Path | None:
+        if not comm.is_root:
+            return None
+        check_not_input(final, inputs, "--out")
+        check_writable(final, force=force)
+        return temp_path(final)
+
+    tmp = comm.bcast(agree(comm, check))
     ok = False
+    try:
+        fh = h5py.File(tmp, "w", **driver_kwargs(comm)) if (is_parallel() or comm.is_root) else None
+    except BaseException:
+        comm.barrier()
+        if comm.is_root:
+            tmp.unlink(missing_ok=True)
+        raise
     try:
         if fh is None:
             raise LeptonError("parallel writes need h5py built with MPI (make install does that)")
@@ -69,7 +95,7 @@ def create_parallel(
         comm.barrier()
         if comm.is_root:
             if ok:
-                tmp.replace(final)
+                commit(tmp, final)
             else:
                 tmp.unlink(missing_ok=True)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..comm.base import Communicator, agree
 from ..errors import LeptonError
 from ..log import Log
+from ..safety import check_not_input
 from .farm import run_tasks
 from .tasks import Task
 
@@ -32,8 +33,12 @@ def is_batch(data: str, out: str) -> bool:
     return any(c in data for c in GLOB_CHARS) or out.endswith(("/", os.sep))
 
 
-def plan_outputs(pattern: str, outdir: str | Path, force: bool) -> list[tuple[str, str]]:
-    """(input, output) pairs for the files matching ``pattern``; checked before anything runs."""
+def plan_outputs(
+    pattern: str, outdir: str | Path, force: bool, model: str | Path | None = None
+) -> list[tuple[str, str]]:
+    """(input, output) pairs for the files matching ``pattern``; checked before anything runs.
+
+    No output may be one of the inputs or the model file, even with ``force``."""
     files = sorted(glob.glob(pattern)) if any(c in pattern for c in GLOB_CHARS) else [pattern]
     files = [f for f in files if Path(f).is_file()]
     if not files:
@@ -43,10 +48,13 @@ def plan_outputs(pattern: str, outdir: str | Path, force: bool) -> list[tuple[st
     names = [o for _, o in pairs]
     if len(set(names)) != len(names):
         raise LeptonError(f"--data '{pattern}': two inputs have the same file name in '{out}'")
-    inputs = {Path(f).resolve() for f in files}
+    by_id = {_file_id(f): ("data", f) for f in files}  # one stat each, not files x outputs
+    if model and Path(model).exists():
+        by_id.setdefault(_file_id(model), ("model", model))
     for _, o in pairs:
-        if Path(o).resolve() in inputs:
-            raise LeptonError(f"--out '{outdir}' would overwrite the input '{o}'")
+        if Path(o).exists() and _file_id(o) in by_id:
+            role, src = by_id[_file_id(o)]
+            check_not_input(o, {role: src}, "--out")  # raises, naming both files
     existing = [o for o in names if Path(o).exists()]
     if existing and not force:
         raise LeptonError(
@@ -57,6 +65,12 @@ def plan_outputs(pattern: str, outdir: str | Path, force: bool) -> list[tuple[st
     except OSError as exc:
         raise LeptonError(f"--out: cannot create directory '{out}': {exc.strerror}") from None
     return pairs
+
+
+def _file_id(path: str | Path) -> tuple[int, int]:
+    """(device, inode): one file whatever links lead to it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def predict_files(
@@ -72,7 +86,9 @@ def predict_files(
     retries: int = 1,
 ) -> list[str]:
     """Predict every file matching ``pattern`` into ``outdir``; the output paths, input order."""
-    pairs = agree(comm, lambda: plan_outputs(pattern, outdir, force) if comm.is_root else None)
+    pairs = agree(
+        comm, lambda: plan_outputs(pattern, outdir, force, model_path) if comm.is_root else None
+    )
     pairs = comm.bcast(pairs)
     tasks = [
         Task(f"file-{i:04d}", {"model": model_path, "data": d, "out": o, "x": x, "force": force})

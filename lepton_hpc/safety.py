@@ -1,0 +1,404 @@
+"""Every write and delete of the toolkit goes through here, so careless use never destroys a
+user's files.
+
+- Atomic files: ``atomic_file(final)`` yields a per-process temporary name beside ``final``
+  (``.{name}.{host}.{pid}.tmp``); on success the file is fsynced, renamed onto ``final`` and the
+  directory fsynced (so the rename survives a crash); on any error the temporary is removed.
+- Input guards: an output never replaces a file the command reads (``same_path`` sees through
+  symlinks and hard links), and a directory holding an input is never cleared.
+- Run directories carry a marker ``.lepton-run`` written when the toolkit creates or first uses
+  them. ``--overwrite`` clears only a marked directory, and only the files the toolkit writes
+  there: a user's other files and every input stay.
+- ``RunLock``: ``flock`` on ``<run dir>/.lepton-lock`` so two jobs never share a run directory;
+  the second fails at once naming the holder.
+
+What ``flock`` guarantees where run directories usually live: on local file systems it is
+exclusive between all processes of the node. On Linux NFSv4 clients ``flock`` is emulated with
+a whole-file byte-range lock, so it is exclusive across clients; on NFSv3 that needs the NLM lock
+daemon (``lockd``/``rpc.statd``), and a ``nolock`` mount makes locks local to one client. On
+Lustre, the ``flock`` mount option gives coherent locks across clients; ``localflock`` locks only
+within one client node (two jobs on different nodes would both get the lock); ``noflock`` (the
+default on some versions) makes ``flock`` fail with ENOSYS. When the file system does not support
+``flock`` at all, the run goes on without a lock and ``RunLock.warning`` says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .errors import EXIT_FAILED, LeptonError
+
+MARKER = ".lepton-run"
+LOCK = ".lepton-lock"
+# The files the toolkit writes at the top of a run directory (all that --overwrite removes there).
+RUN_FILES = ("status.json", "metrics.jsonl", "results.json", "model.h5", "history.png")
+NO_INPUTS: Mapping[str, str | Path] = MappingProxyType({})
+NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
+# A write the system refused (full disk, quota, file size limit, read-only): not a toolkit bug.
+REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+class WriteError(LeptonError):
+    """The file system refused a write; the message names the file and the reason."""
+
+    exit_code = EXIT_FAILED
+
+
+# ---- atomic files -------------------------------------------------------------------------
+def temp_path(final: Path) -> Path:
+    """The temporary name of ``final`` for this process: unique per host and pid."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename in it) to stable storage, where supported."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):  # some file systems refuse fsync on directories
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """fsync ``tmp``, rename it onto ``final``, fsync the directory (so the rename is durable)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    fsync_dir(Path(final).parent)
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path, tmp: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary path to write ``final`` through; renamed into place only on success.
+
+    On any exception (a full disk included) the temporary is removed and the exception raised
+    again, so neither a partial ``final`` nor a temporary is ever left behind. ``tmp`` overrides
+    the temporary name (a collectively written file needs one name on all ranks).
+    """
+    final = Path(final)
+    tmp = temp_path(final) if tmp is None else Path(tmp)
+    try:
+        yield tmp
+        commit(tmp, final)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in REFUSED:
+            raise WriteError(f"cannot write '{final}': {os.strerror(exc.errno)}") from None
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_file(Path(path)) as tmp, tmp.open("w") as fh:
+        fh.write(text)
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float (NumPy's too) replaced by None and NumPy scalars and
+    arrays turned into Python values, so the result is strict JSON."""
+    if isinstance(obj, Mapping):
+        return {
+            (k if isinstance(k, str | int | float | bool) or k is None else str(k)): finite_json(v)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    if type(obj).__module__ == "numpy":
+        if hasattr(obj, "tolist"):  # arrays and scalars
+            return finite_json(obj.tolist())
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as strict JSON (non-finite numbers as null), atomically."""
+    text = json.dumps(finite_json(obj), indent=2, allow_nan=False, default=str)
+    atomic_write_text(Path(path), text + "\n")
+
+
+# ---- input guards -------------------------------------------------------------------------
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """True when ``a`` and ``b`` are one file (symlinks and hard links seen through)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(path: str | Path, directory: str | Path) -> bool:
+    """``path`` is ``directory`` or lies under it (after resolving links)."""
+    p, d = os.path.realpath(path), os.path.realpath(directory)
+    return p == d or p.startswith(d.rstrip(os.sep) + os.sep)
+
+
+def _role(role: str) -> str:
+    return {"data": "data file", "model": "model file"}.get(role, f"{role} file")
+
+
+def check_not_input(path: str | Path, inputs: Mapping[str, str | Path], what: str) -> None:
+    """Refuse an output ``path`` that is one of ``inputs`` (role: path), whatever --force says."""
+    for role, src in inputs.items():
+        if src and same_path(path, src):
+            raise LeptonError(
+                f"{what} '{path}' is the input {_role(role)} '{src}': "
+                "refusing to overwrite an input"
+            )
+
+
+def check_no_input_inside(
+    directory: str | Path, inputs: Mapping[str, str | Path], what: str
+) -> None:
+    """Refuse to clear ``directory`` when it holds (or is) one of ``inputs``."""
+    for role, src in inputs.items():
+        if src and (_inside(src, directory) or same_path(src, directory)):
+            raise LeptonError(
+                f"{what} '{directory}' holds the input {_role(role)} '{src}': refusing to clear "
+                "it; choose another output.dir"
+            )
+
+
+# ---- run directories ----------------------------------------------------------------------
+def is_run_dir(path: Path) -> bool:
+    """``path`` carries the toolkit's run-directory marker."""
+    return (Path(path) / MARKER).is_file()
+
+
+def _nonempty(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def _check_clearable(path: Path, inputs: Mapping[str, str | Path]) -> None:
+    """--overwrite may clear ``path``: empty or absent, or a marked run directory without inputs."""
+    if not _nonempty(path):
+        return
+    if not is_run_dir(path):
+        raise LeptonError(
+            f"'{path}' is not a lepton run directory (no {MARKER} marker): refusing to clear it; "
+            "choose another output.dir"
+        )
+    check_no_input_inside(path, inputs, "--overwrite: run directory")
+
+
+def _in_use(path: Path) -> LeptonError:
+    """'run directory D is in use by pid P on host H (Slurm job J) since T', from the lock file."""
+    try:
+        info = json.loads((path / LOCK).read_text() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    job = f" (Slurm job {info['slurm_job']})" if info.get("slurm_job") else ""
+    return LeptonError(
+        f"run directory '{path}' is in use by pid {info.get('pid', '?')} on host "
+        f"{info.get('host', '?')}{job} since {info.get('since', '?')}"
+    )
+
+
+def _probe_lock(path: Path) -> None:
+    """Refuse a run directory whose lock another job holds (without creating anything)."""
+    try:
+        fd = os.open(path / LOCK, os.O_RDWR)  # NFS's emulated flock needs write access
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(path) from None
+    except OSError:
+        return
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+
+
+def check_run_dir(
+    path: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    inputs: Mapping[str, str | Path] = NO_INPUTS,
+) -> None:
+    """Refuse, before anything is read or written, a run directory that may not be used."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LeptonError(f"run directory '{path}' is a file")
+    for name in RUN_FILES:
+        check_not_input(path / name, inputs, "run file")
+    marked = is_run_dir(path)
+    if _nonempty(path) and not (resume or overwrite):
+        hint = " or --overwrite to replace its results" if marked else ""
+        raise LeptonError(
+            f"run directory '{path}' exists and is not empty; choose a new output.dir or pass "
+            f"--resume auto to continue it{hint}"
+        )
+    if overwrite:
+        _check_clearable(path, inputs)
+    if path.is_dir():
+        _probe_lock(path)
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LeptonError(f"cannot create run directory '{path}': '{ancestor}' is a file")
+    if not os.access(ancestor, os.W_OK):
+        raise LeptonError(f"cannot create run directory '{path}': '{ancestor}' is not writable")
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run dir>/.lepton-lock``, held until ``release()``.
+
+    The lock file stays after release: it is the toolkit's, and deleting it would race with a
+    job taking it. ``warning`` is set (and nothing is locked) where the file system has no flock.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK
+        self.warning = ""
+        self._fd: int | None = None
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LeptonError(f"cannot create lock file '{self.path}': {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            time.sleep(0.2)  # let the holder finish writing who it is
+            raise _in_use(self.directory) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in NO_FLOCK:
+                raise
+            self.warning = (
+                f"run directory '{self.directory}': the file system does not support flock "
+                f"({exc.strerror}); running without a lock, so make sure no other job uses it"
+            )
+            return
+        self._fd = fd
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+
+    @property
+    def locked(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Drop the lock (idempotent); the holder's details are cleared first."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # closing the descriptor releases the flock
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def write_marker(path: Path) -> None:
+    """Mark ``path`` as a lepton run directory (when not yet marked)."""
+    if is_run_dir(path):
+        return
+    from . import __version__
+
+    write_json(
+        Path(path) / MARKER,
+        {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "lepton_version": __version__,
+        },
+    )
+
+
+def _toolkit_files(path: Path) -> Iterator[Path]:
+    """The files the toolkit writes in a run directory (what --overwrite removes)."""
+    yield from (path / name for name in RUN_FILES)
+    yield from path.glob(".*.tmp")
+    yield from path.glob(".history.png*.tmp.png")
+    ckpt = path / "checkpoints"
+    for d in [ckpt, *sorted(ckpt.glob("aside-*"))]:
+        yield from d.glob("ckpt-*.h5")
+        yield from d.glob(".*.tmp")
+
+
+def create_run_dir(
+    path: Path,
+    *,
+    overwrite: bool,
+    inputs: Mapping[str, str | Path] = NO_INPUTS,
+) -> RunLock:
+    """Create (or take) the run directory on rank 0: mark it, lock it, and with ``overwrite``
+    remove the toolkit's own files from it. Returns the lock; the caller releases it at the end.
+
+    Called once the inputs have been validated, so a bad input never destroys an old run.
+    """
+    path = Path(path)
+    if overwrite:
+        _check_clearable(path, inputs)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        write_marker(path)
+    except OSError as exc:
+        raise LeptonError(f"cannot create run directory '{path}': {exc.strerror}") from None
+    lock = RunLock(path)
+    if overwrite:
+        try:
+            clear_run_dir(path, inputs)
+        except BaseException:
+            lock.release()
+            raise
+    return lock
+
+
+def clear_run_dir(path: Path, inputs: Mapping[str, str | Path] = NO_INPUTS) -> list[Path]:
+    """Remove the toolkit's files from the run directory ``path`` (never the marker, the lock,
+    an input or any other file); returns what was removed."""
+    removed = []
+    for f in list(_toolkit_files(path)):
+        if f.is_symlink() or not f.is_file():
+            continue
+        if any(src and same_path(f, src) for src in inputs.values()):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+            removed.append(f)
+    ckpt = path / "checkpoints"
+    for d in [*sorted(ckpt.glob("aside-*")), ckpt]:
+        with contextlib.suppress(OSError):  # not empty: a user's file stays, and so does d
+            d.rmdir()
+    if removed:
+        fsync_dir(path)
+    return removed

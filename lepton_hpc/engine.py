@@ -23,6 +23,7 @@ from .comm.base import Communicator, agree
 from .config import Config
 from .data.batches import BatchGather, EpochBatches
 from .data.dataset import TrainingData, load_eval_data, load_training_data
+from .data.fingerprint import fingerprint
 from .data.reader import inspect_shared
 from .device import Device, select_device
 from .errors import EXIT_FAILED, EXIT_STOPPED, EXIT_WATCHDOG, DataError, LeptonError
@@ -115,6 +116,11 @@ class Trainer:
             self.data: TrainingData = load_training_data(
                 cfg.data, cfg.train.seed, comm, log, reproducible=cfg.comm.reproducible
             )
+            # What the data hold (shapes, types, a hash of sampled rows): checkpoints and the
+            # model carry it, and a resume on other data is refused.
+            self.fingerprint = comm.bcast(
+                agree(comm, lambda: self._fingerprint() if comm.is_root else None)
+            )
         train = self.data.train
         val_rows = self.data.val.n_global if self.data.val is not None else 0
         self.dropped = self.data.info.n_rows - train.n_global - val_rows
@@ -180,13 +186,21 @@ class Trainer:
             self.lock.release()
             self.lock = None
 
+    def _fingerprint(self) -> dict:
+        d = self.cfg.data
+        return fingerprint(d.train, d.x, d.y)
+
     def meta(self) -> dict:
+        """What identifies this run's state: config, model, data, scaler and optimiser."""
+        optim = self.cfg.to_dict()["optim"]
         return {
             "config": self.cfg.to_dict(),
             "model": self.model.spec(),
             "ranks": self.comm.size,
             "scaler": self.data.scaler.kind,
             "n_features": self.model.n_features,
+            "data": self.fingerprint,
+            "optimizer": {k: v for k, v in optim.items() if k != "lr"},
         }
 
     def _initial_state(self, resume: str | None) -> TrainState:

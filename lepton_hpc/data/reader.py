@@ -65,9 +65,13 @@ class DataInfo:
     n_rows: int
     n_features: int
     x_dtype: str
-    y_shape: tuple[int, ...] | None
+    y_shape: tuple[int, ...] | None  # as handed out: a stored (n, 1) column is (n,)
     x_offset: int | None = None  # file offset of X when it can be read directly (see _direct)
     y_offset: int | None = None  # the same for y (stored as float64)
+    x_ndim: int = 2  # 1: X is stored as (n,), one feature, handed out as (n, 1)
+    independent: bool = False  # a virtual data set: each rank reads alone (no mpio, see read_block)
+    identity: tuple[int, int, int, int] | None = None  # (st_dev, st_ino, st_size, st_mtime_ns)
+    # of the file when an offset was taken: direct reads check they read that very file
 
 
 @dataclass(slots=True)
@@ -100,8 +104,29 @@ def _numeric(dset: h5py.Dataset, where: str) -> None:
         raise DataError(f"{where}: dtype {dset.dtype} is not numeric")
 
 
+def _dataset(fh: h5py.File, path: str, name: str) -> h5py.Dataset:
+    """The data set ``name`` (a path such as ``g/h/X`` works), or a DataError saying why not."""
+    try:
+        obj = fh.get(name)
+    except (KeyError, OSError, ValueError) as exc:  # a dangling external or soft link
+        raise DataError(f"'{path}:{name}' cannot be opened ({exc})") from None
+    if obj is None:
+        raise DataError(
+            f"'{path}' has no data set '{name}' (has: {', '.join(fh.keys()) or 'none'})"
+        )
+    if not isinstance(obj, h5py.Dataset):
+        raise DataError(f"'{path}:{name}' is a group, not a data set")
+    return obj
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """(st_dev, st_ino, st_size, st_mtime_ns): what a direct read checks it is still reading."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def inspect(path: str, x: str, y: str | None, min_rows: int = 1) -> DataInfo:
-    """Check that ``path`` holds a 2-D numeric ``x`` (and ``y`` with as many rows)."""
+    """Check that ``path`` holds a numeric ``x`` of rows x features (1-D: one feature) and a
+    ``y`` with as many rows; say how each can be read (see ``_direct``)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file '{path}' does not exist")
@@ -110,46 +135,79 @@ def inspect(path: str, x: str, y: str | None, min_rows: int = 1) -> DataInfo:
     except OSError as exc:
         raise DataError(f"'{path}' is not a readable HDF5 file ({exc})") from None
     with fh:
-        if x not in fh or not isinstance(fh[x], h5py.Dataset):
-            raise DataError(
-                f"'{path}' has no data set '{x}' (has: {', '.join(fh.keys()) or 'none'})"
-            )
-        dx = fh[x]
+        dx = _dataset(fh, path, x)
         _numeric(dx, f"'{path}:{x}'")
-        if dx.ndim != 2:
-            raise DataError(f"'{path}:{x}' must be 2-D (rows x features), has shape {dx.shape}")
-        n, d = dx.shape
+        if dx.ndim not in (1, 2):
+            raise DataError(
+                f"'{path}:{x}' must be 2-D (rows x features) or 1-D (one feature), "
+                f"has shape {dx.shape}"
+            )
+        n, d = (dx.shape[0], 1) if dx.ndim == 1 else dx.shape
         if n == 0 or d == 0:
             raise DataError(f"'{path}:{x}' is empty (shape {dx.shape})")
         if n < min_rows:
             raise DataError(f"'{path}:{x}' has {n} rows, fewer than the {min_rows} ranks")
-        y_shape = None
+        y_shape, dy = None, None
         if y is not None:
-            if y not in fh or not isinstance(fh[y], h5py.Dataset):
-                raise DataError(f"'{path}' has no data set '{y}' (has: {', '.join(fh.keys())})")
-            dy = fh[y]
+            dy = _dataset(fh, path, y)
             _numeric(dy, f"'{path}:{y}'")
             if dy.ndim not in (1, 2) or dy.shape[0] != n:
                 raise DataError(
                     f"'{path}': '{y}' has shape {dy.shape} but '{x}' has {n} rows; "
                     "targets need one row per row of features"
                 )
-            y_shape = tuple(dy.shape)
-        size = p.stat().st_size
-        x_off = _direct(dx, _feature_dtype(str(dx.dtype)), size)
-        y_off = _direct(fh[y], np.dtype(np.float64), size) if y is not None else None
-        return DataInfo(str(path), x, y, int(n), int(d), str(dx.dtype), y_shape, x_off, y_off)
+            if dy.size == 0:
+                raise DataError(f"'{path}:{y}' holds no targets (shape {dy.shape})")
+            # A column vector (n, 1) is one target, exactly as (n,): the rest of the toolkit
+            # reads 2-D targets as several regression outputs.
+            y_shape = (n,) if dy.ndim == 1 or dy.shape[1] == 1 else tuple(dy.shape)
+        st = os.stat(p)
+        x_off = _direct(dx, _feature_dtype(dx.dtype), st)
+        y_off = _direct(dy, np.dtype(np.float64), st) if dy is not None else None
+        independent = dx.is_virtual or (dy is not None and dy.is_virtual)
+        identity = file_identity(st) if x_off is not None or y_off is not None else None
+        return DataInfo(
+            str(path),
+            x,
+            y,
+            int(n),
+            int(d),
+            str(dx.dtype),
+            y_shape,
+            x_off,
+            y_off,
+            dx.ndim,
+            independent,
+            identity,
+        )
 
 
-def _direct(dset: h5py.Dataset, want: np.dtype, file_size: int) -> int | None:
-    """File offset of ``dset`` when its bytes are one contiguous run of ``want`` in the file
-    itself (contiguous layout, no filters, no external storage, little-endian ``want``), so that
-    rows can be read with plain ``pread``; else None (read through HDF5)."""
-    little = np.little_endian and dset.dtype.str == want.newbyteorder("<").str
-    if not little or dset.chunks is not None or dset.external:
+def _direct(dset: h5py.Dataset, want: np.dtype, st: os.stat_result) -> int | None:
+    """File offset of ``dset`` when its bytes are provably one contiguous run of ``want`` in the
+    opened file itself (``st``: its ``os.stat``), so that rows can be read with plain ``pread``;
+    else None: read through HDF5, which is right for every layout.
+
+    Proof means: contiguous layout (not compact, chunked or virtual), no filters, no external
+    raw storage, the data set's own file is the opened one (not behind an external link), the
+    stored type is exactly little-endian ``want``, and every byte lies inside the file.
+    """
+    if not np.little_endian or dset.dtype.str != want.newbyteorder("<").str:
         return None
+    plist = dset.id.get_create_plist()
+    if (
+        plist.get_layout() != h5py.h5d.CONTIGUOUS
+        or plist.get_nfilters() != 0
+        or plist.get_external_count() != 0
+    ):
+        return None
+    try:
+        own = os.stat(dset.file.filename)
+    except (OSError, ValueError):
+        return None
+    if (own.st_dev, own.st_ino) != (st.st_dev, st.st_ino):
+        return None  # an external link: the bytes are in another file
     offset = dset.id.get_offset()
-    if offset is None or offset + dset.size * dset.dtype.itemsize > file_size:
+    if offset is None or offset + dset.size * dset.dtype.itemsize > st.st_size:
         return None  # not written yet, or a truncated file: HDF5 gives the error
     return int(offset)
 
@@ -167,9 +225,13 @@ def aligned_empty(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
     return raw[skip : skip + nbytes].view(dtype).reshape(shape)
 
 
-def _feature_dtype(dtype: str) -> np.dtype:
-    """float32 and float64 are kept as stored; other numeric types are read as float32."""
-    return np.dtype(dtype) if dtype in ("float32", "float64") else np.dtype(np.float32)
+def _feature_dtype(dtype: str | np.dtype) -> np.dtype:
+    """float32 and float64 (either byte order) are kept, in native order; other numeric types
+    (float16, integers, bool) are read as float32."""
+    dt = np.dtype(dtype)
+    if dt.kind == "f" and dt.itemsize in (4, 8):
+        return dt.newbyteorder("=")
+    return np.dtype(np.float32)
 
 
 def inspect_shared(path: str, x: str, y: str | None, comm: Communicator) -> DataInfo:
@@ -208,29 +270,93 @@ def read_block(
         start, stop = aligned_row_block(info.n_rows, comm.rank, comm.size, block_rows)
     else:
         start, stop = row_block(info.n_rows, comm.rank, comm.size)
-    Xl = aligned_empty((stop - start, info.n_features), _feature_dtype(info.x_dtype))
+    m = stop - start
+    Xl = aligned_empty((m, info.n_features), _feature_dtype(info.x_dtype))
     yl, bad = None, None
-    direct = DIRECT_READ and info.x_offset is not None
+    direct = DIRECT_READ and (info.x_offset is not None or info.y_offset is not None)
+    direct = direct and _same_file_everywhere(path, info.identity, comm)
+    x_direct = direct and info.x_offset is not None
     if direct:  # plain preads from threads, each piece screened for NaN/Inf while in cache
         threads = _reader_threads(comm)
-        bad = pread_rows(path, info.x_offset, start, Xl, threads, screen=True)
+        if x_direct:
+            bad = pread_rows(
+                path, info.x_offset, start, Xl, threads, screen=True, identity=info.identity
+            )
         if y is not None and info.y_offset is not None:
-            shape = (stop - start, *(info.y_shape or ())[1:])
-            yl = np.empty(shape, dtype=np.float64)
-            yrows = yl.reshape(stop - start, -1)
-            pread_rows(path, info.y_offset, start, yrows, threads, screen=True, flags=bad)
-    if not direct or (y is not None and yl is None):
-        with open_read(path, comm) as fh:
-            if not direct:
-                dx = fh[x]
-                with collective(dx):  # every rank takes part; each block has >= 1 row
-                    dx.read_direct(Xl, np.s_[start:stop], np.s_[:])
-            if y is not None:
-                yl = np.asarray(fh[y][start:stop], dtype=np.float64)
-                if bad is not None:  # X was screened as it was read: y joins its flags
-                    nonfinite_rows(yl, out=bad)
+            yl = np.empty((m, *(info.y_shape or ())[1:]), dtype=np.float64)
+            flags = pread_rows(
+                path,
+                info.y_offset,
+                start,
+                yl.reshape(m, -1),
+                threads,
+                screen=True,
+                flags=bad,
+                identity=info.identity,
+            )
+            bad = flags if bad is None else bad
+    if not x_direct or (y is not None and yl is None):
+        what = x
+        try:
+            with _open(path, info, comm) as fh:
+                if not x_direct:
+                    dx = fh[x]
+                    dest = Xl if info.x_ndim == 2 else Xl.reshape(m)  # 1-D X: one feature
+                    with collective(dx):  # every rank takes part; each block has >= 1 row
+                        dx.read_direct(dest, np.s_[start:stop], np.s_[:])
+                    if bad is not None:  # y was screened as it was read: X joins its flags
+                        nonfinite_rows(Xl, out=bad)
+                if y is not None and yl is None:
+                    what = y  # bool targets read as 0.0 / 1.0; a column (n, 1) as (n,)
+                    yl = np.asarray(fh[y][start:stop], dtype=np.float64)
+                    yl = yl.reshape(m, *(info.y_shape or ())[1:])
+                    if bad is not None:  # X was screened as it was read: y joins its flags
+                        nonfinite_rows(yl, out=bad)
+        except (OSError, KeyError, ValueError) as exc:  # e.g. a filter this HDF5 lacks
+            raise DataError(f"'{path}:{what}' cannot be read ({exc})") from None
     block = Block(Xl, yl, info, start)
     return _handle_nonfinite(block, comm, nonfinite, bad)
+
+
+def _open(path: str, info: DataInfo, comm: Communicator) -> h5py.File:
+    """The file for h5py reads: collectively under mpio, except when a data set is virtual
+    (HDF5 refuses parallel reads of those): then every rank opens it alone."""
+    return h5py.File(path, "r") if info.independent else open_read(path, comm)
+
+
+def _same_file_everywhere(
+    path: str, identity: tuple[int, int, int, int] | None, comm: Communicator
+) -> bool:
+    """Whether every rank sees at ``path`` the very file rank 0 inspected, so its offsets hold.
+
+    A file replaced or rewritten since (another inode, size or modification time) is an error on
+    every rank. The device number is not compared across ranks: a network file system (NFS,
+    Lustre, GPFS) shows the same file with the same inode but each node's own device number.
+    """
+    if identity is None:
+        return False
+
+    def check() -> bool:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise DataError(f"'{path}' cannot be read ({exc.strerror})") from None
+        return _compare_identity(path, identity, st)
+
+    agree(comm, check)  # raises on every rank together when any rank sees another file
+    return True
+
+
+def _compare_identity(path: str, identity: tuple[int, int, int, int], st: os.stat_result) -> bool:
+    """True when ``st`` is the inspected file (inode, size and modification time; not the
+    device, which differs between the nodes mounting one network file system); else a
+    DataError."""
+    if file_identity(st)[1:] != identity[1:]:
+        raise DataError(
+            f"'{path}' changed while it was being read (its inode, size or modification time "
+            "differ from when it was inspected); rerun once it is complete"
+        )
+    return True
 
 
 def _reader_threads(comm: Communicator) -> int:
@@ -320,6 +446,7 @@ def pread_rows(
     threads: int,
     screen: bool = False,
     flags: np.ndarray | None = None,
+    identity: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray | None:
     """Fill ``out`` (rows x width, C order) with rows ``start..`` of a contiguous data set at byte
     ``offset`` of ``path``, with ``pread`` from ``threads`` threads, two pieces per thread
@@ -334,7 +461,8 @@ def pread_rows(
     ``flags``: with ``screen``, set those rows in this array (X's flags, when y is read after
     X) instead of in a new one; rows already set stay set.
     Without ``screen`` the reads are plain ``os.preadv`` calls of whole pieces (the benchmark's
-    raw read).
+    raw read). ``identity`` (``file_identity`` of the file whose ``offset`` was taken): the
+    opened descriptor must still be that file, else a DataError and nothing is read.
     """
     m = out.shape[0]
     row_bytes = out.shape[1] * out.itemsize
@@ -347,6 +475,12 @@ def pread_rows(
     zero = out.dtype.type(0)
     base = offset + start * row_bytes
     fd = os.open(path, os.O_RDONLY)
+    if identity is not None:
+        try:
+            _compare_identity(path, identity, os.fstat(fd))
+        except DataError:
+            os.close(fd)
+            raise
 
     def read(piece: tuple[int, int]) -> None:
         a, b = piece

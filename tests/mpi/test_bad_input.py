@@ -55,8 +55,11 @@ def bad_file(tmp_path, case):
             fh["y"] = np.zeros(25)
         return p, [f"'{p}:X'", "is not numeric"]
     if case == "wrong-dimensions":
-        write_h5(p, X[:, 0], y)
-        return p, [f"'{p}:X' must be 2-D"]
+        write_h5(p, X.reshape(50, 3, 1), y)
+        return p, [f"'{p}:X' must be 2-D (rows x features) or 1-D (one feature)", "(50, 3, 1)"]
+    if case == "one-feature-row-mismatch":
+        write_h5(p, X[:40, 0], y)
+        return p, [f"'{p}': 'y' has shape (50,) but 'X' has 40 rows"]
     if case == "row-mismatch":
         write_h5(p, X, y[:-3])
         return p, [f"'{p}'", "'y' has shape (47,)", "'X' has 50 rows"]
@@ -86,6 +89,7 @@ DATA_CASES = [
     "missing-dataset",
     "wrong-dtype",
     "wrong-dimensions",
+    "one-feature-row-mismatch",
     "row-mismatch",
     "nan",
     "fewer-rows-than-ranks",

@@ -3,13 +3,16 @@ and every layout it cannot read (chunked, compressed, big-endian, other dtypes) 
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import h5py
 import numpy as np
 import pytest
 
 from lepton_hpc.comm.base import SerialComm
 from lepton_hpc.data import reader
-from lepton_hpc.errors import DataError
+from lepton_hpc.errors import DataError, LeptonError
 from lepton_hpc.log import Log
 
 
@@ -135,3 +138,211 @@ def test_screened_read_finds_exactly_the_bad_rows_at_every_boundary(tmp_path, mo
         assert np.array_equal(out, X, equal_nan=True)
         assert np.array_equal(bad, ~np.isfinite(X).all(axis=1))
     assert np.array_equal(reader.nonfinite_rows(X), ~np.isfinite(X).all(axis=1))
+
+
+# ---- only bytes proven to be in the opened file are read directly --------------------------------
+def _store(fh, name, data, layout, tmp_path):
+    """``data`` as data set ``name`` of ``fh`` in ``layout``."""
+    if layout == "external-link":
+        with h5py.File(tmp_path / f"other-{name}.h5", "w") as other:
+            other.create_dataset("pad", data=np.arange(1_000.0))  # offsets differ from fh's
+            other.create_dataset(name, data=data)
+        fh[name] = h5py.ExternalLink(f"other-{name}.h5", "/" + name)
+    elif layout == "virtual":
+        with h5py.File(tmp_path / f"src-{name}.h5", "w") as src:
+            src.create_dataset(name, data=data)
+        vl = h5py.VirtualLayout(shape=data.shape, dtype=data.dtype)
+        vl[:] = h5py.VirtualSource(f"src-{name}.h5", name, shape=data.shape)
+        fh.create_virtual_dataset(name, vl)
+    elif layout == "external-raw":
+        raw = tmp_path / f"{name}.raw"
+        raw.write_bytes(np.ascontiguousarray(data).tobytes())
+        fh.create_dataset(
+            name, shape=data.shape, dtype=data.dtype, external=[(raw, 0, h5py.h5f.UNLIMITED)]
+        )
+    elif layout == "compact":
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_layout(h5py.h5d.COMPACT)
+        space = h5py.h5s.create_simple(data.shape)
+        tid = h5py.h5t.py_create(data.dtype)
+        dsid = h5py.h5d.create(fh.id, name.encode(), tid, space, dcpl=dcpl)
+        dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(data))
+    elif layout == "soft-link":
+        fh.create_dataset(f"real-{name}", data=data)
+        fh[name] = h5py.SoftLink(f"/real-{name}")
+    else:
+        kwargs = {
+            "chunked": {"chunks": (7, *data.shape[1:])},
+            "gzip": {"compression": "gzip"},
+            "shuffle-gzip": {"compression": "gzip", "shuffle": True},
+            "lzf": {"compression": "lzf"},
+            "big-endian": {"dtype": data.dtype.newbyteorder(">")},
+        }[layout]
+        fh.create_dataset(name, data=data, **kwargs)
+
+
+LAYOUTS = [
+    "external-link",
+    "virtual",
+    "external-raw",
+    "compact",
+    "soft-link",
+    "chunked",
+    "gzip",
+    "shuffle-gzip",
+    "lzf",
+    "big-endian",
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("direct", [True, False])
+def test_every_layout_reads_the_bits_of_the_plain_file(tmp_path, monkeypatch, layout, direct):
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(300, 4)).astype(np.float32)  # compact data sets stay under 64 KiB
+    y = rng.normal(size=300)
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("pad", data=np.arange(5_000.0))  # linked offsets land inside this file
+        _store(fh, "X", X, layout, tmp_path)
+        _store(fh, "y", y, layout, tmp_path)
+    info = reader.inspect(str(path), "X", "y")
+    if layout == "soft-link":  # the same file, contiguous: proven, read directly
+        assert info.x_offset is not None and info.y_offset is not None
+        assert info.identity == reader.file_identity(path.stat())
+    else:
+        assert info.x_offset is None and info.y_offset is None and info.identity is None
+    block = _read(path, direct=direct, monkeypatch=monkeypatch)
+    assert block.X.dtype == np.float32 and block.X.tobytes() == X.tobytes()
+    assert block.y.dtype == np.float64 and block.y.tobytes() == y.tobytes()
+
+
+def test_the_offset_of_an_externally_linked_data_set_points_into_the_other_file(tmp_path):
+    """The control for the external-link case: the linked data set's offset is a real offset in
+    the other file, and the bytes there in the opened file are not its values."""
+    X = np.arange(1.0, 401.0).reshape(100, 4)
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("pad", data=np.full(2_000, -1.0))
+        _store(fh, "X", X, "external-link", tmp_path)
+    with h5py.File(path, "r") as fh:
+        offset = fh["X"].id.get_offset()
+    assert offset is not None and offset + X.nbytes <= path.stat().st_size
+    assert path.read_bytes()[offset : offset + X.nbytes] != X.tobytes()
+    assert (tmp_path / "other-X.h5").read_bytes()[offset : offset + X.nbytes] == X.tobytes()
+    assert reader.inspect(str(path), "X", None).x_offset is None
+
+
+def _plain(tmp_path, n=2_000):
+    X = np.random.default_rng(4).normal(size=(n, 3))
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=X)
+        fh.create_dataset("y", data=np.zeros(n))
+    return path, X
+
+
+def test_a_file_rewritten_after_inspection_is_a_data_error(tmp_path, monkeypatch):
+    path, _ = _plain(tmp_path)
+    info = reader.inspect(str(path), "X", "y")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # "rewritten"
+    monkeypatch.setattr(reader, "inspect_shared", lambda *a: info)
+    with pytest.raises(LeptonError, match=rf"'{path}' changed while it was being read") as err:
+        _read(path, monkeypatch=monkeypatch)
+    assert err.value.exit_code == DataError.exit_code
+    out = np.empty((10, 3))
+    with pytest.raises(DataError, match="changed while it was being read"):
+        reader.pread_rows(str(path), info.x_offset, 0, out, 1, identity=info.identity)
+
+
+def test_the_same_file_under_another_device_number_is_still_read_directly(tmp_path, monkeypatch):
+    """Nodes mounting one network file system see one inode under their own device numbers:
+    the direct read stays (inode, size and modification time prove the file)."""
+    path, X = _plain(tmp_path)
+    info = reader.inspect(str(path), "X", "y")
+    other = dataclasses.replace(info, identity=(info.identity[0] + 1, *info.identity[1:]))
+    monkeypatch.setattr(reader, "inspect_shared", lambda *a: other)
+    preads = []
+    real = reader.pread_rows
+    monkeypatch.setattr(reader, "pread_rows", lambda *a, **k: preads.append(1) or real(*a, **k))
+    block = _read(path, monkeypatch=monkeypatch)
+    assert preads and block.X.tobytes() == X.tobytes()
+
+
+# ---- the shapes users write --------------------------------------------------------------------
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "gzip"])
+def test_a_column_of_labels_is_one_target_and_a_1d_x_one_feature(
+    tmp_path, monkeypatch, direct, layout
+):
+    x = np.arange(500, dtype=np.float64) / 7
+    y = (np.arange(500) % 3 == 0).astype(np.float64)
+    kw = {"compression": "gzip"} if layout == "gzip" else {}
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=x, **kw)
+        fh.create_dataset("y", data=y[:, None], **kw)
+        fh.create_dataset("y2", data=np.stack([y, 2 * y], axis=1), **kw)
+    info = reader.inspect(str(path), "X", "y")
+    assert (info.n_rows, info.n_features, info.y_shape, info.x_ndim) == (500, 1, (500,), 1)
+    block = _read(path, direct=direct, monkeypatch=monkeypatch)
+    assert block.X.shape == (500, 1) and block.X.tobytes() == x.tobytes()
+    assert block.y.shape == (500,) and block.y.tobytes() == y.tobytes()
+    two = reader.read_block(str(path), "X", "y2", SerialComm(), Log(0, 1))
+    assert two.y.shape == (500, 2) and np.array_equal(two.y[:, 1], 2 * y)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        np.arange(40) % 2 == 0,
+        (np.arange(40) % 3).astype(np.int64),
+        (np.arange(40) % 3).astype(np.uint8)[:, None],
+        (np.arange(40) % 2 == 1)[:, None],
+    ],
+    ids=["bool", "int64", "uint8-column", "bool-column"],
+)
+def test_integer_and_boolean_labels_are_read_as_float(tmp_path, labels):
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=np.ones((40, 2), dtype=np.float32))
+        fh.create_dataset("y", data=labels)
+    block = reader.read_block(str(path), "X", "y", SerialComm(), Log(0, 1))
+    assert block.y.dtype == np.float64 and block.y.shape == (40,)
+    assert np.array_equal(block.y, labels.reshape(40).astype(np.float64))
+
+
+def test_big_endian_float64_features_stay_float64(tmp_path):
+    X = np.array([[1 + 2**-40, 3.0], [np.pi, -np.e]])
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=X, dtype=">f8")
+    block = reader.read_block(str(path), "X", None, SerialComm(), Log(0, 1))
+    assert block.X.dtype == np.float64 and block.X.tobytes() == X.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda fh: fh.create_dataset("X", data=np.zeros((4, 2, 2))), "must be 2-D .* or 1-D"),
+        (
+            lambda fh: fh.create_dataset("y", data=np.zeros((6, 0))),
+            "'y' has shape|holds no targets",
+        ),
+        (lambda fh: fh.create_group("y"), r":y' is a group, not a data set"),
+        (
+            lambda fh: fh.__setitem__("y", h5py.ExternalLink("gone.h5", "/y")),
+            "has no data set 'y'|cannot be opened",
+        ),
+    ],
+    ids=["3-d-x", "no-target-columns", "group", "dangling-link"],
+)
+def test_shapes_that_cannot_be_read_are_data_errors(tmp_path, make, message):
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as fh:
+        make(fh)
+        if "X" not in fh:
+            fh.create_dataset("X", data=np.zeros((6, 2)))
+    with pytest.raises(DataError, match=message):
+        reader.inspect(str(path), "X", "y")

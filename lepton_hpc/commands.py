@@ -150,6 +150,8 @@ def _load_for_inference(args, comm: Communicator, log: Log, with_y: bool):
     from .models.io import check_features, load_model
 
     model, params, scaler, meta = agree(comm, lambda: load_model(args.model))
+    if meta.get("unverified"):
+        log.warning(f"model file '{args.model}' is unverified ({meta['unverified']})")
     cfg = meta.get("config", {}).get("data", {})
     x = args.x or cfg.get("x", "X")
     y = (args.y or cfg.get("y", "y")) if with_y else None
@@ -242,7 +244,7 @@ def predict_one(
     x: str | None = None,
 ) -> str:
     """Predict every row of one file on the ranks of ``comm`` into ``out_path``."""
-    from .data.h5 import collective, create_parallel
+    from .data.h5 import create_parallel, write_rows
     from .evaluate import forward
     from .metrics import predicted_labels
     from .safety import check_not_input
@@ -255,15 +257,14 @@ def predict_one(
     out = forward(model, params, split.X, device)
     start = int(split.ids[0]) if split.ids is not None and split.n else split.start
     n = split.n_global
-    with create_parallel(out_path, comm, force=force, inputs=inputs) as fh:
+    nbytes = n * model.n_outputs * 8 + (n * 8 if model.is_classifier else 0)
+    with create_parallel(out_path, comm, force=force, inputs=inputs, nbytes=nbytes) as fh:
         name = "probabilities" if model.is_classifier else "predictions"
         dset = fh.create_dataset(name, shape=(n, model.n_outputs), dtype=np.float64)
-        with collective(dset):
-            dset[start : start + split.n] = out
+        write_rows(dset, start, out, comm)
         if model.is_classifier:
             labels = fh.create_dataset("labels", shape=(n,), dtype=np.int64)
-            with collective(labels):
-                labels[start : start + split.n] = predicted_labels(out, model.head)
+            write_rows(labels, start, predicted_labels(out, model.head), comm)
         fh.attrs.update({"model": str(model_path), "data": str(data_path), "head": model.head})
     log.info(f"wrote {out_path}: {n} rows ({name}{' and labels' if model.is_classifier else ''})")
     return out_path

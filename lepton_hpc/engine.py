@@ -13,11 +13,10 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import TrainState, latest_valid, read_checkpoint, write_checkpoint
+from .checkpoint import TrainState, resume_checkpoint, write_checkpoint
 from .comm import make_backend
 from .comm.base import Communicator, agree
 from .config import Config
@@ -213,7 +212,6 @@ class Trainer:
             found = self.comm.bcast(found)
             if found is not None:
                 path, state = found
-                agree(self.comm, lambda: self._check_compatible(state, path))
                 self.log.info(f"resuming from {path} (epoch {state.epoch}, step {state.step})")
                 return state
             self.log.info("no checkpoint to resume from: starting a new run")
@@ -222,17 +220,9 @@ class Trainer:
         return TrainState(params, opt.state(), meta=self.meta())
 
     def _find_checkpoint(self, resume: str):
-        if resume == "auto":
-            return latest_valid(self.run.checkpoints, self.log)
-
-        return Path(resume), read_checkpoint(Path(resume))
-
-    def _check_compatible(self, state: TrainState, path) -> None:
-        old, new = state.meta.get("model"), self.model.spec()
-        if old != new:
-            raise LeptonError(
-                f"checkpoint '{path}' is for model {old}, but this config gives {new}"
-            )
+        """Rank 0: the checkpoint to resume from, checked against this run (before any file of
+        the directory is moved), on its branch; None when ``auto`` finds no checkpoint."""
+        return resume_checkpoint(resume, self.run.checkpoints, self.meta(), self.log)
 
     def _new_optimizer(self):
         if self.cfg.optim.name == "lbfgs":

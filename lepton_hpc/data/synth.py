@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..comm.base import Communicator
-from .h5 import collective, create_parallel
+from .h5 import create_parallel, write_rows
 from .reader import row_block
 
 CHUNK = 65_536
@@ -77,13 +77,11 @@ def write_dataset(
         task, start_row + start, start_row + stop, d, seed, noise=noise, classes=classes
     )
     w, b = true_model(task, d, seed, classes)
-    with create_parallel(path, comm, force=force) as fh:
+    with create_parallel(path, comm, force=force, nbytes=n_rows * (d * 4 + 8)) as fh:
         dx = fh.create_dataset("X", shape=(n_rows, d), dtype=np.float32)
         dy = fh.create_dataset("y", shape=(n_rows,), dtype=np.float64)
-        with collective(dx):
-            dx[start:stop] = X
-        with collective(dy):
-            dy[start:stop] = y
+        write_rows(dx, start, X, comm)
+        write_rows(dy, start, y, comm)
         fh.attrs.update(
             {
                 "task": task,

@@ -79,6 +79,7 @@ MAY_CHANGE: tuple[str, ...] = (
     "train.threads",
     "train.device",
     "optim.lr",
+    "model.max_classes",
     "checkpoint.every_steps",
     "checkpoint.keep",
     "checkpoint.watchdog_s",

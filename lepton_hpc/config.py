@@ -312,6 +312,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise LeptonError(f"config file '{p}' does not exist") from None
+    except OSError as exc:  # a directory, no permission, an I/O error
+        raise LeptonError(f"config file '{p}' cannot be read ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise LeptonError(f"config file '{p}' is not valid TOML: {exc}") from None
 

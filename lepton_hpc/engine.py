@@ -176,9 +176,8 @@ class Trainer:
     def _create_run_dir(self, overwrite: bool) -> None:
         if self.comm.is_root:
             self.lock = create_run_dir(self.run.path, overwrite=overwrite, inputs=self.inputs)
-            warning = getattr(self.lock, "warning", None)
-            if warning:
-                self.log.warning(warning)
+            if self.lock.warning:  # a file system without flock
+                self.log.warning(self.lock.warning)
 
     def _release(self) -> None:
         if self.lock is not None:
@@ -191,15 +190,15 @@ class Trainer:
 
     def meta(self) -> dict:
         """What identifies this run's state: config, model, data, scaler and optimiser."""
-        optim = self.cfg.to_dict()["optim"]
+        config = self.cfg.to_dict()
         return {
-            "config": self.cfg.to_dict(),
+            "config": config,
             "model": self.model.spec(),
             "ranks": self.comm.size,
             "scaler": self.data.scaler.kind,
             "n_features": self.model.n_features,
             "data": self.fingerprint,
-            "optimizer": {k: v for k, v in optim.items() if k != "lr"},
+            "optimizer": {k: v for k, v in config["optim"].items() if k != "lr"},
         }
 
     def _initial_state(self, resume: str | None) -> TrainState:

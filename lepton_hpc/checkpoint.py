@@ -43,7 +43,7 @@ import numpy as np
 
 from .errors import LeptonError
 from .log import Log
-from .safety import atomic_file, fsync_dir
+from .safety import atomic_file, fsync_dir, same_path
 
 __all__ = [
     "FORMAT",
@@ -361,25 +361,17 @@ def latest_valid(directory: Path, log: Log) -> tuple[Path, TrainState] | None:
     return None
 
 
-def _same(a: Path, b: Path) -> bool:
-    """True when ``a`` and ``b`` are one file or directory (links seen through)."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def set_aside_newer(path: Path, state: TrainState, directory: Path, log: Log) -> list[Path]:
     """When ``path`` (already read as ``state``) is a checkpoint of ``directory``, move every
     checkpoint written after it (a higher ``seq``, damaged ones included) into a new
     ``directory/aside-<UTC time>-<lineage>/``: renamed, never deleted, directories fsynced.
     Returns where they went; nothing moves for a checkpoint from elsewhere."""
     path, directory = Path(path), Path(directory)
-    if not _same(path.parent, directory):
+    if not same_path(path.parent, directory):
         return []
     chosen = (state.seq, state.step)
     newer = [(k, p) for k, p in _checkpoint_files(directory) if k > chosen]
-    newer = [(k, p) for k, p in newer if not _same(p, path)]
+    newer = [(k, p) for k, p in newer if not same_path(p, path)]
     if not newer:
         return []
     label = "unknown"
@@ -459,7 +451,7 @@ def resume_checkpoint(
         state = read_checkpoint(path)
         check_resume(state.meta, meta, path)
         moved = set_aside_newer(path, state, directory, log)
-        if moved or not state.lineage or not _same(path.parent, directory):
+        if moved or not state.lineage or not same_path(path.parent, directory):
             _branch(state, path)
     state.meta = meta
     return path, state

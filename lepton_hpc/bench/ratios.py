@@ -1,5 +1,5 @@
 """Ratios between figures measured in the same run, each with its definition, which way is
-better, and the target issue #6 sets (where it sets one); and the L-BFGS time-to-loss figure."""
+better, and the project's target for it (where there is one); and the L-BFGS time-to-loss figure."""
 
 from __future__ import annotations
 

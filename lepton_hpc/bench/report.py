@@ -239,7 +239,7 @@ def plots(res: dict, out: Path) -> list[str]:
 
 def summary_lines(res: dict) -> list[str]:
     """The ratios as printed at the end of a run."""
-    lines = ["", "ratios (same run; target from issue #6 where it sets one):"]
+    lines = ["", "ratios (same run; target where there is one):"]
     for key, r in res["ratios"].items():
         mark = {True: "ok", False: "SHORT", None: ""}[r["meets_target"]]
         lines.append(f"  {key:<40} {r['value']:>9.3g}  {r['target'] or '':<8} {mark}")

@@ -31,6 +31,28 @@ class Device:
             return self.kernels.to_device(array)
         return array
 
+    def batch_gather(self, X_host: np.ndarray, y_host: np.ndarray, X, y):
+        """A callable ``rows -> (X[rows], y[rows])`` for mini-batches, where the kernels want them.
+
+        ``X_host``/``y_host`` are the rank's rows in host memory, ``X``/``y`` what ``place`` made
+        of them. On the GPU the data stays there and is gathered there; on the CPU into buffers
+        reused from step to step.
+        """
+        if self.name == "cuda":
+            kernels = self.kernels
+            return lambda rows: kernels.gather_rows(X, y, rows)
+        from .data.batches import BatchGather
+
+        return BatchGather(X_host, y_host)
+
+    def gradient(self, X, y, params, sizes, activation, head, out) -> None:
+        """Summed loss gradient, loss and row count into ``out`` (see ``lepton_hpc.kernels``)."""
+        self.kernels.gradient(X, y, params, sizes, activation, head, out)
+
+    def forward(self, X, params, sizes, activation, head, out) -> None:
+        """Model outputs into ``out`` (see ``lepton_hpc.kernels``)."""
+        self.kernels.forward(X, params, sizes, activation, head, out)
+
 
 def cores_available() -> int:
     try:

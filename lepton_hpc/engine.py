@@ -20,7 +20,7 @@ from .checkpoint import TrainState, resume_checkpoint, write_checkpoint
 from .comm import make_backend
 from .comm.base import Communicator, agree
 from .config import Config
-from .data.batches import BatchGather, EpochBatches
+from .data.batches import EpochBatches
 from .data.dataset import TrainingData, load_eval_data, load_training_data
 from .data.fingerprint import fingerprint
 from .data.reader import inspect_shared
@@ -284,7 +284,7 @@ class Trainer:
         strategy = make_strategy(self, opt)  # sync, local_sgd or overlap
         train = self.data.train
         index = train.index()
-        gather = BatchGather(train.X, train.y)
+        gather = self.device.batch_gather(train.X, train.y, self.X, self.y)
         plan = EpochBatches(index, train.n_global, cfg.train.batch_size, cfg.train.seed)
         while st.epoch < cfg.train.epochs:
             t_epoch = time.perf_counter()  # the epoch's time includes drawing its batches
@@ -327,11 +327,9 @@ class Trainer:
             if done or (cfg.train.max_steps and st.step >= cfg.train.max_steps):
                 break
 
-    def _batch(self, gather: BatchGather, rows: np.ndarray, full: bool):
+    def _batch(self, gather, rows: np.ndarray, full: bool):
         if full:
             return self.X, self.y
-        if self.device.name == "cuda":  # the data stays on the GPU: gather there
-            return self.device.kernels.gather_rows(self.X, self.y, rows)
         return gather(rows)
 
     def _loop_lbfgs(self) -> None:

@@ -7,6 +7,9 @@ the whole group when the timeout expires, so a hung job fails the test instead o
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -141,6 +144,33 @@ def finish(proc: subprocess.Popen, timeout: float) -> Result:
             f"{done.stdout}\n{done.stderr}"
         )
     return Result(done.returncode, done.stdout, done.stderr, time.monotonic() - t0)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie has already closed its files, locks included)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def kill_job(proc: subprocess.Popen, timeout: float = 30) -> Result:
+    """SIGKILL a started job as a node failure would: mpiexec's group and every rank, then wait
+    until the ranks are gone (OpenMPI puts ranks in their own process groups, and a rank whose
+    mpiexec died can live on for a moment still holding its run directory's lock)."""
+    ranks = list(rank_pids(proc.pid).values())
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    done = finish(proc, timeout)
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in ranks):
+        if time.monotonic() > deadline:
+            pytest.fail(f"ranks {ranks} still alive {timeout} s after SIGKILL")
+        time.sleep(0.02)
+    return done
 
 
 def rank_pids(launcher_pid: int) -> dict[int, int]:

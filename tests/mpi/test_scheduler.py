@@ -15,7 +15,17 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import SCRIPTS, finish, lepton, mpi_env, ok, run_mpi, start_mpi, write_h5
+from tests.conftest import (
+    SCRIPTS,
+    finish,
+    kill_job,
+    lepton,
+    mpi_env,
+    ok,
+    run_mpi,
+    start_mpi,
+    write_h5,
+)
 
 FARM = str(SCRIPTS / "task_farm.py")
 
@@ -207,8 +217,7 @@ def test_sweep_killed_midway_resumes_without_repeating_finished_runs(small_data,
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the sweep ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    finish(proc, timeout=30)
+    kill_job(proc)
     done_before = {json.loads(line)["id"] for line in journal.read_text().splitlines()}
     assert 2 <= len(done_before) < 8
     res = ok(lepton(3, "sweep", sweep, timeout=240))

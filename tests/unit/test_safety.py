@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from lepton_hpc import safety
+from lepton_hpc import rundir, safety
 from lepton_hpc.errors import LeptonError
 from lepton_hpc.results import RunDir
 from lepton_hpc.safety import (
@@ -324,7 +324,7 @@ def test_run_lock_without_flock_warns(tmp_path, monkeypatch):
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(safety.fcntl, "flock", no_flock)
+    monkeypatch.setattr(rundir.fcntl, "flock", no_flock)
     lock = create_run_dir(tmp_path / "run", overwrite=False)
     assert not lock.locked
     assert "does not support flock" in lock.warning and "No locks available" in lock.warning

@@ -1,7 +1,6 @@
-"""Checkpoints: round trip, checksum, lineage-aware rotation, --resume auto and PATH, and the
-resume compatibility check."""
+"""Resuming (``lepton_hpc.checkpoint.resume``): ``--resume auto`` and PATH put the state on its
+branch, and the compatibility check refuses settings that change what the steps compute."""
 
-import json
 import re
 import shutil
 
@@ -9,219 +8,24 @@ import h5py
 import numpy as np
 import pytest
 
-from lepton_hpc import checkpoint as ck
 from lepton_hpc.checkpoint import (
     MAY_CHANGE,
-    TrainState,
     check_resume,
-    digest,
     latest_valid,
-    read_checkpoint,
     resume_checkpoint,
     write_checkpoint,
 )
+from lepton_hpc.checkpoint import lineage as ck_lineage
 from lepton_hpc.config import Config
 from lepton_hpc.data.fingerprint import fingerprint
 from lepton_hpc.errors import LeptonError
 from lepton_hpc.log import Log
-
-LINEAGE = "a1" * 8
-
-
-def state(step, lineage=LINEAGE, meta=None):
-    rng = np.random.default_rng(step)
-    return TrainState(
-        rng.normal(size=7),
-        {"t": np.array(step), "m": rng.normal(size=7)},
-        epoch=step // 3,
-        batch=step % 3,
-        step=step,
-        epoch_loss=0.25,
-        epoch_rows=10.0,
-        history=[{"epoch": 1, "loss": 0.5}],
-        best={"value": 0.1, "epoch": 1, "params": np.ones(7)},
-        meta=meta if meta is not None else {"model": {"kind": "linear"}},
-        lineage=lineage,
-    )
+from tests.unit.checkpoint_helpers import LINEAGE, names, run_of, state, write_format1
 
 
-def run_of(directory, steps, lineage=LINEAGE, keep=100):
-    """One run writing a checkpoint at each of ``steps`` (one state, as the trainer does)."""
-    s = state(steps[0], lineage)
-    paths = []
-    for step in steps:
-        s.step = step
-        s.params = np.full(7, float(step))
-        paths.append(write_checkpoint(directory, s, keep=keep))
-    return s, paths
-
-
-def names(directory):
-    return sorted(p.name for p in directory.glob("ckpt-*.h5"))
-
-
-def write_format1(path, s):
-    """A checkpoint as lepton wrote it before lineages: format 1, named by step."""
-    arrays = {"params": s.params, **{f"optimizer/{k}": v for k, v in s.optimizer.items()}}
-    attrs = {
-        "format": 1,
-        "epoch": s.epoch,
-        "batch": s.batch,
-        "step": s.step,
-        "epoch_loss": s.epoch_loss,
-        "epoch_rows": s.epoch_rows,
-        "history": s.history,
-        "best": {},
-        "meta": s.meta,
-    }
-    with h5py.File(path, "w") as fh:
-        for name, a in arrays.items():
-            fh.create_dataset(name, data=a)
-        fh.attrs["state"] = json.dumps(attrs)
-        fh.attrs["sha256"] = digest(arrays, attrs)
-    return path
-
-
-def flip_param(path):
-    with h5py.File(path, "r+") as fh:
-        fh["params"][0] += 1.0
-
-
-def truncate(path):
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-# ---- writing and reading ----------------------------------------------------------------------
-def test_round_trip(tmp_path):
-    s = state(4)
-    path = write_checkpoint(tmp_path, s, keep=3)
-    assert path.name == "ckpt-00000001-0000000004.h5"
-    r = read_checkpoint(path)
-    assert np.array_equal(r.params, s.params) and r.params.dtype == np.float64
-    assert np.array_equal(r.optimizer["m"], s.optimizer["m"]) and int(r.optimizer["t"]) == 4
-    assert (r.epoch, r.batch, r.step) == (1, 1, 4)
-    assert r.history == s.history and r.meta == s.meta
-    assert np.array_equal(r.best["params"], np.ones(7)) and r.best["epoch"] == 1
-    assert (r.lineage, r.seq, r.parent) == (LINEAGE, 1, {})
-
-
-def test_fresh_state_gets_a_lineage_and_keeps_it(tmp_path):
-    s = state(1, lineage="")
-    write_checkpoint(tmp_path, s, keep=3)
-    assert re.fullmatch(r"[0-9a-f]{16}", s.lineage)
-    first = s.lineage
-    s.step = 2
-    path = write_checkpoint(tmp_path, s, keep=3)
-    assert read_checkpoint(path).lineage == first and s.seq == 2
-
-
-def test_keeps_the_newest(tmp_path):
-    run_of(tmp_path, range(1, 7), keep=2)
-    assert names(tmp_path) == ["ckpt-00000005-0000000005.h5", "ckpt-00000006-0000000006.h5"]
-    assert not list(tmp_path.glob(".*tmp"))
-
-
-def test_truncated_newest_falls_back(tmp_path, capsys):
-    _, paths = run_of(tmp_path, [1, 2, 3], keep=3)
-    truncate(paths[2])
-    with pytest.raises(LeptonError, match="unreadable"):
-        read_checkpoint(paths[2])
-    path, s = latest_valid(tmp_path, Log())
-    assert path == paths[1] and s.step == 2
-    err = capsys.readouterr().err
-    assert err.count("warning") == 1 and paths[2].name in err
-
-
-def test_flipped_byte_fails_checksum(tmp_path):
-    path = write_checkpoint(tmp_path, state(1), keep=3)
-    flip_param(path)
-    with pytest.raises(LeptonError, match="fails its checksum"):
-        read_checkpoint(path)
-
-
-# ---- rotation never loses a branch -----------------------------------------------------------
-def test_stale_higher_numbered_checkpoint_of_another_lineage_survives(tmp_path):
-    _, (stale,) = run_of(tmp_path, [1000], lineage="b2" * 8)  # an abandoned branch, far ahead
-    legacy = write_format1(tmp_path / "ckpt-0000005000.h5", state(5000))  # older lepton's
-    before = {p: p.read_bytes() for p in (stale, legacy)}
-    s, paths = run_of(tmp_path, [1, 2, 3, 4, 5], keep=2)
-    assert {p: p.read_bytes() for p in (stale, legacy)} == before
-    assert names(tmp_path) == sorted(
-        [legacy.name, stale.name, "ckpt-00000005-0000000004.h5", "ckpt-00000006-0000000005.h5"]
-    )
-    assert [p.exists() for p in paths] == [False, False, False, True, True]
-    path, newest = latest_valid(tmp_path, Log())
-    assert path == paths[-1] and newest.step == 5 and newest.seq == s.seq == 6
-
-
-def test_damaged_higher_numbered_file_does_not_make_new_checkpoints_vanish(tmp_path, capsys):
-    damaged = tmp_path / "ckpt-00000900-0000009000.h5"
-    damaged.write_bytes(b"\x89HDF\r\n garbage")
-    old_style = tmp_path / "ckpt-9999999999.h5"
-    old_style.write_bytes(b"not hdf5")
-    mine = tmp_path / "ckpt-mine.h5"  # not a checkpoint name: never touched nor read
-    mine.write_bytes(b"my own file")
-    _, paths = run_of(tmp_path, [1, 2, 3], keep=2)
-    assert damaged.read_bytes() == b"\x89HDF\r\n garbage"
-    assert old_style.read_bytes() == b"not hdf5" and mine.read_bytes() == b"my own file"
-    assert [p.exists() for p in paths] == [False, True, True]
-    assert [p.name for p in paths] == [
-        "ckpt-00000901-0000000001.h5",
-        "ckpt-00000902-0000000002.h5",
-        "ckpt-00000903-0000000003.h5",
-    ]
-    capsys.readouterr()
-    path, newest = latest_valid(tmp_path, Log())
-    assert path == paths[-1] and newest.step == 3
-    assert capsys.readouterr().err == ""  # the valid newest comes first: nothing to skip
-
-
-def test_a_damaged_file_of_the_lineage_is_never_deleted(tmp_path):
-    _, paths = run_of(tmp_path, [1, 2], keep=2)
-    flip_param(paths[0])
-    before = paths[0].read_bytes()
-    run_of(tmp_path, [3, 4, 5], keep=2)
-    assert paths[0].read_bytes() == before
-    assert not paths[1].exists()  # valid and of the lineage: rotated away
-
-
-def test_only_damaged_checkpoints_is_an_error_naming_each(tmp_path, capsys):
-    _, (a, b) = run_of(tmp_path, [1, 2])
-    flip_param(a)
-    truncate(b)
-    with pytest.raises(LeptonError) as err:
-        latest_valid(tmp_path, Log())
-    msg = str(err.value)
-    assert "\n" not in msg
-    assert msg.startswith(f"checkpoints exist but none is valid: {b.name} (unreadable: ")
-    assert f"{a.name} (fails its checksum)" in msg and str(tmp_path) in msg
-    warnings = capsys.readouterr().err.splitlines()
-    assert len(warnings) == 2 and a.name in warnings[1] and b.name in warnings[0]
-
-
-def test_no_checkpoint_at_all_is_none(tmp_path):
-    (tmp_path / "ckpt-notes.h5").write_bytes(b"x")
-    assert latest_valid(tmp_path, Log()) is None
-    assert latest_valid(tmp_path / "missing", Log()) is None
-    assert resume_checkpoint("auto", tmp_path, {}, Log()) is None
-
-
-def test_highest_seq_wins_over_highest_name(tmp_path):
-    """seq 10**8 sorts before seq 99999999 by name; by seq it is the newer."""
-    s = state(7)
-    s.seq = 99_999_998
-    first = write_checkpoint(tmp_path, s, keep=5)
-    s.step = 3
-    second = write_checkpoint(tmp_path, s, keep=5)
-    assert first.name == "ckpt-99999999-0000000007.h5"
-    assert second.name == "ckpt-100000000-0000000003.h5" and second.name < first.name
-    assert latest_valid(tmp_path, Log())[0] == second
-
-
-# ---- resuming ---------------------------------------------------------------------------------
 def test_resume_auto_continues_the_lineage(tmp_path):
     run_of(tmp_path, [1, 2, 3], keep=2)
-    ck._KNOWN.clear()  # a new process: rotation verifies the files it finds
+    ck_lineage._KNOWN.clear()  # a new process: rotation verifies the files it finds
     _, s = resume_checkpoint("auto", tmp_path, {"model": {"kind": "linear"}}, Log())
     assert s.step == 3 and s.lineage == LINEAGE and s.parent == {}
     s.step = 4
@@ -311,7 +115,6 @@ def test_resume_replaces_the_meta(tmp_path):
     assert resume_checkpoint("auto", tmp_path, new, Log())[1].meta == new
 
 
-# ---- check_resume ----------------------------------------------------------------------------
 def meta_of(cfg=None, **changes):
     cfg = cfg or Config()
     d = cfg.to_dict()

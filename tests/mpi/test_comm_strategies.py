@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import lepton, mpi_env, ok, read_params, write_config, write_h5
+from tests.resume_checks import check_resumed, newest_valid
 
 HOROVOD = importlib.util.find_spec("horovod") is not None  # found without importing it
 
@@ -239,7 +240,9 @@ def test_resume_after_a_crash_is_exact(uneven_file, tmp_path, comm):
     )
     crashed = lepton(3, "train", cfg, env=mpi_env(LEPTON_FAULT="raise=1@40"), timeout=120)
     assert crashed.returncode != 0
-    ok(lepton(3, "train", cfg, "--resume", "auto", timeout=240))
+    path, state = newest_valid(run / "checkpoints")
+    res = ok(lepton(3, "train", cfg, "--resume", "auto", timeout=240))
+    check_resumed(res.stdout, run, path, state)  # continued from it, not restarted from step 0
     assert read_params(run / "model.h5").tobytes() == reference.tobytes()
 
 

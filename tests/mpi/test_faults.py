@@ -1,7 +1,8 @@
 """Jobs that never hang or lose work: signals, a killed or frozen rank, a damaged checkpoint.
 
 Each scenario interrupts a real 3-rank job (made slow with LEPTON_FAULT=delay), then resumes it
-and checks the final parameters are bit-for-bit those of a run that was never interrupted.
+and checks that it continued from the newest valid checkpoint's epoch and step (not from step 0)
+and that the final parameters are bit-for-bit those of a run that was never interrupted.
 """
 
 import json
@@ -24,6 +25,7 @@ from tests.conftest import (
     start_mpi,
     write_config,
 )
+from tests.resume_checks import check_resumed, newest_valid
 
 RANKS = 3
 EXIT_STOPPED, EXIT_WATCHDOG = 75, 76
@@ -73,7 +75,9 @@ def wait_for_checkpoints(run, count, proc, timeout=120):
 
 
 def resume(cfg, run, reference):
+    path, state = newest_valid(run / "checkpoints")  # what --resume auto must continue from
     res = ok(lepton(RANKS, "train", cfg, "--resume", "auto", timeout=240))
+    check_resumed(res.stdout, run, path, state)
     assert np.array_equal(read_params(run / "model.h5"), reference)  # bit for bit
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
     return res

@@ -57,7 +57,10 @@ def test_allreduced_gradient_equals_float64_reference(
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report["ranks"] == ranks and report["count"] == 1001
     assert report["grad_rel"] < 1e-5 and report["loss_rel"] < 1e-5
-    assert report["driver"] == ("mpio" if ranks > 1 else report["driver"])
+    if ranks > 1:  # the rows really were partitioned: rank 0 summed only its share
+        assert report["driver"] == "mpio" and report["rows_local"] < 1001
+    else:
+        assert report["rows_local"] == 1001
 
 
 def test_mpio_driver_is_active_under_make_install(logistic_file):
@@ -122,11 +125,16 @@ def train_config(tmp_path, data_file, name, **sections):
     ids=["adam-minibatch", "momentum-fullbatch", "lbfgs", "mlp-sgd"],
 )
 def test_training_gives_the_same_parameters_for_1_2_3_ranks(logistic_file, tmp_path, variant):
-    params = {}
+    params, results = {}, {}
     for n in RANKS:
         cfg = train_config(tmp_path, logistic_file, f"run{n}", **variant)
         ok(lepton(n, "train", cfg, timeout=240))
         params[n] = read_params(tmp_path / f"run{n}" / "model.h5")
+        results[n] = json.loads((tmp_path / f"run{n}" / "results.json").read_text())
+    # Each run trained on the ranks it was started with, on the same rows and steps; were mpiexec
+    # to start n separate 1-rank jobs instead, this would compare a 1-rank run with itself.
+    assert {n: r["ranks"] for n, r in results.items()} == {n: n for n in RANKS}
+    assert len({(r["steps"], r["rows"]["train"], r["rows"]["val"]) for r in results.values()}) == 1
     scale = np.max(np.abs(params[1]))
     for n in (2, 3):
         assert np.max(np.abs(params[n] - params[1])) / scale < 1e-5, (n, params[n], params[1])

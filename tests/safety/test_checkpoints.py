@@ -13,6 +13,7 @@ import pytest
 
 from lepton_hpc.checkpoint import read_checkpoint
 from tests.conftest import datagen, lepton, ok, read_params, write_config
+from tests.resume_checks import check_resumed, newest_valid
 from tests.safety.conftest import assert_unchanged, check_failure, leftover_temporaries, snapshot
 
 RANKS = 2
@@ -61,8 +62,9 @@ def test_resume_with_other_settings_is_refused_and_changes_nothing(tmp_path, dat
         check_failure(res, 2, *where, *needles)
         assert_unchanged(before, *outputs)
     # what may change on resume does: more epochs, another step size
+    state = read_checkpoint(newest)
     res = ok(lepton(RANKS, "train", cfg, "--resume", "auto", "train.epochs=3", "optim.lr=0.01"))
-    assert f"resuming from {newest}" in res.stdout
+    check_resumed(res.stdout, run, newest, state)
     assert read_checkpoint(ckpts(run)[-1]).epoch == 3
 
 
@@ -79,8 +81,10 @@ def test_stale_and_damaged_checkpoints_survive_and_resume_continues(tmp_path, da
     damaged = run / "checkpoints" / "ckpt-00000090-0000000090.h5"
     damaged.write_bytes(b"\x89HDF\r\n\x1a\n not a checkpoint")
     planted = snapshot(stale, damaged)
+    path, state = newest_valid(run / "checkpoints")
+    assert path == own[-1]
     res = ok(lepton(RANKS, "train", cfg, "--resume", "auto", "train.epochs=4", timeout=120))
-    assert f"resuming from {own[-1]}" in res.stdout
+    check_resumed(res.stdout, run, path, state)
     assert damaged.name in res.stderr and "trying the previous one" in res.stderr
     assert_unchanged(planted, stale, damaged)
     new = [p for p in ckpts(run) if p not in (stale, damaged)]
@@ -121,7 +125,9 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_aside_and_is_exact(tmp_p
     first = ckpts(run)
     assert len(first) == 4
     newer = {p.name: p.read_bytes() for p in first[2:]}
+    chosen = read_checkpoint(first[1])
     res = ok(lepton(RANKS, "train", cfg, "--resume", first[1], timeout=120))
+    check_resumed(res.stdout, run, first[1], chosen)
     (aside,) = (run / "checkpoints").glob("aside-*")
     assert re.fullmatch(r"aside-\d{8}T\d{6}Z-[0-9a-f]{16}", aside.name)
     assert {p.name: p.read_bytes() for p in aside.iterdir()} == newer  # moved, not rewritten
@@ -132,6 +138,8 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_aside_and_is_exact(tmp_p
     assert read_checkpoint(branch[-1]).parent["file"] == str(first[1])
     assert all(p.exists() for p in first[:2])
     # a later --resume auto continues the chosen branch, not the set-aside one
+    assert newest_valid(run / "checkpoints")[0] == branch[-1]
+    last = read_checkpoint(branch[-1])
     res = ok(lepton(RANKS, "train", cfg, "--resume", "auto", "train.epochs=5", timeout=120))
-    assert f"resuming from {branch[-1]}" in res.stdout
+    check_resumed(res.stdout, run, branch[-1], last)
     assert {p.name: p.read_bytes() for p in aside.iterdir()} == newer

@@ -33,6 +33,7 @@ from tests.conftest import (
     run_mpi,
     write_config,
 )
+from tests.resume_checks import check_continued, check_resumed, newest_valid, resumed_at
 from tests.slurm.cluster import TERMINAL
 
 RANKS = 2
@@ -191,7 +192,9 @@ def test_time_limit_checkpoints_on_usr1_requeues_and_resumes_exactly(
     assert stopped, log
     step = int(stopped.group(1))
     assert 0 < step < 31 * 36
-    assert f"step {step})" in log.split("resuming from", 1)[1].splitlines()[0], log
+    _, epoch, at = resumed_at(log)  # the requeued attempt continued from the stop checkpoint
+    assert at == step, log
+    check_continued(log.split("resuming from", 1)[1], run, epoch, at)
     assert "lepton job: completed" in log
     assert status(run)["status"] == "completed"
     assert np.array_equal(read_params(run / "model.h5"), reference)  # bit for bit
@@ -226,5 +229,7 @@ def test_scancel_leaves_a_valid_checkpoint_and_no_requeue(
         assert st["signal"] == 15 and st["step"] == state.step
     else:  # mpirun may SIGKILL the ranks 1 s after SIGTERM: the periodic checkpoint is intact
         assert template == "mpirun" and st["status"] == "running", st
-    ok(lepton(RANKS, "train", cfg, "--resume", "auto", timeout=240))
+    path, state = newest_valid(run / "checkpoints")
+    res = ok(lepton(RANKS, "train", cfg, "--resume", "auto", timeout=240))
+    check_resumed(res.stdout, run, path, state)
     assert np.array_equal(read_params(run / "model.h5"), reference)  # bit for bit

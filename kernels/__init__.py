@@ -1,6 +1,8 @@
 """Numba kernels on plain arrays: no config, no I/O, no MPI (shipped as ``lepton_hpc.kernels``).
 
-The contract every backend (``cpu``, ``cuda``) keeps, so the engine can swap them:
+Backends: ``reference`` (plain ``@njit``, the oracle), ``cpu`` (tuned, multithreaded; runs
+``reference`` where ``native.supported()`` is false) and ``cuda``. Hand-written LLVM code lives
+only in ``native``. The contract every backend keeps, so the engine can swap them:
 
 Every model is a stack of dense layers described by ``sizes = (d, h1, ..., k)`` (int64 array).
 Parameters live in ONE flat float64 vector; for each layer ``l`` it holds ``W_l`` (``sizes[l]`` x

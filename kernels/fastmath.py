@@ -1,4 +1,4 @@
-"""Vectorisable exp, expm1, log, sigmoid, softplus, tanh (and a prefetch hint) for Numba kernels.
+"""Vectorisable exp, expm1, log, sigmoid, softplus, tanh for the tuned Numba kernels.
 
 PyPI llvmlite has no SVML, so ``math.exp``/``math.log`` in a loop stay scalar libm calls and
 cap the logistic kernel far below memory bandwidth. These versions use only +, *, /, compares
@@ -27,10 +27,10 @@ ZeroDivisionError branch, and that branch alone stops the loop from vectorising.
 
 import math
 
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
+
+from .native.intrinsics import bits_to_f64 as _bits_to_f64
+from .native.intrinsics import f64_to_bits as _f64_to_bits
 
 _FLAGS = {"contract"}  # FMA only: the reduction steps below depend on strict evaluation order
 
@@ -48,32 +48,6 @@ _E7, _E8, _E9, _E10, _E11 = (1.0 / math.factorial(j) for j in range(7, 12))
 # 2/(2j+1) for 2 atanh(s) = s * (2 + 2/3 s^2 + 2/5 s^4 + ... + 2/17 s^16).
 _A1, _A2, _A3, _A4 = 2.0 / 3.0, 2.0 / 5.0, 2.0 / 7.0, 2.0 / 9.0
 _A5, _A6, _A7, _A8 = 2.0 / 11.0, 2.0 / 13.0, 2.0 / 15.0, 2.0 / 17.0
-
-
-@intrinsic
-def _bits_to_f64(_typingctx, bits):
-    """Reinterpret int64 bits as float64: one LLVM bitcast, free and vectorisable."""
-    if not isinstance(bits, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        as_i64 = context.cast(builder, args[0], sig.args[0], types.int64)
-        return builder.bitcast(as_i64, ir.DoubleType())
-
-    return types.float64(bits), codegen
-
-
-@intrinsic
-def _f64_to_bits(_typingctx, x):
-    """Reinterpret a float64 as its int64 bit pattern (LLVM bitcast)."""
-    if not isinstance(x, types.Float):
-        return None
-
-    def codegen(context, builder, sig, args):
-        as_f64 = context.cast(builder, args[0], sig.args[0], types.float64)
-        return builder.bitcast(as_f64, ir.IntType(64))
-
-    return types.int64(x), codegen
 
 
 @njit(fastmath=_FLAGS, error_model="numpy", cache=True)
@@ -181,52 +155,3 @@ def fast_tanh(z):
     em = fast_expm1(-2.0 * abs(z))
     t = -em / (2.0 + em)
     return -t if z < 0.0 else t
-
-
-@intrinsic
-def prefetch_row(_typingctx, arr, row):
-    """Hint the CPU to load row ``row`` of a 2-D C array into L1 (first and last byte's lines).
-
-    ``llvm.prefetch`` never faults; the caller still keeps ``row`` inside the array.
-    """
-    if not (isinstance(arr, types.Array) and arr.ndim == 2 and isinstance(row, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        base = builder.bitcast(ary.data, i8p)
-        stride = cgutils.unpack_tuple(builder, ary.strides, 2)[0]
-        start = builder.mul(context.cast(builder, args[1], sig.args[1], types.intp), stride)
-        end = builder.sub(builder.add(start, stride), ir.Constant(start.type, 1))
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        for offset in (start, end):  # read, high locality, data cache
-            args_ = [builder.gep(base, [offset]), *(ir.Constant(i32, v) for v in (0, 3, 1))]
-            builder.call(fn, args_)
-        return context.get_dummy_value()
-
-    return types.none(arr, row), codegen
-
-
-@intrinsic
-def prefetch_at(_typingctx, arr, offset):
-    """Hint the CPU to load the cache line at byte ``offset`` of ``arr``'s data into L1.
-
-    No bounds: ``llvm.prefetch`` never faults, whatever the address (past the end included).
-    """
-    if not (isinstance(arr, types.Array) and isinstance(offset, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        base = builder.bitcast(ary.data, i8p)
-        off = context.cast(builder, args[1], sig.args[1], types.intp)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        args_ = [builder.gep(base, [off]), *(ir.Constant(i32, v) for v in (0, 3, 1))]
-        builder.call(fn, args_)  # read, high locality, data cache
-        return context.get_dummy_value()
-
-    return types.none(arr, offset), codegen

@@ -1,24 +1,50 @@
 """Where a rank's kernels run: the CPU (Numba threads) or its node-local GPU (numba.cuda).
 
-Detection is lazy and done once here, so ``lepton doctor`` and training share it; the thread
-count is set so that ranks x threads does not oversubscribe the node.
+Both are a ``Backend``: the engine places data, gathers mini-batches and calls the kernels
+through it, the same way on either. Detection is lazy and done once here, so ``lepton doctor``
+and training share it; the thread count is set so that ranks x threads does not oversubscribe
+the node.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from .comm.base import Communicator
+from .cores import cores_available, default_threads  # noqa: F401 - importable from here too
 from .errors import LeptonError
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the training step and inference ask of a device; never which device it is."""
+
+    def place(self, array: np.ndarray):
+        """The array where the kernels want it (the same array, or a copy kept on the GPU)."""
+
+    def batch_gather(
+        self, X_host: np.ndarray, y_host: np.ndarray, X, y
+    ) -> Callable[[np.ndarray], tuple]:
+        """A callable ``rows -> (X[rows], y[rows])`` for mini-batches, where the kernels want
+        them; ``X_host``/``y_host`` are the rank's rows in host memory, ``X``/``y`` what
+        ``place`` made of them."""
+
+    def gradient(self, X, y, params, sizes, activation, head, out) -> None:
+        """Summed loss gradient, loss and row count into ``out`` (see ``lepton_hpc.kernels``)."""
+
+    def forward(self, X, params, sizes, activation, head, out) -> None:
+        """Model outputs into ``out`` (see ``lepton_hpc.kernels``)."""
 
 
 @dataclass(slots=True)
 class Device:
-    """A kernel backend (module with ``gradient`` and ``forward``) and how to place data."""
+    """The CPU backend (``kernels``: a module with ``gradient`` and ``forward``): host arrays
+    stay where they are; mini-batches are gathered into buffers reused from step to step."""
 
     name: str
     kernels: ModuleType
@@ -26,45 +52,31 @@ class Device:
     gpu: int | None = None
 
     def place(self, array: np.ndarray):
-        """The array where the kernels want it: the GPU copy stays there across epochs."""
-        if self.name == "cuda":
-            return self.kernels.to_device(array)
         return array
 
-    def batch_gather(self, X_host: np.ndarray, y_host: np.ndarray, X, y):
-        """A callable ``rows -> (X[rows], y[rows])`` for mini-batches, where the kernels want them.
-
-        ``X_host``/``y_host`` are the rank's rows in host memory, ``X``/``y`` what ``place`` made
-        of them. On the GPU the data stays there and is gathered there; on the CPU into buffers
-        reused from step to step.
-        """
-        if self.name == "cuda":
-            kernels = self.kernels
-            return lambda rows: kernels.gather_rows(X, y, rows)
+    def batch_gather(self, X_host: np.ndarray, y_host: np.ndarray, X, y):  # noqa: ARG002
         from .data.batches import BatchGather
 
         return BatchGather(X_host, y_host)
 
     def gradient(self, X, y, params, sizes, activation, head, out) -> None:
-        """Summed loss gradient, loss and row count into ``out`` (see ``lepton_hpc.kernels``)."""
         self.kernels.gradient(X, y, params, sizes, activation, head, out)
 
     def forward(self, X, params, sizes, activation, head, out) -> None:
-        """Model outputs into ``out`` (see ``lepton_hpc.kernels``)."""
         self.kernels.forward(X, params, sizes, activation, head, out)
 
 
-def cores_available() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+@dataclass(slots=True)
+class CudaDevice(Device):
+    """The GPU backend (``kernels``: ``lepton_hpc.kernels.cuda``): the rank's rows are copied to
+    the GPU once and stay there across epochs; mini-batches are gathered there."""
 
+    def place(self, array: np.ndarray):
+        return self.kernels.to_device(array)
 
-def default_threads(comm: Communicator) -> int:
-    """Cores this rank may use: the node's cores shared by its ranks, within its CPU binding."""
-    per_rank = max(1, (os.cpu_count() or 1) // max(comm.node_size, 1))
-    return max(1, min(per_rank, cores_available()))
+    def batch_gather(self, X_host: np.ndarray, y_host: np.ndarray, X, y):  # noqa: ARG002
+        kernels = self.kernels
+        return lambda rows: kernels.gather_rows(X, y, rows)
 
 
 def cuda_available() -> bool:
@@ -81,7 +93,7 @@ def select_device(name: str, threads: int, comm: Communicator) -> Device:
         from .kernels import cuda
 
         gpu = cuda.select_device(comm.node_rank)
-        return Device("cuda", cuda, threads=1, gpu=gpu)
+        return CudaDevice("cuda", cuda, threads=1, gpu=gpu)
     if name == "cuda":
         raise LeptonError('train.device = "cuda" but Numba sees no GPU on this node')
     import numba

@@ -277,6 +277,15 @@ def gpu() -> dict:
     return _check("GPU (numba.cuda)", True, f"{len(names)}: {', '.join(names)}", required=required)
 
 
+def native_kernels() -> dict:
+    """Whether the CPU backend runs its tuned native kernels (a warning when it falls back)."""
+    from .kernels import native
+
+    ok, why = native.supported()
+    detail = f"on ({why})" if ok else f"off, plain reference kernels ({why})"
+    return _check("tuned CPU kernels", ok, detail, required=False)
+
+
 def horovod() -> dict:
     """Horovod is optional (comm.backend = "horovod"); when present it must be built with MPI."""
     try:
@@ -349,6 +358,7 @@ def run_checks(comm: Communicator, run_dir: Path) -> list[dict]:
         _guarded("MPI library", mpi_library),
         _guarded("h5py parallel (mpio)", h5py_parallel),
         _guarded("GPU (numba.cuda)", gpu),
+        _guarded("tuned CPU kernels", native_kernels, required=False),
         _guarded("one MPI library", one_mpi_library),
         _guarded("horovod", horovod, required=False),
         _guarded("run directory", lambda: writable(run_dir)),

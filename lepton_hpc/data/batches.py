@@ -11,7 +11,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ..kernels.fastmath import prefetch_at, prefetch_row
+from ..kernels.native.intrinsics import prefetch_at, prefetch_row
 from .reader import aligned_empty
 
 _AHEAD = 16  # rows of prefetch distance in the batch gather (measured: 8-32 alike)

@@ -7,23 +7,18 @@ fails together with one clear message when a file or data set is wrong.
 
 from __future__ import annotations
 
-import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
 from ..comm.base import CollectiveError, Communicator, agree
-from ..device import default_threads
+from ..cores import default_threads
 from ..errors import DataError
 from ..log import Log
+from .direct_read import compare_identity, file_identity, nonfinite_rows, pread_rows
 from .h5 import collective, is_parallel, open_read
 
 
@@ -36,9 +31,6 @@ def row_block(n_rows: int, rank: int, size: int) -> tuple[int, int]:
 
 REPRODUCIBLE_BLOCK_ROWS = 1024
 MIN_BLOCKS = 64
-READ_PIECE_BYTES = 64 << 20  # direct reads: at most this per thread task
-MIN_PIECE_BYTES = 8 << 20  # ...and at least this, else two pieces per thread
-SCREEN_READ_BYTES = 256 << 10  # screened reads: one pread this big, then its rows are screened
 DIRECT_READ = os.environ.get("LEPTON_READ", "auto") != "hdf5"  # LEPTON_READ=hdf5: h5py only
 
 
@@ -117,11 +109,6 @@ def _dataset(fh: h5py.File, path: str, name: str) -> h5py.Dataset:
     if not isinstance(obj, h5py.Dataset):
         raise DataError(f"'{path}:{name}' is a group, not a data set")
     return obj
-
-
-def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    """(st_dev, st_ino, st_size, st_mtime_ns): what a direct read checks it is still reading."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def inspect(path: str, x: str, y: str | None, min_rows: int = 1) -> DataInfo:
@@ -216,7 +203,7 @@ def aligned_empty(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
     """``np.empty`` whose first byte is on an ``align``-byte boundary (NumPy gives 16).
 
     Rows of 32 float32 are then exactly two cache lines, not three: the random-row gather of a
-    mini-batch touches a third fewer lines (measured 72 -> 60 us for 2,048 rows).
+    mini-batch touches a third fewer lines.
     """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -341,198 +328,14 @@ def _same_file_everywhere(
             st = os.stat(path)
         except OSError as exc:
             raise DataError(f"'{path}' cannot be read ({exc.strerror})") from None
-        return _compare_identity(path, identity, st)
+        return compare_identity(path, identity, st)
 
     agree(comm, check)  # raises on every rank together when any rank sees another file
     return True
 
 
-def _compare_identity(path: str, identity: tuple[int, int, int, int], st: os.stat_result) -> bool:
-    """True when ``st`` is the inspected file (inode, size and modification time; not the
-    device, which differs between the nodes mounting one network file system); else a
-    DataError."""
-    if file_identity(st)[1:] != identity[1:]:
-        raise DataError(
-            f"'{path}' changed while it was being read (its inode, size or modification time "
-            "differ from when it was inspected); rerun once it is complete"
-        )
-    return True
-
-
 def _reader_threads(comm: Communicator) -> int:
     return default_threads(comm)
-
-
-SCREEN_GROUP_ROWS = 64  # the screen sums this many rows at a time (then checks them one by one)
-
-
-@njit(nogil=True, fastmath={"reassoc"}, cache=True)
-def _screen_piece(X, lo, hi, out, zero):
-    """Set out[i] to True for each row i in lo..hi that holds NaN or Inf (no GIL held; exact).
-
-    Groups of SCREEN_GROUP_ROWS rows are summed in X's own precision (``zero``: X.dtype's 0),
-    as one flat SIMD sum: NaN and Inf propagate into it, so a finite sum clears the group. Only a
-    group whose sum is not finite (bad values, or huge finite ones that overflow) is checked
-    element by element. Only ``reassoc``: with nsz, Numba's isfinite folds to True
-    (tests/unit/test_partition.py checks), so the tests are comparisons. Measured in cache, one
-    thread, 32 float32 per row: 1.6 ns per row (the float64 row sums before it: 7.4 ns).
-    """
-    d = X.shape[1]
-    flat = X.reshape(-1)
-    for g0 in range(lo, hi, SCREEN_GROUP_ROWS):
-        g1 = min(hi, g0 + SCREEN_GROUP_ROWS)
-        seg = flat[g0 * d : g1 * d]  # a slice: unit stride, indices provably >= 0 (SIMD)
-        s = zero
-        for t in range(seg.size):
-            s += seg[t]
-        if not (abs(s) < math.inf):
-            for i in range(g0, g1):
-                finite = True
-                for j in range(d):
-                    finite &= abs(X[i, j]) < math.inf
-                if not finite:  # only ever sets flags: X's and y's screens share ``out``
-                    out[i] = True
-
-
-@intrinsic
-def _pread(_typingctx, fd, address, nbytes, offset):
-    """libc ``pread(fd, (void *) address, nbytes, offset)``; returns its result (-1: error).
-
-    Declared by name, so LLVM resolves it in the process when the code is loaded: unlike a
-    ctypes function pointer this keeps the caller cacheable.
-    """
-    sig = types.int64(fd, address, nbytes, offset)
-
-    def codegen(context, builder, sig_, args):
-        i64, i8p = ir.IntType(64), ir.IntType(8).as_pointer()
-        fnty = ir.FunctionType(i64, [ir.IntType(32), i8p, i64, i64])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "pread")
-        values = [
-            context.cast(builder, v, t, types.int64) for v, t in zip(args, sig_.args, strict=True)
-        ]
-        handle = builder.trunc(values[0], ir.IntType(32))
-        return builder.call(fn, [handle, builder.inttoptr(values[1], i8p), values[2], values[3]])
-
-    return sig, codegen
-
-
-@njit(nogil=True, cache=True)
-def _read_screened(fd, base, out, lo, hi, step, bad, zero):
-    """Rows lo..hi of ``out`` from ``fd`` (row 0 at byte ``base``), ``step`` rows per pread, each
-    step screened for NaN/Inf while in L2. Without the GIL: the same loop in Python threads cost
-    9 ms more for 512 MB on 2 threads (86 against 77 ms).
-    Returns the first row not read: ``hi``, or where a pread failed or met the end of the file
-    (the caller retries from there with ``os.preadv`` for the error).
-    """
-    row_bytes = out.shape[1] * out.itemsize
-    data = out.ctypes.data
-    for a in range(lo, hi, step):
-        b = min(hi, a + step)
-        pos, end = a * row_bytes, b * row_bytes
-        while pos < end:
-            got = _pread(fd, data + pos, end - pos, base + pos)
-            if got <= 0:
-                return a
-            pos += got
-        _screen_piece(out, a, b, bad, zero)
-    return hi
-
-
-def pread_rows(
-    path: str,
-    offset: int,
-    start: int,
-    out: np.ndarray,
-    threads: int,
-    screen: bool = False,
-    flags: np.ndarray | None = None,
-    identity: tuple[int, int, int, int] | None = None,
-) -> np.ndarray | None:
-    """Fill ``out`` (rows x width, C order) with rows ``start..`` of a contiguous data set at byte
-    ``offset`` of ``path``, with ``pread`` from ``threads`` threads, two pieces per thread
-    (8 to 64 MiB each: measured 95 ms for 512 MB at 64 MiB, 112 ms at 4 MiB).
-
-    Why not h5py here: h5py holds the GIL while HDF5 reads, so one rank's read uses one core;
-    plain preads release it, so the copy from the page cache (or the file system) and the
-    first-touch zeroing of the new pages run on every core the rank owns (measured 1.9x faster
-    with 2 threads on 512 MB). ``screen`` (float ``out``): each piece is read SCREEN_READ_BYTES
-    at a time and those rows are checked for NaN/Inf at once, while they are still in L2
-    (``_read_screened``); returns the rows holding NaN or Inf, or None without ``screen``.
-    ``flags``: with ``screen``, set those rows in this array (X's flags, when y is read after
-    X) instead of in a new one; rows already set stay set.
-    Without ``screen`` the reads are plain ``os.preadv`` calls of whole pieces (the benchmark's
-    raw read). ``identity`` (``file_identity`` of the file whose ``offset`` was taken): the
-    opened descriptor must still be that file, else a DataError and nothing is read.
-    """
-    m = out.shape[0]
-    row_bytes = out.shape[1] * out.itemsize
-    flat = out.reshape(-1).view(np.uint8)
-    piece_bytes = min(READ_PIECE_BYTES, max(MIN_PIECE_BYTES, m * row_bytes // (2 * threads)))
-    per = max(1, piece_bytes // max(row_bytes, 1))
-    pieces = [(a, min(m, a + per)) for a in range(0, m, per)]
-    bad = (np.zeros(m, dtype=bool) if flags is None else flags) if screen else None
-    step = max(1, SCREEN_READ_BYTES // max(row_bytes, 1))
-    zero = out.dtype.type(0)
-    base = offset + start * row_bytes
-    fd = os.open(path, os.O_RDONLY)
-    if identity is not None:
-        try:
-            _compare_identity(path, identity, os.fstat(fd))
-        except DataError:
-            os.close(fd)
-            raise
-
-    def read(piece: tuple[int, int]) -> None:
-        a, b = piece
-        if bad is not None:
-            a = _read_screened(fd, base, out, a, b, step, bad, zero)
-            if a == b:
-                return
-        view = memoryview(flat[a * row_bytes : b * row_bytes])
-        pos = 0
-        while pos < len(view):  # errors (OSError) and the end of the file surface here
-            got = os.preadv(fd, [view[pos:]], base + a * row_bytes + pos)
-            if got == 0:
-                raise DataError(f"'{path}' ends before the data it describes (truncated file?)")
-            pos += got
-        if bad is not None:
-            _screen_piece(out, a, b, bad, zero)
-
-    try:
-        if threads > 1 and len(pieces) > 1:
-            with ThreadPoolExecutor(min(threads, len(pieces))) as pool:
-                list(pool.map(read, pieces))
-        else:
-            for piece in pieces:
-                read(piece)
-    finally:
-        os.close(fd)
-    return bad
-
-
-@njit(parallel=True, cache=True)
-def _screen_parallel(X, out, zero):
-    """``_screen_piece`` over chunks of 16K rows in parallel."""
-    chunk = 16384
-    for c in prange((X.shape[0] + chunk - 1) // chunk):
-        _screen_piece(X, c * chunk, min(X.shape[0], (c + 1) * chunk), out, zero)
-
-
-def nonfinite_rows(X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """True for each row of ``X`` (1-D: each value) holding NaN or Inf, OR-ed into ``out``.
-
-    ``_screen_piece`` on Numba's threads (sized per rank; BLAS's would oversubscribe a node
-    shared by ranks) for C-ordered float arrays: one SIMD sum per 64 rows, at memory speed.
-    """
-    bad = np.zeros(X.shape[0], dtype=bool) if out is None else out
-    if X.size == 0:
-        return bad
-    rows = X.reshape(X.shape[0], -1)
-    if X.dtype in (np.float32, np.float64) and rows.flags.c_contiguous:
-        _screen_parallel(rows, bad, X.dtype.type(0))
-    else:
-        bad |= ~np.isfinite(rows).all(axis=1)
-    return bad
 
 
 def take_rows(X: np.ndarray, keep: np.ndarray) -> np.ndarray:

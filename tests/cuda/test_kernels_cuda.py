@@ -465,6 +465,29 @@ def test_matches_cpu_backend_when_present(kc):
     assert_close(run_gradient(kc, X, y, params, sizes, code, head), want, rtol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_gradient_and_forward_match_kernels_reference(kc, case, dtype):
+    """The CUDA kernels against ``kernels.reference``, the plain @njit oracle the CPU kernels are
+    tested against too (so every backend answers to the same code)."""
+    from lepton_hpc.kernels import reference
+
+    _, sizes, code, head = case
+    sizes = np.asarray(sizes, dtype=np.int64)
+    for n in (1, 45, 130):
+        X, y, params = make_data(sizes, head, n, dtype, seed=n + 11)
+        want = np.empty(params.size + 2)
+        reference.gradient(X, y, params, sizes, code, head, want)
+        got = run_gradient(kc, X, y, params, sizes, code, head)
+        assert_close(got, want, rtol=1e-11)
+        assert got[-1] == want[-1] == n
+        f_want = np.empty((n, int(sizes[-1])))
+        reference.forward(X, params, sizes, code, head, f_want)
+        f_got = np.full_like(f_want, np.nan)
+        kc.forward(X, params, sizes, code, head, f_got)
+        assert_close(f_got, f_want, rtol=1e-11)
+
+
 # ---- mini-batches gathered on the device ------------------------------------------------------
 @pytest.mark.parametrize("y_cols", [0, 3], ids=["y-1d", "y-2d"])
 def test_gather_rows_on_the_device_equals_host_indexing(kc, y_cols):

@@ -1,5 +1,6 @@
-"""``lepton train`` with ``train.device = "cuda"`` end to end (on a GPU, or Numba's simulator):
-mini-batches are gathered on the device and the result equals the CPU run."""
+"""``lepton train`` with ``train.device = "cuda"`` end to end (on the real GPU when one is visible,
+else Numba's simulator): mini-batches are gathered on the device and the result equals the CPU
+run."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tests.conftest import lepton, mpi_env, ok, read_params, write_config, write
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_cuda_minibatch_training_equals_cpu(kc, tmp_path, ranks):
+def test_cuda_minibatch_training_equals_cpu(kc, gpu_env, tmp_path, ranks):
     assert kc.is_available()
     rng = np.random.default_rng(0)
     X = rng.normal(size=(300, 5)).astype(np.float32)
@@ -30,7 +31,7 @@ def test_cuda_minibatch_training_equals_cpu(kc, tmp_path, ranks):
                 "output": {"dir": str(tmp_path / device), "plot": False},
             },
         )
-        env = mpi_env(NUMBA_ENABLE_CUDASIM="1")
+        env = mpi_env(**gpu_env)
         ok(lepton(ranks, "train", cfg, env=env, timeout=600))
         params[device] = read_params(tmp_path / device / "model.h5")
         results = json.loads((tmp_path / device / "results.json").read_text())

@@ -5,6 +5,7 @@ MPI singleton), so this pytest process never initialises MPI.
 """
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -152,6 +153,18 @@ def test_gpu_is_required_only_on_request(monkeypatch):
     assert not result["ok"] and result["required"]
 
 
+def test_tuned_kernels_line_says_on_or_off_and_why(monkeypatch):
+    from lepton_hpc.kernels import native
+
+    monkeypatch.setattr(native, "supported", lambda: (True, "numba 0.68.1, llvmlite 0.50.0, AVX2"))
+    on = doctor.native_kernels()
+    assert on["ok"] and not on["required"] and on["detail"].startswith("on (numba 0.68.1")
+    monkeypatch.setattr(native, "supported", lambda: (False, "llvmlite 0.51.0 is outside"))
+    off = doctor.native_kernels()
+    assert not off["ok"] and not off["required"]  # a warning: the reference kernels still run
+    assert off["detail"] == "off, plain reference kernels (llvmlite 0.51.0 is outside)"
+
+
 # ---- the command, as a child process ------------------------------------------------------------
 def doctor_cmd(tmp_path, **env):
     return subprocess.run(
@@ -174,10 +187,12 @@ def test_doctor_passes_here_with_one_line_per_check(tmp_path):
         "MPI library",
         "h5py parallel (mpio)",
         "GPU (numba.cuda)",
+        "tuned CPU kernels",
         "horovod",
         "run directory",
         "mpirun",
-        "srun --mpi",
+        # with Slurm installed the srun check names the --mpi plugin to use; without, it says so
+        "srun --mpi" if shutil.which("srun") else "srun",
     ):
         assert name in names, res.stdout
     assert all(line.startswith(("[  ok]", "[warn]")) for line in lines), res.stdout

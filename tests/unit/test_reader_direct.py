@@ -9,9 +9,10 @@ import os
 import h5py
 import numpy as np
 import pytest
+from lepton_hpc.kernels import native
 
 from lepton_hpc.comm.base import SerialComm
-from lepton_hpc.data import reader
+from lepton_hpc.data import direct_read, reader
 from lepton_hpc.errors import DataError, LeptonError
 from lepton_hpc.log import Log
 
@@ -34,7 +35,7 @@ def test_direct_equals_h5py_on_uneven_pieces(tmp_path, monkeypatch, dtype, threa
         fh.create_dataset("y", data=y)
     info = reader.inspect(str(path), "X", "y")
     assert info.x_offset is not None and info.y_offset is not None
-    monkeypatch.setattr(reader, "MIN_PIECE_BYTES", 4096)  # many pieces, the last one short
+    monkeypatch.setattr(direct_read, "MIN_PIECE_BYTES", 4096)  # many pieces, the last one short
     monkeypatch.setattr(reader, "_reader_threads", lambda comm: threads)
     direct = _read(path, monkeypatch=monkeypatch)
     via_h5py = _read(path, direct=False, monkeypatch=monkeypatch)
@@ -73,7 +74,7 @@ def test_nan_found_by_the_direct_read_names_the_first_bad_row(tmp_path, monkeypa
     with h5py.File(path, "w") as fh:
         fh.create_dataset("X", data=X)
         fh.create_dataset("y", data=np.zeros(50_000))
-    monkeypatch.setattr(reader, "MIN_PIECE_BYTES", 4096)
+    monkeypatch.setattr(direct_read, "MIN_PIECE_BYTES", 4096)
     with pytest.raises(Exception, match=r"1 rows hold NaN or Inf \(first: row 31234\)"):
         _read(path, monkeypatch=monkeypatch)
 
@@ -92,7 +93,7 @@ def test_nonfinite_targets_are_found_by_either_read(tmp_path, monkeypatch, direc
     with h5py.File(path, "w") as fh:
         fh.create_dataset("X", data=X)
         fh.create_dataset("y", data=y.astype(y_dtype))
-    monkeypatch.setattr(reader, "MIN_PIECE_BYTES", 4096)
+    monkeypatch.setattr(direct_read, "MIN_PIECE_BYTES", 4096)
     with pytest.raises(Exception, match=r"3 rows hold NaN or Inf \(first: row 7\)"):
         _read(path, direct=direct, monkeypatch=monkeypatch)
     monkeypatch.setattr(reader, "DIRECT_READ", direct)
@@ -118,8 +119,11 @@ def test_screened_read_of_an_unreadable_descriptor_is_an_os_error(tmp_path):
         reader.pread_rows(str(path), 0, 0, np.empty((4, 3)), 1, screen=True)
 
 
+@pytest.mark.parametrize("native_on", [True, False], ids=["native", "fallback"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_screened_read_finds_exactly_the_bad_rows_at_every_boundary(tmp_path, monkeypatch, dtype):
+def test_screened_read_finds_exactly_the_bad_rows_at_every_boundary(
+    tmp_path, monkeypatch, dtype, native_on
+):
     """Bad values at the edges of the screen's 64-row groups, of the screened reads and of the
     pieces are all found; huge finite rows (whose group sum overflows) are not flagged."""
     m, d = 5_003, 6
@@ -130,8 +134,10 @@ def test_screened_read_finds_exactly_the_bad_rows_at_every_boundary(tmp_path, mo
     X[300, 2] = -np.finfo(dtype).max
     path = tmp_path / "x.bin"
     path.write_bytes(X.tobytes())
-    monkeypatch.setattr(reader, "MIN_PIECE_BYTES", 7 * 1024)  # uneven pieces ...
-    monkeypatch.setattr(reader, "SCREEN_READ_BYTES", 3 * 1024)  # ... read in uneven steps
+    if not native_on:  # without the tuned native code: whole pieces by os.preadv, then screened
+        monkeypatch.setattr(native, "supported", lambda: (False, "test"))
+    monkeypatch.setattr(direct_read, "MIN_PIECE_BYTES", 7 * 1024)  # uneven pieces ...
+    monkeypatch.setattr(direct_read, "SCREEN_READ_BYTES", 3 * 1024)  # ... read in uneven steps
     for threads in (1, 3):
         out = np.empty_like(X)
         bad = reader.pread_rows(str(path), 0, 0, out, threads, screen=True)

@@ -1,9 +1,11 @@
-"""kernels.simd: masked loads and stores, the reductions, and the 4-lane head against the scalar
+"""kernels.native.simd: masked loads and stores, the reductions, and the 4-lane head against the scalar
 head of the CPU kernels (which fastmath's tests check against NumPy)."""
 
 import numpy as np
 import pytest
-from lepton_hpc.kernels import BINARY, SQUARED, cpu, simd
+from lepton_hpc.kernels import BINARY, SQUARED, cpu
+from lepton_hpc.kernels.native import simd
+from lepton_hpc.kernels.native.heads import head_lanes
 from numba import njit
 
 
@@ -97,9 +99,9 @@ def _head_lanes(z, y, count, binary):
     for i in range(0, z.size, 4):
         zz, yy = simd.load4(z, i, 4), simd.load4(y, i, 4)
         if binary:
-            q, loss = simd.head_lanes(zz, yy, count, True)
+            q, loss = head_lanes(zz, yy, count, True)
         else:
-            q, loss = simd.head_lanes(zz, yy, count, False)
+            q, loss = head_lanes(zz, yy, count, False)
         out_q[i : i + 4] = np.array(simd.unpack4(q))
         out_l[i : i + 4] = np.array(simd.unpack4(loss))
     return out_q, out_l
@@ -111,9 +113,9 @@ def _head_lanes8(z, y, count, binary):
     for i in range(0, z.size, 8):
         zz, yy = simd.load8(z, i, 8), simd.load8(y, i, 8)
         if binary:
-            q, loss = simd.head_lanes(zz, yy, count, True)
+            q, loss = head_lanes(zz, yy, count, True)
         else:
-            q, loss = simd.head_lanes(zz, yy, count, False)
+            q, loss = head_lanes(zz, yy, count, False)
         simd.store8(out_q, i, 8, q)
         simd.store8(out_l, i, 8, loss)
     return out_q, out_l

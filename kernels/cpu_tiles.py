@@ -1,0 +1,217 @@
+"""Register-tile kernels for one-output models (linear, logistic) with up to 32 features.
+
+Explicit SIMD vectors (``native.simd``) hold a group of rows in registers from their load
+through their dot products, the head (on the group's logits at once) and their gradient, so
+each value is loaded and widened once and the gradient never leaves registers within a chunk.
+They need AVX-512's 32 vector registers (elsewhere their live vectors spill and the pipelined
+kernel of ``cpu_passes`` is faster). Chunks are as in ``cpu_passes``: results do not depend on
+the thread count.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .native.heads import head_lanes
+from .native.intrinsics import prefetch_at
+from .native.simd import (
+    fma,
+    hsum,
+    hsum4,
+    hsum8,
+    lane8,
+    load4,
+    load8,
+    splat4,
+    splat8,
+    store8,
+    zero4,
+    zero8,
+)
+
+
+@njit(inline="always", error_model="numpy")
+def _row_tiles(flat, o, count):
+    """flat[o : o + count] (count <= 32) as four vec8 of 8 values each, widened; the rest 0."""
+    return (
+        load8(flat, o, count),
+        load8(flat, o + 8, count - 8),
+        load8(flat, o + 16, count - 16),
+        load8(flat, o + 24, count - 24),
+    )
+
+
+@njit(inline="always")
+def _dot_tiles(x0, x1, x2, x3, w0, w1, w2, w3):
+    """The lanes of x . w for a row held as four vec8 (summed across lanes by hsum4/hsum8)."""
+    return fma(x3, w3, fma(x2, w2, fma(x1, w1, x0 * w0)))
+
+
+@njit(inline="always")
+def _add_rows(g, s0, s1, s2, s3, x0, x1, x2, x3):
+    """g + s0 x0 + s1 x1 + s2 x2 + s3 x3 (one vec8 of four rows' features), FMAs in that order."""
+    return fma(x3, s3, fma(x2, s2, fma(x1, s1, fma(x0, s0, g))))
+
+
+@njit(inline="always", error_model="numpy")
+def _tile_group(xf, o, d, live, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2, g3):
+    """Logits, head and gradient of rows i .. i + live - 1 (live <= 4) of a model with d <= 32.
+
+    The rows are loaded and widened once into 16 vec8 registers (row r, features 8t .. 8t + 7);
+    lanes past d, and rows past live, read as 0 and touch no memory. Returns the updated
+    gradient registers and the head's (d loss / d z, loss) vec4.
+    """
+    c0 = d if live > 0 else 0
+    c1 = d if live > 1 else 0
+    c2 = d if live > 2 else 0
+    c3 = d if live > 3 else 0
+    x00, x01, x02, x03 = _row_tiles(xf, o, c0)
+    x10, x11, x12, x13 = _row_tiles(xf, o + d, c1)
+    x20, x21, x22, x23 = _row_tiles(xf, o + 2 * d, c2)
+    x30, x31, x32, x33 = _row_tiles(xf, o + 3 * d, c3)
+    z = (
+        hsum4(
+            _dot_tiles(x00, x01, x02, x03, w0, w1, w2, w3),
+            _dot_tiles(x10, x11, x12, x13, w0, w1, w2, w3),
+            _dot_tiles(x20, x21, x22, x23, w0, w1, w2, w3),
+            _dot_tiles(x30, x31, x32, x33, w0, w1, w2, w3),
+        )
+        + bias
+    )
+    y = load4(yf, i, live)
+    if binary:
+        q, loss = head_lanes(z, y, live, True)
+    else:
+        q, loss = head_lanes(z, y, live, False)
+    s0, s1, s2, s3 = lane8(q, 0), lane8(q, 1), lane8(q, 2), lane8(q, 3)
+    g0 = _add_rows(g0, s0, s1, s2, s3, x00, x10, x20, x30)
+    g1 = _add_rows(g1, s0, s1, s2, s3, x01, x11, x21, x31)
+    g2 = _add_rows(g2, s0, s1, s2, s3, x02, x12, x22, x32)
+    g3 = _add_rows(g3, s0, s1, s2, s3, x03, x13, x23, x33)
+    return g0, g1, g2, g3, q, loss
+
+
+@njit(inline="always", error_model="numpy")
+def _tile_group8(xf, o, d, live, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2, g3):
+    """_tile_group for eight rows (live <= 8), with the head on the eight logits as one vec8.
+
+    32 registers of rows do not fit beside the weights and the gradient, so the compiler
+    spills some rows to the stack after their dot products and the gradient's FMAs read them
+    back from L1 (a load, not a second widening). For the logistic head that pays, since its
+    head then runs once per eight rows; for the cheap squared head the spills cost more than
+    they save, so it keeps the four-row groups.
+    """
+    x00, x01, x02, x03 = _row_tiles(xf, o + 0 * d, d if live > 0 else 0)
+    z0 = _dot_tiles(x00, x01, x02, x03, w0, w1, w2, w3)
+    x10, x11, x12, x13 = _row_tiles(xf, o + 1 * d, d if live > 1 else 0)
+    z1 = _dot_tiles(x10, x11, x12, x13, w0, w1, w2, w3)
+    x20, x21, x22, x23 = _row_tiles(xf, o + 2 * d, d if live > 2 else 0)
+    z2 = _dot_tiles(x20, x21, x22, x23, w0, w1, w2, w3)
+    x30, x31, x32, x33 = _row_tiles(xf, o + 3 * d, d if live > 3 else 0)
+    z3 = _dot_tiles(x30, x31, x32, x33, w0, w1, w2, w3)
+    x40, x41, x42, x43 = _row_tiles(xf, o + 4 * d, d if live > 4 else 0)
+    z4 = _dot_tiles(x40, x41, x42, x43, w0, w1, w2, w3)
+    x50, x51, x52, x53 = _row_tiles(xf, o + 5 * d, d if live > 5 else 0)
+    z5 = _dot_tiles(x50, x51, x52, x53, w0, w1, w2, w3)
+    x60, x61, x62, x63 = _row_tiles(xf, o + 6 * d, d if live > 6 else 0)
+    z6 = _dot_tiles(x60, x61, x62, x63, w0, w1, w2, w3)
+    x70, x71, x72, x73 = _row_tiles(xf, o + 7 * d, d if live > 7 else 0)
+    z7 = _dot_tiles(x70, x71, x72, x73, w0, w1, w2, w3)
+    z = hsum8(z0, z1, z2, z3, z4, z5, z6, z7) + bias
+    y = load8(yf, i, live)
+    if binary:
+        q, loss = head_lanes(z, y, live, True)
+    else:
+        q, loss = head_lanes(z, y, live, False)
+    s0, s1, s2, s3 = lane8(q, 0), lane8(q, 1), lane8(q, 2), lane8(q, 3)
+    s4, s5, s6, s7 = lane8(q, 4), lane8(q, 5), lane8(q, 6), lane8(q, 7)
+    g0 = _add_rows(g0, s0, s1, s2, s3, x00, x10, x20, x30)
+    g0 = _add_rows(g0, s4, s5, s6, s7, x40, x50, x60, x70)
+    g1 = _add_rows(g1, s0, s1, s2, s3, x01, x11, x21, x31)
+    g1 = _add_rows(g1, s4, s5, s6, s7, x41, x51, x61, x71)
+    g2 = _add_rows(g2, s0, s1, s2, s3, x02, x12, x22, x32)
+    g2 = _add_rows(g2, s4, s5, s6, s7, x42, x52, x62, x72)
+    g3 = _add_rows(g3, s0, s1, s2, s3, x03, x13, x23, x33)
+    g3 = _add_rows(g3, s4, s5, s6, s7, x43, x53, x63, x73)
+    return g0, g1, g2, g3, q, loss
+
+
+def _tiles_kernel(group: int):
+    """The one-output kernel for groups of ``group`` (4 or 8) rows: k == 1 and d <= 32.
+
+    Per group: one load of the rows (widened to float64), their dot products reduced together
+    (hsum4 / hsum8), the head on the group's logits as one vector, and FMAs into the gradient,
+    which stays in four registers for the whole chunk. Returns the (n_chunks, d + 2) partial
+    sums: gradient, bias gradient, loss. Chunks are as in cpu_passes (whole blocks, from n and
+    the model only), so results do not depend on the thread count. The two group sizes agree to
+    rounding, not bitwise (another order of the FMAs).
+
+    ``group`` is a constant of the closure: Numba prunes the other size's branches before typing,
+    so each size compiles to a kernel of its own (both in one function, the register allocation
+    of each got worse), and a closure over an int stays cacheable. Each gets its own name, so
+    each has its own cache index, as two functions would (ranks compiling at once never mix them).
+
+    No fast-math flags here: every fused multiply-add is an explicit fma, so the rounding is
+    fixed by the code. With fast-math flags Numba compiled this parallel function differently
+    from a fresh compile and from its cache, and the two differed in the last bit
+    (tests/unit/test_kernels_cpu.py checks a cached against a fresh compile).
+    """
+
+    def kernel(X, Y, w, binary, ahead, chunk_rows, n_chunks):
+        n, d = X.shape
+        xf = X.reshape(-1)
+        yf = Y.reshape(-1)
+        row_bytes = d * X.itemsize
+        partial = np.empty((n_chunks, d + 2))
+        w0, w1, w2, w3 = _row_tiles(w, 0, d)
+        bias = splat8(w[d]) if group == 8 else splat4(w[d])
+        for c in prange(n_chunks):
+            g0, g1, g2, g3 = zero8(), zero8(), zero8(), zero8()
+            if group == 8:
+                q_sum, loss_sum = zero8(), zero8()
+            else:
+                q_sum, loss_sum = zero4(), zero4()
+            start, stop = c * chunk_rows, min(n, (c + 1) * chunk_rows)
+            for i in range(start, stop, group):
+                live = min(group, stop - i)
+                at = (i + ahead) * row_bytes
+                for t in range(0, group * row_bytes, 64):
+                    prefetch_at(X, at + t)
+                if group == 8:
+                    if live == 8:  # the common case, with its masks known to be the full rows
+                        g0, g1, g2, g3, q, loss = _tile_group8(
+                            xf, i * d, d, 8, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2, g3
+                        )
+                    else:
+                        g0, g1, g2, g3, q, loss = _tile_group8(
+                            xf, i * d, d, live, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2, g3
+                        )
+                elif live == 4:
+                    g0, g1, g2, g3, q, loss = _tile_group(
+                        xf, i * d, d, 4, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2, g3
+                    )
+                else:
+                    g0, g1, g2, g3, q, loss = _tile_group(
+                        xf, i * d, d, live, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2, g3
+                    )
+                q_sum = q_sum + q
+                loss_sum = loss_sum + loss
+            _store_partial(partial[c], d, g0, g1, g2, g3, hsum(q_sum), hsum(loss_sum))
+        return partial
+
+    kernel.__name__ = kernel.__qualname__ = "_one_output_tiles" + ("8" if group == 8 else "")
+    return njit(parallel=True, error_model="numpy", cache=True)(kernel)
+
+
+@njit(inline="always")
+def _store_partial(row, d, g0, g1, g2, g3, q_sum, loss_sum):
+    """A chunk's partial sums: gradient (d values from four vec8), bias gradient, loss."""
+    store8(row, 0, d, g0)
+    store8(row, 8, d - 8, g1)
+    store8(row, 16, d - 16, g2)
+    store8(row, 24, d - 24, g3)
+    row[d] = q_sum
+    row[d + 1] = loss_sum
+
+
+_one_output_tiles = _tiles_kernel(4)  # the squared head: cheap, so rows stay in registers
+_one_output_tiles8 = _tiles_kernel(8)  # the logistic head: runs once per eight rows

@@ -4,6 +4,9 @@
 escapes on one rank is printed once with its rank id and the whole job is aborted, instead of
 leaving the other ranks blocked in their next collective. Errors every rank raised together are
 printed once by rank 0 and end the job cleanly with their exit code.
+
+Before the subcommand runs, every rank reads the test hooks (``lepton_hpc.testhooks``) from its
+environment, once; when any is set, rank 0 says so in one warning line.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def run_guarded(func, args: argparse.Namespace) -> int:
     comm = world() if getattr(args, "needs_mpi", True) else SerialComm()
     log = Log(comm.rank, comm.size)
     try:
+        start_hooks(comm, log)
         return int(func(args, comm, log) or 0)
     except LeptonError as exc:
         if exc.collective:
@@ -90,6 +94,17 @@ def run_guarded(func, args: argparse.Namespace) -> int:
         if comm.size > 1:
             comm.abort(EXIT_FAILED)
         return EXIT_FAILED
+
+
+def start_hooks(comm, log) -> None:
+    """Read the test hooks on every rank (a malformed value fails all ranks together) and
+    announce the active ones on rank 0."""
+    from . import testhooks
+    from .comm.base import agree
+
+    hooks = agree(comm, testhooks.load)
+    if hooks.active:
+        log.warning(hooks.announcement())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

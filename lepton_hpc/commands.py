@@ -1,6 +1,8 @@
 """Subcommands of ``lepton``: each a ``register(subparsers)`` and a ``run(args, comm, log)``.
 
-They run the same alone, under ``mpirun -n N`` or under ``srun``; rank 0 prints.
+They run the same alone, under ``mpirun -n N`` or under ``srun``; rank 0 prints. This is the
+command-line glue only: arguments in, a call into ``engine`` (train), ``inference`` (evaluate,
+predict), ``batch_predict``, ``sweep`` or ``data``, and the summary lines out.
 """
 
 from __future__ import annotations
@@ -8,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
-import numpy as np
 
 from .bench import register_bench
 from .comm.base import Communicator, agree
@@ -143,30 +143,9 @@ def register_evaluate(sub) -> None:
     p.set_defaults(func=run_evaluate)
 
 
-def _load_for_inference(args, comm: Communicator, log: Log, with_y: bool):
-    from .data.dataset import load_eval_data
-    from .device import select_device
-    from .models import check_labels, target_stats
-    from .models.io import check_features, load_model
-
-    model, params, scaler, meta = agree(comm, lambda: load_model(args.model))
-    if meta.get("unverified"):
-        log.warning(f"model file '{args.model}' is unverified ({meta['unverified']})")
-    cfg = meta.get("config", {}).get("data", {})
-    x = args.x or cfg.get("x", "X")
-    y = (args.y or cfg.get("y", "y")) if with_y else None
-    split, info = load_eval_data(args.data, x, y, scaler, comm, log)
-    agree(comm, lambda: check_features(model, info.n_features, f"'{args.data}:{x}'", args.model))
-    if with_y:
-        stats = target_stats(split.y, comm)
-        agree(comm, lambda: check_labels(model, stats, f"'{args.data}:{y}'"))
-    device = agree(comm, lambda: select_device("cpu", 0, comm))
-    return model, params, split, device
-
-
 def run_evaluate(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
     from .data.h5 import check_writable
-    from .evaluate import evaluate
+    from .inference import evaluate, load_for_inference
     from .safety import check_not_input
 
     def check_json() -> None:
@@ -175,7 +154,7 @@ def run_evaluate(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
             check_writable(args.json, force=args.force)
 
     agree(comm, check_json)  # before any work: a refused output costs nothing
-    model, params, split, device = _load_for_inference(args, comm, log, with_y=True)
+    model, params, split, device = load_for_inference(args, comm, log, with_y=True)
     metrics = evaluate(model, params, split.X, split.y, device, comm)
     log.info(f"{args.model} on {args.data} ({metrics['rows']} rows, {comm.size} rank(s))")
     for key, value in metrics.items():
@@ -224,50 +203,14 @@ def register_predict(sub) -> None:
 
 
 def run_predict(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
-    from .scheduler.batch_predict import is_batch, predict_files
+    from .batch_predict import is_batch, predict_files
+    from .inference import predict_one
 
     if is_batch(args.data, args.out):  # one task per file through the task farm
         predict_files(args.model, args.data, args.out, comm, log, args.force, x=args.x)
     else:
         predict_one(args.model, args.data, args.out, comm, log, args.force, x=args.x)
     return 0
-
-
-def predict_one(
-    model_path: str,
-    data_path: str,
-    out_path: str,
-    comm: Communicator,
-    log: Log,
-    force: bool,
-    *,
-    x: str | None = None,
-) -> str:
-    """Predict every row of one file on the ranks of ``comm`` into ``out_path``."""
-    from .data.h5 import create_parallel, write_rows
-    from .evaluate import forward
-    from .metrics import predicted_labels
-    from .safety import check_not_input
-
-    inputs = {"data": data_path, "model": model_path}
-    # before any work, and again (with the existence check) when the file is created
-    agree(comm, lambda: check_not_input(out_path, inputs, "--out") if comm.is_root else None)
-    args = argparse.Namespace(model=model_path, data=data_path, x=x, y=None)
-    model, params, split, device = _load_for_inference(args, comm, log, with_y=False)
-    out = forward(model, params, split.X, device)
-    start = int(split.ids[0]) if split.ids is not None and split.n else split.start
-    n = split.n_global
-    nbytes = n * model.n_outputs * 8 + (n * 8 if model.is_classifier else 0)
-    with create_parallel(out_path, comm, force=force, inputs=inputs, nbytes=nbytes) as fh:
-        name = "probabilities" if model.is_classifier else "predictions"
-        dset = fh.create_dataset(name, shape=(n, model.n_outputs), dtype=np.float64)
-        write_rows(dset, start, out, comm)
-        if model.is_classifier:
-            labels = fh.create_dataset("labels", shape=(n,), dtype=np.int64)
-            write_rows(labels, start, predicted_labels(out, model.head), comm)
-        fh.attrs.update({"model": str(model_path), "data": str(data_path), "head": model.head})
-    log.info(f"wrote {out_path}: {n} rows ({name}{' and labels' if model.is_classifier else ''})")
-    return out_path
 
 
 # ---- doctor ----------------------------------------------------------------------------

@@ -4,6 +4,8 @@ Signal handlers only set a flag; the engine folds the flag into its per-step all
 ranks agree at the same step boundary to checkpoint and stop. The watchdog is a thread that ends
 the whole job (MPI Abort) when the step counter has not moved for ``timeout`` seconds — MPI has
 no timeout on collectives, so a frozen rank would otherwise hang every other rank forever.
+``FaultHooks`` (the ``LEPTON_FAULT`` test hook) lives in ``lepton_hpc.testhooks``; it is named
+here too because the training step takes it with the signals and the watchdog.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+
+from .testhooks import FaultHooks
+
+__all__ = ["STOP_SIGNALS", "FaultHooks", "StopFlag", "Watchdog"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -74,40 +80,3 @@ class Watchdog:
             if idle > self.timeout:
                 self.on_timeout(self.step, idle)
                 return
-
-
-class FaultHooks:
-    """Fault injection for tests and drills, from ``LEPTON_FAULT`` (off when unset).
-
-    ``LEPTON_FAULT="delay=0.01,raise=1@30,skew=2@10"``: sleep 0.01 s before every step (to make
-    a short run long enough to interrupt); raise an unexpected error on rank 1 at step 30; make
-    rank 2 report a wrong step counter at step 10 (the per-step consistency check must catch it).
-    """
-
-    def __init__(self, spec: str = "") -> None:
-        self.delay = 0.0
-        self.raise_at: tuple[int, int] | None = None
-        self.skew_at: tuple[int, int] | None = None
-        for item in filter(None, (s.strip() for s in spec.split(","))):
-            key, _, value = item.partition("=")
-            if key == "delay":
-                self.delay = float(value)
-            elif key in ("raise", "skew"):
-                rank, _, step = value.partition("@")
-                setattr(self, f"{key}_at", (int(rank), int(step)))
-            else:
-                raise ValueError(f"LEPTON_FAULT: unknown fault {key!r}")
-
-    @classmethod
-    def from_env(cls) -> FaultHooks:
-        import os
-
-        return cls(os.environ.get("LEPTON_FAULT", ""))
-
-    def before_step(self, rank: int, step: int) -> int:
-        """Apply the faults for this (rank, step); returns the step counter to report."""
-        if self.delay:
-            time.sleep(self.delay)
-        if self.raise_at == (rank, step):
-            raise RuntimeError(f"injected fault (LEPTON_FAULT) on rank {rank} at step {step}")
-        return step + 1 if self.skew_at == (rank, step) else step

@@ -16,9 +16,11 @@ Why a small hand-written protocol instead of ``mpi4py.futures.MPICommExecutor``:
   below MPI_THREAD_MULTIPLE) and blocking MPI receives spin a core each; here every wait polls
   and sleeps (``lepton_hpc.comm.messages``), which matters when ranks share cores.
 The protocol is three tags on the world communicator, all between rank 0 and group leaders:
-``TASK`` (task, attempt, inject flag) and ``STOP`` from rank 0, ``RESULT`` (a ``Report``) back.
+``TASK`` (task, attempt) and ``STOP`` from rank 0, ``RESULT`` (a ``Report``) back.
 A leader re-broadcasts what it received to its group, and the group runs the task on a fresh
 duplicate of its communicator, so a failed task's stray messages cannot reach the next one.
+The ``LEPTON_FAIL_ONCE`` test hook (``lepton_hpc.testhooks``) is applied by every rank of the
+group on its own; nothing about it is in the messages.
 
 A task that raises is caught on every rank (an escaped exception would leave the other ranks
 waiting forever). The group then counts its failures with a non-blocking allreduce: a failing
@@ -38,10 +40,11 @@ from pathlib import Path
 from ..comm.base import Communicator
 from ..errors import EXIT_FAILED, LeptonError
 from ..log import Log
+from ..testhooks import FAIL_ONCE_ENV, FailOnce, InjectedFailure
 from .journal import Journal
 from .progress import Progress
 from .queue import TaskQueue
-from .tasks import FAIL_ONCE_ENV, FailOnce, InjectedFailure, Report, Task, TaskFunction, TaskResult
+from .tasks import Report, Task, TaskFunction, TaskResult
 
 TAG_TASK, TAG_RESULT, TAG_STOP = 11, 12, 13
 
@@ -127,7 +130,7 @@ def _run_here(tasks, run_one, comm, log, retries, journal_path, title) -> list[T
         while not queue.finished:
             for worker, attempt in queue.assign():
                 progress.started()
-                inject = hook.claim(attempt.task.id)
+                inject = hook.decide(attempt.task.id, comm)
                 report = attempt_task(attempt.task, attempt.number, inject, comm, run_one)
                 _record(queue, worker, report, journal, progress)
     finally:
@@ -196,13 +199,13 @@ def _work(run_one: TaskFunction, group: Communicator, world: Communicator, sync_
         if mailbox is not None:
             message, _, tag = mailbox.receive(source=0)
             if tag == TAG_TASK:
-                task, number = message
-                order = (task, number, hook.claim(task.id))
+                order = message  # (task, attempt number)
         order = polite_bcast(group, order)
         if order is None:
             return
-        task, number, inject = order
+        task, number = order
         task_comm = duplicate(group)
+        inject = hook.decide(task.id, task_comm)
         report = attempt_task(task, number, inject, task_comm, run_one, world_rank=world.rank)
         user_error = not report.ok and not report.retryable
         counts = sum_flags(group, [not report.ok, user_error], None if report.ok else sync_s)

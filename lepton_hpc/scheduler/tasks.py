@@ -1,4 +1,4 @@
-"""What the task farm moves around: tasks, attempt reports, final results, and the test hook.
+"""What the task farm moves around: tasks, attempt reports and final results.
 
 A ``Task`` is an id plus a picklable payload; the function that runs it is the same on every
 rank (the program is SPMD), so only tasks and reports cross the wire, never code.
@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..comm.base import Communicator
 from ..log import Log
-
-FAIL_ONCE_ENV = "LEPTON_FAIL_ONCE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,35 +93,3 @@ class TaskResult:
             seconds=float(record.get("seconds", 0.0)),
             from_journal=True,
         )
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by the ``LEPTON_FAIL_ONCE`` test hook; retried like any unexpected failure."""
-
-
-class FailOnce:
-    """Test hook: ``LEPTON_FAIL_ONCE=<dir>`` makes each task fail on its first attempt only.
-
-    A task fails if ``<dir>/<task id>`` does not exist, and creates it (atomically, so exactly one
-    attempt claims it); the retry then finds the marker and runs. Create a task's marker before
-    the run to spare it. The group leader decides and broadcasts, so a whole group fails together.
-    """
-
-    def __init__(self, directory: str | Path | None) -> None:
-        self.directory = Path(directory) if directory else None
-
-    @classmethod
-    def from_env(cls) -> FailOnce:
-        return cls(os.environ.get(FAIL_ONCE_ENV) or None)
-
-    def claim(self, task_id: str) -> bool:
-        """True when this attempt of ``task_id`` must fail (its marker did not exist yet)."""
-        if self.directory is None:
-            return False
-        self.directory.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.directory / task_id, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        os.close(fd)
-        return True

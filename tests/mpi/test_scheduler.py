@@ -6,8 +6,6 @@ training runs test ``lepton sweep`` end to end.
 """
 
 import json
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -17,7 +15,6 @@ import pytest
 
 from tests.conftest import (
     SCRIPTS,
-    finish,
     kill_job,
     lepton,
     mpi_env,

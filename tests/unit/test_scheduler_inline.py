@@ -4,17 +4,25 @@ import io
 
 import pytest
 
+from lepton_hpc import testhooks
 from lepton_hpc.comm.base import SerialComm
 from lepton_hpc.errors import LeptonError
 from lepton_hpc.log import Log
 from lepton_hpc.scheduler import Task, run_tasks
 from lepton_hpc.scheduler.farm import Layout, SchedulerError
 from lepton_hpc.scheduler.progress import Progress
-from lepton_hpc.scheduler.tasks import FailOnce, TaskResult
+from lepton_hpc.scheduler.tasks import TaskResult
+from lepton_hpc.testhooks import FailOnce
 
 
 def quiet_log():
     return Log(0, 1, stream=io.StringIO())
+
+
+def fail_once(monkeypatch, directory):
+    """The hooks as ``lepton`` reads them at start-up with LEPTON_FAIL_ONCE=directory."""
+    hooks = testhooks.parse({"LEPTON_FAIL_ONCE": str(directory)})
+    monkeypatch.setitem(testhooks._current, "hooks", hooks)
 
 
 def square(task, comm, log):
@@ -33,7 +41,7 @@ def test_results_come_back_in_task_order():
 
 
 def test_fail_once_hook_fails_the_first_attempt_only(tmp_path, monkeypatch):
-    monkeypatch.setenv("LEPTON_FAIL_ONCE", str(tmp_path / "markers"))
+    fail_once(monkeypatch, tmp_path / "markers")
     (tmp_path / "markers").mkdir()
     (tmp_path / "markers" / "t1").touch()  # spared
     tasks = [Task(f"t{i}", i) for i in range(3)]
@@ -43,7 +51,7 @@ def test_fail_once_hook_fails_the_first_attempt_only(tmp_path, monkeypatch):
 
 
 def test_without_retries_an_injected_failure_stays_failed(tmp_path, monkeypatch):
-    monkeypatch.setenv("LEPTON_FAIL_ONCE", str(tmp_path))
+    fail_once(monkeypatch, tmp_path)
     (result,) = run_tasks([Task("t", 3)], square, SerialComm(), quiet_log(), retries=0)
     assert result.status == "failed" and "LEPTON_FAIL_ONCE" in result.error
 
@@ -137,3 +145,7 @@ def test_fail_once_claims_each_id_once(tmp_path):
     hook = FailOnce(tmp_path / "m")
     assert hook.claim("a") and not hook.claim("a") and hook.claim("b")
     assert not FailOnce(None).claim("a")
+    # a group: every rank looks before rank 0 claims, so all give the same answer
+    group = FailOnce(tmp_path / "g")
+    assert group.decide("a", SerialComm()) and not group.decide("a", SerialComm())
+    assert (tmp_path / "g" / "a").exists() and not FailOnce(None).decide("a", SerialComm())

@@ -15,8 +15,8 @@ from typing import Any
 
 from ..config import merge_overrides
 from ..results import atomic_write_text, write_json
-from .sweep_spec import SweepSpec
-from .tasks import Task, TaskResult
+from ..scheduler import Task, TaskResult
+from .spec import SweepSpec
 from .toml_writer import dumps, toml_value
 
 SKIPPED_METRICS = ("confusion", "rows")  # not averaged over folds nor shown in the csv
@@ -81,7 +81,7 @@ def write_report(
     if best is not None:
         paths["best"] = out / "best.toml"
         atomic_write_text(paths["best"], best_toml(spec, best, source))
-    from .sweep_plot import plot_sweep
+    from .plot import plot_sweep
 
     if plot_sweep(spec, rows, out / "sweep.png"):
         paths["plot"] = out / "sweep.png"

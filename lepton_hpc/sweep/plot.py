@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..plot import pyplot, save_figure
-from .sweep_spec import SweepSpec
+from .spec import SweepSpec
 from .toml_writer import toml_value
 
 

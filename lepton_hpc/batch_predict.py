@@ -1,7 +1,7 @@
 """Batch prediction over many files: one task per input file through the task farm.
 
 ``lepton predict --model M --data 'inputs/*.h5' --out outdir/`` runs, for each matching file,
-exactly what ``lepton predict`` does for one file (``commands.predict_one``) on a worker group,
+exactly what ``lepton predict`` does for one file (``inference.predict_one``) on a worker group,
 writing ``outdir/<input file name>``. Every output is written under a temporary name and renamed
 when complete, so an interrupted batch never leaves a partial file under a final name.
 """
@@ -12,12 +12,12 @@ import glob
 import os
 from pathlib import Path
 
-from ..comm.base import Communicator, agree
-from ..errors import LeptonError
-from ..log import Log
-from ..safety import check_not_input
-from .farm import run_tasks
-from .tasks import Task
+from .comm.base import Communicator, agree
+from .errors import LeptonError
+from .inference import predict_one
+from .log import Log
+from .safety import check_not_input
+from .scheduler import Task, run_tasks
 
 GLOB_CHARS = "*?["
 
@@ -113,8 +113,6 @@ def predict_files(
 
 def _predict_task(task: Task, comm: Communicator, log: Log) -> str:  # noqa: ARG001
     """One file, on the ranks of ``comm``; quiet (the farm's progress speaks for it)."""
-    from ..commands import predict_one
-
     p = task.payload
     with open(os.devnull, "w") as quiet:
         predict_one(

@@ -4,7 +4,7 @@ Each point (and fold) of the sweep is one training run into ``out/task-XXXX/``, 
 to the next idle worker group (``lepton_hpc.scheduler``). Finished runs are journaled in
 ``out/journal.jsonl``, so running the same command again after an interruption trains only what
 is missing or failed. At the end rank 0 writes ``sweep.csv``, ``sweep.json``, ``best.toml`` and
-``sweep.png`` (``lepton_hpc.scheduler.report``). Each run's own output goes to
+``sweep.png`` (``lepton_hpc.sweep.report``). Each run's own output goes to
 ``out/logs/task-XXXX.log`` (appended: one header per attempt).
 """
 
@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from .comm.base import Communicator, agree
-from .errors import EXIT_FAILED, EXIT_USAGE, LeptonError
-from .log import Log
-from .scheduler.tasks import Task
+from ..comm.base import Communicator, agree
+from ..errors import EXIT_FAILED, EXIT_USAGE, LeptonError
+from ..log import Log
+from ..scheduler.tasks import Task
 
 
 def register_sweep(sub) -> None:
@@ -36,9 +36,9 @@ def register_sweep(sub) -> None:
 
 
 def run_sweep(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
-    from .scheduler import run_tasks
-    from .scheduler.report import write_report
-    from .scheduler.sweep_spec import load_sweep, sweep_tasks
+    from ..scheduler import run_tasks
+    from .report import write_report
+    from .spec import load_sweep, sweep_tasks
 
     spec = agree(comm, lambda: load_sweep(args.sweep, args.overrides))
     agree(comm, lambda: _check_out(spec.out) if comm.is_root else None)
@@ -106,8 +106,8 @@ def _metric_missing(metric: str, results: list) -> str:
 def train_task(task: Task, comm: Communicator, log: Log) -> dict:  # noqa: ARG001
     """One training run of the sweep on the ranks of ``comm``; its log goes to its own file
     (``log``, the scheduler's stdout log, is not used: many runs at once would interleave)."""
-    from .config import check_config, config_from_dict, merge_overrides
-    from .engine import train
+    from ..config import check_config, config_from_dict, merge_overrides
+    from ..engine import train
 
     payload = task.payload
     cfg = check_config(config_from_dict(merge_overrides(payload["base"], payload["overrides"])))
@@ -126,7 +126,7 @@ def train_task(task: Task, comm: Communicator, log: Log) -> dict:  # noqa: ARG00
 def _make_task_dir(path: Path) -> None:
     """Create a task's run directory with the run-directory marker; an existing one is left as
     it is (marked: an earlier attempt of the sweep's; unmarked: not the sweep's, then refused)."""
-    from .safety import write_marker
+    from ..safety import write_marker
 
     if path.exists():
         return

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..config import SECTIONS, check_config, config_from_dict, merge_overrides, read_toml
 from ..errors import ConfigError
-from .tasks import Task
+from ..scheduler import Task
 from .toml_writer import toml_value
 
 METRIC_PARTS = ("train", "val", "test")

@@ -1,0 +1,123 @@
+"""Inference: model outputs, exact metrics, and predictions written to HDF5.
+
+``forward`` and ``evaluate`` are shared by training (validation and test metrics), ``lepton
+evaluate`` and ``lepton predict``. ``load_for_inference`` reads a trained model and a data set
+and checks that they fit each other; ``predict_one`` writes the predictions of one file. The CLI
+(``commands``) and batch prediction (``batch_predict``) call these; nothing here parses arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from .comm.base import Communicator, agree
+from .device import Device
+from .log import Log
+from .metrics import compute_metrics
+from .models import Model
+
+CHUNK_ROWS = 65_536  # bounds the output buffer of a forward pass
+
+
+def forward(model: Model, params: np.ndarray, X, device: Device) -> np.ndarray:
+    """Model outputs (n x k, float64) for the rows of ``X``, computed in chunks."""
+    n = X.shape[0]
+    out = np.empty((n, model.n_outputs), dtype=np.float64)
+    sizes = np.asarray(model.sizes, dtype=np.int64)
+    act, head = model.codes
+    for lo in range(0, n, CHUNK_ROWS):
+        hi = min(n, lo + CHUNK_ROWS)
+        device.kernels.forward(X[lo:hi], params, sizes, act, head, out[lo:hi])
+    return out
+
+
+def evaluate(
+    model: Model, params: np.ndarray, X, y: np.ndarray, device: Device, comm: Communicator
+) -> dict:
+    """Exact global metrics of ``params`` on every rank's rows (all ranks get the same dict)."""
+    out = forward(model, params, X, device)
+    return compute_metrics(y, out, model.head, model.n_classes, comm)
+
+
+def load_for_inference(args, comm: Communicator, log: Log, with_y: bool):
+    """The model of ``args.model`` and this rank's rows of ``args.data``, checked to fit.
+
+    ``args`` has ``model``, ``data``, ``x`` and ``y`` (None: the data set names the model was
+    trained with). Returns (model, params, split, device); every rank fails together on a
+    mismatch (feature count, labels the model does not know).
+    """
+    from .data.dataset import load_eval_data
+    from .device import select_device
+    from .models import check_labels, target_stats
+    from .models.io import check_features, load_model
+
+    model, params, scaler, meta = agree(comm, lambda: load_model(args.model))
+    if meta.get("unverified"):
+        log.warning(f"model file '{args.model}' is unverified ({meta['unverified']})")
+    cfg = meta.get("config", {}).get("data", {})
+    x = args.x or cfg.get("x", "X")
+    y = (args.y or cfg.get("y", "y")) if with_y else None
+    split, info = load_eval_data(args.data, x, y, scaler, comm, log)
+    agree(comm, lambda: check_features(model, info.n_features, f"'{args.data}:{x}'", args.model))
+    if with_y:
+        stats = target_stats(split.y, comm)
+        agree(comm, lambda: check_labels(model, stats, f"'{args.data}:{y}'"))
+    device = agree(comm, lambda: select_device("cpu", 0, comm))
+    return model, params, split, device
+
+
+def predict_one(
+    model_path: str,
+    data_path: str,
+    out_path: str,
+    comm: Communicator,
+    log: Log,
+    force: bool,
+    *,
+    x: str | None = None,
+) -> str:
+    """Predict every row of one file on the ranks of ``comm`` into ``out_path``."""
+    from .safety import check_not_input
+
+    inputs = {"data": data_path, "model": model_path}
+    # before any work, and again (with the existence check) when the file is created
+    agree(comm, lambda: check_not_input(out_path, inputs, "--out") if comm.is_root else None)
+    args = argparse.Namespace(model=model_path, data=data_path, x=x, y=None)
+    model, params, split, device = load_for_inference(args, comm, log, with_y=False)
+    out = forward(model, params, split.X, device)
+    start = int(split.ids[0]) if split.ids is not None and split.n else split.start
+    name = write_predictions(out_path, model, out, start, split.n_global, comm, force, inputs)
+    labels = " and labels" if model.is_classifier else ""
+    log.info(f"wrote {out_path}: {split.n_global} rows ({name}{labels})")
+    return out_path
+
+
+def write_predictions(
+    out_path: str,
+    model: Model,
+    out: np.ndarray,
+    start: int,
+    n: int,
+    comm: Communicator,
+    force: bool,
+    inputs: dict[str, str],
+) -> str:
+    """Write this rank's rows of ``out`` (from global row ``start``) into a new HDF5 file of
+    ``n`` rows, in parallel; classifiers also get their predicted labels. Returns the data set
+    name (``probabilities`` or ``predictions``)."""
+    from .data.h5 import create_parallel, write_rows
+    from .metrics import predicted_labels
+
+    nbytes = n * model.n_outputs * 8 + (n * 8 if model.is_classifier else 0)
+    with create_parallel(out_path, comm, force=force, inputs=inputs, nbytes=nbytes) as fh:
+        name = "probabilities" if model.is_classifier else "predictions"
+        dset = fh.create_dataset(name, shape=(n, model.n_outputs), dtype=np.float64)
+        write_rows(dset, start, out, comm)
+        if model.is_classifier:
+            labels = fh.create_dataset("labels", shape=(n,), dtype=np.int64)
+            write_rows(labels, start, predicted_labels(out, model.head), comm)
+        attrs = {"model": str(inputs["model"]), "data": str(inputs["data"]), "head": model.head}
+        fh.attrs.update(attrs)
+    return name

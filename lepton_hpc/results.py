@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "RunDir",
     "RunLock",
     "atomic_write_text",
+    "build_results",
     "check_run_dir",
     "create_run_dir",
     "versions",
@@ -56,6 +58,55 @@ class RunDir:
         """metrics.jsonl: one JSON line per finished epoch (rewritten whole, so resume is clean)."""
         lines = (json.dumps(finite_json(h), allow_nan=False, default=str) + "\n" for h in history)
         atomic_write_text(self.metrics_file, "".join(lines))
+
+
+def build_results(
+    *,
+    ranks: int,
+    device: str,
+    threads: int,
+    epochs: int,
+    steps: int,
+    model: dict,
+    n_params: int,
+    rows_train: int,
+    rows_val: int,
+    metrics: dict,
+    seconds: Mapping[str, float],
+    loop_s: float,
+    total_s: float,
+    rows_seen: float,
+    config: dict,
+) -> dict:
+    """results.json of a completed run, from plain values.
+
+    ``seconds``: time per kind of work (io, compute, comm, eval, checkpoint; missing ones are 0);
+    ``rows_seen``: rows summed by every reduction of the loop (the throughput's numerator).
+    """
+    return {
+        "status": "completed",
+        "ranks": ranks,
+        "device": device,
+        "threads_per_rank": threads,
+        "epochs": epochs,
+        "steps": steps,
+        "model": model,
+        "n_params": n_params,
+        "rows": {"train": rows_train, "val": rows_val},
+        "metrics": metrics,
+        "timing": {
+            "io_s": seconds.get("io", 0.0),
+            "compute_s": seconds.get("compute", 0.0),
+            "comm_s": seconds.get("comm", 0.0),
+            "eval_s": seconds.get("eval", 0.0),
+            "checkpoint_s": seconds.get("checkpoint", 0.0),
+            "loop_s": loop_s,
+            "total_s": total_s,
+        },
+        "throughput": {"rows_per_s": rows_seen / max(loop_s, 1e-12)},
+        "config": config,
+        "versions": versions(),
+    }
 
 
 def versions() -> dict[str, str]:

@@ -1,16 +1,26 @@
 """Optimisers that update the flat parameter buffer in place, chosen by name from a registry.
 
 Their state is a dict of arrays and counters, saved in checkpoints so a resumed run continues
-bit for bit. L-BFGS (full batch, convex models) is a different loop and lives in ``lbfgs``.
+bit for bit. L-BFGS (full batch, convex models, in ``lbfgs``) is in the same registry; its
+``full_batch_line_search`` tells the trainer to drive it with the full-batch loop (an objective
+it evaluates several times per iteration) instead of one ``step`` per batch.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .lbfgs import LBFGS
+
 
 class Optimizer:
     """``step(params, grad)`` updates ``params`` in place from the global mean gradient."""
+
+    full_batch_line_search = False
+
+    @classmethod
+    def from_config(cls, cfg, n: int) -> Optimizer:
+        return cls(n, cfg)
 
     def __init__(self, n: int, cfg) -> None:  # noqa: ARG002 - n sizes the state of subclasses
         self.lr = cfg.lr
@@ -84,9 +94,19 @@ class Adam(Optimizer):
         self.v[...] = state["v"]
 
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "momentum": Momentum, "adam": Adam}
+OPTIMIZERS: dict[str, type[Optimizer] | type[LBFGS]] = {
+    "sgd": SGD,
+    "momentum": Momentum,
+    "adam": Adam,
+    "lbfgs": LBFGS,
+}
 
 
-def make_optimizer(cfg, n: int) -> Optimizer:
-    """The optimiser named by ``optim.name`` for ``n`` parameters."""
-    return OPTIMIZERS[cfg.name](n, cfg)
+def optimizer_class(name: str) -> type[Optimizer] | type[LBFGS]:
+    """The class registered as ``name`` (its ``full_batch_line_search`` says which loop)."""
+    return OPTIMIZERS[name]
+
+
+def make_optimizer(cfg, n: int) -> Optimizer | LBFGS:
+    """The optimiser named by ``optim.name`` for ``n`` parameters, L-BFGS included."""
+    return OPTIMIZERS[cfg.name].from_config(cfg, n)

@@ -2,7 +2,9 @@
 
 Each evaluation of the objective is one pass over every rank's rows and one allreduce of
 [gradient, loss, count]; the two-loop recursion and the line search then run identically on
-every rank (they see the same reduced numbers), so no further communication is needed.
+every rank (they see the same reduced numbers), so no further communication is needed. It is
+registered as "lbfgs" in ``lepton_hpc.optim``; ``full_batch_line_search`` makes the trainer run
+the full-batch loop, where an iteration is an epoch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ Objective = Callable[[np.ndarray], tuple[float, np.ndarray]]
 
 class LBFGS:
     """Limited-memory BFGS with a backtracking (Armijo) line search; state is checkpointable."""
+
+    full_batch_line_search = True
+
+    @classmethod
+    def from_config(cls, cfg, n: int) -> LBFGS:  # noqa: ARG003 - the state does not depend on n
+        """From ``[optim]``: ``history`` pairs kept, ``lr`` the first trial step."""
+        return cls(cfg.history, cfg.lr)
 
     def __init__(
         self, history: int = 10, lr: float = 1.0, gtol: float = 1e-8, ftol: float = 1e-14

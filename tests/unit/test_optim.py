@@ -1,9 +1,10 @@
-"""Optimisers against their textbook update rules, and L-BFGS on problems with a known optimum."""
+"""Optimisers against their textbook update rules, and L-BFGS (built by the same registry) on
+problems with a known optimum."""
 
 import numpy as np
 
 from lepton_hpc.config import OptimConfig
-from lepton_hpc.optim import make_optimizer
+from lepton_hpc.optim import OPTIMIZERS, make_optimizer, optimizer_class
 from lepton_hpc.optim.lbfgs import LBFGS
 
 
@@ -77,3 +78,38 @@ def test_lbfgs_minimises_an_ill_conditioned_quadratic():
             break
     assert np.linalg.norm(x - x_star) / np.linalg.norm(x_star) < 1e-6
     assert opt.evals < 300
+
+
+def test_the_registry_builds_every_optimizer_and_says_which_loop():
+    for name in ("sgd", "momentum", "adam", "lbfgs"):
+        opt = make_optimizer(OptimConfig(name=name), 3)
+        assert opt.full_batch_line_search is (name == "lbfgs")
+        assert optimizer_class(name).full_batch_line_search is opt.full_batch_line_search
+    assert set(OPTIMIZERS) == {"sgd", "momentum", "adam", "lbfgs"}
+    opt = make_optimizer(OptimConfig(name="lbfgs", lr=0.5, history=4), 20)
+    assert isinstance(opt, LBFGS) and opt.history == 4 and opt.first_step == 0.5
+
+
+def test_lbfgs_from_the_registry_minimises_and_resumes_identically():
+    rng = np.random.default_rng(1)
+    Q = rng.normal(size=(8, 8))
+    A = Q @ Q.T + np.eye(8)
+    b = rng.normal(size=8)
+
+    def fg(x):
+        return 0.5 * x @ A @ x - b @ x, A @ x - b
+
+    cfg = OptimConfig(name="lbfgs", lr=1.0, history=5)
+    opt, x = make_optimizer(cfg, 8), np.zeros(8)
+    f, g = fg(x)
+    for _ in range(3):
+        f, g = opt.iterate(fg, x, f, g)
+    again = make_optimizer(cfg, 8)  # a resumed run: a fresh optimiser loads the saved state
+    again.load_state({k: np.copy(v) for k, v in opt.state().items()})
+    y = x.copy()
+    f1, _ = opt.iterate(fg, x, f, g)
+    f2, _ = again.iterate(fg, y, f, g)
+    assert f1 == f2 and np.array_equal(x, y)
+    while not opt.converged and opt.evals < 200:
+        f, g = opt.iterate(fg, x, *fg(x))
+    assert np.allclose(x, np.linalg.solve(A, b), rtol=1e-6, atol=1e-8)

@@ -1,8 +1,9 @@
 """How ranks combine their work into updates: strategies chosen by ``comm.strategy``.
 
 Every strategy reduces ONE fused float64 buffer per exchange, [payload, loss sum, rows, stop
-flag, step]: the rows make the mean exact for uneven splits, the flag lets every rank see a
-signal at the same step, and the step slot catches ranks that went out of step.
+flag, step], whose layout ``step.StepContext`` owns. Strategies take that context and the
+optimiser, never the trainer, and return what each step did (loss sum, rows, stop) as a
+``StepOutcome``.
 
 - ``sync`` (default): the global mean gradient every step, then the same update on every rank.
   The reference: the result is the full-batch (or global mini-batch) gradient method.
@@ -29,33 +30,35 @@ bitwise identical. Its cost against the default mode: one kernel call per block 
 batch instead of one per rank (less thread parallelism per call and a Python loop), an allgather
 of n_blocks x (P + 2) float64 instead of an allreduce of P + 4, and an O(n_blocks x P) ordered sum
 on every rank. Full batch: close to the default (tens of blocks per rank); small mini-batches
-touch nearly every block each step and cost much more (see the README section for measurements).
+touch nearly every block each step and cost much more (docs/performance.md, "Communication").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .comm.compression import make_reducer
-from .data.reader import global_block_rows
-from .errors import ConfigError
+from ..comm.compression import make_reducer
+from ..data.reader import global_block_rows
+from ..errors import ConfigError
+from ..optim import optimizer_class
+from .step import StepContext, StepOutcome, check_step, fused_buffer, kernel_part
 
-
-@dataclass(slots=True)
-class StepOutcome:
-    """What a reduction told every rank: global loss sum, rows, and whether to stop."""
-
-    loss_sum: float = 0.0
-    rows: float = 0.0
-    stop: bool = False
-
-    def __add__(self, other: StepOutcome) -> StepOutcome:
-        return StepOutcome(
-            self.loss_sum + other.loss_sum, self.rows + other.rows, self.stop or other.stop
-        )
+__all__ = [
+    "STRATEGIES",
+    "BlockOrderedReduction",
+    "FusedReduction",
+    "LocalSGD",
+    "Overlap",
+    "StepOutcome",
+    "Strategy",
+    "Sync",
+    "check_comm_config",
+    "check_step",
+    "make_reduction",
+    "make_strategy",
+]
 
 
 def check_comm_config(cfg) -> None:
@@ -72,18 +75,14 @@ def check_comm_config(cfg) -> None:
             "comm.reproducible",
             'needs comm.compression = "none": per-rank error feedback depends on the rank count',
         )
-    if cfg.optim.name == "lbfgs" and c.strategy != "sync":
-        raise ConfigError("comm.strategy", 'lbfgs needs "sync" (a line search needs exact steps)')
-    if cfg.optim.name == "lbfgs" and c.compression != "none":
-        raise ConfigError("comm.compression", 'lbfgs needs "none" (exact gradients)')
-
-
-def check_step(reported: float, step: int, size: int) -> None:
-    """Every rank put its step counter in the buffer: their sum must be ``step * size``."""
-    if reported != float(step) * size:
-        raise RuntimeError(
-            f"ranks are out of step: step {step} here, mean {reported / size:g} over ranks"
-        )
+    name = cfg.optim.name
+    if optimizer_class(name).full_batch_line_search:
+        if c.strategy != "sync":
+            raise ConfigError(
+                "comm.strategy", f'{name} needs "sync" (a line search needs exact steps)'
+            )
+        if c.compression != "none":
+            raise ConfigError("comm.compression", f'{name} needs "none" (exact gradients)')
 
 
 class _Done:
@@ -162,46 +161,41 @@ class BlockOrderedReduction(FusedReduction):
         raise NotImplementedError("reproducible mode is sync only")
 
 
-def make_reduction(trainer) -> FusedReduction:
-    """The reduction for ``trainer.cfg.comm`` (compression wraps the backend's allreduce)."""
-    cfg = trainer.cfg
-    kernels, sizes = trainer.device.kernels, trainer.sizes
-    act, head = trainer.model.codes
+def make_reduction(
+    comm_cfg, ctx: StepContext, file_rows: np.ndarray, n_file_rows: int
+) -> FusedReduction:
+    """The reduction for ``comm_cfg`` (compression wraps the backend's allreduce).
 
-    def kernel(X, y, params, out) -> None:
-        kernels.gradient(X, y, params, sizes, act, head, out)
-
-    if cfg.comm.reproducible:
-        block_rows = global_block_rows(trainer.data.info.n_rows)
-        return BlockOrderedReduction(kernel, trainer.comm, trainer.data.train.rows, block_rows)
-    n = trainer.model.n_params
-    return FusedReduction(kernel, make_reducer(cfg.comm.compression, trainer.reducer, n))
+    ``file_rows``: the file row of each local training row; ``n_file_rows``: rows in the file
+    (reproducible mode cuts them into global blocks).
+    """
+    if comm_cfg.reproducible:
+        block_rows = global_block_rows(n_file_rows)
+        return BlockOrderedReduction(ctx.kernel, ctx.comm, file_rows, block_rows)
+    reducer = make_reducer(comm_cfg.compression, ctx.backend, ctx.n_params)
+    return FusedReduction(ctx.kernel, reducer)
 
 
 # ---- strategies: how reduced sums become parameter updates ------------------------------------
 class Strategy:
     """``step`` takes one batch and updates ``params``; ``settle`` brings every rank to the same
-    complete state (called before checkpoints, stops and epoch ends). The base class is sync."""
+    complete state (called before checkpoints, stops and epoch ends). The base class is sync.
+
+    Both return the ``StepOutcome`` of the reductions they completed (none: an empty one)."""
 
     name = "sync"
 
-    def __init__(self, trainer, opt) -> None:
-        self.trainer, self.opt = trainer, opt
-        self.P = trainer.model.n_params
-
-    def _tail(self, buf: np.ndarray, step: int) -> None:
-        """Stop flag and step counter in the last two slots (fault hooks may alter the step)."""
-        tr = self.trainer
-        buf[-2] = 1.0 if tr.stop.requested else 0.0
-        buf[-1] = float(tr.hooks.before_step(tr.comm.rank, step))
+    def __init__(self, ctx: StepContext, opt, params: np.ndarray) -> None:  # noqa: ARG002
+        self.ctx, self.opt = ctx, opt
+        self.P = ctx.n_params
 
     def step(self, params: np.ndarray, X, y, step: int, rows: np.ndarray) -> StepOutcome:
-        grad, out = self.trainer.gradient(params, X, y, step, rows)
+        grad, out = self.ctx.gradient(params, X, y, step, rows)
         self.opt.step(params, grad)
         return out
 
     def settle(self, params: np.ndarray, step: int) -> StepOutcome:  # noqa: ARG002
-        self.trainer.reduction.reset()
+        self.ctx.reduction.reset()
         return StepOutcome()
 
 
@@ -213,21 +207,21 @@ class Overlap(Strategy):
 
     name = "overlap"
 
-    def __init__(self, trainer, opt) -> None:
-        super().__init__(trainer, opt)
-        self.bufs = [np.zeros(self.P + 4), np.zeros(self.P + 4)]  # double buffer
+    def __init__(self, ctx: StepContext, opt, params: np.ndarray) -> None:
+        super().__init__(ctx, opt, params)
+        self.bufs = [fused_buffer(self.P), fused_buffer(self.P)]  # double buffer
         self.turn = 0
         self.pending: tuple[Any, np.ndarray, int] | None = None
 
     def step(self, params: np.ndarray, X, y, step: int, rows: np.ndarray) -> StepOutcome:
-        tr, P = self.trainer, self.P
+        ctx = self.ctx
         buf = self.bufs[self.turn]
         self.turn ^= 1
-        with tr.timers("compute"):
-            tr.reduction.local_sums(params, X, y, buf[: P + 2], rows)
-        self._tail(buf, step)
-        with tr.timers("comm"):
-            request = tr.reduction.ireduce_(buf)
+        with ctx.timers("compute"):
+            ctx.reduction.local_sums(params, X, y, kernel_part(buf), rows)
+        ctx.mark(buf, step)
+        with ctx.timers("comm"):
+            request = ctx.reduction.ireduce_(buf)
         out = self._apply_pending(params)
         self.pending = (request, buf, step)
         return out
@@ -236,16 +230,14 @@ class Overlap(Strategy):
         """Wait for the buffer in flight and update ``params`` with its (one step old) gradient."""
         if self.pending is None:
             return StepOutcome()
-        tr, P = self.trainer, self.P
+        ctx = self.ctx
         request, buf, step = self.pending
         self.pending = None
-        with tr.timers("comm"):
+        with ctx.timers("comm"):
             request.Wait()
-        check_step(buf[P + 3], step, tr.comm.size)
-        rows = buf[P + 1]
-        tr.rows_seen += rows
-        self.opt.step(params, buf[:P] / max(rows, 1.0) + tr.l2_mask * params)
-        return StepOutcome(buf[P], rows, bool(buf[P + 2] > 0))
+        out = ctx.outcome(buf, step)
+        self.opt.step(params, ctx.mean_gradient(buf[: self.P], out.rows, params))
+        return out
 
     def settle(self, params: np.ndarray, step: int) -> StepOutcome:
         out = self._apply_pending(params)
@@ -259,18 +251,20 @@ class LocalSGD(Strategy):
 
     name = "local_sgd"
 
-    def __init__(self, trainer, opt) -> None:
-        super().__init__(trainer, opt)
-        self.K = trainer.cfg.comm.local_steps
+    def __init__(
+        self, ctx: StepContext, opt, params: np.ndarray, *, local_steps: int, compression: str
+    ) -> None:
+        super().__init__(ctx, opt, params)
+        self.K = local_steps
         state = opt.state()
         self.keys = list(state)
         self.shapes = [np.shape(state[k]) for k in self.keys]
         self.integer = [np.asarray(state[k]).dtype.kind in "iub" for k in self.keys]
         self.S = sum(int(np.prod(s)) for s in self.shapes)
-        self.local = np.zeros(self.P + 2)
-        self.buf = np.zeros(self.P + self.S + 4)
-        self.reducer = make_reducer(trainer.cfg.comm.compression, trainer.reducer, self.P + self.S)
-        self._new_round(trainer.state.params)
+        self.local = kernel_part(fused_buffer(self.P))
+        self.buf = fused_buffer(self.P + self.S)
+        self.reducer = make_reducer(compression, ctx.backend, self.P + self.S)
+        self._new_round(params)
 
     def _flat_state(self) -> np.ndarray:
         state = self.opt.state()
@@ -282,38 +276,35 @@ class LocalSGD(Strategy):
         self.steps, self.rows, self.loss, self.last_step = 0, 0.0, 0.0, 0
 
     def step(self, params: np.ndarray, X, y, step: int, rows: np.ndarray) -> StepOutcome:
-        tr, P = self.trainer, self.P
-        with tr.timers("compute"):
-            tr.reduction.local_sums(params, X, y, self.local, rows)
+        ctx, P = self.ctx, self.P
+        with ctx.timers("compute"):
+            ctx.reduction.local_sums(params, X, y, self.local, rows)
         n = self.local[P + 1]
         if n > 0:  # a rank with none of this batch's rows keeps its parameters
-            self.opt.step(params, self.local[:P] / n + tr.l2_mask * params)
+            self.opt.step(params, ctx.mean_gradient(self.local[:P], n, params))
         self.rows += n
         self.loss += self.local[P]
         self.steps += 1
         self.last_step = step
         if self.steps >= self.K:
             return self._average(params)
-        tr.hooks.before_step(tr.comm.rank, step)  # delays and injected errors still apply
+        ctx.hooks.before_step(ctx.comm.rank, step)  # delays and injected errors still apply
         return StepOutcome()
 
     def _average(self, params: np.ndarray) -> StepOutcome:
-        tr, P, S, b = self.trainer, self.P, self.S, self.buf
+        ctx, P, S, b = self.ctx, self.P, self.S, self.buf
         b[:P] = (params - self.anchor_params) * self.rows
         b[P : P + S] = (self._flat_state() - self.anchor_state) * self.rows
         b[P + S] = self.loss
         b[P + S + 1] = self.rows
-        self._tail(b, self.last_step)
-        with tr.timers("comm"):
+        ctx.mark(b, self.last_step)
+        with ctx.timers("comm"):
             self.reducer.allreduce_(b)
-        check_step(b[-1], self.last_step, tr.comm.size)
-        total = b[P + S + 1]
-        if total > 0:
-            params[...] = self.anchor_params + b[:P] / total
-            flat = self.anchor_state + b[P : P + S] / total
+        out = ctx.outcome(b, self.last_step)
+        if out.rows > 0:
+            params[...] = self.anchor_params + b[:P] / out.rows
+            flat = self.anchor_state + b[P : P + S] / out.rows
             self.opt.load_state(self._unflatten(flat))
-        tr.rows_seen += total
-        out = StepOutcome(b[P + S], total, bool(b[-2] > 0))
         self._new_round(params)
         return out
 
@@ -336,6 +327,11 @@ class LocalSGD(Strategy):
 STRATEGIES: dict[str, type[Strategy]] = {"sync": Sync, "local_sgd": LocalSGD, "overlap": Overlap}
 
 
-def make_strategy(trainer, opt) -> Strategy:
-    """The strategy named by ``comm.strategy`` for this trainer and optimiser."""
-    return STRATEGIES[trainer.cfg.comm.strategy](trainer, opt)
+def make_strategy(comm_cfg, ctx: StepContext, opt, params: np.ndarray) -> Strategy:
+    """The strategy named by ``comm_cfg.strategy`` for this context and optimiser; ``params``:
+    the parameters training starts from (local SGD's first anchor)."""
+    if comm_cfg.strategy == "local_sgd":
+        return LocalSGD(
+            ctx, opt, params, local_steps=comm_cfg.local_steps, compression=comm_cfg.compression
+        )
+    return STRATEGIES[comm_cfg.strategy](ctx, opt, params)

@@ -1,0 +1,232 @@
+"""The epochs: the mini-batch loop (sgd, momentum, adam under any strategy) and the full-batch
+L-BFGS loop, with epoch metrics, early stopping, checkpoint cadence, stopping on a signal and
+the divergence checks.
+
+Every decision here (stop, checkpoint, diverged, early stop) is taken from values that are the
+same on every rank (reduced losses, settled parameters), so all ranks take it together.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from ..checkpoint import TrainState, write_checkpoint
+from ..data.batches import EpochBatches
+from ..errors import EXIT_FAILED, EXIT_STOPPED, LeptonError
+from ..faults import Watchdog
+from ..inference import evaluate
+from ..metrics import headline
+from .setup import RunSetup
+from .step import StepContext
+from .strategies import make_strategy
+
+PROGRESS_EVERY_S = 10.0
+
+
+class Stopped(LeptonError):
+    """Training stopped on a signal after writing a checkpoint (exit code for requeueing)."""
+
+    exit_code = EXIT_STOPPED
+    collective = True
+
+
+class Diverged(LeptonError):
+    """The loss or the parameters stopped being finite: the run fails, its last good
+    checkpoint is kept (none is written from the bad state)."""
+
+    exit_code = EXIT_FAILED
+    collective = True
+
+
+class Loop:
+    """Drives ``state`` to the end of training with ``opt`` on the pieces of ``setup``.
+
+    ``rows_seen``: rows summed by every reduction (for the throughput in results.json).
+    """
+
+    def __init__(
+        self, setup: RunSetup, ctx: StepContext, opt, state: TrainState, watchdog: Watchdog
+    ) -> None:
+        self.setup, self.ctx, self.opt, self.state = setup, ctx, opt, state
+        self.cfg, self.comm, self.log = setup.cfg, setup.comm, setup.log
+        self.watchdog = watchdog
+        self.rows_seen = 0.0
+
+    def run(self) -> None:
+        """Train to the end (epochs, max_steps, early stopping); raises Stopped on a signal."""
+        self.opt.load_state(self.state.optimizer)
+        if self.opt.full_batch_line_search:
+            self._full_batch()
+        else:
+            self._mini_batch()
+
+    # ---- the loops ----------------------------------------------------------------------
+    def _mini_batch(self) -> None:
+        cfg, st, s, opt = self.cfg, self.state, self.setup, self.opt
+        strategy = make_strategy(cfg.comm, self.ctx, opt, st.params)  # sync, local_sgd, overlap
+        train = s.data.train
+        gather = s.device.batch_gather(train.X, train.y, s.X, s.y)
+        plan = EpochBatches(train.index(), train.n_global, cfg.train.batch_size, cfg.train.seed)
+        every, max_steps = cfg.checkpoint.every_steps, cfg.train.max_steps
+        while st.epoch < cfg.train.epochs:
+            t_epoch = time.perf_counter()  # the epoch's time includes drawing its batches
+            batches = plan(st.epoch)
+            next_report = t_epoch + PROGRESS_EVERY_S
+            while st.batch < len(batches):
+                rows = self.ctx.reduction.arrange(batches[st.batch])
+                X, y = (s.X, s.y) if len(batches) == 1 else gather(rows)
+                out = strategy.step(st.params, X, y, st.step, rows)
+                st.step += 1
+                st.batch += 1
+                if (
+                    out.stop
+                    or (every and st.step % every == 0)
+                    or st.batch == len(batches)
+                    or (max_steps and st.step >= max_steps)
+                ):  # about to save or stop: local SGD averages, overlap drains its pipeline
+                    out = out + strategy.settle(st.params, st.step)
+                self.rows_seen += out.rows
+                self._check_finite(out.loss_sum, st.step)
+                st.epoch_loss += out.loss_sum
+                st.epoch_rows += out.rows
+                self.watchdog.beat(st.step)
+                st.optimizer = opt.state()
+                if out.stop:
+                    self.stop_now()
+                if every and st.step % every == 0:
+                    self.checkpoint()
+                if max_steps and st.step >= max_steps:
+                    break
+                if time.perf_counter() > next_report:  # long epochs show progress (rank 0)
+                    next_report += PROGRESS_EVERY_S
+                    self.log.info(
+                        f"  epoch {st.epoch + 1}: batch {st.batch}/{len(batches)}, "
+                        f"loss {st.epoch_loss / max(st.epoch_rows, 1.0):.6g}"
+                    )
+            done = self._end_epoch(
+                st.epoch_loss / max(st.epoch_rows, 1.0), time.perf_counter() - t_epoch
+            )
+            if done or (max_steps and st.step >= max_steps):
+                break
+
+    def _full_batch(self) -> None:
+        """Full-batch L-BFGS: an iteration is an "epoch"; each evaluation one pass and allreduce."""
+        cfg, st, s, ctx, opt = self.cfg, self.state, self.setup, self.ctx, self.opt
+        stop_seen = False
+
+        def fg(x: np.ndarray) -> tuple[float, np.ndarray]:
+            nonlocal stop_seen
+            grad, out = ctx.gradient(x, s.X, s.y, st.step)
+            self.rows_seen += out.rows
+            st.step += 1
+            self.watchdog.beat(st.step)
+            stop_seen |= out.stop
+            penalty = 0.5 * float(np.sum(ctx.l2_mask * x * x))
+            self._check_finite(out.loss_sum + penalty, st.step)
+            return out.loss_sum / max(out.rows, 1.0) + penalty, grad
+
+        if "g" in st.optimizer:
+            f, g = float(st.optimizer["f"]), st.optimizer["g"]
+        else:
+            f, g = fg(st.params)
+        while st.epoch < cfg.train.epochs and not opt.converged:
+            t_epoch = time.perf_counter()
+            f, g = opt.iterate(fg, st.params, f, g)
+            st.optimizer = {**opt.state(), "f": np.array(f), "g": g.copy()}
+            st.epoch_loss, st.epoch_rows = f, 1.0
+            if stop_seen:
+                self.stop_now()
+            if self._end_epoch(f, time.perf_counter() - t_epoch):
+                break
+
+    # ---- epochs -------------------------------------------------------------------------
+    def _end_epoch(self, loss: float, seconds: float) -> bool:
+        """Metrics line, history, checkpoint, early stopping; True when training should end."""
+        cfg, st, s = self.cfg, self.state, self.setup
+        entry = {"epoch": st.epoch + 1, "step": st.step, "loss": loss, "seconds": round(seconds, 6)}
+        entry["train"] = self.metrics(s.X, s.data.train.y)
+        if s.data.val is not None:
+            entry["val"] = self.metrics(s.X_val, s.data.val.y)
+        st.history.append(entry)
+        st.epoch += 1
+        st.batch = 0
+        st.epoch_loss = st.epoch_rows = 0.0
+        stop = self._early_stop(entry)
+        if (st.epoch) % cfg.train.log_every == 0 or stop or st.epoch == cfg.train.epochs:
+            shown = entry.get("val", entry["train"])
+            part = "val" if "val" in entry else "train"
+            self.log.info(
+                f"epoch {st.epoch:>3}/{cfg.train.epochs}  step {st.step:>6}  loss {loss:.6g}  "
+                f"{part} {headline(shown)}  ({seconds:.2f} s)"
+            )
+        if self.comm.is_root:
+            s.run.write_history(st.history)
+        if cfg.checkpoint.every_steps == 0:
+            self.checkpoint()
+        return stop
+
+    def metrics(self, X, y) -> dict:
+        """Exact global metrics of the current parameters on these rows (timed as eval)."""
+        s = self.setup
+        with self.ctx.timers("eval"):
+            return evaluate(s.model, self.state.params, X, y, s.device, self.comm)
+
+    def _early_stop(self, entry: dict) -> bool:
+        patience = self.cfg.train.patience
+        if patience == 0 or "val" not in entry:
+            return False
+        key = "mse" if self.setup.model.head == "squared" else "log_loss"
+        value, best = entry["val"][key], self.state.best
+        if not best or value < best["value"]:
+            self.state.best = {
+                "value": value,
+                "epoch": entry["epoch"],
+                "params": self.state.params.copy(),
+            }
+            return False
+        return entry["epoch"] - best["epoch"] >= patience
+
+    # ---- checkpoints, stopping, divergence ----------------------------------------------
+    def _check_finite(self, loss: float, step: int) -> None:
+        """A NaN or Inf loss (the same reduced value on every rank) ends the run as failed."""
+        if not math.isfinite(loss):
+            raise Diverged(
+                f"training diverged at step {step}: the loss is {loss}; the last good checkpoint "
+                f"is kept in {self.setup.run.checkpoints}/ (lower optim.lr, or check the data's "
+                "scale)"
+            )
+
+    def check_params(self) -> None:
+        """Settled parameters are the same on every rank, so every rank decides alike."""
+        if not np.isfinite(self.state.params).all():
+            raise Diverged(
+                f"training diverged by step {self.state.step}: the parameters are not finite; "
+                f"the last good checkpoint is kept in {self.setup.run.checkpoints}/ "
+                "(lower optim.lr)"
+            )
+
+    def checkpoint(self) -> None:
+        self.check_params()
+        if self.comm.is_root:
+            with self.ctx.timers("checkpoint"):
+                write_checkpoint(self.setup.run.checkpoints, self.state, self.cfg.checkpoint.keep)
+        self.comm.barrier()
+
+    def stop_now(self) -> None:
+        """All ranks saw the stop flag in the same allreduce: checkpoint and leave together."""
+        self.checkpoint()
+        step = self.state.step
+        if self.comm.is_root:
+            self.setup.run.status(
+                "stopped",
+                step=step,
+                epoch=self.state.epoch,
+                signal=self.ctx.stop.signum,
+                resume="lepton train CONFIG --resume auto",
+            )
+        raise Stopped(
+            f"stopped by signal at step {step}; checkpoint written, resume with --resume auto"
+        )

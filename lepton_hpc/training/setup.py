@@ -1,0 +1,215 @@
+"""Set-up of a training run: configuration checks, data, model, device, run directory, resume.
+
+Every check that can fail on one rank goes through ``agree``, so all ranks fail together with one
+message. The run directory is created (or an old one cleared) only once the inputs are known to be
+valid, and a resume is checked against this run's config, model and data before anything moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import TrainState, resume_checkpoint
+from ..comm import make_backend
+from ..comm.base import Communicator, agree
+from ..config import Config
+from ..data.dataset import TrainingData, load_training_data
+from ..data.fingerprint import fingerprint
+from ..data.reader import inspect_shared
+from ..device import Device, select_device
+from ..errors import DataError
+from ..faults import FaultHooks, StopFlag
+from ..log import Log
+from ..models import Model, build_model, target_stats
+from ..results import RunDir, check_run_dir, create_run_dir
+from .step import StepContext, Timers
+from .strategies import check_comm_config, make_reduction
+
+
+@dataclass
+class RunSetup:
+    """The checked pieces of one run: its data (placed where the kernels want it), model,
+    device, communication backend and run directory (with rank 0's lock once created)."""
+
+    cfg: Config
+    comm: Communicator
+    log: Log
+    run: RunDir
+    inputs: dict[str, str]
+    backend: Any
+    data: TrainingData
+    fingerprint: dict
+    dropped: int
+    model: Model
+    device: Device
+    X: Any
+    y: Any
+    X_val: Any
+    lock: Any = field(default=None)  # rank 0's lock on the run directory, to the end
+
+    def meta(self) -> dict:
+        """What identifies this run's state: config, model, data, scaler and optimiser."""
+        config = self.cfg.to_dict()
+        return {
+            "config": config,
+            "model": self.model.spec(),
+            "ranks": self.comm.size,
+            "scaler": self.data.scaler.kind,
+            "n_features": self.model.n_features,
+            "data": self.fingerprint,
+            "optimizer": {k: v for k, v in config["optim"].items() if k != "lr"},
+        }
+
+    def step_context(self, timers: Timers, stop: StopFlag, hooks: FaultHooks) -> StepContext:
+        """What the strategies need for a step of this run's model on its data and device."""
+        cfg, model = self.cfg, self.model
+        act, head = model.codes
+        ctx = StepContext(
+            comm=self.comm,
+            backend=self.backend,
+            device=self.device,
+            sizes=np.asarray(model.sizes, dtype=np.int64),
+            act=act,
+            head=head,
+            l2_mask=model.weight_mask() * cfg.model.l2,  # L2 on weights, not on biases
+            timers=timers,
+            stop=stop,
+            hooks=hooks,
+        )
+        train_rows, file_rows = self.data.train.rows, self.data.info.n_rows
+        ctx.reduction = make_reduction(cfg.comm, ctx, train_rows, file_rows)
+        return ctx
+
+    def check_test_file(self) -> None:
+        """A wrong test file fails now, not after hours of training."""
+        cfg = self.cfg
+        if cfg.data.test:
+            test = inspect_shared(cfg.data.test, cfg.data.x, cfg.data.y, self.comm)
+            agree(self.comm, lambda: self.check_test(test, None))
+
+    def check_test(self, info, stats) -> None:
+        """The test file has the model's features (and, given ``stats``, its labels)."""
+        from ..models import check_labels
+        from ..models.io import check_features
+
+        check_features(
+            self.model, info.n_features, f"'{info.path}:{info.x}'", str(self.run.model_file)
+        )
+        if stats is not None:
+            check_labels(self.model, stats, f"'{info.path}:{info.y}'")
+
+    def create_run_dir(self, overwrite: bool) -> None:
+        if self.comm.is_root:
+            self.lock = create_run_dir(self.run.path, overwrite=overwrite, inputs=self.inputs)
+            if self.lock.warning:  # a file system without flock
+                self.log.warning(self.lock.warning)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def initial_state(self, resume: str | None, opt) -> TrainState:
+        """A fresh state (``opt``'s), or the checkpoint ``--resume`` names (``auto``: the newest
+        good one)."""
+        comm = self.comm
+        if resume is not None:
+            found = agree(comm, lambda: self._find_checkpoint(resume) if comm.is_root else None)
+            found = comm.bcast(found)
+            if found is not None:
+                path, state = found
+                self.log.info(f"resuming from {path} (epoch {state.epoch}, step {state.step})")
+                return state
+            self.log.info("no checkpoint to resume from: starting a new run")
+        params = self.model.init_params(self.cfg.model.init, self.cfg.train.seed)
+        return TrainState(params, opt.state(), meta=self.meta())
+
+    def _find_checkpoint(self, resume: str):
+        """Rank 0: the checkpoint to resume from, checked against this run (before any file of
+        the directory is moved), on its branch; None when ``auto`` finds no checkpoint."""
+        return resume_checkpoint(resume, self.run.checkpoints, self.meta(), self.log)
+
+
+def run_inputs(cfg: Config, resume: str | None, inputs: Mapping[str, str] | None) -> dict:
+    """Files this run reads: never written or deleted, nor a directory holding one cleared."""
+    found = {"data.train": cfg.data.train, **(inputs or {})}
+    if cfg.data.test:
+        found["data.test"] = cfg.data.test
+    if resume not in (None, "auto"):
+        found["resume"] = resume
+    return found
+
+
+def prepare(
+    cfg: Config,
+    comm: Communicator,
+    log: Log,
+    timers: Timers,
+    *,
+    resume: str | None,
+    overwrite: bool,
+    inputs: Mapping[str, str] | None,
+) -> RunSetup:
+    """Check the configuration and run directory, load the data, build the model and device."""
+    files = run_inputs(cfg, resume, inputs)
+    run = RunDir(cfg.output.dir)
+    agree(comm, lambda: check_comm_config(cfg))  # [comm] x [optim] combinations
+    backend = agree(comm, lambda: make_backend(cfg.comm.backend, comm))
+    fresh = {"resume": resume is not None, "overwrite": overwrite, "inputs": files}
+    agree(comm, lambda: check_run_dir(run.path, **fresh) if comm.is_root else None)
+    with timers("io"):
+        data = load_training_data(
+            cfg.data, cfg.train.seed, comm, log, reproducible=cfg.comm.reproducible
+        )
+        # What the data hold (shapes, types, a hash of sampled rows): checkpoints and the
+        # model carry it, and a resume on other data is refused.
+        d = cfg.data
+        found = agree(comm, lambda: fingerprint(d.train, d.x, d.y) if comm.is_root else None)
+        data_fingerprint = comm.bcast(found)
+    train = data.train
+    val_rows = data.val.n_global if data.val is not None else 0
+    dropped = data.info.n_rows - train.n_global - val_rows
+    if dropped:
+        log.warning(
+            f"dropped {dropped} of {data.info.n_rows} rows of '{cfg.data.train}' "
+            'holding NaN or Inf (data.nonfinite = "drop")'
+        )
+    agree(comm, lambda: _check_rows(cfg, data, dropped))
+    y_dim = 1 if train.y.ndim == 1 else train.y.shape[1]
+    stats = target_stats(train.y, comm)
+    where = f"'{cfg.data.train}:{cfg.data.y}'"
+    model = agree(comm, lambda: build_model(cfg.model, data.info.n_features, y_dim, stats, where))
+    device = agree(comm, lambda: select_device(cfg.train.device, cfg.train.threads, comm))
+    X, y = device.place(train.X), device.place(train.y)
+    X_val = None if data.val is None else device.place(data.val.X)
+    return RunSetup(
+        cfg=cfg,
+        comm=comm,
+        log=log,
+        run=run,
+        inputs=files,
+        backend=backend,
+        data=data,
+        fingerprint=data_fingerprint,
+        dropped=dropped,
+        model=model,
+        device=device,
+        X=X,
+        y=y,
+        X_val=X_val,
+    )
+
+
+def _check_rows(cfg: Config, data: TrainingData, dropped: int) -> None:
+    """Nothing left to train on (every row dropped or held out) is an error, not a run."""
+    train, val = data.train, data.val
+    if train.n_global == 0:
+        held = f", {val.n_global} held out for validation" if val is not None else ""
+        raise DataError(
+            f"'{cfg.data.train}:{cfg.data.x}' leaves no training rows "
+            f"({dropped} dropped as NaN or Inf{held})"
+        )

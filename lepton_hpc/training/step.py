@@ -1,0 +1,154 @@
+"""What one training step needs, and the fused buffer every reduction sums.
+
+A step computes the gradient of the rows of the global batch that live on this rank with one
+fused kernel pass and reduces ONE float64 buffer, laid out as
+
+    [payload (n) | loss sum | rows | stop flag | step]
+
+The payload is the gradient sums (sync, overlap, L-BFGS) or the row-weighted parameter and
+optimiser-state differences (local SGD). The rows make the mean exact whatever the split, the
+flag lets every rank see a signal at the same step, and the step slot (each rank's counter,
+summed) catches ranks that went out of step. ``StepContext`` owns that layout: it fills the
+stop and step slots, reads them back, and turns reduced sums into the mean gradient plus L2.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..comm.base import Communicator
+from ..device import Device
+from ..faults import FaultHooks, StopFlag
+
+TAIL = 4  # loss sum, rows, stop flag, step: the slots after the payload
+
+
+class Timers:
+    """Seconds spent per kind of work (io, compute, comm), summed over the run.
+
+    ``with timers("compute"):`` times a block; a plain class, not a generator context manager,
+    because it runs several times per training step.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._open: list[tuple[str, float]] = []
+
+    def __call__(self, name: str) -> Timers:
+        self._open.append((name, time.perf_counter()))
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        name, t0 = self._open.pop()
+        self.seconds[name] += time.perf_counter() - t0
+
+
+@dataclass(slots=True)
+class StepOutcome:
+    """What a reduction told every rank: global loss sum, rows, and whether to stop."""
+
+    loss_sum: float = 0.0
+    rows: float = 0.0
+    stop: bool = False
+
+    def __add__(self, other: StepOutcome) -> StepOutcome:
+        return StepOutcome(
+            self.loss_sum + other.loss_sum, self.rows + other.rows, self.stop or other.stop
+        )
+
+
+def check_step(reported: float, step: int, size: int) -> None:
+    """Every rank put its step counter in the buffer: their sum must be ``step * size``."""
+    if reported != float(step) * size:
+        raise RuntimeError(
+            f"ranks are out of step: step {step} here, mean {reported / size:g} over ranks"
+        )
+
+
+def fused_buffer(n: int) -> np.ndarray:
+    """A zeroed buffer for a payload of ``n`` values: [payload | loss | rows | stop | step]."""
+    return np.zeros(n + TAIL)
+
+
+def kernel_part(buf: np.ndarray) -> np.ndarray:
+    """The part a gradient kernel fills: [payload, loss sum, rows]."""
+    return buf[: buf.size - 2]
+
+
+@dataclass(slots=True)
+class StepContext:
+    """Everything a strategy needs for a step, and nothing of the trainer's.
+
+    ``comm``: ranks and collectives; ``backend``: what sums buffers (MPI or Horovod);
+    ``reduction``: how the fused buffer is summed (set once built, it calls ``kernel``);
+    ``device``: the kernel backend; ``sizes``/``act``/``head``: the model for the kernels;
+    ``l2_mask``: the L2 coefficient of each parameter (0 for biases).
+    """
+
+    comm: Communicator
+    backend: Any
+    device: Device
+    sizes: np.ndarray
+    act: int
+    head: int
+    l2_mask: np.ndarray
+    timers: Timers
+    stop: StopFlag
+    hooks: FaultHooks
+    reduction: Any = None
+    l2_any: bool = field(init=False)
+    buf: np.ndarray = field(init=False)  # the sync step's fused buffer, reused every step
+
+    def __post_init__(self) -> None:
+        self.l2_any = bool(self.l2_mask.any())
+        self.buf = fused_buffer(self.n_params)
+
+    @property
+    def n_params(self) -> int:
+        return self.l2_mask.size
+
+    def kernel(self, X, y, params: np.ndarray, out: np.ndarray) -> None:
+        """Summed loss gradient, loss and row count of the rows of X into ``out``."""
+        self.device.gradient(X, y, params, self.sizes, self.act, self.head, out)
+
+    def mark(self, buf: np.ndarray, step: int) -> None:
+        """Stop flag and step counter in the last two slots (fault hooks may alter the step)."""
+        buf[-2] = 1.0 if self.stop.requested else 0.0
+        buf[-1] = float(self.hooks.before_step(self.comm.rank, step))
+
+    def outcome(self, buf: np.ndarray, step: int) -> StepOutcome:
+        """Read a reduced buffer's tail: checks the step slot, returns loss, rows and stop."""
+        loss, rows, stop, reported = buf[-TAIL:].tolist()  # Python floats: cheap to use below
+        check_step(reported, step, self.comm.size)
+        return StepOutcome(loss, rows, stop > 0)
+
+    def mean_gradient(self, sums: np.ndarray, rows: float, params: np.ndarray) -> np.ndarray:
+        """The global mean gradient from summed gradients: ``sums / rows + l2_mask * params``."""
+        grad = sums / max(rows, 1.0)
+        if self.l2_any:
+            grad += self.l2_mask * params
+        return grad
+
+    def gradient(
+        self, params: np.ndarray, X, y, step: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, StepOutcome]:
+        """Global mean gradient of the batch (with L2) via one fused allreduce.
+
+        ``rows``: the local row positions of X (None: all local rows), for block-ordered sums.
+        """
+        buf = self.buf
+        with self.timers("compute"):
+            self.reduction.local_sums(params, X, y, kernel_part(buf), rows)
+        self.mark(buf, step)
+        with self.timers("comm"):
+            self.reduction.reduce_(buf)
+        out = self.outcome(buf, step)
+        return self.mean_gradient(buf[: self.n_params], out.rows, params), out

@@ -3,8 +3,8 @@
 ``head_lanes`` is the CPU backend's ``_head_loss`` for one output, four or eight rows at once:
 exp and log1p on (0, 1] are emitted as LLVM vector code from the same method and constants as
 ``fastmath`` (Cody-Waite reduction with a degree-11 polynomial; the atanh series), with the same
-NaN/inf handling (selects, so NaN passes through). tests/unit/test_simd.py checks it against
-``_head_loss`` (relative error < 1e-14).
+NaN/inf handling (selects, so NaN passes through). tests/unit/test_kernels_native_simd.py
+checks it against ``_head_loss`` (relative error < 1e-14).
 """
 
 from llvmlite import ir

@@ -51,7 +51,7 @@ def _screen_piece(X, lo, hi, out, zero):
     as one flat SIMD sum: NaN and Inf propagate into it, so a finite sum clears the group. Only a
     group whose sum is not finite (bad values, or huge finite ones that overflow) is checked
     element by element. Only ``reassoc``: with nsz, Numba's isfinite folds to True
-    (tests/unit/test_partition.py checks), so the tests are comparisons.
+    (tests/unit/test_data_reader.py checks), so the tests are comparisons.
     """
     d = X.shape[1]
     flat = X.reshape(-1)

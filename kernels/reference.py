@@ -92,17 +92,27 @@ def _head(values, z0, k, y, head, delta):
         return loss
     # SOFTMAX: cross-entropy after subtracting the row's maximum; a label outside 0..k-1 gives NaN
     cls = int(y[0])
+    mx, s = _softmax(values, z0, k, delta)
+    for o in range(k):
+        delta[o] -= 1.0 if o == cls else 0.0
+    picked = values[z0 + cls] if 0 <= cls < k else np.nan
+    return mx + math.log(s) - picked
+
+
+@njit(cache=True)
+def _softmax(values, z0, k, dst):
+    """dst[:k] = softmax of the logits values[z0:z0+k] (their maximum subtracted first);
+    returns (maximum, sum of exponentials) for the cross-entropy."""
     mx = values[z0]
     for o in range(1, k):
         mx = max(mx, values[z0 + o])
     s = 0.0
     for o in range(k):
-        delta[o] = math.exp(values[z0 + o] - mx)
-        s += delta[o]
+        dst[o] = math.exp(values[z0 + o] - mx)
+        s += dst[o]
     for o in range(k):
-        delta[o] = delta[o] / s - (1.0 if o == cls else 0.0)
-    picked = values[z0 + cls] if 0 <= cls < k else np.nan
-    return mx + math.log(s) - picked
+        dst[o] /= s
+    return mx, s
 
 
 @njit(cache=True)
@@ -111,15 +121,7 @@ def _output(values, z0, k, head, dst):
     if head == BINARY:
         dst[0] = _sigmoid(values[z0])
     elif head == SOFTMAX:
-        mx = values[z0]
-        for o in range(1, k):
-            mx = max(mx, values[z0 + o])
-        s = 0.0
-        for o in range(k):
-            dst[o] = math.exp(values[z0 + o] - mx)
-            s += dst[o]
-        for o in range(k):
-            dst[o] /= s
+        _softmax(values, z0, k, dst)
     else:
         for o in range(k):
             dst[o] = values[z0 + o]

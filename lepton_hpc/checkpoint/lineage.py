@@ -86,17 +86,18 @@ def _identity(path: Path) -> _Known | None:
     return known
 
 
-def write_checkpoint(directory: Path, state: TrainState, keep: int) -> Path:
+def write_checkpoint(directory: Path, state: TrainState, keep: int, *, floor: int = 0) -> Path:
     """Write ``state`` atomically as ``ckpt-<seq>-<step>.h5`` and keep the newest ``keep`` of its
     lineage. A state without a lineage (a fresh run) gets one here; ``state.seq`` is set to
-    the new file's sequence number (one above every checkpoint name in ``directory``)."""
+    the new file's sequence number (one above every checkpoint name in ``directory`` and above
+    ``floor``, the highest seq of the checkpoint mirror, so the copy's name is new there too)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if not state.lineage:
         state.lineage = new_lineage()
     files = _checkpoint_files(directory)
     before = state.seq
-    seq = max([state.seq, *(key[0] for key, _ in files)]) + 1
+    seq = max([state.seq, floor, *(key[0] for key, _ in files)]) + 1
     final = directory / _name(seq, state.step)
     while os.path.lexists(final):  # never replace a file (not even one seen as damaged)
         seq += 1
@@ -136,21 +137,26 @@ def _rotate(
 
 
 # ---- choosing where to resume ---------------------------------------------------------------
-def latest_valid(directory: Path, log: Log) -> tuple[Path, TrainState] | None:
-    """The valid checkpoint with the highest ``seq`` (``--resume auto``); None when there is no
-    checkpoint at all. Damaged ones are skipped with one warning each; when checkpoints exist but
-    none is valid, a ``LeptonError`` names each file and why."""
-    files = _checkpoint_files(Path(directory))
+def latest_valid(directory: Path, log: Log, *more: Path) -> tuple[Path, TrainState] | None:
+    """The valid checkpoint with the highest ``seq`` (``--resume auto``) of ``directory`` and the
+    directories ``more`` (the checkpoint mirror; on equal names ``directory``'s file is taken);
+    None when there is no checkpoint at all. Damaged ones are skipped with one warning each; when
+    checkpoints exist but none is valid, a ``LeptonError`` names each file and why."""
+    dirs = [Path(d) for d in (directory, *more)]
+    files = sorted(
+        (key, -i, path) for i, d in enumerate(dirs) for key, path in _checkpoint_files(d)
+    )
     problems = []
-    for _, path in reversed(files):
+    for *_, path in reversed(files):
         try:
             return path, read_checkpoint(path)
         except DamagedCheckpoint as exc:
             log.warning(f"{exc}; trying the previous one")
-            problems.append(f"{path.name} ({exc.reason})")
+            problems.append(f"{path.name if len(dirs) == 1 else path} ({exc.reason})")
     if problems:
+        where = "', '".join(map(str, dirs))
         raise LeptonError(
-            f"checkpoints exist but none is valid: {', '.join(problems)} (in '{directory}'; "
+            f"checkpoints exist but none is valid: {', '.join(problems)} (in '{where}'; "
             "name one to resume from with --resume PATH, or start anew with --overwrite)"
         )
     return None
@@ -164,9 +170,16 @@ def set_aside_newer(path: Path, state: TrainState, directory: Path, log: Log) ->
     path, directory = Path(path), Path(directory)
     if not same_path(path.parent, directory):
         return []
-    chosen = (state.seq, state.step)
-    newer = [(k, p) for k, p in _checkpoint_files(directory) if k > chosen]
-    newer = [(k, p) for k, p in newer if not same_path(p, path)]
+    return move_aside(directory, (state.seq, state.step), path, log)
+
+
+def move_aside(directory: Path, after: tuple[int, int], path: Path | None, log: Log) -> list[Path]:
+    """Move the checkpoints of ``directory`` named above ``after`` (seq, step) into a new
+    ``directory/aside-<UTC time>-<lineage>/`` (renamed, never deleted); ``path`` (the checkpoint
+    resumed from, or None) is named in the log line and never moved."""
+    directory = Path(directory)
+    newer = [(k, p) for k, p in _checkpoint_files(directory) if k > after]
+    newer = [(k, p) for k, p in newer if path is None or not same_path(p, path)]
     if not newer:
         return []
     label = "unknown"
@@ -202,10 +215,12 @@ def set_aside_newer(path: Path, state: TrainState, directory: Path, log: Log) ->
         fsync_dir(aside)
         fsync_dir(directory)
     names = ", ".join(p.name for p in moved)
-    log.info(
-        f"resuming from '{path}': moved the {len(moved)} checkpoint(s) written after it to "
-        f"'{aside}': {names}"
+    said = (
+        f"resuming from '{path}': moved the {len(moved)} checkpoint(s) written after it"
+        if path is not None
+        else f"a new run: moved the {len(moved)} checkpoint(s) already in '{directory}'"
     )
+    log.info(f"{said} to '{aside}': {names}")
     return moved
 
 

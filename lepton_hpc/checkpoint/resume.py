@@ -15,7 +15,7 @@ from ..errors import LeptonError
 from ..log import Log
 from ..safety import same_path
 from .files import TrainState, read_checkpoint
-from .lineage import _branch, latest_valid, set_aside_newer
+from .lineage import _branch, latest_valid, move_aside, set_aside_newer
 
 # Settings a resumed run may change: when and where it writes, how long it runs, the step size,
 # where it runs. Everything else (model, optimiser and its other hyper-parameters, the data's
@@ -33,6 +33,7 @@ MAY_CHANGE: tuple[str, ...] = (
     "checkpoint.every_steps",
     "checkpoint.keep",
     "checkpoint.watchdog_s",
+    "checkpoint.mirror",
     "output.plot",
     "output.dir",
     "data.test",
@@ -42,7 +43,7 @@ MAY_CHANGE: tuple[str, ...] = (
 
 
 def resume_checkpoint(
-    resume: str, directory: Path, meta: dict, log: Log
+    resume: str, directory: Path, meta: dict, log: Log, mirror: Path | None = None
 ) -> tuple[Path, TrainState] | None:
     """The state ``--resume`` names, checked against this run's ``meta`` and put on its branch.
 
@@ -52,10 +53,14 @@ def resume_checkpoint(
     lineage starts from it; from elsewhere, a new lineage starts from it and nothing moves.
     ``check_resume`` runs before anything is moved, so a refused resume changes no file. The
     returned state carries ``meta`` (the settings the resumed run writes with).
+
+    ``mirror``: the run's directory in the checkpoint mirror. ``auto`` then takes the newest valid
+    checkpoint of either directory; a PATH in either sets aside the later checkpoints of both.
     """
     directory = Path(directory)
+    mirrors = [Path(mirror)] if mirror is not None else []
     if resume == "auto":
-        found = latest_valid(directory, log)
+        found = latest_valid(directory, log, *mirrors)
         if found is None:
             return None
         path, state = found
@@ -67,6 +72,12 @@ def resume_checkpoint(
         state = read_checkpoint(path)
         check_resume(state.meta, meta, path)
         moved = set_aside_newer(path, state, directory, log)
+        if any(same_path(path.parent, d) for d in (directory, *mirrors)):
+            # a checkpoint of this run: the later ones go aside in the primary and the mirror
+            primary = [] if same_path(path.parent, directory) else [directory]
+            for d in [*primary, *mirrors]:
+                if d.is_dir():
+                    moved += move_aside(d, (state.seq, state.step), path, log)
         if moved or not state.lineage or not same_path(path.parent, directory):
             _branch(state, path)
     state.meta = meta
@@ -121,11 +132,12 @@ def check_resume(saved_meta: dict, new_meta: dict, path: Path) -> None:
     ``n_features``, ``model`` spec, ``optimizer``). Settings that may change on resume (the
     module constant ``MAY_CHANGE``): train.epochs, train.max_steps, train.patience,
     train.log_every, train.threads, train.device, optim.lr, checkpoint.every_steps,
-    checkpoint.keep, checkpoint.watchdog_s, output.plot, output.dir, data.test, comm.backend and
-    the rank count. The data file may be moved: its content is compared (the fingerprint), its
-    path only when a fingerprint is missing. Keys missing on either side (a checkpoint written by
-    an older lepton) are not compared. Since the model and the optimiser must match, the
-    optimiser state a resume loads always has the shapes and meaning that optimiser expects.
+    checkpoint.keep, checkpoint.watchdog_s, checkpoint.mirror, output.plot, output.dir,
+    data.test, comm.backend and the rank count. The data file may be moved: its content is
+    compared (the fingerprint), its path only when a fingerprint is missing. Keys missing on
+    either side (a checkpoint written by an older lepton) are not compared. Since the model and
+    the optimiser must match, the optimiser state a resume loads always has the shapes and
+    meaning that optimiser expects.
     """
     old, new = _plain(saved_meta or {}), _plain(new_meta or {})
     fingerprints = isinstance(old.get("data"), dict) and isinstance(new.get("data"), dict)

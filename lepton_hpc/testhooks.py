@@ -3,7 +3,11 @@
 - ``LEPTON_FAULT="delay=0.01,raise=1@30,skew=2@10"`` (``FaultHooks``, used by the training
   step): sleep 0.01 s before every step (to make a short run long enough to interrupt); raise an
   unexpected error on rank 1 at step 30; make rank 2 report a wrong step counter at step 10 (the
-  per-step consistency check must catch it).
+  per-step consistency check must catch it). ``raise=`` may be given more than once; with
+  ``once=DIR`` each injected error fires on one attempt only (its marker ``DIR/raise-R@S`` is
+  claimed atomically before it fires), so a job restarted by ``lepton launch`` gets past it.
+  ``delay=0.05@1`` sleeps on rank 1 only (a straggler); ``watchdog_scale=0.01`` multiplies the
+  "auto" watchdog's fixed constants (start-up limit, floor): a frozen rank is caught in seconds.
 - ``LEPTON_FAIL_ONCE=<dir>`` (``FailOnce``, used by the task farm): every task fails on its
   first attempt only, so retries can be tested on real jobs.
 
@@ -28,7 +32,7 @@ from .errors import LeptonError
 
 FAULT_ENV = "LEPTON_FAULT"
 FAIL_ONCE_ENV = "LEPTON_FAIL_ONCE"
-FAULT_SYNTAX = "delay=SECONDS,raise=RANK@STEP,skew=RANK@STEP"
+FAULT_SYNTAX = "delay=SECONDS[@RANK],raise=RANK@STEP,skew=RANK@STEP,once=DIR,watchdog_scale=F"
 
 
 class HookError(LeptonError):
@@ -50,14 +54,31 @@ class FaultHooks:
     def __init__(self, spec: str = "") -> None:
         self.spec = spec
         self.delay = 0.0
-        self.raise_at: tuple[int, int] | None = None
+        self.delay_rank: int | None = None  # None: every rank sleeps
+        self.watchdog_scale = 1.0
+        self.raises: tuple[tuple[int, int], ...] = ()
         self.skew_at: tuple[int, int] | None = None
+        self.once: Path | None = None
         for item in filter(None, (s.strip() for s in spec.split(","))):
             key, _, value = item.partition("=")
             if key == "delay":
-                self.delay = _seconds(spec, value)
-            elif key in ("raise", "skew"):
-                setattr(self, f"{key}_at", _rank_at_step(spec, key, value))
+                seconds, at, rank = value.partition("@")
+                if at and not rank.isdigit():
+                    raise HookError(FAULT_ENV, spec, f"delay={value!r} is not SECONDS[@RANK]")
+                self.delay = _seconds(spec, seconds)
+                self.delay_rank = int(rank) if at else None
+            elif key == "watchdog_scale":
+                self.watchdog_scale = _seconds(spec, value, key)
+                if self.watchdog_scale == 0:
+                    raise HookError(FAULT_ENV, spec, "watchdog_scale must be > 0")
+            elif key == "raise":
+                self.raises += (_rank_at_step(spec, key, value),)
+            elif key == "skew":
+                self.skew_at = _rank_at_step(spec, key, value)
+            elif key == "once":
+                if not value:
+                    raise HookError(FAULT_ENV, spec, "once= needs a directory (of fault markers)")
+                self.once = Path(value)
             else:
                 raise HookError(FAULT_ENV, spec, f"unknown fault {key!r} (known: {FAULT_SYNTAX})")
 
@@ -66,25 +87,42 @@ class FaultHooks:
         """The ``LEPTON_FAULT`` hooks read once at start-up (see ``load``)."""
         return hooks().faults
 
+    @property
+    def raise_at(self) -> tuple[int, int] | None:
+        """The first ``raise=`` (None when there is none)."""
+        return self.raises[0] if self.raises else None
+
     def __bool__(self) -> bool:
-        return bool(self.delay or self.raise_at or self.skew_at)
+        return bool(self.delay or self.raises or self.skew_at or self.watchdog_scale != 1.0)
 
     def before_step(self, rank: int, step: int) -> int:
         """Apply the faults for this (rank, step); returns the step counter to report."""
-        if self.delay:
+        if self.delay and self.delay_rank in (None, rank):
             time.sleep(self.delay)
-        if self.raise_at == (rank, step):
+        if (rank, step) in self.raises and self._fires(rank, step):
             raise RuntimeError(f"injected fault ({FAULT_ENV}) on rank {rank} at step {step}")
         return step + 1 if self.skew_at == (rank, step) else step
 
+    def _fires(self, rank: int, step: int) -> bool:
+        """True unless ``once=DIR`` is set and an earlier attempt already claimed this fault."""
+        if self.once is None:
+            return True
+        self.once.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.once / f"raise-{rank}@{step}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        return True
 
-def _seconds(spec: str, value: str) -> float:
+
+def _seconds(spec: str, value: str, key: str = "delay") -> float:
     try:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
     if not (math.isfinite(seconds) and seconds >= 0):
-        raise HookError(FAULT_ENV, spec, f"delay={value!r} is not a number of seconds >= 0")
+        raise HookError(FAULT_ENV, spec, f"{key}={value!r} is not a number of seconds >= 0")
     return seconds
 
 

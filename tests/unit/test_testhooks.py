@@ -99,3 +99,23 @@ def test_the_cli_refuses_a_malformed_hook_in_one_line(monkeypatch, capsys):
 def test_no_hooks_no_line(capsys):
     assert run_cli_guarded(lambda args, comm, log: 0) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_raise_may_repeat_and_once_fires_each_fault_on_one_attempt_only(tmp_path):
+    spec = f"raise=1@5,raise=0@9,once={tmp_path / 'marks'}"
+    first = testhooks.parse({"LEPTON_FAULT": spec}).faults
+    assert first.raises == ((1, 5), (0, 9)) and first.raise_at == (1, 5)
+    assert first.before_step(0, 5) == 5  # another rank: nothing
+    with pytest.raises(RuntimeError, match="rank 1 at step 5"):
+        first.before_step(1, 5)
+    again = testhooks.parse({"LEPTON_FAULT": spec}).faults  # the restarted job
+    assert again.before_step(1, 5) == 5  # already fired once
+    with pytest.raises(RuntimeError, match="rank 0 at step 9"):
+        again.before_step(0, 9)
+    assert sorted(p.name for p in (tmp_path / "marks").iterdir()) == ["raise-0@9", "raise-1@5"]
+    assert testhooks.parse({"LEPTON_FAULT": "raise=1@5"}).faults.once is None
+
+
+def test_once_needs_a_directory():
+    with pytest.raises(HookError, match="once= needs a directory"):
+        testhooks.parse({"LEPTON_FAULT": "raise=1@5,once="})

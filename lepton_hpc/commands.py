@@ -15,6 +15,7 @@ from .bench import register_bench
 from .comm.base import Communicator, agree
 from .convert_cmd import register_convert
 from .log import Log
+from .supervisor import register_launch
 from .sweep import register_sweep
 
 
@@ -247,4 +248,5 @@ REGISTRY = [
     register_doctor,
     register_sweep,
     register_bench,
+    register_launch,
 ]

@@ -35,6 +35,16 @@ BASE_MUST_NOT_IMPORT = (
     "lepton_hpc.batch_predict",
     "lepton_hpc.scheduler",
 )
+# The restarting supervisor is not an MPI rank: nothing that starts MPI, nothing that runs a job.
+SUPERVISOR_MUST_NOT_IMPORT = (
+    "lepton_hpc.comm",
+    "lepton_hpc.commands",
+    "lepton_hpc.cli",
+    "lepton_hpc.engine",
+    "lepton_hpc.training",
+    "lepton_hpc.sweep",
+    "lepton_hpc.scheduler",
+)
 RULES = {
     "lepton_hpc.scheduler": FARM_MUST_NOT_IMPORT,
     "lepton_hpc.comm": BASE_MUST_NOT_IMPORT,
@@ -43,6 +53,7 @@ RULES = {
     "lepton_hpc.optim": BASE_MUST_NOT_IMPORT,
     "lepton_hpc.kernels": BASE_MUST_NOT_IMPORT,
     "lepton_hpc.testhooks": BASE_MUST_NOT_IMPORT,
+    "lepton_hpc.supervisor": SUPERVISOR_MUST_NOT_IMPORT,
 }
 
 

@@ -1,0 +1,174 @@
+"""``lepton launch`` with real jobs: failures are restarted with ``--resume auto`` until the job
+completes with the very parameters of an uninterrupted run; bad input, a spent restart budget and
+a stop on request end it without another attempt.
+
+Faults are injected with ``LEPTON_FAULT="raise=R@S,once=DIR"``: each error fires on one attempt
+only, as a crash would, so the restarted job gets past it.
+"""
+
+import json
+import re
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from lepton_hpc import launch
+from lepton_hpc.checkpoint import read_checkpoint
+from tests.conftest import (
+    PYTHON,
+    ROOT,
+    datagen,
+    finish,
+    lepton,
+    mpi_env,
+    ok,
+    read_params,
+    write_config,
+)
+from tests.resume_checks import RESUMED, check_continued, newest_valid
+
+RANKS = 2
+EXIT_STOPPED = 75
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return datagen(tmp_path_factory.mktemp("supervisor") / "train.h5", 2001, 6, seed=2)
+
+
+def config(tmp_path, data, name, **extra):
+    sections = {
+        "data": {"train": str(data), "validation_fraction": 0.1, "scale": "zscore"},
+        "model": {"kind": "mlp", "hidden": [8], "activation": "tanh"},
+        "optim": {"name": "adam", "lr": 0.01},
+        "train": {"epochs": 2, "batch_size": 40, "seed": 3},
+        "checkpoint": {"every_steps": 10, "keep": 3},
+        "output": {"dir": str(tmp_path / name), "plot": False},
+    }
+    for key, body in extra.items():
+        sections.setdefault(key, {}).update(body)
+    return write_config(tmp_path / f"{name}.toml", sections)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """Final parameters of the uninterrupted 2-rank run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    ok(lepton(RANKS, "train", config(tmp, data, "ref"), timeout=240))
+    return read_params(tmp / "ref" / "model.h5")
+
+
+def start_launch(*argv, **env):
+    """``python -m lepton_hpc launch ARGV`` (not under mpiexec: it starts its own)."""
+    environ = mpi_env(**env)
+    environ.pop("SLURM_JOB_ID", None)
+    cmd = [PYTHON, "-m", "lepton_hpc", "launch", *map(str, argv)]
+    return launch.start(cmd, env=environ, cwd=ROOT)
+
+
+def supervise(*argv, timeout=300, **env):
+    return finish(start_launch(*argv, **env), timeout)
+
+
+def attempts(stdout):
+    return re.findall(r"lepton launch: attempt (\d+)/(\d+) on", stdout)
+
+
+def check_restarts_exact(res, run, reference, steps):
+    """The job resumed once per fault, each time from the step the supervisor named, and ended
+    bit for bit where the uninterrupted run ends."""
+    said = [
+        int(s)
+        for s in re.findall(r"attempt \d+/\d+ on 2 rank\(s\), resuming from step (\d+)", res.stdout)
+    ]
+    assert said == steps, res.stdout
+    resumed = RESUMED.findall(res.stdout)
+    assert [int(step) for _, _, step in resumed] == steps, res.stdout
+    last = res.stdout.rsplit("resuming from ", 1)[1]
+    _, epoch, step = resumed[-1]
+    check_continued(last, run, int(epoch), int(step))
+    assert np.array_equal(read_params(run / "model.h5"), reference)  # bit for bit
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+
+
+def test_a_failed_rank_is_restarted_and_ends_bitwise_equal(data, tmp_path, reference):
+    cfg = config(tmp_path, data, "once")
+    run = tmp_path / "once"
+    fault = f"raise=1@25,once={tmp_path / 'marks'}"
+    res = supervise("--np", RANKS, "--backoff", 0.2, "--", "train", cfg, LEPTON_FAULT=fault)
+    ok(res)
+    assert attempts(res.stdout) == [("1", "4"), ("2", "4")], res.stdout
+    assert "attempt 1/4 failed with exit code 1 (rank 1 failed)" in res.stdout
+    assert res.stdout.count("--resume auto") == 1
+    check_restarts_exact(res, run, reference, [20])
+
+
+def test_two_failures_at_different_steps_take_three_attempts(data, tmp_path, reference):
+    cfg = config(tmp_path, data, "twice")
+    run = tmp_path / "twice"
+    fault = f"raise=1@25,raise=0@57,once={tmp_path / 'marks'}"
+    res = supervise(
+        "--np",
+        RANKS,
+        "--max-restarts",
+        3,
+        "--backoff",
+        0.2,
+        "--",
+        "train",
+        cfg,
+        LEPTON_FAULT=fault,
+    )
+    ok(res)
+    assert attempts(res.stdout) == [("1", "4"), ("2", "4"), ("3", "4")], res.stdout
+    assert "restarting in 0.2 s" in res.stdout and "restarting in 0.4 s" in res.stdout
+    check_restarts_exact(res, run, reference, [20, 50])
+
+
+def test_bad_input_is_not_retried(data, tmp_path):
+    cfg = config(tmp_path, data, "bad", train={"epoch": 2})  # an unknown key
+    res = supervise("--np", RANKS, "--backoff", 0.2, "--", "train", cfg, timeout=180)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert attempts(res.stdout) == [("1", "4")], res.stdout
+    assert "ended with exit code 2: bad input or config, not retried" in res.stdout
+    assert "train.epoch" in res.stderr
+
+
+def test_no_restarts_left(data, tmp_path):
+    cfg = config(tmp_path, data, "spent")
+    res = supervise(
+        "--np",
+        RANKS,
+        "--max-restarts",
+        0,
+        "--",
+        "train",
+        cfg,
+        LEPTON_FAULT="raise=1@5",
+        timeout=180,
+    )
+    assert res.returncode != 0
+    assert attempts(res.stdout) == [("1", "1")], res.stdout
+    assert "no restarts left (--max-restarts 0)" in res.stdout
+
+
+def test_sigterm_to_the_supervisor_stops_the_job_with_a_checkpoint(data, tmp_path):
+    cfg = config(tmp_path, data, "stop")
+    run = tmp_path / "stop"
+    proc = start_launch("--np", RANKS, "--", "train", cfg, LEPTON_FAULT="delay=0.05")
+    t0 = time.monotonic()
+    while not list((run / "checkpoints").glob("ckpt-*.h5")):
+        if proc.poll() is not None or time.monotonic() - t0 > 120:
+            pytest.fail(f"no checkpoint appeared: {finish(proc, 10)}")
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    res = finish(proc, timeout=60)
+    assert res.returncode == EXIT_STOPPED, res.stdout + res.stderr
+    assert attempts(res.stdout) == [("1", "4")], res.stdout
+    assert "stopped on SIGTERM" in res.stdout and "no restart" in res.stdout
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "stopped"
+    path, state = newest_valid(run / "checkpoints")
+    assert state.step == status["step"] == read_checkpoint(path).step > 0

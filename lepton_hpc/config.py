@@ -182,13 +182,33 @@ class CheckpointConfig:
     """Checkpoint every this many steps; 0 = only at the end of each epoch."""
     keep: int = 3
     """Checkpoints kept (the newest)."""
-    watchdog_s: float = 0.0
-    """Abort the job when the step has not advanced for this many seconds; 0 = off."""
+    mirror: str = ""
+    """A second directory (ideally another file system) that gets a copy of every checkpoint,
+    written in the background; --resume auto takes the newest valid of either. "" = off."""
+    watchdog_s: float | str = "auto"
+    """End the job (exit 76) when the step has not advanced for this many seconds; 0 = off.
+    "auto" (default): 600 s for each of a process's first 5 steps (kernel compilation), then
+    20 x the slowest step seen since, at least 120 s; evaluation and checkpoint writes between
+    steps get max(600 s, 20 x the slowest such phase). Never reached by a healthy run."""
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, "checkpoint.every_steps", f"{self.every_steps} is negative")
         _check(self.keep > 0, "checkpoint.keep", f"{self.keep} must be > 0")
-        _check(self.watchdog_s >= 0, "checkpoint.watchdog_s", f"{self.watchdog_s} is negative")
+        _check("\0" not in self.mirror, "checkpoint.mirror", "a path cannot hold a NUL byte")
+        self.watchdog_s = _watchdog_seconds(self.watchdog_s)
+
+
+def _watchdog_seconds(value: Any) -> float | str:
+    """``checkpoint.watchdog_s``: "auto", or a finite number of seconds >= 0 (as a float)."""
+    if value == "auto":
+        return value
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    _check(
+        number and math.isfinite(value) and value >= 0,
+        "checkpoint.watchdog_s",
+        f'expected "auto" or a number of seconds >= 0 (0 = off), got {value!r}',
+    )
+    return float(value)
 
 
 @dataclass(kw_only=True, slots=True)

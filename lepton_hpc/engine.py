@@ -59,8 +59,14 @@ class Trainer:
         )
         self.run = s.run
         self.opt = make_optimizer(cfg.optim, s.model.n_params)  # the run's only optimiser
-        self.ctx = s.step_context(self.timers, self.stop, FaultHooks.from_env())
-        self.watchdog = Watchdog(cfg.checkpoint.watchdog_s, self._on_watchdog)
+        hooks = FaultHooks.from_env()
+        self.ctx = s.step_context(self.timers, self.stop, hooks)
+        self.watchdog = Watchdog(
+            cfg.checkpoint.watchdog_s,
+            self._on_watchdog,
+            scale=hooks.watchdog_scale,
+            on_arm=self._on_watchdog_armed,
+        )
         s.check_test_file()
         # Inputs are valid: only now is the run directory created (or an old one cleared).
         agree(comm, lambda: s.create_run_dir(overwrite))
@@ -126,6 +132,7 @@ class Trainer:
             total_s=time.perf_counter() - self.t_start,
             rows_seen=loop.rows_seen,
             config=cfg.to_dict(),
+            ranks_timing=comm.allgather(loop.rank_timing()),  # one small gather per run
         )
         if comm.is_root:
             save_model(self.run.model_file, s.model, st.params, s.data.scaler, s.meta())
@@ -159,10 +166,16 @@ class Trainer:
         except Exception as exc:  # noqa: BLE001 - the job is ending anyway; say why not written
             self.log.warning(f"could not write {self.run.status_file}: {exc}", all_ranks=True)
 
+    def _on_watchdog_armed(self, limit: float) -> None:
+        self.log.info(f"watchdog: auto, ending the job if a step takes over {limit:.3g} s")
+
     def _on_watchdog(self, step: int, idle: float) -> None:
+        setting = self.cfg.checkpoint.watchdog_s
+        limit = self.watchdog.limit()
+        shown = f"auto, limit {limit:.3g} s" if setting == "auto" else f"{setting:g}"
         msg = (
             f"watchdog: step {step} has not advanced for {idle:.0f} s "
-            f"(checkpoint.watchdog_s = {self.cfg.checkpoint.watchdog_s:g}); ending the job"
+            f"(checkpoint.watchdog_s = {shown}); ending the job"
         )
         # Any rank's watchdog may fire first (rank 0 may be the frozen one): each tries to write
         # the status (per-process temporary name), and ends the job whatever that gave.

@@ -77,13 +77,18 @@ def build_results(
     total_s: float,
     rows_seen: float,
     config: dict,
+    ranks_timing: list[dict] | None = None,
 ) -> dict:
     """results.json of a completed run, from plain values.
 
     ``seconds``: time per kind of work (io, compute, comm, eval, checkpoint; missing ones are 0);
-    ``rows_seen``: rows summed by every reduction of the loop (the throughput's numerator).
+    ``rows_seen``: rows summed by every reduction of the loop (the throughput's numerator);
+    ``ranks_timing``: per rank (in rank order) its host, ``compute_s`` (time in the steps outside
+    the reduction: its own work), ``comm_s`` (time in the reduction, mostly waiting for the
+    slowest rank) and ``steps`` this process ran: a straggler shows a high compute_s while the
+    others show a high comm_s.
     """
-    return {
+    results = {
         "status": "completed",
         "ranks": ranks,
         "device": device,
@@ -107,6 +112,9 @@ def build_results(
         "config": config,
         "versions": versions(),
     }
+    if ranks_timing is not None:
+        results["ranks_timing"] = [dict(t, rank=r) for r, t in enumerate(ranks_timing)]
+    return results
 
 
 def versions() -> dict[str, str]:

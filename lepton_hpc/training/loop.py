@@ -1,6 +1,7 @@
 """The epochs: the mini-batch loop (sgd, momentum, adam under any strategy) and the full-batch
 L-BFGS loop, with epoch metrics, early stopping, checkpoint cadence, stopping on a signal and
-the divergence checks.
+the divergence checks. Work between steps (evaluation, checkpoints) runs inside the watchdog's
+``hold``; once per epoch each rank's step work is timed and a tiny allgather names stragglers.
 
 Every decision here (stop, checkpoint, diverged, early stop) is taken from values that are the
 same on every rank (reduced losses, settled parameters), so all ranks take it together.
@@ -9,14 +10,16 @@ same on every rank (reduced losses, settled parameters), so all ranks take it to
 from __future__ import annotations
 
 import math
+import socket
+import statistics
 import time
 
 import numpy as np
 
-from ..checkpoint import TrainState, write_checkpoint
+from ..checkpoint import Mirror, TrainState, write_checkpoint
 from ..data.batches import EpochBatches
 from ..errors import EXIT_FAILED, EXIT_STOPPED, LeptonError
-from ..faults import Watchdog
+from ..faults import STRAGGLER_EPOCHS, Stragglers, Watchdog
 from ..inference import evaluate
 from ..metrics import headline
 from .setup import RunSetup
@@ -44,7 +47,9 @@ class Diverged(LeptonError):
 class Loop:
     """Drives ``state`` to the end of training with ``opt`` on the pieces of ``setup``.
 
-    ``rows_seen``: rows summed by every reduction (for the throughput in results.json).
+    ``rows_seen``: rows summed by every reduction (for the throughput in results.json);
+    ``work_s``, ``comm_s``: this rank's time in the steps outside the reduction,
+    in the reduction (mostly waiting for the slowest rank); see ``rank_timing``.
     """
 
     def __init__(
@@ -53,15 +58,25 @@ class Loop:
         self.setup, self.ctx, self.opt, self.state = setup, ctx, opt, state
         self.cfg, self.comm, self.log = setup.cfg, setup.comm, setup.log
         self.watchdog = watchdog
+        ck = self.cfg.checkpoint  # rank 0 copies each checkpoint to checkpoint.mirror, if set
+        self.mirror = Mirror.open(ck.mirror, setup.run.path, state, self.log, self.comm.is_root)
         self.rows_seen = 0.0
+        self.work_s = self.comm_s = self.held_s = 0.0  # held_s: checkpoints between steps
+        self.first_step = state.step  # rank_timing counts the steps this process ran
+        self.stragglers = Stragglers()
 
     def run(self) -> None:
         """Train to the end (epochs, max_steps, early stopping); raises Stopped on a signal."""
         self.opt.load_state(self.state.optimizer)
-        if self.opt.full_batch_line_search:
-            self._full_batch()
-        else:
-            self._mini_batch()
+        try:
+            if self.opt.full_batch_line_search:
+                self._full_batch()
+            else:
+                self._mini_batch()
+        finally:  # however the loop ends, rank 0 waits (bounded) for the last mirror copy
+            if self.mirror.directory is not None:
+                self.watchdog.pause()
+                self.mirror.close()
 
     # ---- the loops ----------------------------------------------------------------------
     def _mini_batch(self) -> None:
@@ -73,6 +88,7 @@ class Loop:
         every, max_steps = cfg.checkpoint.every_steps, cfg.train.max_steps
         while st.epoch < cfg.train.epochs:
             t_epoch = time.perf_counter()  # the epoch's time includes drawing its batches
+            mark = self._epoch_mark()
             batches = plan(st.epoch)
             next_report = t_epoch + PROGRESS_EVERY_S
             while st.batch < len(batches):
@@ -97,7 +113,7 @@ class Loop:
                 if out.stop:
                     self.stop_now()
                 if every and st.step % every == 0:
-                    self.checkpoint()
+                    self._held_checkpoint()
                 if max_steps and st.step >= max_steps:
                     break
                 if time.perf_counter() > next_report:  # long epochs show progress (rank 0)
@@ -106,6 +122,7 @@ class Loop:
                         f"  epoch {st.epoch + 1}: batch {st.batch}/{len(batches)}, "
                         f"loss {st.epoch_loss / max(st.epoch_rows, 1.0):.6g}"
                     )
+            self._epoch_timing(mark)
             done = self._end_epoch(
                 st.epoch_loss / max(st.epoch_rows, 1.0), time.perf_counter() - t_epoch
             )
@@ -134,7 +151,9 @@ class Loop:
             f, g = fg(st.params)
         while st.epoch < cfg.train.epochs and not opt.converged:
             t_epoch = time.perf_counter()
+            mark = self._epoch_mark()
             f, g = opt.iterate(fg, st.params, f, g)
+            self._epoch_timing(mark)
             st.optimizer = {**opt.state(), "f": np.array(f), "g": g.copy()}
             st.epoch_loss, st.epoch_rows = f, 1.0
             if stop_seen:
@@ -145,6 +164,10 @@ class Loop:
     # ---- epochs -------------------------------------------------------------------------
     def _end_epoch(self, loss: float, seconds: float) -> bool:
         """Metrics line, history, checkpoint, early stopping; True when training should end."""
+        with self.watchdog.hold():  # evaluation and checkpoint: not a step
+            return self._epoch_end(loss, seconds)
+
+    def _epoch_end(self, loss: float, seconds: float) -> bool:
         cfg, st, s = self.cfg, self.state, self.setup
         entry = {"epoch": st.epoch + 1, "step": st.step, "loss": loss, "seconds": round(seconds, 6)}
         entry["train"] = self.metrics(s.X, s.data.train.y)
@@ -167,6 +190,38 @@ class Loop:
         if cfg.checkpoint.every_steps == 0:
             self.checkpoint()
         return stop
+
+    def _epoch_mark(self) -> tuple[float, float, float]:
+        return time.perf_counter(), self.ctx.timers.seconds["comm"], self.held_s
+
+    def _epoch_timing(self, mark: tuple[float, float, float]) -> None:
+        """Add this epoch's step work and reduction time; name stragglers (one allgather)."""
+        t0, comm0, held0 = mark
+        comm = self.ctx.timers.seconds["comm"] - comm0
+        work = time.perf_counter() - t0 - comm - (self.held_s - held0)
+        self.work_s += work
+        self.comm_s += comm
+        if self.comm.size == 1:
+            return
+        gathered = self.comm.allgather((work, socket.gethostname()))
+        works = [w for w, _ in gathered]
+        for rank in self.stragglers.update(works):
+            median = statistics.median(works[:rank] + works[rank + 1 :])
+            self.log.warning(
+                f"straggler: rank {rank} on host {gathered[rank][1]} spent {works[rank]:.2f} s "
+                f"in its steps in epoch {self.state.epoch + 1}, the other ranks {median:.2f} s "
+                f"(median), {STRAGGLER_EPOCHS} epochs in a row: a slow or overloaded node slows "
+                "every rank"
+            )
+
+    def rank_timing(self) -> dict:
+        """This rank's step work, reduction time and steps, for results.json's ranks_timing."""
+        return {
+            "host": socket.gethostname(),
+            "compute_s": self.work_s,
+            "comm_s": self.comm_s,
+            "steps": self.state.step - self.first_step,
+        }
 
     def metrics(self, X, y) -> dict:
         """Exact global metrics of the current parameters on these rows (timed as eval)."""
@@ -212,12 +267,23 @@ class Loop:
         self.check_params()
         if self.comm.is_root:
             with self.ctx.timers("checkpoint"):
-                write_checkpoint(self.setup.run.checkpoints, self.state, self.cfg.checkpoint.keep)
+                keep = self.cfg.checkpoint.keep
+                path = write_checkpoint(
+                    self.setup.run.checkpoints, self.state, keep, floor=self.mirror.floor
+                )
+            self.mirror.copy(path, self.state, keep)
         self.comm.barrier()
+
+    def _held_checkpoint(self) -> None:
+        """A checkpoint between steps: under the watchdog's hold, not counted as step work."""
+        t0 = time.perf_counter()
+        with self.watchdog.hold():
+            self.checkpoint()
+        self.held_s += time.perf_counter() - t0
 
     def stop_now(self) -> None:
         """All ranks saw the stop flag in the same allreduce: checkpoint and leave together."""
-        self.checkpoint()
+        self._held_checkpoint()
         step = self.state.step
         if self.comm.is_root:
             self.setup.run.status(

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import TrainState, resume_checkpoint
+from ..checkpoint import TrainState, check_mirror, mirror_dir, resume_checkpoint
 from ..comm import make_backend
 from ..comm.base import Communicator, agree
 from ..config import Config
@@ -131,7 +131,8 @@ class RunSetup:
     def _find_checkpoint(self, resume: str):
         """Rank 0: the checkpoint to resume from, checked against this run (before any file of
         the directory is moved), on its branch; None when ``auto`` finds no checkpoint."""
-        return resume_checkpoint(resume, self.run.checkpoints, self.meta(), self.log)
+        mirror = mirror_dir(self.cfg.checkpoint.mirror, self.run.path)
+        return resume_checkpoint(resume, self.run.checkpoints, self.meta(), self.log, mirror)
 
 
 def run_inputs(cfg: Config, resume: str | None, inputs: Mapping[str, str] | None) -> dict:
@@ -161,6 +162,8 @@ def prepare(
     backend = agree(comm, lambda: make_backend(cfg.comm.backend, comm))
     fresh = {"resume": resume is not None, "overwrite": overwrite, "inputs": files}
     agree(comm, lambda: check_run_dir(run.path, **fresh) if comm.is_root else None)
+    mirror = cfg.checkpoint.mirror
+    agree(comm, lambda: check_mirror(mirror, run.path, files) if comm.is_root else None)
     with timers("io"):
         data = load_training_data(
             cfg.data, cfg.train.seed, comm, log, reproducible=cfg.comm.reproducible

@@ -116,3 +116,20 @@ def test_overrides_may_follow_the_options(monkeypatch):
     with pytest.raises(SystemExit) as info:
         cli.main(["train", "c.toml", "--overwrite", "stray"])
     assert info.value.code == 2
+
+
+def test_watchdog_is_auto_by_default_and_takes_seconds_or_auto(tmp_path):
+    assert load_config(write(tmp_path, "")).checkpoint.watchdog_s == "auto"
+    cfg = load_config(write(tmp_path, "[checkpoint]\nwatchdog_s = 30\n"))
+    assert cfg.checkpoint.watchdog_s == 30.0 and isinstance(cfg.checkpoint.watchdog_s, float)
+    assert load_config(write(tmp_path, ""), ["checkpoint.watchdog_s=0"]).checkpoint.watchdog_s == 0
+    over = load_config(
+        write(tmp_path, "[checkpoint]\nwatchdog_s = 5\n"), ["checkpoint.watchdog_s=auto"]
+    )
+    assert over.checkpoint.watchdog_s == "auto"
+
+
+@pytest.mark.parametrize("value", ['"soon"', "-1", "true", "nan", '"AUTO"'])
+def test_watchdog_errors_name_the_key(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"'checkpoint\.watchdog_s'.*auto"):
+        load_config(write(tmp_path, f"[checkpoint]\nwatchdog_s = {value}\n"))

@@ -246,6 +246,38 @@ def test_resume_after_a_crash_is_exact(uneven_file, tmp_path, comm):
     assert read_params(run / "model.h5").tobytes() == reference.tobytes()
 
 
+@pytest.mark.parametrize("reproducible", [True, False], ids=["reproducible", "default"])
+def test_a_run_crashed_on_3_ranks_continues_on_2(uneven_file, tmp_path, reproducible):
+    """Continuing on fewer ranks (a node lost): reproducible mode ends with the very bits of the
+    uninterrupted 3-rank run; the default mode agrees with it to rounding."""
+    body = {
+        **REPRODUCIBLE["mlp-minibatch-adam"],
+        "comm": {"reproducible": reproducible},
+        "checkpoint": {"every_steps": 7},
+    }
+    reference, _ = train(tmp_path, 3, uneven_file, "ref", body)
+    run = tmp_path / "lost"
+    cfg = write_config(
+        tmp_path / "lost.toml",
+        {
+            "data": {"train": str(uneven_file), "validation_fraction": 0.2, "scale": "zscore"},
+            **body,
+            "output": {"dir": str(run), "plot": False},
+        },
+    )
+    crashed = lepton(3, "train", cfg, env=mpi_env(LEPTON_FAULT="raise=2@40"), timeout=120)
+    assert crashed.returncode != 0
+    path, state = newest_valid(run / "checkpoints")
+    res = ok(lepton(2, "train", cfg, "--resume", "auto", timeout=240))
+    check_resumed(res.stdout, run, path, state)
+    assert json.loads((run / "results.json").read_text())["ranks"] == 2
+    params = read_params(run / "model.h5")
+    if reproducible:
+        assert params.tobytes() == reference.tobytes()
+    else:
+        assert np.max(np.abs(params - reference)) / np.max(np.abs(reference)) < 1e-9
+
+
 def test_meaningless_combination_is_one_clear_error(uneven_file, tmp_path):
     cfg = write_config(
         tmp_path / "bad.toml",

@@ -119,6 +119,23 @@ def write_config(path: Path, sections: dict[str, dict]) -> Path:
     return path
 
 
+def small_mlp_config(tmp_path: Path, data: Path, name: str, epochs: int, **extra: dict) -> Path:
+    """The small checkpointed MLP job the fault, failover and watchdog tests interrupt: Adam,
+    batch 40, a checkpoint every 10 steps, run directory ``tmp_path/name``; ``extra`` updates
+    sections (``checkpoint={"mirror": ...}``)."""
+    sections = {
+        "data": {"train": str(data), "validation_fraction": 0.1, "scale": "zscore"},
+        "model": {"kind": "mlp", "hidden": [8], "activation": "tanh"},
+        "optim": {"name": "adam", "lr": 0.01},
+        "train": {"epochs": epochs, "batch_size": 40, "seed": 3},
+        "checkpoint": {"every_steps": 10, "keep": 3},
+        "output": {"dir": str(tmp_path / name), "plot": False},
+    }
+    for key, body in extra.items():
+        sections.setdefault(key, {}).update(body)
+    return write_config(tmp_path / f"{name}.toml", sections)
+
+
 def read_params(model_file: Path) -> np.ndarray:
     import h5py
 

@@ -22,8 +22,8 @@ from tests.conftest import (
     ok,
     rank_pids,
     read_params,
+    small_mlp_config,
     start_mpi,
-    write_config,
 )
 from tests.resume_checks import check_resumed, newest_valid
 
@@ -37,17 +37,7 @@ def data(tmp_path_factory):
 
 
 def config(tmp_path, data, name, **extra):
-    sections = {
-        "data": {"train": str(data), "validation_fraction": 0.1, "scale": "zscore"},
-        "model": {"kind": "mlp", "hidden": [8], "activation": "tanh"},
-        "optim": {"name": "adam", "lr": 0.01},
-        "train": {"epochs": 4, "batch_size": 40, "seed": 3},
-        "checkpoint": {"every_steps": 10, "keep": 3},
-        "output": {"dir": str(tmp_path / name), "plot": False},
-    }
-    for key, body in extra.items():
-        sections[key].update(body)
-    return write_config(tmp_path / f"{name}.toml", sections)
+    return small_mlp_config(tmp_path, data, name, 4, **extra)
 
 
 @pytest.fixture(scope="module")

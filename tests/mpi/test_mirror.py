@@ -17,8 +17,8 @@ from tests.conftest import (
     mpi_env,
     ok,
     read_params,
+    small_mlp_config,
     start_mpi,
-    write_config,
 )
 from tests.resume_checks import check_resumed, newest_valid
 
@@ -32,17 +32,7 @@ def data(tmp_path_factory):
 
 
 def config(tmp_path, data, name, **checkpoint):
-    return write_config(
-        tmp_path / f"{name}.toml",
-        {
-            "data": {"train": str(data), "validation_fraction": 0.1, "scale": "zscore"},
-            "model": {"kind": "mlp", "hidden": [8], "activation": "tanh"},
-            "optim": {"name": "adam", "lr": 0.01},
-            "train": {"epochs": 2, "batch_size": 40, "seed": 3},
-            "checkpoint": {"every_steps": 10, "keep": 3, **checkpoint},
-            "output": {"dir": str(tmp_path / name), "plot": False},
-        },
-    )
+    return small_mlp_config(tmp_path, data, name, 2, checkpoint=checkpoint)
 
 
 def ckpt_names(directory):

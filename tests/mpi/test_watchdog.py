@@ -12,7 +12,16 @@ import time
 
 import pytest
 
-from tests.conftest import datagen, finish, lepton, mpi_env, ok, rank_pids, start_mpi, write_config
+from tests.conftest import (
+    datagen,
+    finish,
+    lepton,
+    mpi_env,
+    ok,
+    rank_pids,
+    small_mlp_config,
+    start_mpi,
+)
 
 RANKS = 2
 ARMED = "watchdog: auto, ending the job if a step takes over"
@@ -25,17 +34,7 @@ def data(tmp_path_factory):
 
 def config(tmp_path, data, name, **extra):
     """No checkpoint.watchdog_s: the default is what is tested."""
-    sections = {
-        "data": {"train": str(data), "validation_fraction": 0.1, "scale": "zscore"},
-        "model": {"kind": "mlp", "hidden": [8], "activation": "tanh"},
-        "optim": {"name": "adam", "lr": 0.01},
-        "train": {"epochs": 3, "batch_size": 40, "seed": 3},
-        "checkpoint": {"every_steps": 10, "keep": 3},
-        "output": {"dir": str(tmp_path / name), "plot": False},
-    }
-    for key, body in extra.items():
-        sections[key].update(body)
-    return write_config(tmp_path / f"{name}.toml", sections)
+    return small_mlp_config(tmp_path, data, name, 3, **extra)
 
 
 def test_frozen_rank_is_ended_by_the_default_watchdog(data, tmp_path):

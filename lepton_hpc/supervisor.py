@@ -43,6 +43,9 @@ DEFAULT_MAX_RESTARTS = 3
 DEFAULT_BACKOFF_S = 2.0
 BACKOFF_CAP_S = 60.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# How long the processes an attempt leaves behind (ranks still exiting after mpiexec returned,
+# holding the run directory's lock) may take before they are killed and the next attempt starts.
+LINGER_S = 10.0
 JOB_STOP_SIGNAL = signal.SIGUSR1  # what the ranks' StopFlag takes and launchers pass on
 # What mpiexec (OpenMPI) or srun prints when fewer slots or CPUs exist than ranks requested.
 FEW_SLOTS = re.compile(
@@ -204,6 +207,40 @@ def resume_point(job: list[str]) -> str:
 
 
 # ---- running attempts ----------------------------------------------------------------------
+def session_processes(sid: int) -> list[int]:
+    """The live processes (zombies have already let go of their files) of session ``sid``."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # pragma: no cover - not Linux
+        return []
+    pids = []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            pids.append(int(entry))
+    return pids
+
+
+def end_session(sid: int, linger: float) -> list[int]:
+    """Wait up to ``linger`` seconds for what is left of an attempt's session (the attempt ran in
+    a session of its own) to exit, then SIGKILL the rest; returns the pids it had to kill."""
+    deadline = time.monotonic() + linger
+    while (left := session_processes(sid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while left and session_processes(sid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
 def launcher_command(np: int, command: list[str]) -> tuple[list[str], dict[str, str]]:
     """``srun`` inside a Slurm allocation, else ``mpiexec`` (oversubscribed past the cores)."""
     lepton = [sys.executable, "-m", "lepton_hpc", *command]
@@ -318,6 +355,9 @@ class Supervisor:
         for t in pumps:
             t.start()
         returncode = self.proc.wait()
+        left = end_session(self.proc.pid, LINGER_S)  # the next attempt must find the lock free
+        if left:
+            self.say(f"killed {len(left)} process(es) the attempt left behind after {LINGER_S:g} s")
         for t in pumps:
             t.join(timeout=30)  # a rank left behind must not hold the supervisor
         self.proc = None

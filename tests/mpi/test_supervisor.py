@@ -7,8 +7,10 @@ only, as a crash would, so the restarted job gets past it.
 """
 
 import json
+import os
 import re
 import signal
+import subprocess
 import time
 
 import numpy as np
@@ -24,8 +26,9 @@ from tests.conftest import (
     lepton,
     mpi_env,
     ok,
+    rank_pids,
     read_params,
-    write_config,
+    small_mlp_config,
 )
 from tests.resume_checks import RESUMED, check_continued, newest_valid
 
@@ -39,17 +42,7 @@ def data(tmp_path_factory):
 
 
 def config(tmp_path, data, name, **extra):
-    sections = {
-        "data": {"train": str(data), "validation_fraction": 0.1, "scale": "zscore"},
-        "model": {"kind": "mlp", "hidden": [8], "activation": "tanh"},
-        "optim": {"name": "adam", "lr": 0.01},
-        "train": {"epochs": 2, "batch_size": 40, "seed": 3},
-        "checkpoint": {"every_steps": 10, "keep": 3},
-        "output": {"dir": str(tmp_path / name), "plot": False},
-    }
-    for key, body in extra.items():
-        sections.setdefault(key, {}).update(body)
-    return write_config(tmp_path / f"{name}.toml", sections)
+    return small_mlp_config(tmp_path, data, name, 2, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +165,38 @@ def test_sigterm_to_the_supervisor_stops_the_job_with_a_checkpoint(data, tmp_pat
     assert status["status"] == "stopped"
     path, state = newest_valid(run / "checkpoints")
     assert state.step == status["step"] == read_checkpoint(path).step > 0
+
+
+def test_a_sweep_worker_killed_midway_is_recovered_without_repeating_tasks(data, tmp_path):
+    """A worker rank dies mid-sweep (SIGKILL): the supervisor starts the sweep again, its journal
+    skips the finished runs, and every run ends ok."""
+    out = tmp_path / "out"
+    sweep = tmp_path / "s.toml"
+    sweep.write_text(
+        f'[base.data]\ntrain = "{data}"\nvalidation_fraction = 0.25\nscale = "zscore"\n'
+        '[base.model]\nkind = "logistic"\n[base.optim]\nname = "lbfgs"\n[base.train]\n'
+        "epochs = 3\n[base.output]\nplot = false\n[sweep]\n"
+        'grid = {"optim.lr" = [1.0, 0.5, 0.25, 0.125], "model.l2" = [0.0, 0.01]}\n'
+        f'metric = "val.log_loss"\nmode = "min"\nout = "{out}"\n'
+    )
+    journal = out / "journal.jsonl"
+    proc = start_launch(
+        "--np", 3, "--backoff", 0.2, "--", "sweep", sweep, LEPTON_FAULT="delay=0.25"
+    )
+    deadline = time.monotonic() + 120
+    while not (journal.exists() and len(journal.read_text().splitlines()) >= 2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the sweep did not get going: {finish(proc, 10)}")
+        time.sleep(0.05)
+    children = ["ps", "-o", "pid=", "--ppid", str(proc.pid)]  # the supervisor's: mpiexec
+    mpiexec = int(subprocess.run(children, capture_output=True, text=True, check=True).stdout)
+    os.kill(rank_pids(mpiexec)[1], signal.SIGKILL)  # a worker, not the coordinator
+    res = ok(finish(proc, timeout=400))
+    assert ("2", "4") in attempts(res.stdout), res.stdout
+    done = int(re.search(r"(\d+) already done \(journal\)", res.stdout)[1])
+    summary = json.loads((out / "sweep.json").read_text())
+    assert len(summary["tasks"]) == 8 and all(t["status"] == "ok" for t in summary["tasks"])
+    from_journal = [t for t in summary["tasks"] if t["from_journal"]]
+    assert 2 <= done == len(from_journal) < 8
+    for task in from_journal:  # finished before the kill: never run again
+        assert (out / "logs" / f"{task['id']}.log").read_text().count("attempt at") == 1

@@ -5,6 +5,7 @@ import argparse
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -201,3 +202,26 @@ def test_a_restarted_train_says_where_it_resumes(monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "attempt 2/2 on 1 rank(s), from step 0 (no checkpoint yet)" in out
     assert f"job ['train', '{cfg}', '--resume', 'auto']" in out
+
+
+def test_processes_an_attempt_leaves_behind_are_ended_before_the_next(
+    monkeypatch, tmp_path, capsys
+):
+    """A rank that outlives its mpiexec holds the run directory's lock: the next attempt waits
+    for it to exit, and kills it past LINGER_S."""
+    pids = tmp_path / "pids"
+    body = (
+        "import subprocess\n"
+        "p = subprocess.Popen(['sleep', '60'], stdout=subprocess.DEVNULL, "
+        "stderr=subprocess.DEVNULL)\n"
+        f"with open({str(pids)!r}, 'a') as f:\n    f.write(f'{{p.pid}}\\n')\n"
+        "sys.exit(0 if N == 2 else 1)\n"
+    )
+    scripted(monkeypatch, tmp_path, body)
+    monkeypatch.setattr(supervisor, "LINGER_S", 0.3)
+    assert Supervisor(["sweep", "s.toml"], 1, 1, 1, 0.0).run() == 0
+    out = capsys.readouterr().out
+    assert out.count("killed 1 process(es) the attempt left behind after 0.3 s") == 2
+    for pid in map(int, pids.read_text().split()):
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"

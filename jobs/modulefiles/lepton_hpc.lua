@@ -7,7 +7,7 @@ help([[
 lepton_hpc: MPI data-parallel training and batch prediction from HDF5 (Numba kernels).
 
 Puts `lepton` on the PATH (from a self-contained virtual environment with parallel h5py).
-Batch templates: $LEPTON_HPC_JOBS/slurm_mpirun.sbatch and slurm_srun.sbatch.
+Batch template: $LEPTON_HPC_JOBS/slurm_train.sbatch.
 Check a node with `lepton doctor`; launch with mpirun, or srun --mpi=pmix.
 ]])
 whatis("Name: lepton_hpc")

@@ -66,7 +66,7 @@ def test_prefix_install_is_self_contained(prefix):
     text = (prefix / "modulefiles" / "lepton_hpc.lua").read_text()
     assert f'local prefix = "{prefix}"' in text and "@PREFIX@" not in text
     assert (prefix / "bin" / "lepton").resolve() == (prefix / "venv" / "bin" / "lepton").resolve()
-    assert (prefix / "share" / "lepton_hpc" / "jobs" / "slurm_srun.sbatch").is_file()
+    assert (prefix / "share" / "lepton_hpc" / "jobs" / "slurm_train.sbatch").is_file()
     # a non-editable copy: the package is imported from the prefix, not from the build tree
     where = subprocess.run(
         [prefix / "venv" / "bin" / "python", "-c", "import lepton_hpc; print(lepton_hpc.__file__)"],

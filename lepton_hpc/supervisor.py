@@ -2,7 +2,8 @@
 
 The supervisor is not an MPI rank: it never initialises MPI (``needs_mpi=False``, and nothing
 here imports ``mpi4py``). It starts ``mpiexec -n N python -m lepton_hpc <command>`` in a session
-of its own (``srun --mpi=pmix -n N ...`` inside a Slurm allocation), copies the job's output
+of its own (``srun --mpi=pmix -n N ...`` inside a Slurm allocation; ``--launcher`` chooses
+explicitly and ``--launcher-args`` adds options such as a hostfile), copies the job's output
 through, and decides from the exit status what happens next:
 
 - exit 0: done; exit 2 (bad input or config) and the stop exit (a checkpoint was written on a
@@ -12,8 +13,9 @@ through, and decides from the exit status what happens next:
   up to 60 s. A restarted ``train`` gets ``--resume auto`` (once; a ``--resume PATH`` or
   ``--overwrite`` of the first attempt is dropped, they would move or delete the checkpoints
   written since); ``sweep`` continues from its journal and ``predict`` runs again as it is;
-- an attempt that failed because fewer slots exist than ranks asked for is started again with
-  one rank less, down to ``--min-np``.
+- an attempt the launcher refused because fewer slots exist than ranks asked for (a node of
+  the allocation or hostfile is gone) is started again at once with one rank less, down to
+  ``--min-np``, without spending a restart (nothing ran).
 
 SIGTERM, SIGUSR1 and SIGINT sent to the supervisor reach the job as its stop signal (SIGUSR1,
 which mpiexec and srun pass to every rank): the ranks write a checkpoint and exit with the stop
@@ -26,6 +28,7 @@ import argparse
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -39,6 +42,27 @@ from .errors import EXIT_OK, EXIT_STOPPED, EXIT_USAGE, EXIT_WATCHDOG, LeptonErro
 from .launch import mpi_env
 
 COMMANDS = ("train", "sweep", "predict")
+LAUNCHERS = ("auto", "srun", "mpiexec")
+# mpiexec options that place ranks on other hosts: then the job is not this node's alone, and
+# neither --oversubscribe nor the loopback-only network defaults apply.
+HOST_OPTIONS = (
+    "--host",
+    "-host",
+    "-H",
+    "--hostfile",
+    "-hostfile",
+    "--machinefile",
+    "-machinefile",
+    "--default-hostfile",
+    "--rankfile",
+    "-rf",
+)
+OVERSUBSCRIBE_OPTIONS = (
+    "--oversubscribe",
+    "-oversubscribe",
+    "--nooversubscribe",
+    "-nooversubscribe",
+)
 DEFAULT_MAX_RESTARTS = 3
 DEFAULT_BACKOFF_S = 2.0
 BACKOFF_CAP_S = 60.0
@@ -66,7 +90,7 @@ def register_launch(sub) -> None:
         "launch",
         help="run a train, sweep or predict job under mpiexec/srun; restart it when it fails",
         usage="lepton launch --np N [--max-restarts R] [--min-np M] [--backoff S] "
-        "-- {train,sweep,predict} ...",
+        "[--launcher auto|srun|mpiexec] [--launcher-args ARGS] -- {train,sweep,predict} ...",
     )
     p.add_argument("--np", type=int, required=True, help="ranks to start")
     p.add_argument(
@@ -88,6 +112,18 @@ def register_launch(sub) -> None:
         help=f"seconds before the first restart, doubling up to {BACKOFF_CAP_S:.0f} "
         f"(default {DEFAULT_BACKOFF_S:g})",
     )
+    p.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="auto",
+        help="auto (default): srun inside a Slurm allocation, mpiexec elsewhere",
+    )
+    p.add_argument(
+        "--launcher-args",
+        default="",
+        metavar="ARGS",
+        help="extra options for srun or mpiexec, as one string (e.g. '--hostfile hosts')",
+    )
     p.add_argument("job", nargs=argparse.REMAINDER, help="-- train|sweep|predict ARGS")
     p.set_defaults(func=run_launch, needs_mpi=False)
 
@@ -105,6 +141,12 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise LeptonError(f"--max-restarts {args.max_restarts}: give 0 or more")
     if not args.backoff >= 0:
         raise LeptonError(f"--backoff {args.backoff}: give 0 or more seconds")
+    try:
+        shlex.split(args.launcher_args)
+    except ValueError as exc:
+        raise LeptonError(f"--launcher-args {args.launcher_args!r}: {exc}") from None
+    if args.launcher == "srun" and not shutil.which("srun"):
+        raise LeptonError("--launcher srun: no srun command on the PATH")
     if not job or job[0] not in COMMANDS:
         got = f"'{job[0]}'" if job else "nothing"
         raise LeptonError(f"lepton launch runs one of {', '.join(COMMANDS)} after '--' (got {got})")
@@ -116,7 +158,10 @@ def check_args(args: argparse.Namespace) -> list[str]:
 def run_launch(args: argparse.Namespace, _comm, _log) -> int:
     """The ``lepton launch`` command; it runs alone, outside MPI (``needs_mpi=False``)."""
     job = check_args(args)
-    return Supervisor(job, args.np, args.min_np or args.np, args.max_restarts, args.backoff).run()
+    supervisor = Supervisor(job, args.np, args.min_np or args.np, args.max_restarts, args.backoff)
+    supervisor.launcher = args.launcher
+    supervisor.launcher_args = shlex.split(args.launcher_args)
+    return supervisor.run()
 
 
 # ---- the policy ----------------------------------------------------------------------------------
@@ -241,20 +286,46 @@ def end_session(sid: int, linger: float) -> list[int]:
     return left
 
 
-def launcher_command(np: int, command: list[str]) -> tuple[list[str], dict[str, str]]:
-    """``srun`` inside a Slurm allocation, else ``mpiexec`` (oversubscribed past the cores)."""
+def in_allocation() -> bool:
+    """Inside a Slurm job (its allocation decides the slots)."""
+    return bool(os.environ.get("SLURM_JOB_ID"))
+
+
+def launcher_command(
+    np: int, command: list[str], launcher: str = "auto", extra: list[str] | tuple = ()
+) -> tuple[list[str], dict[str, str]]:
+    """The launcher's command line and environment for ``np`` ranks of ``command``.
+
+    ``auto``: ``srun`` inside a Slurm allocation (when srun exists), else ``mpiexec``. mpiexec
+    outside an allocation and without host options runs the job on this node alone: it is
+    oversubscribed past the cores and gets the loopback-only defaults of ``launch.mpi_env``.
+    Inside an allocation or with host options the slots are the allocation's or the hostfile's
+    (asking for more fails with "not enough slots", which ``--min-np`` answers), and the
+    network is left to the site's configuration.
+    """
     lepton = [sys.executable, "-m", "lepton_hpc", *command]
-    if os.environ.get("SLURM_JOB_ID") and shutil.which("srun"):
-        return ["srun", "--mpi=pmix", "-n", str(np), *lepton], {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
+    extra = list(extra)
+    if launcher == "srun" or (launcher == "auto" and in_allocation() and shutil.which("srun")):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return ["srun", "--mpi=pmix", "-n", str(np), *extra, *lepton], env
+    local = not in_allocation() and not any(a.split("=", 1)[0] in HOST_OPTIONS for a in extra)
+    if not local:  # only the singleton variables go (this process never initialised MPI)
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("OMPI_", "PMIX_")) or k.startswith(("OMPI_ALLOW", "OMPI_MCA"))
         }
+        if os.geteuid() == 0:
+            env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        env["PYTHONUNBUFFERED"] = "1"
+        return ["mpiexec", "-n", str(np), *extra, *lepton], env
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
-    over = ["--oversubscribe"] if np > cores else []
-    return ["mpiexec", "-n", str(np), *over, *lepton], mpi_env()
+    chosen = any(a in OVERSUBSCRIBE_OPTIONS for a in extra)
+    over = ["--oversubscribe"] if np > cores and not chosen else []
+    return ["mpiexec", "-n", str(np), *over, *extra, *lepton], mpi_env()
 
 
 class Supervisor:
@@ -265,6 +336,7 @@ class Supervisor:
     ) -> None:
         self.job, self.np, self.min_np = job, np, min_np
         self.max_restarts, self.backoff = max_restarts, backoff
+        self.launcher, self.launcher_args = "auto", []
         self.stop_signal = 0
         self.proc: subprocess.Popen | None = None
         self._print = threading.Lock()
@@ -289,12 +361,14 @@ class Supervisor:
 
     def _attempts(self) -> int:
         total = self.max_restarts + 1
-        for attempt in range(1, total + 1):
-            command = job_command(self.job, restart=attempt > 1)
+        attempt, launched = 1, 0  # attempt: the restart budget spent + 1; launched: any start
+        while True:
+            launched += 1
+            command = job_command(self.job, restart=launched > 1)
             where = ""
-            if attempt > 1 and self.job[0] == "train":
+            if launched > 1 and self.job[0] == "train":
                 where = f", {resume_point(command)}"
-            cmd, env = launcher_command(self.np, command)
+            cmd, env = launcher_command(self.np, command, self.launcher, self.launcher_args)
             self.say(f"attempt {attempt}/{total} on {self.np} rank(s){where}: {' '.join(cmd)}")
             returncode, output = self._run_once(cmd, env)
             if self.stop_signal:
@@ -309,6 +383,17 @@ class Supervisor:
                 reason = "bad input or config" if returncode == EXIT_USAGE else "stopped"
                 self.say(f"attempt {attempt}/{total} ended with {why}: {reason}, not retried")
                 return returncode
+            if FEW_SLOTS.search(output) and self.np > self.min_np:
+                # Nothing ran (the launcher refused to start): no restart is spent, and the
+                # next start comes at once, until the rank count fits what is left.
+                self.np -= 1
+                self.say(
+                    f"attempt {attempt}/{total} could not start ({why}); continuing on "
+                    f"{self.np} rank(s) (--min-np {self.min_np})"
+                )
+                if not self._sleep(min(self.backoff, 1.0)):
+                    break
+                continue
             if attempt == total:
                 self.say(
                     f"attempt {attempt}/{total} failed with {why}; no restarts left "
@@ -317,15 +402,11 @@ class Supervisor:
                 return exit_status(returncode)
             delay = backoff_delay(attempt, self.backoff)
             self.say(f"attempt {attempt}/{total} failed with {why}; restarting in {delay:g} s")
-            if FEW_SLOTS.search(output) and self.np > self.min_np:
-                self.np -= 1
-                self.say(
-                    f"fewer slots than ranks: continuing on {self.np} (--min-np {self.min_np})"
-                )
+            attempt += 1
             if not self._sleep(delay):
-                self.say(f"stopped on {signal.Signals(self.stop_signal).name} before a restart")
-                return EXIT_STOPPED
-        raise AssertionError("unreachable")  # pragma: no cover
+                break
+        self.say(f"stopped on {signal.Signals(self.stop_signal).name} before a restart")
+        return EXIT_STOPPED
 
     def _sleep(self, seconds: float) -> bool:
         """Wait ``seconds``; False when a stop signal came meanwhile."""

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -200,3 +201,53 @@ def test_a_sweep_worker_killed_midway_is_recovered_without_repeating_tasks(data,
     assert 2 <= done == len(from_journal) < 8
     for task in from_journal:  # finished before the kill: never run again
         assert (out / "logs" / f"{task['id']}.log").read_text().count("attempt at") == 1
+
+
+def test_a_lost_slot_continues_on_fewer_ranks_bitwise_in_reproducible_mode(data, tmp_path):
+    """3 ranks on a hostfile with 3 slots; a rank fails, and before the restart the hostfile
+    shrinks to 2 slots (a node gone). mpiexec refuses 3 ranks ("not enough slots"), the
+    supervisor continues on 2 without spending a restart, and the run ends with the bits of the
+    uninterrupted 3-rank run (reproducible mode: rank-count invariant)."""
+    exact = {"comm": {"reproducible": True}}
+    ok(lepton(3, "train", config(tmp_path, data, "ref3", **exact), timeout=240))
+    reference3 = read_params(tmp_path / "ref3" / "model.h5")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=3\n")
+    env = mpi_env(LEPTON_FAULT=f"raise=1@25,once={tmp_path / 'marks'}")
+    env.pop("OMPI_MCA_rmaps_base_oversubscribe")  # the hostfile's slots are the limit
+    env.pop("SLURM_JOB_ID", None)
+    cfg = config(tmp_path, data, "shrink", **exact)
+    argv = ["--np", "3", "--min-np", "2", "--backoff", "1", "--launcher", "mpiexec"]
+    argv += ["--launcher-args", f"--hostfile {hosts}", "--", "train", str(cfg)]
+    proc = launch.start([PYTHON, "-m", "lepton_hpc", "launch", *argv], env=env, cwd=ROOT)
+    lines: list[str] = []
+    errors: list[str] = []
+
+    def pump():
+        for line in proc.stdout:
+            lines.append(line)
+            if "attempt 1/4 failed with" in line:  # printed before the 1 s backoff
+                hosts.write_text("localhost slots=2\n")
+
+    readers = [
+        threading.Thread(target=pump, daemon=True),
+        threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True),
+    ]
+    for t in readers:
+        t.start()
+    try:
+        proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for t in readers:
+        t.join(timeout=10)
+    out = "".join(lines)
+    assert proc.returncode == 0, out + "".join(errors)
+    assert "attempt 1/4 on 3 rank(s)" in out and "attempt 1/4 failed with exit code 1" in out
+    assert "could not start (exit code 1 (not enough slots" in out, out
+    assert "continuing on 2 rank(s) (--min-np 2)" in out
+    assert re.search(r"attempt 2/4 on 2 rank\(s\), resuming from step 20 ", out), out
+    assert "attempt 2/4 completed" in out
+    assert json.loads((tmp_path / "shrink" / "results.json").read_text())["ranks"] == 2
+    assert np.array_equal(read_params(tmp_path / "shrink" / "model.h5"), reference3)

@@ -145,12 +145,38 @@ def test_mpiexec_or_srun(monkeypatch):
     ]
 
 
+def test_launcher_choice_and_its_options(monkeypatch):
+    """mpiexec on this node alone is oversubscribed and kept on loopback; inside an allocation
+    or with a hostfile the slots and the network are the site's, so a shortage shows."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("OMPI_MCA_btl_tcp_if_include", raising=False)
+    monkeypatch.setattr(supervisor.os, "sched_getaffinity", lambda _pid: {0, 1})
+    cmd, env = supervisor.launcher_command(3, ["train", "c"], "mpiexec", ["--hostfile", "h"])
+    assert cmd[:5] == ["mpiexec", "-n", "3", "--hostfile", "h"]
+    assert "--oversubscribe" not in cmd and "OMPI_MCA_btl_tcp_if_include" not in env
+    cmd, _ = supervisor.launcher_command(3, ["train", "c"], "auto", ["--nooversubscribe"])
+    assert "--oversubscribe" not in cmd
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")  # a singleton's variable: never passed on
+    cmd, env = supervisor.launcher_command(3, ["train", "c"], "mpiexec", ["--bind-to", "core"])
+    assert cmd[:5] == ["mpiexec", "-n", "3", "--bind-to", "core"]
+    assert "--oversubscribe" not in cmd and "OMPI_COMM_WORLD_RANK" not in env
+    assert "OMPI_MCA_btl_tcp_if_include" not in env
+    cmd, _ = supervisor.launcher_command(2, ["train", "c"], "srun", ["--exclusive"])
+    assert cmd[:5] == ["srun", "--mpi=pmix", "-n", "2", "--exclusive"]
+
+
+def test_launcher_args_are_checked():
+    with pytest.raises(LeptonError, match="--launcher-args"):
+        check_args(args("--np", "2", "--launcher-args", "'unclosed", "--", "train", "c.toml"))
+
+
 # ---- the attempt loop, with stand-in jobs --------------------------------------------------------
 def scripted(monkeypatch, tmp_path, body: str):
     """Make every attempt run ``body`` (Python; ``NP`` is the rank count, ``N`` the attempt)."""
     counter = tmp_path / "attempts"
 
-    def fake(np, command):
+    def fake(np, command, *_):
         code = (
             f"import pathlib, sys\nNP = {np}\nc = pathlib.Path({str(counter)!r})\n"
             "N = int(c.read_text()) + 1 if c.exists() else 1\nc.write_text(str(N))\n"
@@ -190,8 +216,9 @@ def test_fewer_slots_step_the_rank_count_down_to_min_np(monkeypatch, tmp_path, c
     scripted(monkeypatch, tmp_path, body)
     assert Supervisor(["sweep", "s.toml"], 4, 2, 3, 0.0).run() == 0
     out = capsys.readouterr().out
-    assert "continuing on 3 (--min-np 2)" in out and "continuing on 2 (--min-np 2)" in out
-    assert "attempt 3/4 on 2 rank(s)" in out
+    assert "continuing on 3 rank(s) (--min-np 2)" in out
+    assert "continuing on 2 rank(s) (--min-np 2)" in out
+    assert "attempt 1/4 on 2 rank(s)" in out and "attempt 1/4 completed" in out  # none spent
 
 
 def test_a_restarted_train_says_where_it_resumes(monkeypatch, tmp_path, capsys):

@@ -6,6 +6,7 @@ Faults are injected with ``LEPTON_FAULT="raise=R@S,once=DIR"``: each error fires
 only, as a crash would, so the restarted job gets past it.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import pytest
 
 from lepton_hpc import launch
 from lepton_hpc.checkpoint import read_checkpoint
+from lepton_hpc.errors import LeptonError
 from tests.conftest import (
     PYTHON,
     ROOT,
@@ -251,3 +253,51 @@ def test_a_lost_slot_continues_on_fewer_ranks_bitwise_in_reproducible_mode(data,
     assert "attempt 2/4 completed" in out
     assert json.loads((tmp_path / "shrink" / "results.json").read_text())["ranks"] == 2
     assert np.array_equal(read_params(tmp_path / "shrink" / "model.h5"), reference3)
+
+
+def test_two_ranks_killed_at_different_times_complete_bitwise_equal(data, tmp_path, reference):
+    """SIGKILL (as the kernel's OOM killer or a dying node would): rank 1 after the first
+    checkpoint, then rank 0 of the restarted job after a later one. The job completes by itself
+    with the parameters of the uninterrupted run."""
+    cfg = config(tmp_path, data, "killed")
+    run = tmp_path / "killed"
+    proc = start_launch(
+        "--np", RANKS, "--backoff", 0.2, "--", "train", cfg, LEPTON_FAULT="delay=0.1"
+    )
+
+    def newest_step() -> int:
+        steps = [0]
+        for path in (run / "checkpoints").glob("ckpt-*.h5"):
+            with contextlib.suppress(OSError, LeptonError):  # rotated away meanwhile
+                steps.append(read_checkpoint(path).step)
+        return max(steps)
+
+    def ranks_after(step: int, previous: int | None) -> tuple[int, dict[int, int]]:
+        """(mpiexec pid, its ranks) once a checkpoint past ``step`` exists under a new mpiexec."""
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"no checkpoint past step {step}: {finish(proc, 10)}")
+            children = ["ps", "-o", "pid=", "--ppid", str(proc.pid)]
+            out = subprocess.run(children, capture_output=True, text=True, check=False).stdout
+            out = out.split()
+            if len(out) == 1 and int(out[0]) != previous and newest_step() > step:
+                ranks = rank_pids(int(out[0]))
+                if len(ranks) == RANKS:
+                    return int(out[0]), ranks
+            time.sleep(0.05)
+
+    first, ranks = ranks_after(0, None)
+    os.kill(ranks[1], signal.SIGKILL)
+    _, ranks = ranks_after(newest_step() + 10, first)
+    os.kill(ranks[0], signal.SIGKILL)
+    res = ok(finish(proc, timeout=300))
+    assert attempts(res.stdout) == [("1", "4"), ("2", "4"), ("3", "4")], res.stdout
+    assert re.search(r"attempt 1/4 failed with .*rank 1 .*died on SIGKILL", res.stdout), res.stdout
+    assert re.search(r"attempt 2/4 failed with .*rank 0 .*died on SIGKILL", res.stdout), res.stdout
+    said = [int(s) for s in re.findall(r"rank\(s\), resuming from step (\d+)", res.stdout)]
+    resumed = [int(step) for _, _, step in RESUMED.findall(res.stdout)]
+    assert said == resumed and len(said) == 2 and 0 < said[0] < said[1], res.stdout
+    _, epoch, step = RESUMED.findall(res.stdout)[-1]
+    check_continued(res.stdout.rsplit("resuming from ", 1)[1], run, int(epoch), int(step))
+    assert np.array_equal(read_params(run / "model.h5"), reference)  # bit for bit

@@ -21,6 +21,7 @@ import errno
 import json
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator, Mapping
@@ -51,6 +52,8 @@ __all__ = [
     "finite_json",
     "fsync_dir",
     "is_run_dir",
+    "note_leftovers",
+    "remove_leftover_temporaries",
     "same_path",
     "temp_path",
     "write_json",
@@ -120,6 +123,60 @@ def atomic_file(final: Path, tmp: Path | None = None) -> Iterator[Path]:
         if isinstance(exc, OSError) and exc.errno in REFUSED:
             raise WriteError(f"cannot write '{final}': {os.strerror(exc.errno)}") from None
         raise
+
+
+# The final names whose temporaries a run may find left behind by a writer that died mid-write
+# (SIGKILL, a lost node): checkpoints, and the run directory's own files.
+LEFTOVER_NAMES = r"ckpt-\d+(?:-\d+)?\.h5|status\.json|metrics\.jsonl|results\.json|model\.h5"
+_TEMP = re.compile(rf"\.(?P<name>{LEFTOVER_NAMES})\.(?P<host>.+)\.(?P<pid>\d+)\.tmp")
+STALE_TEMP_S = 300.0  # a temporary written on another host is its writer's until this old
+
+
+def _writer_gone(host: str, pid: int, path: Path) -> bool:
+    if host == socket.gethostname():
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+    try:  # another host: its process cannot be asked; an old temporary is abandoned
+        return time.time() - path.lstat().st_mtime > STALE_TEMP_S
+    except OSError:
+        return False
+
+
+def remove_leftover_temporaries(directory: Path) -> list[Path]:
+    """Remove the temporaries ``atomic_file`` left in ``directory`` when their writer died before
+    renaming them (only the toolkit's names, only plain files, only when the writer is gone:
+    on this host its pid is dead, on another the file is over ``STALE_TEMP_S`` old). Called by
+    the process that holds the run directory's lock; returns what it removed."""
+    removed = []
+    try:
+        candidates = sorted(Path(directory).glob(".*.tmp"))
+    except OSError:
+        return removed
+    for path in candidates:
+        m = _TEMP.fullmatch(path.name)
+        if m is None or path.is_symlink() or not path.is_file():
+            continue
+        if _writer_gone(m["host"], int(m["pid"]), path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def note_leftovers(log, *directories: Path) -> list[Path]:
+    """``remove_leftover_temporaries`` on each directory, with one log line when it removed any."""
+    removed = [p for d in directories for p in remove_leftover_temporaries(d)]
+    if removed:
+        names = ", ".join(str(p) for p in removed)
+        log.info(f"removed {len(removed)} temporary file(s) left by an interrupted write: {names}")
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:

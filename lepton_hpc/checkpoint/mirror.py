@@ -35,7 +35,7 @@ from pathlib import Path
 
 from ..errors import LeptonError
 from ..log import Log
-from ..safety import atomic_file, check_not_input, same_path
+from ..safety import atomic_file, check_not_input, note_leftovers, same_path
 from .files import TrainState, _checkpoint_files
 from .lineage import _KNOWN, _Known, _rotate, _stamp, move_aside
 
@@ -102,6 +102,7 @@ class Mirror:
         m = cls(mirror_dir(mirror, run_dir) if root else None, log)
         if m.directory is None:
             return m
+        note_leftovers(log, m.directory)  # a copy cut short by a crash
         if not state.lineage:
             try:
                 move_aside(m.directory, (-1, -1), None, log)

@@ -26,6 +26,7 @@ from ..faults import FaultHooks, StopFlag
 from ..log import Log
 from ..models import Model, build_model, target_stats
 from ..results import RunDir, check_run_dir, create_run_dir
+from ..safety import note_leftovers
 from .step import StepContext, Timers
 from .strategies import check_comm_config, make_reduction
 
@@ -107,6 +108,7 @@ class RunSetup:
             self.lock = create_run_dir(self.run.path, overwrite=overwrite, inputs=self.inputs)
             if self.lock.warning:  # a file system without flock
                 self.log.warning(self.lock.warning)
+            note_leftovers(self.log, self.run.path, self.run.path / "checkpoints")
 
     def release(self) -> None:
         if self.lock is not None:

@@ -4,6 +4,8 @@ newest checkpoint, ending with the bits of an uninterrupted run."""
 
 import shutil
 import signal
+import socket
+import subprocess
 import time
 
 import numpy as np
@@ -35,6 +37,13 @@ def config(tmp_path, data, name, **checkpoint):
     return small_mlp_config(tmp_path, data, name, 2, checkpoint=checkpoint)
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def ckpt_names(directory):
     return sorted(p.name for p in directory.glob("ckpt-*.h5"))
 
@@ -50,12 +59,24 @@ def test_with_the_primary_checkpoints_deleted_the_run_resumes_from_the_mirror(tm
     (sub,) = [d for d in mirror.iterdir() if d.is_dir()]
     assert sub.name.startswith("crash-") and ckpt_names(sub)
     shutil.rmtree(run / "checkpoints")  # the run's file system lost its checkpoints
+    # copies and writes cut short by a crash (their writer is dead), and a file of the user's
+    dead = dead_pid()
+    host = socket.gethostname()
+    leftovers = [
+        sub / f".ckpt-00000009-0000000040.h5.{host}.{dead}.tmp",
+        run / f".results.json.{host}.{dead}.tmp",
+    ]
+    for f in leftovers:
+        f.write_bytes(b"partial")
+    (sub / ".notes.tmp").write_text("mine")
 
     path, state = newest_valid(sub)  # what --resume auto must continue from
     assert state.step in (10, 20, 30)
     res = ok(lepton(RANKS, "train", cfg, "--resume", "auto", timeout=240))
     check_resumed(res.stdout, run, path, state)
     assert path.parent == sub
+    assert not any(f.exists() for f in leftovers) and (sub / ".notes.tmp").read_text() == "mine"
+    assert res.stdout.count("temporary file(s) left by an interrupted write") == 2
     assert np.array_equal(read_params(run / "model.h5"), reference)  # bit for bit
     # the resumed run mirrored its checkpoints too, rotated alike in both directories
     assert ckpt_names(sub) == ckpt_names(run / "checkpoints")

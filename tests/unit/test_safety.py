@@ -5,9 +5,11 @@ import errno
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -329,3 +331,38 @@ def test_run_lock_without_flock_warns(tmp_path, monkeypatch):
     assert not lock.locked
     assert "does not support flock" in lock.warning and "No locks available" in lock.warning
     lock.release()
+
+
+# ---- temporaries left by a writer that died -------------------------------------------------
+def test_only_abandoned_toolkit_temporaries_are_removed(tmp_path):
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead, host = proc.pid, socket.gethostname()
+    old = time.time() - 2 * safety.STALE_TEMP_S
+    gone = [
+        tmp_path / f".ckpt-00000002-0000000020.h5.{host}.{dead}.tmp",
+        tmp_path / f".ckpt-0000000020.h5.{host}.{dead}.tmp",  # a format-1 name
+        tmp_path / f".status.json.{host}.{dead}.tmp",
+        tmp_path / f".model.h5.node7.cluster.example.{dead}.tmp",  # another host, old
+    ]
+    kept = [
+        tmp_path / f".ckpt-00000003-0000000030.h5.{host}.{os.getpid()}.tmp",  # being written
+        tmp_path / f".ckpt-00000003-0000000030.h5.node7.{dead}.tmp",  # another host, recent
+        tmp_path / f".mydata.h5.{host}.{dead}.tmp",  # not a name the toolkit writes
+        tmp_path / ".notes.tmp",
+        tmp_path / f"ckpt-00000002-0000000020.h5.{host}.{dead}.tmp",  # no leading dot
+    ]
+    for f in gone + kept:
+        f.write_bytes(b"x")
+    os.utime(gone[3], (old, old))
+    target = tmp_path / "target"
+    target.write_text("the user's")
+    link = tmp_path / f".results.json.{host}.{dead}.tmp"
+    link.symlink_to(target)  # a link is never followed nor removed
+    folder = tmp_path / f".metrics.jsonl.{host}.{dead}.tmp"
+    folder.mkdir()
+    assert sorted(safety.remove_leftover_temporaries(tmp_path)) == sorted(gone)
+    assert not any(f.exists() for f in gone)
+    assert all(f.exists() for f in kept) and link.is_symlink() and folder.is_dir()
+    assert target.read_text() == "the user's"
+    assert safety.remove_leftover_temporaries(tmp_path / "missing") == []

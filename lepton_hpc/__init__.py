@@ -1,1 +1,30 @@
+"""lepton_hpc: MPI training and inference on HDF5 data, from job scripts and from Python.
+
+``import lepton_hpc as lp`` gives the Python interface: ``lp.train`` / ``lp.Run`` (a run from a
+config, alone or under mpirun), ``lp.load_model`` / ``lp.Model`` (in-process predict, evaluate,
+ONNX export) and the scikit-learn estimators. They are imported on first use (PEP 562), so the
+``lepton`` command never pays for them and scikit-learn stays optional.
+"""
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "model",
+    "Model": "model",
+}
+__all__ = ["__version__", *_EXPORTS.keys()]  # noqa: PLE0604 - all strings
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lepton_hpc' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".api.{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

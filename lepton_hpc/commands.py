@@ -14,6 +14,7 @@ from pathlib import Path
 from .bench import register_bench
 from .comm.base import Communicator, agree
 from .convert_cmd import register_convert
+from .export_cmd import register_export
 from .log import Log
 from .supervisor import register_launch
 from .sweep import register_sweep
@@ -245,6 +246,7 @@ REGISTRY = [
     register_train,
     register_evaluate,
     register_predict,
+    register_export,
     register_doctor,
     register_sweep,
     register_bench,

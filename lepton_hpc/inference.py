@@ -48,14 +48,27 @@ def load_for_inference(args, comm: Communicator, log: Log, with_y: bool):
     trained with). Returns (model, params, split, device); every rank fails together on a
     mismatch (feature count, labels the model does not know).
     """
-    from .data.dataset import load_eval_data
     from .device import select_device
-    from .models import check_labels, target_stats
-    from .models.io import check_features, load_model
+    from .models.io import load_model
 
     model, params, scaler, meta = agree(comm, lambda: load_model(args.model))
     if meta.get("unverified"):
         log.warning(f"model file '{args.model}' is unverified ({meta['unverified']})")
+    split = load_rows(model, scaler, meta, args, comm, log, with_y)
+    device = agree(comm, lambda: select_device("cpu", 0, comm))
+    return model, params, split, device
+
+
+def load_rows(model: Model, scaler, meta: dict, args, comm: Communicator, log: Log, with_y: bool):
+    """This rank's rows of ``args.data`` scaled for a model already read, checked to fit it.
+
+    Shared by the command line and the in-process ``lepton_hpc.api.model``, so that both read,
+    scale and check a file the same way and their numbers agree bit for bit.
+    """
+    from .data.dataset import load_eval_data
+    from .models import check_labels, target_stats
+    from .models.io import check_features
+
     cfg = meta.get("config", {}).get("data", {})
     x = args.x or cfg.get("x", "X")
     y = (args.y or cfg.get("y", "y")) if with_y else None
@@ -64,8 +77,7 @@ def load_for_inference(args, comm: Communicator, log: Log, with_y: bool):
     if with_y:
         stats = target_stats(split.y, comm)
         agree(comm, lambda: check_labels(model, stats, f"'{args.data}:{y}'"))
-    device = agree(comm, lambda: select_device("cpu", 0, comm))
-    return model, params, split, device
+    return split
 
 
 def predict_one(

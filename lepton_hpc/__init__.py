@@ -9,8 +9,15 @@ ONNX export) and the scikit-learn estimators. They are imported on first use (PE
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "train": "run",
+    "Run": "run",
     "load_model": "model",
     "Model": "model",
+    "LinearRegression": "estimators",
+    "LogisticRegression": "estimators",
+    "SoftmaxRegression": "estimators",
+    "MLPClassifier": "estimators",
+    "MLPRegressor": "estimators",
 }
 __all__ = ["__version__", *_EXPORTS.keys()]  # noqa: PLE0604 - all strings
 

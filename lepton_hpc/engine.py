@@ -46,6 +46,7 @@ class Trainer:
         overwrite: bool = False,
         stop: StopFlag | None = None,
         inputs: Mapping[str, str] | None = None,
+        source=None,
     ) -> None:
         self.cfg, self.comm, self.log = cfg, comm, log
         # A stop signal during start-up (data loading can be long) is kept, not fatal: the
@@ -55,7 +56,14 @@ class Trainer:
         self.timers = Timers()
         self.t_start = time.perf_counter()
         s = self.setup = prepare(
-            cfg, comm, log, self.timers, resume=resume, overwrite=overwrite, inputs=inputs
+            cfg,
+            comm,
+            log,
+            self.timers,
+            resume=resume,
+            overwrite=overwrite,
+            inputs=inputs,
+            source=source,
         )
         self.run = s.run
         self.opt = make_optimizer(cfg.optim, s.model.n_params)  # the run's only optimiser
@@ -195,10 +203,21 @@ def train(
     overwrite: bool = False,
     stop: StopFlag | None = None,
     inputs: Mapping[str, str] | None = None,
+    source=None,
 ) -> dict:
     """Run one training job described by ``cfg`` on the ranks of ``comm``; returns results.
 
     ``inputs``: further files the run reads (the config), named by role, that the run
-    directory's guards protect besides the data files."""
-    trainer = Trainer(cfg, comm, log, resume=resume, overwrite=overwrite, stop=stop, inputs=inputs)
+    directory's guards protect besides the data files. ``source``: training rows already in
+    memory (``data.memory.ArraySource``), used instead of ``cfg.data.train``."""
+    trainer = Trainer(
+        cfg,
+        comm,
+        log,
+        resume=resume,
+        overwrite=overwrite,
+        stop=stop,
+        inputs=inputs,
+        source=source,
+    )
     return trainer.fit()

@@ -76,22 +76,34 @@ class TrainingData:
 
 
 def load_training_data(
-    data_cfg, seed: int, comm: Communicator, log: Log, *, reproducible: bool = False
+    data_cfg,
+    seed: int,
+    comm: Communicator,
+    log: Log,
+    *,
+    reproducible: bool = False,
+    source=None,
 ) -> TrainingData:
     """Read this rank's block, split off validation rows, fit and apply the scaler.
 
     ``reproducible``: ranks read whole global row blocks and the scaler merges per-block
     statistics in block order, so everything is bitwise the same for any rank count.
+    ``source``: rows already in memory (``memory.ArraySource``) instead of ``data_cfg.train``.
     """
-    block: Block = read_block(
-        data_cfg.train,
-        data_cfg.x,
-        data_cfg.y,
-        comm,
-        log,
-        nonfinite=data_cfg.nonfinite,
-        aligned=reproducible,
-    )
+    if source is not None:
+        block: Block = source.read_block(
+            comm, log, nonfinite=data_cfg.nonfinite, aligned=reproducible
+        )
+    else:
+        block = read_block(
+            data_cfg.train,
+            data_cfg.x,
+            data_cfg.y,
+            comm,
+            log,
+            nonfinite=data_cfg.nonfinite,
+            aligned=reproducible,
+        )
     assert block.y is not None
     holds_out = data_cfg.validation_fraction > 0 or bool(data_cfg.folds)
     X, y, ids = block.X, block.y, block.ids  # every row trains unless some are held out

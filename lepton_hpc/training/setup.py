@@ -156,8 +156,12 @@ def prepare(
     resume: str | None,
     overwrite: bool,
     inputs: Mapping[str, str] | None,
+    source=None,
 ) -> RunSetup:
-    """Check the configuration and run directory, load the data, build the model and device."""
+    """Check the configuration and run directory, load the data, build the model and device.
+
+    ``source``: training rows already in memory (``data.memory.ArraySource``) instead of the
+    file ``data.train``."""
     files = run_inputs(cfg, resume, inputs)
     run = RunDir(cfg.output.dir)
     agree(comm, lambda: check_comm_config(cfg))  # [comm] x [optim] combinations
@@ -168,25 +172,29 @@ def prepare(
     agree(comm, lambda: check_mirror(mirror, run.path, files) if comm.is_root else None)
     with timers("io"):
         data = load_training_data(
-            cfg.data, cfg.train.seed, comm, log, reproducible=cfg.comm.reproducible
+            cfg.data, cfg.train.seed, comm, log, reproducible=cfg.comm.reproducible, source=source
         )
         # What the data hold (shapes, types, a hash of sampled rows): checkpoints and the
         # model carry it, and a resume on other data is refused.
         d = cfg.data
-        found = agree(comm, lambda: fingerprint(d.train, d.x, d.y) if comm.is_root else None)
-        data_fingerprint = comm.bcast(found)
+        if source is not None:
+            data_fingerprint = source.fingerprint()  # the same on every rank
+        else:
+            found = agree(comm, lambda: fingerprint(d.train, d.x, d.y) if comm.is_root else None)
+            data_fingerprint = comm.bcast(found)
+    train_name = source.name if source is not None else cfg.data.train
     train = data.train
     val_rows = data.val.n_global if data.val is not None else 0
     dropped = data.info.n_rows - train.n_global - val_rows
     if dropped:
         log.warning(
-            f"dropped {dropped} of {data.info.n_rows} rows of '{cfg.data.train}' "
+            f"dropped {dropped} of {data.info.n_rows} rows of '{train_name}' "
             'holding NaN or Inf (data.nonfinite = "drop")'
         )
     agree(comm, lambda: _check_rows(cfg, data, dropped))
     y_dim = 1 if train.y.ndim == 1 else train.y.shape[1]
     stats = target_stats(train.y, comm)
-    where = f"'{cfg.data.train}:{cfg.data.y}'"
+    where = f"'{train_name}:{cfg.data.y}'"
     model = agree(comm, lambda: build_model(cfg.model, data.info.n_features, y_dim, stats, where))
     device = agree(comm, lambda: select_device(cfg.train.device, cfg.train.threads, comm))
     X, y = device.place(train.X), device.place(train.y)

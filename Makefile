@@ -81,8 +81,8 @@ run: install $(DEMO_DATA)
 	@$(MPIEXEC) -n $(NP) $(VENV)/bin/lepton train jobs/configs/demo.toml --overwrite
 
 lint: install
-	@$(VENV)/bin/ruff check lepton_hpc kernels tests
-	@$(VENV)/bin/ruff format --check lepton_hpc kernels tests
+	@$(VENV)/bin/ruff check lepton_hpc kernels tests examples
+	@$(VENV)/bin/ruff format --check lepton_hpc kernels tests examples
 
 test-unit: install
 	@$(PY) -m pytest -q tests/unit

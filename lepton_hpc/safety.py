@@ -52,8 +52,10 @@ __all__ = [
     "finite_json",
     "fsync_dir",
     "is_run_dir",
+    "make_scratch_dir",
     "note_leftovers",
     "remove_leftover_temporaries",
+    "remove_scratch_dir",
     "same_path",
     "temp_path",
     "write_json",
@@ -168,6 +170,27 @@ def remove_leftover_temporaries(directory: Path) -> list[Path]:
                 path.unlink()
                 removed.append(path)
     return removed
+
+
+SCRATCH_PREFIX = "lepton-scratch-"
+
+
+def make_scratch_dir(parent: str | Path | None = None) -> Path:
+    """A new private (0700) temporary directory that only the toolkit uses and later removes."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent))
+
+
+def remove_scratch_dir(path: str | Path) -> None:
+    """Remove a directory ``make_scratch_dir`` made, with what the toolkit wrote in it; refuses
+    any other directory (a wrong path must never become a recursive delete)."""
+    import shutil
+
+    path = Path(path)
+    if not path.name.startswith(SCRATCH_PREFIX) or path.is_symlink():
+        raise ValueError(f"'{path}' is not a scratch directory of the toolkit")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def note_leftovers(log, *directories: Path) -> list[Path]:

@@ -26,15 +26,14 @@ from __future__ import annotations
 import io
 import itertools
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, LeptonError
+from ..safety import make_scratch_dir, remove_scratch_dir
 
 try:
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
@@ -158,7 +157,7 @@ class _LeptonModel(BaseEstimator):
             spec, params, kind, shift, scale, history = found
         finally:
             if base is not None and comm.is_root:
-                shutil.rmtree(base, ignore_errors=True)  # the toolkit's own temporary directory
+                remove_scratch_dir(base)  # the toolkit's own temporary directory
         self.spec_ = spec
         self.params_ = np.asarray(params, dtype=np.float64)
         self.scaler_ = (kind, np.asarray(shift), np.asarray(scale))
@@ -291,10 +290,10 @@ def _scratch_dir() -> str:
     shm = Path("/dev/shm")  # noqa: S108 - mkdtemp below makes a private (0700) directory
     if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
         try:
-            return tempfile.mkdtemp(prefix="lepton-fit-", dir=shm)
+            return str(make_scratch_dir(shm))
         except OSError:
             pass
-    return tempfile.mkdtemp(prefix="lepton-fit-")
+    return str(make_scratch_dir())
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

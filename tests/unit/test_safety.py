@@ -366,3 +366,20 @@ def test_only_abandoned_toolkit_temporaries_are_removed(tmp_path):
     assert all(f.exists() for f in kept) and link.is_symlink() and folder.is_dir()
     assert target.read_text() == "the user's"
     assert safety.remove_leftover_temporaries(tmp_path / "missing") == []
+
+
+def test_only_scratch_directories_of_the_toolkit_are_removed(tmp_path):
+    scratch = safety.make_scratch_dir(tmp_path)
+    (scratch / "run").mkdir()
+    (scratch / "run" / "model.h5").write_bytes(b"x")
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    link = tmp_path / f"{safety.SCRATCH_PREFIX}link"
+    link.symlink_to(mine)
+    for wrong in (mine, link, tmp_path):
+        with pytest.raises(ValueError, match="not a scratch directory"):
+            safety.remove_scratch_dir(wrong)
+    assert (mine / "keep.txt").read_text() == "mine"
+    safety.remove_scratch_dir(scratch)
+    assert not scratch.exists() and link.is_symlink()

@@ -59,7 +59,7 @@ $(STAMP)/python: $(STAMP)/system | $(VENV)/bin/python
 $(STAMP)/package: $(STAMP)/python setup.cfg pyproject.toml
 	@echo "==> lepton_hpc (editable) and test tools"
 	@$(PIP) install --no-build-isolation --no-deps -e . > $(STAMP)/package.log 2>&1 || { cat $(STAMP)/package.log; exit 1; }
-	@$(PIP) install matplotlib pytest pytest-timeout scikit-learn ruff hypothesis onnx onnxruntime
+	@$(PIP) install matplotlib pytest pytest-timeout scikit-learn ruff hypothesis onnx onnxruntime pyarrow netCDF4
 	@touch $@
 
 MPIEXEC    ?= mpiexec

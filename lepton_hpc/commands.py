@@ -15,6 +15,7 @@ from .bench import register_bench
 from .comm.base import Communicator, agree
 from .convert_cmd import register_convert
 from .export_cmd import register_export
+from .inspect_cmd import register_inspect
 from .log import Log
 from .supervisor import register_launch
 from .sweep import register_sweep
@@ -243,6 +244,7 @@ def run_doctor(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
 REGISTRY = [
     register_datagen,
     register_convert,
+    register_inspect,
     register_train,
     register_evaluate,
     register_predict,

@@ -1,4 +1,4 @@
-"""``lepton convert``: CSV, NPY or NPZ into chunked HDF5 (the work is in ``data/convert.py``).
+"""``lepton convert``: CSV, NPY, NPZ or Parquet into HDF5 (the work is in ``data/convert.py``).
 
 The input formats are serial, so rank 0 converts and the other ranks wait for its verdict: under
 ``mpirun`` every rank exits together, and an error is printed once.
@@ -17,9 +17,14 @@ DEFAULT_CHUNK_ROWS = 65_536
 def register_convert(sub) -> None:
     p = sub.add_parser(
         "convert",
-        help="CSV, NPY or NPZ into chunked HDF5 (streamed: files larger than memory convert)",
+        help="CSV, NPY, NPZ or Parquet into HDF5 (streamed: files larger than memory convert)",
     )
-    p.add_argument("input", help="INPUT.csv, INPUT.npy or INPUT.npz")
+    p.add_argument(
+        "input",
+        nargs="+",
+        help="INPUT.csv, INPUT.npy, INPUT.npz or INPUT.parquet; Parquet: also several files "
+        "or a directory of them (one table)",
+    )
     p.add_argument("--out", required=True, help="HDF5 file to write")
     p.add_argument("--x", default="X", help="features data set written (NPZ: member read too)")
     p.add_argument("--y", default="y", help="target data set written (NPZ: member read too)")
@@ -27,7 +32,14 @@ def register_convert(sub) -> None:
         "--target-column",
         metavar="NAME|INDEX",
         default=None,
-        help="CSV/NPY column of the target: header name or 0-based index (default: the last)",
+        help="CSV/NPY/Parquet column of the target: header name or 0-based index "
+        "(default: the last)",
+    )
+    p.add_argument(
+        "--columns",
+        metavar="A,B,...",
+        default=None,
+        help="Parquet feature columns, names or 0-based indices (default: all but the target)",
     )
     p.add_argument("--no-target", action="store_true", help="every column is a feature; no y")
     p.add_argument(
@@ -47,7 +59,8 @@ def register_convert(sub) -> None:
         "--missing",
         choices=("error", "nan"),
         default="error",
-        help="empty CSV cells: an error (default) or NaN (train with data.nonfinite = drop)",
+        help="empty CSV cells and Parquet nulls: an error (default) or NaN "
+        "(train with data.nonfinite = drop)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run_convert)
@@ -60,6 +73,7 @@ def run_convert(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
         x=args.x,
         y=args.y,
         target_column=args.target_column,
+        columns=args.columns,
         no_target=args.no_target,
         chunk_rows=args.chunk_rows,
         dtype=args.dtype,
@@ -69,7 +83,8 @@ def run_convert(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
     )
 
     def convert() -> str | None:
-        return convert_file(args.input, args.out, opts, log) if comm.is_root else None
+        src = args.input[0] if len(args.input) == 1 else args.input
+        return convert_file(src, args.out, opts, log) if comm.is_root else None
 
     summary = agree(comm, convert)
     if summary is not None:

@@ -26,7 +26,8 @@ class Options:
 
     x: str = "X"
     y: str = "y"
-    target_column: str | None = None  # CSV/NPY: name or index (default: the last column)
+    target_column: str | None = None  # CSV/NPY/Parquet: name or index (default: the last)
+    columns: str | None = None  # Parquet: feature columns, "a,b,3" (default: all but the target)
     no_target: bool = False
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     dtype: str | None = None  # features: "float32" | "float64" | None (as the source)
@@ -47,7 +48,8 @@ class Source:
     chunks: Callable[[int], Iterator[tuple[np.ndarray, np.ndarray | None]]]
     columns: list[str] = field(default_factory=list)  # feature names, when the source has them
     target: str = ""
-    n_rows: int | None = None  # when known before reading (NPY, NPZ)
+    n_rows: int | None = None  # when known before reading (NPY, NPZ, Parquet)
+    contiguous: bool = False  # write contiguous data sets of n_rows rows (the direct reader's)
 
 
 # ---- CSV -----------------------------------------------------------------------------------

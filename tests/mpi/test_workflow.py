@@ -417,10 +417,10 @@ def test_convert_errors_name_the_file_row_and_column(tmp_path):
         "does not exist",
         out=out,
     )
-    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    (tmp_path / "d.xlsx").write_bytes(b"PK\x03\x04")
     check_error(
-        lepton(1, "convert", tmp_path / "d.parquet", "--out", out),
-        "unknown format '.parquet'",
+        lepton(1, "convert", tmp_path / "d.xlsx", "--out", out),
+        "unknown format '.xlsx'",
         out=out,
     )
     out.write_bytes(b"keep me")

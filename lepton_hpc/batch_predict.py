@@ -4,6 +4,9 @@
 exactly what ``lepton predict`` does for one file (``inference.predict_one``) on a worker group,
 writing ``outdir/<input file name>``. Every output is written under a temporary name and renamed
 when complete, so an interrupted batch never leaves a partial file under a final name.
+
+A pattern (or list of files) with an ``--out`` that names an HDF5 file (``.h5``, ``.hdf5``) is not
+a batch: the files are shards of one data set, predicted into that one file in row order.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from .safety import check_not_input
 from .scheduler import Task, run_tasks
 
 GLOB_CHARS = "*?["
+HDF5_SUFFIXES = (".h5", ".hdf5", ".he5", ".hdf")
 
 
 class BatchError(LeptonError):
@@ -28,18 +32,32 @@ class BatchError(LeptonError):
     collective = True
 
 
-def is_batch(data: str, out: str) -> bool:
-    """``--data`` is a glob pattern or ``--out`` names a directory (ends with '/')."""
-    return any(c in data for c in GLOB_CHARS) or out.endswith(("/", os.sep))
+def is_batch(data, out: str) -> bool:
+    """One output per input file: ``--out`` ends with '/', or ``--data`` is a glob pattern (or
+    a list of files) and ``--out`` is not an HDF5 file name. A pattern or a list of files with
+    ``--out`` an HDF5 file name (``.h5``, ``.hdf5``) is shards: one output. One plain file with
+    an ``--out`` that is an existing directory stays one prediction (refused as a directory)."""
+    if out.endswith(("/", os.sep)):
+        return True
+    if Path(out).suffix.lower() in HDF5_SUFFIXES:
+        return False
+    return not isinstance(data, str) or any(c in data for c in GLOB_CHARS)
 
 
 def plan_outputs(
-    pattern: str, outdir: str | Path, force: bool, model: str | Path | None = None
+    pattern, outdir: str | Path, force: bool, model: str | Path | None = None
 ) -> list[tuple[str, str]]:
-    """(input, output) pairs for the files matching ``pattern``; checked before anything runs.
+    """(input, output) pairs for the files matching ``pattern`` (or a list of files); checked
+    before anything runs.
 
     No output may be one of the inputs or the model file, even with ``force``."""
-    files = sorted(glob.glob(pattern)) if any(c in pattern for c in GLOB_CHARS) else [pattern]
+    if not isinstance(pattern, str):
+        files = [str(p) for p in pattern]
+        pattern = ", ".join(files)
+    elif any(c in pattern for c in GLOB_CHARS):
+        files = sorted(glob.glob(pattern))
+    else:
+        files = [pattern]
     files = [f for f in files if Path(f).is_file()]
     if not files:
         raise LeptonError(f"--data '{pattern}': no file matches")
@@ -75,7 +93,7 @@ def _file_id(path: str | Path) -> tuple[int, int]:
 
 def predict_files(
     model_path: str,
-    pattern: str,
+    pattern,
     outdir: str,
     comm: Communicator,
     log: Log,

@@ -88,6 +88,7 @@ def register_train(sub) -> None:
 
 def run_train(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
     from .config import load_config
+    from .data.shards import label as shard_label
     from .engine import train
     from .faults import StopFlag
     from .metrics import headline
@@ -98,8 +99,8 @@ def run_train(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
     if not cfg.data.train:
         agree(comm, _missing_train)
     log.info(
-        f"lepton train: {cfg.model.kind} on {cfg.data.train} with {comm.size} rank(s), "
-        f"optimizer {cfg.optim.name}, run directory {cfg.output.dir}"
+        f"lepton train: {cfg.model.kind} on {shard_label(cfg.data.train)} with {comm.size} "
+        f"rank(s), optimizer {cfg.optim.name}, run directory {cfg.output.dir}"
     )
     res = train(
         cfg,
@@ -138,7 +139,12 @@ def _missing_train() -> None:
 def register_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics of a trained model on a data set")
     p.add_argument("--model", required=True, help="model.h5 of a run")
-    p.add_argument("--data", required=True, help="HDF5 file with features and targets")
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="HDF5 file with features and targets; several files or a quoted glob are shards",
+    )
     p.add_argument("--x", default=None, help="features data set (default: as in training)")
     p.add_argument("--y", default=None, help="targets data set (default: as in training)")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
@@ -148,18 +154,22 @@ def register_evaluate(sub) -> None:
 
 def run_evaluate(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
     from .data.h5 import check_writable
+    from .data.shards import input_roles, label, resolve
     from .inference import evaluate, load_for_inference
     from .safety import check_not_input
 
+    args.data = one_or_shards(args.data)
+
     def check_json() -> None:
         if args.json and comm.is_root:
-            check_not_input(args.json, {"model": args.model, "data": args.data}, "--json")
+            inputs = {"model": args.model, **input_roles("data", resolve(args.data, "--data"))}
+            check_not_input(args.json, inputs, "--json")
             check_writable(args.json, force=args.force)
 
     agree(comm, check_json)  # before any work: a refused output costs nothing
     model, params, split, device = load_for_inference(args, comm, log, with_y=True)
     metrics = evaluate(model, params, split.X, split.y, device, comm)
-    log.info(f"{args.model} on {args.data} ({metrics['rows']} rows, {comm.size} rank(s))")
+    log.info(f"{args.model} on {label(args.data)} ({metrics['rows']} rows, {comm.size} rank(s))")
     for key, value in metrics.items():
         if isinstance(value, float):
             log.info(f"  {key:<10} {value:.6f}")
@@ -171,6 +181,11 @@ def run_evaluate(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
         payload = {"model": args.model, "data": args.data, "metrics": metrics}
         agree(comm, lambda: _write_json_output(Path(args.json), payload) if comm.is_root else None)
     return 0
+
+
+def one_or_shards(data: list[str]) -> str | list[str]:
+    """``--data`` as given: one path (or glob pattern) alone, else the list of shard files."""
+    return data[0] if len(data) == 1 else list(data)
 
 
 def _write_json_output(path: Path, payload: dict) -> None:
@@ -189,12 +204,16 @@ def register_predict(sub) -> None:
     p = sub.add_parser("predict", help="predict every row of a data set, in parallel")
     p.add_argument("--model", required=True)
     p.add_argument(
-        "--data", required=True, help="HDF5 file, or a quoted glob such as 'inputs/*.h5'"
+        "--data",
+        required=True,
+        nargs="+",
+        help="HDF5 file, several files or a quoted glob such as 'inputs/*.h5'",
     )
     p.add_argument(
         "--out",
         required=True,
-        help="output HDF5 file; a directory (ending in '/') for a glob: one output per input",
+        help="output HDF5 file (several --data files are shards: one output in row order); a "
+        "directory (ending in '/') for one output per input file",
     )
     p.add_argument("--x", default=None)
     p.add_argument(
@@ -209,6 +228,7 @@ def run_predict(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
     from .batch_predict import is_batch, predict_files
     from .inference import predict_one
 
+    args.data = one_or_shards(args.data)
     if is_batch(args.data, args.out):  # one task per file through the task farm
         predict_files(args.model, args.data, args.out, comm, log, args.force, x=args.x)
     else:

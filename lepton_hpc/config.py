@@ -30,10 +30,11 @@ def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
-    train: str = ""
-    """HDF5 file with the training rows (required)."""
-    test: str = ""
-    """Optional HDF5 file evaluated after training."""
+    train: str | list[str] = ""
+    """HDF5 file with the training rows (required); or shards read as one file holding their
+    rows in order: a glob pattern ("data/part-*.h5", files sorted by name) or a list of files."""
+    test: str | list[str] = ""
+    """Optional HDF5 file evaluated after training (a pattern or a list: shards, as for train)."""
     x: str = "X"
     """Data set of features, rows x features."""
     y: str = "y"
@@ -51,6 +52,8 @@ class DataConfig:
     """The fold held out for validation when ``folds`` >= 2."""
 
     def __post_init__(self) -> None:
+        for key in ("train", "test"):
+            setattr(self, key, _data_files(getattr(self, key), f"data.{key}"))
         _check(
             0.0 <= self.validation_fraction < 1.0,
             "data.validation_fraction",
@@ -67,6 +70,20 @@ class DataConfig:
         )
         _one_of(self.scale, ("none", "zscore", "minmax"), "data.scale")
         _one_of(self.nonfinite, ("error", "drop"), "data.nonfinite")
+
+
+def _data_files(value: Any, key: str) -> str | list[str]:
+    """``data.train`` / ``data.test``: a path or pattern (a string), or a list of paths (shards;
+    a one-item list is that file). A NUL byte or an empty list item is refused."""
+    if isinstance(value, str):
+        _check("\0" not in value, key, "a path cannot hold a NUL byte")
+        return value
+    _check(isinstance(value, list), key, f"expected a path or a list of paths, got {value!r}")
+    _check(bool(value), key, "the list of files is empty")
+    for i, item in enumerate(value):
+        ok = isinstance(item, str) and item != "" and "\0" not in item
+        _check(ok, f"{key}[{i}]", f"expected a file path, got {item!r}")
+    return value[0] if len(value) == 1 else list(value)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -317,12 +334,21 @@ def merge_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if section not in SECTIONS:
             raise ConfigError(section, f"unknown section (known: {', '.join(SECTIONS)})")
         types_ = _field_types(SECTIONS[section])
+        if key in types_ and _takes_text(types_[key]) and not isinstance(value, str | list):
+            value = text.partition("=")[2].strip()  # data.train=2024.h5 stays a path
         if key in types_ and types_[key] is str and not isinstance(value, str):
             value = text.partition("=")[
                 2
             ].strip()  # optim.name=adam, output.dir=runs/1 stay strings
         merged.setdefault(section, {})[key] = value
     return merged
+
+
+def _takes_text(annotation: Any) -> bool:
+    """A field that is a string or a list of strings (``data.train``, ``data.test``)."""
+    return typing.get_origin(annotation) in (types.UnionType, typing.Union) and set(
+        typing.get_args(annotation)
+    ) == {str, list[str]}
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -73,16 +73,16 @@ def load_rows(model: Model, scaler, meta: dict, args, comm: Communicator, log: L
     x = args.x or cfg.get("x", "X")
     y = (args.y or cfg.get("y", "y")) if with_y else None
     split, info = load_eval_data(args.data, x, y, scaler, comm, log)
-    agree(comm, lambda: check_features(model, info.n_features, f"'{args.data}:{x}'", args.model))
+    agree(comm, lambda: check_features(model, info.n_features, f"'{info.path}:{x}'", args.model))
     if with_y:
         stats = target_stats(split.y, comm)
-        agree(comm, lambda: check_labels(model, stats, f"'{args.data}:{y}'"))
+        agree(comm, lambda: check_labels(model, stats, f"'{info.path}:{y}'"))
     return split
 
 
 def predict_one(
     model_path: str,
-    data_path: str,
+    data_path,
     out_path: str,
     comm: Communicator,
     log: Log,
@@ -90,12 +90,23 @@ def predict_one(
     *,
     x: str | None = None,
 ) -> str:
-    """Predict every row of one file on the ranks of ``comm`` into ``out_path``."""
+    """Predict every row of one file on the ranks of ``comm`` into ``out_path``.
+
+    ``data_path``: a file, or shards (a glob pattern or a list of files) predicted as the one
+    file holding their rows in order; no output may be any of them."""
+    from .data.shards import input_roles, is_multi, resolve
     from .safety import check_not_input
 
-    inputs = {"data": data_path, "model": model_path}
+    def plan() -> dict[str, str]:
+        if not comm.is_root:
+            return {}
+        paths = resolve(data_path, "--data") if is_multi(data_path) else [data_path]
+        found = {**input_roles("data", paths), "model": model_path}
+        check_not_input(out_path, found, "--out")
+        return found
+
     # before any work, and again (with the existence check) when the file is created
-    agree(comm, lambda: check_not_input(out_path, inputs, "--out") if comm.is_root else None)
+    inputs = comm.bcast(agree(comm, plan))
     args = argparse.Namespace(model=model_path, data=data_path, x=x, y=None)
     model, params, split, device = load_for_inference(args, comm, log, with_y=False)
     out = forward(model, params, split.X, device)
@@ -120,6 +131,7 @@ def write_predictions(
     ``n`` rows, in parallel; classifiers also get their predicted labels. Returns the data set
     name (``probabilities`` or ``predictions``)."""
     from .data.h5 import create_parallel, write_rows
+    from .data.shards import label
     from .metrics import predicted_labels
 
     nbytes = n * model.n_outputs * 8 + (n * 8 if model.is_classifier else 0)
@@ -130,6 +142,7 @@ def write_predictions(
         if model.is_classifier:
             labels = fh.create_dataset("labels", shape=(n,), dtype=np.int64)
             write_rows(labels, start, predicted_labels(out, model.head), comm)
-        attrs = {"model": str(inputs["model"]), "data": str(inputs["data"]), "head": model.head}
+        data = inputs.get("data") or label([v for k, v in inputs.items() if k.startswith("data[")])
+        attrs = {"model": str(inputs["model"]), "data": str(data), "head": model.head}
         fh.attrs.update(attrs)
     return name

@@ -101,7 +101,10 @@ class _LeptonModel(BaseEstimator):
 
         comm = world()
         self._reset()
-        if isinstance(X, str | Path):
+        files = isinstance(X, str | Path) or (
+            isinstance(X, list | tuple) and len(X) > 0 and all(isinstance(p, str | Path) for p in X)
+        )
+        if files:  # an HDF5 path, a glob pattern or a list of shard files
             if y is not None and not isinstance(y, str):
                 raise ValueError(
                     "with an HDF5 path for X, y names its targets data set (default 'y'), "
@@ -117,7 +120,8 @@ class _LeptonModel(BaseEstimator):
             source = ArraySource(X, targets, name=f"<{type(self).__name__}.fit X>")
         sections = self._sections(n_classes)
         if source is None:
-            sections["data"].update({"train": str(X), "x": x, "y": y_name})
+            train = str(X) if isinstance(X, str | Path) else [str(p) for p in X]
+            sections["data"].update({"train": train, "x": x, "y": y_name})
         self._train(sections, source, comm)
         return self
 
@@ -220,11 +224,15 @@ class _LeptonModel(BaseEstimator):
                 return None
             import h5py
 
-            from ..data.reader import inspect
+            from ..data.reader import inspect_spec
 
-            inspect(str(path), x, y_name)  # a missing file or data set: one clear DataError
-            with h5py.File(path, "r") as fh:
-                y = np.asarray(fh[y_name][()], dtype=np.float64).ravel()
+            spec = str(path) if isinstance(path, str | Path) else [str(p) for p in path]
+            info = inspect_spec(spec, x, y_name)  # a missing file or data set: one DataError
+            parts = []
+            for name in [s.path for s in info.shards] or [info.path]:
+                with h5py.File(name, "r") as fh:
+                    parts.append(np.asarray(fh[y_name][()], dtype=np.float64).ravel())
+            y = np.concatenate(parts)
             finite = y[np.isfinite(y)]
             if finite.size == 0 or np.any(finite < 0) or np.any(finite != np.round(finite)):
                 raise LeptonError(f"'{path}:{y_name}' must hold class ids 0, 1, ..., k-1")

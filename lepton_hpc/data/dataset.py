@@ -88,7 +88,9 @@ def load_training_data(
 
     ``reproducible``: ranks read whole global row blocks and the scaler merges per-block
     statistics in block order, so everything is bitwise the same for any rank count.
-    ``source``: rows already in memory (``memory.ArraySource``) instead of ``data_cfg.train``.
+    ``source``: rows already in memory (``memory.ArraySource``) instead of ``data_cfg.train``
+    (a file, or shards: global row numbers run across the files, so the split and the blocks are
+    those of one file holding the same rows).
     """
     if source is not None:
         block: Block = source.read_block(
@@ -128,7 +130,7 @@ def load_training_data(
 
 
 def load_eval_data(
-    path: str,
+    path: str | list[str],
     x: str,
     y: str | None,
     scaler: Scaler,
@@ -136,7 +138,8 @@ def load_eval_data(
     log: Log,
     nonfinite: str = "error",
 ) -> tuple[Split, DataInfo]:
-    """Rows of a test or prediction file, scaled with the training statistics.
+    """Rows of a test or prediction file (or shards: a glob pattern or a list of files, read as
+    their concatenation), scaled with the training statistics.
 
     Rows of another width are returned unscaled, for the caller's ``check_features`` to refuse.
     """

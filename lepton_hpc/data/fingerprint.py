@@ -6,6 +6,11 @@ the last), read through h5py so that every layout (chunked, compressed, linked, 
 the same answer, in a canonical little-endian form. Where and how the values are stored (path,
 layout, byte order, file size) is recorded but is not content: a moved or repacked file with the
 same values compares equal. Run on rank 0 only; it reads at most 64 rows of each data set.
+
+Shards (several files read as one, ``shards.py``) have a fingerprint of the same form whose
+shapes are those of the concatenation, whose ``shards`` lists each file's own (rows, hash) in
+order, and whose hash covers those in order: a shard changed, reordered, added or missing
+changes it, while a moved copy of the same shards compares equal.
 """
 
 from __future__ import annotations
@@ -94,8 +99,48 @@ def _open(path: str) -> h5py.File:
     return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY, fapl=fapl))
 
 
-def fingerprint(path: str, x: str, y: str | None) -> dict[str, Any]:
-    """The fingerprint (a JSON-serialisable dict) of data sets ``x`` and ``y`` of ``path``."""
+def fingerprint(path, x: str, y: str | None) -> dict[str, Any]:
+    """The fingerprint (a JSON-serialisable dict) of data sets ``x`` and ``y`` of ``path``: one
+    file, or shards (a list of files, or a glob pattern: ``shards.resolve``); one file named by
+    a pattern or a one-item list has that file's fingerprint."""
+    from .shards import resolve
+
+    paths = resolve(path)
+    if len(paths) > 1:
+        return _sharded([fingerprint(p, x, y) for p in paths])
+    return _one(paths[0], x, y)
+
+
+SHARDS_VERSION = b"lepton-fingerprint-shards-1"
+
+
+def _sharded(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fingerprint of the concatenation of files with fingerprints ``parts`` (in order)."""
+    first = parts[0]
+    n = sum(p["shape_x"][0] for p in parts)
+    digest = hashlib.sha256(SHARDS_VERSION)
+    listed = [[p["shape_x"][0], p["sample_sha256"]] for p in parts]
+    digest.update(json.dumps(listed).encode())
+    return {
+        "path": [p["path"] for p in parts],
+        "bytes": sum(p["bytes"] for p in parts),
+        "x": first["x"],
+        "y": first["y"],
+        "shape_x": [n, *first["shape_x"][1:]],
+        "dtype_x": _joined(p["dtype_x"] for p in parts),
+        "shape_y": None if first["shape_y"] is None else [n, *first["shape_y"][1:]],
+        "dtype_y": None if first["dtype_y"] is None else _joined(p["dtype_y"] for p in parts),
+        "shards": listed,
+        "sample_sha256": digest.hexdigest(),
+    }
+
+
+def _joined(names) -> str:
+    """The distinct type names of the shards, in order of first use ("float32+float64")."""
+    return "+".join(dict.fromkeys(names))
+
+
+def _one(path: str, x: str, y: str | None) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise DataError(f"data file '{path}' does not exist")
     try:
@@ -140,7 +185,29 @@ def _dtype_name(dtype: np.dtype) -> str:
 
 
 def _where(fp: dict[str, Any], key: str) -> str:
-    return f"'{fp.get('path', '?')}:{fp.get(key)}'"
+    path = fp.get("path", "?")
+    if isinstance(path, list):
+        from .shards import label
+
+        path = label(path)
+    return f"'{path}:{fp.get(key)}'"
+
+
+def _shard_difference(old: dict[str, Any], new: dict[str, Any], what: str) -> str | None:
+    """The first shard whose rows differ between ``old`` and ``new`` (both sharded), named."""
+    before, now = old.get("shards"), new.get("shards")
+    if not isinstance(before, list) or not isinstance(now, list):
+        return None
+    paths = new.get("path") if isinstance(new.get("path"), list) else [None] * len(now)
+    if len(before) != len(now):
+        return f"the data has {len(now)} shards but {what} was trained on {len(before)}"
+    for i, (a, b, path) in enumerate(zip(before, now, paths, strict=False)):
+        if a != b:
+            return (
+                f"shard {i} '{path}': rows differ from those of shard {i} {what} was trained on "
+                "(row count or sampled-row hash)"
+            )
+    return None
 
 
 def _tuple(shape: Any) -> str:
@@ -169,6 +236,9 @@ def compare_fingerprints(old: dict[str, Any], new: dict[str, Any], what: str) ->
         )
     before, now = old.get("sample_sha256"), new.get("sample_sha256")
     if before and now and before != now:
+        named = _shard_difference(old, new, what)
+        if named:
+            return named
         return (
             f"{_where(new, 'x')}: rows differ from those {what} was trained on (sampled-row hash)"
         )

@@ -18,6 +18,7 @@ from ..comm.base import CollectiveError, Communicator, agree
 from ..cores import default_threads
 from ..errors import DataError
 from ..log import Log
+from . import shards
 from .direct_read import compare_identity, file_identity, nonfinite_rows, pread_rows
 from .h5 import collective, is_parallel, open_read
 
@@ -64,6 +65,8 @@ class DataInfo:
     independent: bool = False  # a virtual data set: each rank reads alone (no mpio, see read_block)
     identity: tuple[int, int, int, int] | None = None  # (st_dev, st_ino, st_size, st_mtime_ns)
     # of the file when an offset was taken: direct reads check they read that very file
+    y_dtype: str | None = None  # as stored
+    shards: tuple[DataInfo, ...] = ()  # several files read as one (``path`` is then a label)
 
 
 @dataclass(slots=True)
@@ -166,6 +169,7 @@ def inspect(path: str, x: str, y: str | None, min_rows: int = 1) -> DataInfo:
             dx.ndim,
             independent,
             identity,
+            None if dy is None else str(dy.dtype),
         )
 
 
@@ -221,10 +225,37 @@ def _feature_dtype(dtype: str | np.dtype) -> np.dtype:
     return np.dtype(np.float32)
 
 
-def inspect_shared(path: str, x: str, y: str | None, comm: Communicator) -> DataInfo:
-    """``inspect`` on rank 0 only (no metadata storm on a parallel file system), shared by all."""
-    info = agree(comm, lambda: inspect(path, x, y, comm.size) if comm.is_root else None)
+def inspect_spec(spec, x: str, y: str | None, min_rows: int = 1, what: str = "data") -> DataInfo:
+    """``inspect`` of one file, or of every shard of a glob pattern or list of files
+    (``shards.resolve``), checked to agree and combined into one DataInfo whose ``shards`` are
+    the files' own (see ``shards.combine``)."""
+    paths = shards.resolve(spec, what)
+    if len(paths) == 1:
+        return inspect(paths[0], x, y, min_rows)
+    infos = [inspect(p, x, y) for p in paths]
+    return shards.combine(infos, shards.label(spec, paths), min_rows, _feature_dtype)
+
+
+def inspect_shared(path, x: str, y: str | None, comm: Communicator) -> DataInfo:
+    """``inspect_spec`` on rank 0 only (no metadata storm on a parallel file system: one glob,
+    one open per file), shared by all. ``path``: a file, a glob pattern or a list of files."""
+    info = agree(comm, lambda: inspect_spec(path, x, y, comm.size) if comm.is_root else None)
     return comm.bcast(info)
+
+
+def rank_rows(info: DataInfo, comm: Communicator, aligned: bool) -> tuple[int, int]:
+    """This rank's global rows ``[start, stop)`` (``aligned``: whole global blocks)."""
+    if not aligned:
+        return row_block(info.n_rows, comm.rank, comm.size)
+    block_rows = global_block_rows(info.n_rows)
+    n_blocks = -(-info.n_rows // block_rows)
+    if n_blocks < comm.size:  # every rank computed the same numbers, so all raise together
+        raise CollectiveError(
+            f"'{info.path}': {info.n_rows} rows make {n_blocks} blocks of {block_rows} rows, "
+            f"fewer than the {comm.size} ranks (comm.reproducible gives whole blocks to ranks)",
+            DataError.exit_code,
+        )
+    return aligned_row_block(info.n_rows, comm.rank, comm.size, block_rows)
 
 
 def read_block(
@@ -239,24 +270,18 @@ def read_block(
 ) -> Block:
     """Read this rank's block of ``x`` (and ``y``) with collective mpio reads where available.
 
-    ``aligned``: the rank's rows are whole global blocks (``global_block_rows``), as the
-    reproducible mode needs.
+    ``path``: a file, a glob pattern or a list of files (shards, read as their concatenation:
+    ``_read_shards``). ``aligned``: the rank's rows are whole global blocks
+    (``global_block_rows``), as the reproducible mode needs.
     """
     info = inspect_shared(path, x, y, comm)
+    if info.shards:
+        start, stop = rank_rows(info, comm, aligned)
+        return _read_shards(info, start, stop, comm, nonfinite)
+    path = info.path  # the one file a pattern or list named
     if not is_parallel() and comm.size > 1:
         log.warning("h5py is not built with MPI: every rank reads its block independently")
-    if aligned:
-        block_rows = global_block_rows(info.n_rows)
-        n_blocks = -(-info.n_rows // block_rows)
-        if n_blocks < comm.size:  # every rank computed the same numbers, so all raise together
-            raise CollectiveError(
-                f"'{path}': {info.n_rows} rows make {n_blocks} blocks of {block_rows} rows, "
-                f"fewer than the {comm.size} ranks (comm.reproducible gives whole blocks to ranks)",
-                DataError.exit_code,
-            )
-        start, stop = aligned_row_block(info.n_rows, comm.rank, comm.size, block_rows)
-    else:
-        start, stop = row_block(info.n_rows, comm.rank, comm.size)
+    start, stop = rank_rows(info, comm, aligned)
     m = stop - start
     Xl = aligned_empty((m, info.n_features), _feature_dtype(info.x_dtype))
     yl, bad = None, None
@@ -303,6 +328,73 @@ def read_block(
             raise DataError(f"'{path}:{what}' cannot be read ({exc})") from None
     block = Block(Xl, yl, info, start)
     return _handle_nonfinite(block, comm, nonfinite, bad)
+
+
+def _read_shards(
+    info: DataInfo, start: int, stop: int, comm: Communicator, nonfinite: str
+) -> Block:
+    """Global rows ``[start, stop)`` of the concatenated shards ``info.shards``: each piece is
+    read from its file where it lies, with the per-file fast path (plain ``pread`` from threads
+    when the data set is contiguous in its file, else h5py), screened for NaN/Inf as it is read.
+
+    Ranks read different files, so no read here is collective: each rank opens only the files
+    holding its rows (MPI-IO's collective buffering cannot help reads of disjoint files).
+    """
+    m = stop - start
+    dtype = _feature_dtype(info.x_dtype)
+    Xl = aligned_empty((m, info.n_features), dtype)
+    yl = None if info.y is None else np.empty((m, *(info.y_shape or ())[1:]), dtype=np.float64)
+    bad = np.zeros(m, dtype=bool)
+    parts = shards.pieces(shards.offsets(info.shards), start, stop)
+    threads = _reader_threads(comm)
+
+    def same_files() -> bool:  # every direct read's file is still the one rank 0 inspected
+        for i, *_ in parts:
+            s = info.shards[i]
+            if s.identity is not None:
+                try:
+                    compare_identity(s.path, s.identity, os.stat(s.path))
+                except OSError as exc:
+                    raise DataError(f"'{s.path}' cannot be read ({exc.strerror})") from None
+        return DIRECT_READ
+
+    def read() -> None:
+        for i, lo, hi, at in parts:
+            s, k = info.shards[i], hi - lo
+            flags = bad[at : at + k]
+            sdt = _feature_dtype(s.x_dtype)
+            buf = Xl[at : at + k] if sdt == dtype else aligned_empty((k, info.n_features), sdt)
+            ys = None if yl is None else yl[at : at + k]
+            x_done = direct and s.x_offset is not None
+            y_done = ys is None or (direct and s.y_offset is not None)
+            if x_done:
+                pread_rows(s.path, s.x_offset, lo, buf, threads, True, flags, s.identity)
+            if ys is not None and y_done:
+                pread_rows(
+                    s.path, s.y_offset, lo, ys.reshape(k, -1), threads, True, flags, s.identity
+                )
+            if not (x_done and y_done):
+                what = info.x
+                try:
+                    with h5py.File(s.path, "r") as fh:
+                        if not x_done:
+                            dest = buf if s.x_ndim == 2 else buf.reshape(k)
+                            fh[info.x].read_direct(dest, np.s_[lo:hi], np.s_[:])
+                            nonfinite_rows(buf, out=flags)
+                        if not y_done:
+                            what = info.y
+                            ys[...] = np.asarray(fh[info.y][lo:hi], dtype=np.float64).reshape(
+                                ys.shape
+                            )
+                            nonfinite_rows(ys, out=flags)
+                except (OSError, KeyError, ValueError) as exc:
+                    raise DataError(f"'{s.path}:{what}' cannot be read ({exc})") from None
+            if buf.dtype != dtype:
+                Xl[at : at + k] = buf
+
+    direct = agree(comm, same_files)
+    agree(comm, read)  # a piece that cannot be read on any rank fails every rank together
+    return _handle_nonfinite(Block(Xl, yl, info, start), comm, nonfinite, bad)
 
 
 def _open(path: str, info: DataInfo, comm: Communicator) -> h5py.File:
@@ -363,9 +455,13 @@ def _handle_nonfinite(
     if policy == "error":
         first = np.array([block.rows[np.argmax(bad)] if bad.any() else np.iinfo(np.int64).max])
         first = int(comm.allreduce_min_(first)[0])
+        where = f"row {first}"
+        if info.shards:  # name the file holding it, and the row there
+            shard, local = shards.locate(shards.offsets(info.shards), first)
+            where = f"row {first}: '{info.shards[int(shard)].path}' row {int(local)}"
         # Every rank computed the same counts, so all raise the same error together.
         raise CollectiveError(
-            f"'{info.path}': {counts[0]} rows hold NaN or Inf (first: row {first}); "
+            f"'{info.path}': {counts[0]} rows hold NaN or Inf (first: {where}); "
             'fix the data or set data.nonfinite = "drop"',
             DataError.exit_code,
         )

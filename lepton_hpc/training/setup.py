@@ -20,6 +20,7 @@ from ..config import Config
 from ..data.dataset import TrainingData, load_training_data
 from ..data.fingerprint import fingerprint
 from ..data.reader import inspect_shared
+from ..data.shards import input_roles, is_multi, label, resolve
 from ..device import Device, select_device
 from ..errors import DataError
 from ..faults import FaultHooks, StopFlag
@@ -138,13 +139,37 @@ class RunSetup:
 
 
 def run_inputs(cfg: Config, resume: str | None, inputs: Mapping[str, str] | None) -> dict:
-    """Files this run reads: never written or deleted, nor a directory holding one cleared."""
-    found = {"data.train": cfg.data.train, **(inputs or {})}
+    """Files this run reads: never written or deleted, nor a directory holding one cleared.
+
+    Shards (a glob pattern or a list) are each an input, ``data.train[i]``: a pattern is
+    resolved here, so call this on one rank and share the result (``shared_run_inputs``). A
+    pattern matching nothing is left as it is, for the data reader to name."""
+    found = {**_data_inputs("data.train", cfg.data.train), **(inputs or {})}
     if cfg.data.test:
-        found["data.test"] = cfg.data.test
+        found.update(_data_inputs("data.test", cfg.data.test))
     if resume not in (None, "auto"):
         found["resume"] = resume
     return found
+
+
+def _data_inputs(role: str, spec) -> dict[str, str]:
+    if not is_multi(spec):
+        return {role: spec}
+    try:
+        return input_roles(role, resolve(spec, role))
+    except DataError:
+        return {role: label(spec)}
+
+
+def shared_run_inputs(
+    cfg: Config, resume: str | None, inputs: Mapping[str, str] | None, comm: Communicator
+) -> dict:
+    """``run_inputs`` resolved on rank 0 (one glob per pattern, not one per rank), shared."""
+    if not (is_multi(cfg.data.train) or (cfg.data.test and is_multi(cfg.data.test))):
+        return run_inputs(cfg, resume, inputs)
+    return comm.bcast(
+        agree(comm, lambda: run_inputs(cfg, resume, inputs) if comm.is_root else None)
+    )
 
 
 def prepare(
@@ -162,7 +187,7 @@ def prepare(
 
     ``source``: training rows already in memory (``data.memory.ArraySource``) instead of the
     file ``data.train``."""
-    files = run_inputs(cfg, resume, inputs)
+    files = shared_run_inputs(cfg, resume, inputs, comm)
     run = RunDir(cfg.output.dir)
     agree(comm, lambda: check_comm_config(cfg))  # [comm] x [optim] combinations
     backend = agree(comm, lambda: make_backend(cfg.comm.backend, comm))
@@ -180,9 +205,10 @@ def prepare(
         if source is not None:
             data_fingerprint = source.fingerprint()  # the same on every rank
         else:
-            found = agree(comm, lambda: fingerprint(d.train, d.x, d.y) if comm.is_root else None)
+            read = [s.path for s in data.info.shards] or data.info.path  # the files read
+            found = agree(comm, lambda: fingerprint(read, d.x, d.y) if comm.is_root else None)
             data_fingerprint = comm.bcast(found)
-    train_name = source.name if source is not None else cfg.data.train
+    train_name = source.name if source is not None else data.info.path
     train = data.train
     val_rows = data.val.n_global if data.val is not None else 0
     dropped = data.info.n_rows - train.n_global - val_rows
@@ -223,6 +249,6 @@ def _check_rows(cfg: Config, data: TrainingData, dropped: int) -> None:
     if train.n_global == 0:
         held = f", {val.n_global} held out for validation" if val is not None else ""
         raise DataError(
-            f"'{cfg.data.train}:{cfg.data.x}' leaves no training rows "
+            f"'{data.info.path}:{cfg.data.x}' leaves no training rows "
             f"({dropped} dropped as NaN or Inf{held})"
         )

@@ -161,6 +161,23 @@ def test_file_fit_equals_array_fit_and_nothing_left_behind(tmp_path, monkeypatch
         est.MLPClassifier(epochs=1, output_dir=str(work.parent)).fit(X, ids)
 
 
+def test_shard_files_fit_like_one_file(tmp_path) -> None:
+    """A list of shard files and a glob of them fit the model of the one file (same rows)."""
+    X, ids = blobs(150)
+    one = write_h5(tmp_path / "one.h5", X, ids.astype(np.float64))
+    parts = [(0, 7), (7, 100), (100, 150)]
+    shards = [
+        write_h5(tmp_path / f"part-{i}.h5", X[a:b], ids[a:b].astype(np.float64))
+        for i, (a, b) in enumerate(parts)
+    ]
+    kw = {"epochs": 3, "batch_size": 32, "reproducible": True}
+    a = est.MLPClassifier(**kw).fit(one)
+    b = est.MLPClassifier(**kw).fit(shards)
+    c = est.MLPClassifier(**kw).fit(str(tmp_path / "part-*.h5"))
+    assert np.array_equal(a.params_, b.params_) and np.array_equal(a.params_, c.params_)
+    assert list(b.classes_) == [0, 1, 2]
+
+
 def test_bad_parameter_is_a_value_error() -> None:
     X, ids = blobs(60)
     with pytest.raises(ValueError, match=r"optim\.name"):

@@ -431,17 +431,9 @@ _COMMON = """
 """
 
 
-class LinearRegression(_Regressor):
-    __doc__ = (
-        """Least-squares linear regression (model.kind = "linear"), trained by the toolkit.
-
-    Fitted ``coef_`` (features,) and ``intercept_`` (a float), or (targets, features) and
-    (targets,) for a 2-D ``y``, in the units of the input features.
-"""
-        + _COMMON
-    )
-
-    _kind = "linear"
+class _OneLayerParameters:
+    """The constructor of the one-layer models (scikit-learn reads the parameters from the
+    signature of ``__init__``, so it must name each one; an inherited one counts)."""
 
     def __init__(
         self,
@@ -475,7 +467,20 @@ class LinearRegression(_Regressor):
         self.verbose = verbose
 
 
-class LogisticRegression(_Classifier):
+class LinearRegression(_OneLayerParameters, _Regressor):
+    __doc__ = (
+        """Least-squares linear regression (model.kind = "linear"), trained by the toolkit.
+
+    Fitted ``coef_`` (features,) and ``intercept_`` (a float), or (targets, features) and
+    (targets,) for a 2-D ``y``, in the units of the input features.
+"""
+        + _COMMON
+    )
+
+    _kind = "linear"
+
+
+class LogisticRegression(_OneLayerParameters, _Classifier):
     __doc__ = (
         """Logistic regression: binary (model.kind = "logistic") for two classes, multinomial
     (a softmax model, as scikit-learn's) for more.
@@ -490,37 +495,6 @@ class LogisticRegression(_Classifier):
 
     def _model_kind(self, n_classes: int) -> str:
         return "logistic" if n_classes <= 2 else "softmax"
-
-    def __init__(
-        self,
-        *,
-        optimizer: str = "lbfgs",
-        lr: float = 1.0,
-        epochs: int = 100,
-        batch_size: int = 0,
-        l2: float = 0.0,
-        scale: str = "none",
-        seed: int = 42,
-        reproducible: bool = False,
-        validation_fraction: float = 0.0,
-        patience: int = 0,
-        threads: int = 0,
-        output_dir: str | None = None,
-        verbose: bool = False,
-    ) -> None:
-        self.optimizer = optimizer
-        self.lr = lr
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.l2 = l2
-        self.scale = scale
-        self.seed = seed
-        self.reproducible = reproducible
-        self.validation_fraction = validation_fraction
-        self.patience = patience
-        self.threads = threads
-        self.output_dir = output_dir
-        self.verbose = verbose
 
 
 class SoftmaxRegression(LogisticRegression):

@@ -18,5 +18,8 @@ endif
 
 install-prefix: $(STAMP)/package
 	@PYTHON=$(PYTHON) DEV_VENV=$(VENV) WHEELS=$(STAMP)/wheels bash scripts/install_prefix.sh "$(PREFIX)"
+	@echo "==> compiling the Numba kernels into $(abspath $(PREFIX))'s cache (lepton warmup)"
+	@env -u NUMBA_CACHE_DIR "$(abspath $(PREFIX))/venv/bin/lepton" warmup \
+	  || echo "lepton warmup failed: the first run compiles its kernels"
 
 endif

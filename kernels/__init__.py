@@ -32,6 +32,8 @@ Codes (small ints so that Numba and CUDA can take them):
 import functools
 import itertools
 
+from ..kernel_cache import install as _install_cache_locator
+
 SIGMOID, TANH, RELU = 0, 1, 2
 SQUARED, BINARY, SOFTMAX = 0, 1, 2
 
@@ -47,3 +49,6 @@ def param_count(sizes) -> int:
 @functools.lru_cache(maxsize=64)
 def _param_count(sizes: tuple[int, ...]) -> int:  # once per model: this runs every step
     return sum(a * b + b for a, b in itertools.pairwise(sizes))
+
+
+_install_cache_locator()  # before any kernel is decorated: a read-only install's cache is used

@@ -19,6 +19,7 @@ from .inspect_cmd import register_inspect
 from .log import Log
 from .supervisor import register_launch
 from .sweep import register_sweep
+from .warmup import register_warmup
 
 
 # ---- datagen ---------------------------------------------------------------------------
@@ -122,6 +123,7 @@ def run_train(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
     log.info(
         f"  time {t['total_s']:.2f} s: io {t['io_s']:.2f}  compute {t['compute_s']:.2f}  "
         f"comm {t['comm_s']:.3f}  eval {t['eval_s']:.2f}  checkpoint {t['checkpoint_s']:.2f}"
+        + (f"  compile {t['compile_s']:.2f}" if t.get("compile_s", 0.0) > 0.005 else "")
     )
     log.info(
         f"  run directory {cfg.output.dir}/ (results.json, metrics.jsonl, model.h5, history.png)"
@@ -273,4 +275,5 @@ REGISTRY = [
     register_sweep,
     register_bench,
     register_launch,
+    register_warmup,
 ]

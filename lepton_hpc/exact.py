@@ -16,6 +16,9 @@ import numpy as np
 from numba import njit
 
 from .comm.base import Communicator
+from .kernel_cache import install as _install_cache_locator
+
+_install_cache_locator()  # before the kernels below are decorated
 
 N_BINS = 2047  # biased exponents 1..2046 (subnormals share bin 1); index 0 stays empty
 HALF = 26  # M = hi·2^26 + lo: |hi| < 2^27 and 0 <= lo < 2^26, so 2^36 values fit in int64

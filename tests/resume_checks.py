@@ -37,7 +37,7 @@ def newest_valid(checkpoints: Path) -> tuple[Path, TrainState]:
 def rows_this_attempt(run: Path) -> tuple[int, int]:
     """(training rows the last attempt processed, rows all its epochs hold) from results.json."""
     results = json.loads((Path(run) / "results.json").read_text())
-    seen = round(results["throughput"]["rows_per_s"] * results["timing"]["loop_s"])
+    seen = round(results["throughput"]["rows"])
     return seen, results["epochs"] * results["rows"]["train"]
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..comm.base import Communicator
+from ..compile_clock import compile_clock
 from ..device import Device
 from ..faults import FaultHooks, StopFlag
 
@@ -32,23 +33,29 @@ class Timers:
     """Seconds spent per kind of work (io, compute, comm), summed over the run.
 
     ``with timers("compute"):`` times a block; a plain class, not a generator context manager,
-    because it runs several times per training step.
+    because it runs several times per training step. Time Numba spent compiling kernels inside
+    a block (a cold cache: the first run after an install without ``lepton warmup``) is not
+    work of that kind: it goes to ``seconds["compile"]`` (once, for nested blocks) instead.
     """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
-        self._open: list[tuple[str, float]] = []
+        self._open: list[tuple[str, float, float]] = []
+        self._clock = compile_clock()
 
     def __call__(self, name: str) -> Timers:
-        self._open.append((name, time.perf_counter()))
+        self._open.append((name, time.perf_counter(), self._clock.now()))
         return self
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, *exc) -> None:
-        name, t0 = self._open.pop()
-        self.seconds[name] += time.perf_counter() - t0
+        name, t0, c0 = self._open.pop()
+        compiled = self._clock.now() - c0
+        self.seconds[name] += time.perf_counter() - t0 - compiled
+        if compiled and not self._open:
+            self.seconds["compile"] += compiled
 
 
 @dataclass(slots=True)

@@ -1,0 +1,166 @@
+"""``lepton warmup``: compile every Numba kernel a run uses now, so the first real run does not.
+
+The kernels are ``@njit(cache=True)``: each signature is compiled once and then loaded from
+Numba's on-disk cache (``__pycache__`` beside the sources, or ``NUMBA_CACHE_DIR``). A fresh
+install has an empty cache, so the first ``lepton train`` used to spend its first epoch
+compiling. ``make install`` runs this command once, so that cost is paid at install time.
+
+Why whole tiny runs instead of calling the kernels directly: a Numba signature is the exact
+tuple of argument types (dtype, dimensions, layout, read-only flag), and the data readers, the
+batch gather and the exact metrics have jitted kernels of their own. Training real (tiny) jobs
+through ``engine.train`` and ``lepton predict`` reaches every one of them with the types a real
+run passes, and stays right when those paths change. The matrix covers: float32 and float64
+data; linear, logistic, softmax and MLP models (every activation); full-batch L-BFGS and
+mini-batches; one and several threads (serial and parallel batch gathers); one-output models
+narrow enough for the register-tile kernels and wider ones; evaluation on a test file; predict.
+Activations and heads are run-time codes, not types, so they share compiled code; they are run
+anyway because it costs milliseconds once compiled.
+
+Where the tuned native kernels are not supported (``kernels.native.supported()``), the same runs
+compile the reference kernels the CPU backend falls back to there.
+
+Compiled code is keyed by Numba on the CPU name and features: a cache written on one node type
+is not used on a node with another CPU (that node compiles and caches its own, once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .comm.base import Communicator
+from .errors import LeptonError
+from .log import Log
+
+ROWS = 1100  # tiny, but room for one batch of 1,024 (the parallel batch gather)
+NARROW, WIDE = 6, 40  # one-output models: register tiles (<= 32 features) and pipelined passes
+CLASSES = 3
+
+
+def _datasets(folder: Path, dtype: np.dtype) -> dict[str, Path]:
+    """Small HDF5 files of X (``dtype``) and float64 y for regression, binary and classes."""
+    import h5py
+
+    rng = np.random.default_rng(0)
+    files = {}
+    for task, d in (("binary", NARROW), ("binary_wide", WIDE), ("linear", NARROW), ("blobs", 5)):
+        X = rng.standard_normal((ROWS, d)).astype(dtype)
+        if task == "linear":
+            y = X.astype(np.float64) @ np.linspace(-1.0, 1.0, d) + 0.1 * rng.standard_normal(ROWS)
+        elif task == "blobs":
+            y = (np.arange(ROWS) % CLASSES).astype(np.float64)
+            X[:, 0] += y.astype(dtype)
+        else:
+            y = (X[:, 0] > 0).astype(np.float64)
+        path = folder / f"{task}_{np.dtype(dtype).name}.h5"
+        with h5py.File(path, "w") as fh:
+            fh.create_dataset("X", data=X)
+            fh.create_dataset("y", data=y)
+        files[task] = path
+    return files
+
+
+def _jobs(files: dict[str, Path]) -> list[dict]:
+    """(model, optim, train) sections of the warm-up runs on one dtype's files."""
+    mini = {"epochs": 1, "batch_size": 32}
+    big = {"epochs": 1, "batch_size": 1024}  # with 2 threads: the parallel batch gather
+    jobs = [
+        ("linear", {"kind": "linear"}, {"name": "sgd", "lr": 0.01}, mini),
+        ("linear", {"kind": "linear"}, {"name": "lbfgs"}, {"epochs": 2}),
+        ("binary", {"kind": "logistic"}, {"name": "adam"}, mini),
+        ("binary", {"kind": "logistic"}, {"name": "lbfgs"}, {"epochs": 2}),
+        ("binary_wide", {"kind": "logistic"}, {"name": "momentum"}, mini),
+        ("binary_wide", {"kind": "logistic"}, {"name": "lbfgs"}, {"epochs": 2}),
+        ("blobs", {"kind": "softmax"}, {"name": "adam"}, mini),
+        ("blobs", {"kind": "softmax"}, {"name": "lbfgs"}, {"epochs": 2}),
+        ("linear", {"kind": "linear"}, {"name": "adam"}, {**mini, "threads": 1}),
+        ("binary", {"kind": "logistic"}, {"name": "adam"}, {**big, "threads": 2}),
+    ]
+    # 40 hidden units: over 256 parameters, so the gradient sums take the tiled combine
+    jobs += [
+        ("binary", {"kind": "mlp", "hidden": [40], "activation": act}, {}, mini)
+        for act in ("relu", "tanh", "sigmoid")
+    ]
+    jobs.append(("blobs", {"kind": "mlp", "hidden": [5, 3]}, {}, {"epochs": 1}))  # full batch
+    jobs.append(("linear", {"kind": "mlp", "hidden": [4]}, {}, {**mini, "threads": 1}))
+    return [
+        {
+            "data": {"train": str(files[task]), "test": str(files[task]), "scale": "zscore"},
+            "model": model,
+            "optim": optim,
+            "train": {"seed": 1, **train},
+            "checkpoint": {"every_steps": 0, "keep": 1},
+            "output": {"plot": False},
+        }
+        for task, model, optim, train in jobs
+    ]
+
+
+def warm(
+    comm: Communicator,
+    folder: Path,
+    dtypes: tuple = (np.float32, np.float64),
+    kinds: tuple[str, ...] = ("linear", "logistic", "softmax", "mlp"),
+) -> int:
+    """Run the warm-up jobs in ``folder`` (a scratch directory); returns how many ran.
+
+    ``dtypes``/``kinds``: a subset (tests warm one kind in seconds instead of all in minutes)."""
+    from .config import check_config, config_from_dict
+    from .engine import train
+    from .inference import predict_one
+
+    quiet = Log(comm.rank, comm.size, stream=io.StringIO())
+    n = 0
+    for dtype in dtypes:
+        files = _datasets(folder, np.dtype(dtype))
+        for sections in _jobs(files):
+            if sections["model"]["kind"] not in kinds:
+                continue
+            run = folder / f"run{n}"
+            sections["output"]["dir"] = str(run)
+            train(check_config(config_from_dict(sections)), comm, quiet, overwrite=True)
+            predict_one(
+                str(run / "model.h5"),
+                sections["data"]["train"],
+                str(folder / f"p{n}.h5"),
+                comm,
+                quiet,
+                False,
+                x="X",
+            )
+            n += 1
+    return n
+
+
+def register_warmup(sub) -> None:
+    p = sub.add_parser(
+        "warmup",
+        help="compile and cache the Numba kernels now (make install runs it), so that the "
+        "first run does not spend its first epoch compiling",
+    )
+    p.set_defaults(func=run_warmup)
+
+
+def run_warmup(args: argparse.Namespace, comm: Communicator, log: Log) -> int:  # noqa: ARG001
+    from .compile_clock import compile_clock
+    from .kernels import fastmath, native
+
+    if comm.size > 1:
+        raise LeptonError(f"lepton warmup runs as one process, not {comm.size} ranks")
+    clock = compile_clock()
+    c0, t0 = clock.seconds, time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lepton-warmup-") as tmp:
+        n = warm(comm, Path(tmp))
+    where = Path(fastmath.fast_exp.stats.cache_path).parent  # where Numba chose: beside
+    # the sources (their __pycache__), NUMBA_CACHE_DIR, or a user cache
+    kind = "tuned" if native.supported()[0] else "reference"
+    log.info(
+        f"lepton warmup: {n} tiny runs in {time.perf_counter() - t0:.1f} s, "
+        f"{clock.seconds - c0:.1f} s of it compiling {kind} kernels, cached under {where}"
+    )
+    return 0

@@ -18,7 +18,7 @@ from ..comm.base import CollectiveError, Communicator, agree
 from ..cores import default_threads
 from ..errors import DataError
 from ..log import Log
-from . import shards
+from . import chunk_read, shards
 from .direct_read import compare_identity, file_identity, nonfinite_rows, pread_rows
 from .h5 import collective, is_parallel, open_read
 
@@ -67,6 +67,8 @@ class DataInfo:
     # of the file when an offset was taken: direct reads check they read that very file
     y_dtype: str | None = None  # as stored
     shards: tuple[DataInfo, ...] = ()  # several files read as one (``path`` is then a label)
+    x_chunks: chunk_read.ChunkLayout | None = None  # X chunked, its chunks readable directly
+    y_chunks: chunk_read.ChunkLayout | None = None  # the same for y
 
 
 @dataclass(slots=True)
@@ -154,8 +156,13 @@ def inspect(path: str, x: str, y: str | None, min_rows: int = 1) -> DataInfo:
         st = os.stat(p)
         x_off = _direct(dx, _feature_dtype(dx.dtype), st)
         y_off = _direct(dy, np.dtype(np.float64), st) if dy is not None else None
+        x_chunks = chunk_read.layout(dx, _feature_dtype(dx.dtype), st) if x_off is None else None
+        y_chunks = None
+        if dy is not None and y_off is None:
+            y_chunks = chunk_read.layout(dy, np.dtype(np.float64), st)
         independent = dx.is_virtual or (dy is not None and dy.is_virtual)
-        identity = file_identity(st) if x_off is not None or y_off is not None else None
+        fast = (x_off, y_off, x_chunks, y_chunks)
+        identity = file_identity(st) if any(f is not None for f in fast) else None
         return DataInfo(
             str(path),
             x,
@@ -170,6 +177,8 @@ def inspect(path: str, x: str, y: str | None, min_rows: int = 1) -> DataInfo:
             independent,
             identity,
             None if dy is None else str(dy.dtype),
+            x_chunks=x_chunks,
+            y_chunks=y_chunks,
         )
 
 
@@ -285,14 +294,24 @@ def read_block(
     m = stop - start
     Xl = aligned_empty((m, info.n_features), _feature_dtype(info.x_dtype))
     yl, bad = None, None
-    direct = DIRECT_READ and (info.x_offset is not None or info.y_offset is not None)
+    direct = DIRECT_READ and info.identity is not None
     direct = direct and _same_file_everywhere(path, info.identity, comm)
     x_direct = direct and info.x_offset is not None
+    x_chunked = direct and not x_direct and info.x_chunks is not None
     if direct:  # plain preads from threads, each piece screened for NaN/Inf while in cache
         threads = _reader_threads(comm)
         if x_direct:
             bad = pread_rows(
                 path, info.x_offset, start, Xl, threads, screen=True, identity=info.identity
+            )
+        elif x_chunked:  # chunks read, decoded and screened on the rank's threads
+            bad = np.zeros(m, dtype=bool)
+            lay = info.x_chunks
+            agree(
+                comm,
+                lambda: chunk_read.read_rows(
+                    path, x, lay, start, stop, Xl, threads, info.identity, bad
+                ),
             )
         if y is not None and info.y_offset is not None:
             yl = np.empty((m, *(info.y_shape or ())[1:]), dtype=np.float64)
@@ -307,11 +326,21 @@ def read_block(
                 identity=info.identity,
             )
             bad = flags if bad is None else bad
-    if not x_direct or (y is not None and yl is None):
+        elif y is not None and info.y_chunks is not None:
+            yl = np.empty((m, *(info.y_shape or ())[1:]), dtype=np.float64)
+            bad = np.zeros(m, dtype=bool) if bad is None else bad
+            lay, out = info.y_chunks, yl.reshape(m, -1)
+            agree(
+                comm,
+                lambda: chunk_read.read_rows(
+                    path, y, lay, start, stop, out, threads, info.identity, bad
+                ),
+            )
+    if not (x_direct or x_chunked) or (y is not None and yl is None):
         what = x
         try:
             with _open(path, info, comm) as fh:
-                if not x_direct:
+                if not (x_direct or x_chunked):
                     dx = fh[x]
                     dest = Xl if info.x_ndim == 2 else Xl.reshape(m)  # 1-D X: one feature
                     with collective(dx):  # every rank takes part; each block has >= 1 row
@@ -369,10 +398,28 @@ def _read_shards(
             y_done = ys is None or (direct and s.y_offset is not None)
             if x_done:
                 pread_rows(s.path, s.x_offset, lo, buf, threads, True, flags, s.identity)
+            elif direct and s.x_chunks is not None:
+                chunk_read.read_rows(
+                    s.path, info.x, s.x_chunks, lo, hi, buf, threads, s.identity, flags
+                )
+                x_done = True
             if ys is not None and y_done:
                 pread_rows(
                     s.path, s.y_offset, lo, ys.reshape(k, -1), threads, True, flags, s.identity
                 )
+            elif ys is not None and direct and s.y_chunks is not None:
+                chunk_read.read_rows(
+                    s.path,
+                    info.y,
+                    s.y_chunks,
+                    lo,
+                    hi,
+                    ys.reshape(k, -1),
+                    threads,
+                    s.identity,
+                    flags,
+                )
+                y_done = True
             if not (x_done and y_done):
                 what = info.x
                 try:

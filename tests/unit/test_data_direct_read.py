@@ -217,7 +217,10 @@ def test_every_layout_reads_the_bits_of_the_plain_file(tmp_path, monkeypatch, la
         assert info.x_offset is not None and info.y_offset is not None
         assert info.identity == reader.file_identity(path.stat())
     else:
-        assert info.x_offset is None and info.y_offset is None and info.identity is None
+        assert info.x_offset is None and info.y_offset is None
+        chunked = layout in ("chunked", "gzip", "shuffle-gzip")  # chunks read directly
+        assert (info.x_chunks is not None) == chunked and (info.y_chunks is not None) == chunked
+        assert (info.identity is not None) == chunked
     block = _read(path, direct=direct, monkeypatch=monkeypatch)
     assert block.X.dtype == np.float32 and block.X.tobytes() == X.tobytes()
     assert block.y.dtype == np.float64 and block.y.tobytes() == y.tobytes()

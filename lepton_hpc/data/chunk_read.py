@@ -1,0 +1,346 @@
+"""Direct reads of chunked HDF5 data sets: each chunk's bytes read with ``pread`` at the offset
+HDF5's chunk index gives, decoded (deflate, shuffle, fletcher32) and copied into the rank's rows,
+on the rank's threads.
+
+Why not h5py: h5py holds the GIL while HDF5 reads and decompresses, so one rank uses one core
+for the whole of its block. Here ``pread``, ``zlib.decompress`` and NumPy's copies release it,
+so the rank's cores decode chunks in parallel.
+
+Correct bytes come first. ``layout`` accepts a data set only when every chunk can be proved
+decodable: chunked storage in the opened file itself (no virtual, external or compact layout),
+little-endian stored types whose conversion to the read type is exact, and only the filters
+deflate (1), shuffle (2) and fletcher32 (3). A chunk that still cannot be proved right when it
+is read goes through h5py alone (one chunk, not the data set): a chunk never written (HDF5 gives
+the fill value), a chunk whose filter mask says a filter was skipped, a stored size or decoded
+size that is not the chunk's, a fletcher32 checksum that does not match (h5py then also accepts
+the byte order of old writers, or gives the error), and partial edge chunks of a shuffle-only
+pipeline (a writer may store those unfiltered, which nothing in the bytes would reveal).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+from numba import njit
+
+from ..errors import DataError
+from ..kernels import native
+from .direct_read import (
+    SCREEN_READ_BYTES,
+    _read_screened,
+    _screen_piece,
+    compare_identity,
+    nonfinite_rows,
+)
+
+DEFLATE, SHUFFLE, FLETCHER32 = 1, 2, 3
+FILTERS = {DEFLATE, SHUFFLE, FLETCHER32}
+
+# Stored types read directly, per read type. Features (float32) only where the conversion is
+# exact (every stored value is a float32), so NumPy's cast equals HDF5's, which the h5py path
+# uses, bit for bit. Targets (float64) are cast by NumPy on every path, so every integer works.
+EXACT = {
+    np.dtype(np.float32).str: {"<f4", "<f2", "|i1", "<i2", "|u1", "<u2"},
+    np.dtype(np.float64).str: {
+        *("<f8", "<f4", "<f2", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8"),
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkLayout:
+    """How a chunked data set is stored: what ``read_rows`` needs besides the chunk index."""
+
+    shape: tuple[int, ...]  # the data set's (1-D or 2-D)
+    chunks: tuple[int, ...]
+    dtype: str  # as stored (little-endian)
+    filters: tuple[tuple[int, tuple[int, ...]], ...]  # (id, client values) in pipeline order
+
+    @property
+    def rows_cols(self) -> tuple[int, int, int, int]:
+        """(rows, columns, chunk rows, chunk columns): a 1-D data set is one column."""
+        n = self.shape[0]
+        w = self.shape[1] if len(self.shape) == 2 else 1
+        cr = self.chunks[0]
+        cc = self.chunks[1] if len(self.chunks) == 2 else 1
+        return n, w, cr, cc
+
+
+def layout(dset: h5py.Dataset, want: np.dtype, st: os.stat_result) -> ChunkLayout | None:
+    """The ChunkLayout of ``dset`` when its chunks can be read directly as ``want`` from the
+    opened file (``st``: its ``os.stat``); else None (h5py reads it)."""
+    if not np.little_endian or dset.ndim not in (1, 2) or dset.is_virtual:
+        return None
+    stored = dset.dtype
+    if stored.kind not in "fiu" or stored.str not in EXACT.get(want.newbyteorder("<").str, ()):
+        return None
+    plist = dset.id.get_create_plist()
+    if plist.get_layout() != h5py.h5d.CHUNKED or plist.get_external_count() != 0:
+        return None
+    filters = []
+    for i in range(plist.get_nfilters()):
+        fid, _flags, values, _name = plist.get_filter(i)
+        if fid not in FILTERS:
+            return None
+        filters.append((int(fid), tuple(int(v) for v in values)))
+    if any(f == SHUFFLE and v and v[0] != stored.itemsize for f, v in filters):
+        return None
+    try:
+        own = os.stat(dset.file.filename)
+    except (OSError, ValueError):
+        return None
+    if (own.st_dev, own.st_ino) != (st.st_dev, st.st_ino):
+        return None  # an external link: the chunks are in another file
+    chunks = plist.get_chunk()
+    if len(chunks) != dset.ndim or min(chunks) < 1:
+        return None
+    return ChunkLayout(
+        tuple(int(s) for s in dset.shape),
+        tuple(int(c) for c in chunks),
+        stored.str,
+        tuple(filters),
+    )
+
+
+@njit(nogil=True, cache=True)
+def _fletcher32(data):
+    """HDF5's Fletcher-32 of the bytes ``data`` (H5_checksum_fletcher32: big-endian 16-bit words,
+    sums folded every 360 words)."""
+    n = data.size // 2
+    sum1 = np.uint32(0)
+    sum2 = np.uint32(0)
+    i = 0
+    while n > 0:
+        t = min(n, 360)
+        n -= t
+        for _ in range(t):
+            sum1 += (np.uint32(data[i]) << np.uint32(8)) | np.uint32(data[i + 1])
+            i += 2
+            sum2 += sum1
+        sum1 = (sum1 & np.uint32(0xFFFF)) + (sum1 >> np.uint32(16))
+        sum2 = (sum2 & np.uint32(0xFFFF)) + (sum2 >> np.uint32(16))
+    if data.size % 2:
+        sum1 += np.uint32(data[i]) << np.uint32(8)
+        sum2 += sum1
+        sum1 = (sum1 & np.uint32(0xFFFF)) + (sum1 >> np.uint32(16))
+        sum2 = (sum2 & np.uint32(0xFFFF)) + (sum2 >> np.uint32(16))
+    sum1 = (sum1 & np.uint32(0xFFFF)) + (sum1 >> np.uint32(16))
+    sum2 = (sum2 & np.uint32(0xFFFF)) + (sum2 >> np.uint32(16))
+    return (sum2 << np.uint32(16)) | sum1
+
+
+@njit(nogil=True, cache=True)
+def _unshuffle(src, itemsize):
+    """HDF5's shuffle undone: byte b of element i is at ``src[b * n + i]`` (no GIL held).
+
+    Sizes 2, 4 and 8 assemble each little-endian element from its planes in one pass (SIMD);
+    a byte-by-byte scatter is a third as fast.
+    """
+    n = src.size // itemsize
+    if itemsize == 4:
+        out4 = np.empty(n, dtype=np.uint32)
+        p0, p1, p2, p3 = src[:n], src[n : 2 * n], src[2 * n : 3 * n], src[3 * n : 4 * n]
+        for i in range(n):
+            out4[i] = (
+                np.uint32(p0[i])
+                | (np.uint32(p1[i]) << np.uint32(8))
+                | (np.uint32(p2[i]) << np.uint32(16))
+                | (np.uint32(p3[i]) << np.uint32(24))
+            )
+        return out4.view(np.uint8)
+    if itemsize == 8:
+        out8 = np.empty(n, dtype=np.uint64)
+        for i in range(n):
+            v = np.uint64(0)
+            for b in range(8):
+                v |= np.uint64(src[b * n + i]) << np.uint64(8 * b)
+            out8[i] = v
+        return out8.view(np.uint8)
+    if itemsize == 2:
+        out2 = np.empty(n, dtype=np.uint16)
+        q0, q1 = src[:n], src[n : 2 * n]
+        for i in range(n):
+            out2[i] = np.uint16(q0[i]) | (np.uint16(q1[i]) << np.uint16(8))
+        return out2.view(np.uint8)
+    out = np.empty(src.size, dtype=np.uint8)
+    for b in range(itemsize):
+        plane = src[b * n : (b + 1) * n]
+        for i in range(n):
+            out[i * itemsize + b] = plane[i]
+    return out
+
+
+def decode(raw: bytes, filters, nbytes: int, itemsize: int) -> np.ndarray | None:
+    """The ``nbytes`` bytes (uint8) of one chunk stored as ``raw`` through ``filters`` (pipeline
+    order; undone in reverse), or None when they cannot be proved right (h5py then reads it)."""
+    buf: bytes | np.ndarray = raw
+    for fid, _values in reversed(filters):
+        if fid == FLETCHER32:
+            if len(buf) < 4:
+                return None
+            body = np.frombuffer(buf, dtype=np.uint8)
+            stored = int.from_bytes(bytes(body[-4:]), "little")
+            body = body[:-4]
+            if int(_fletcher32(body)) != stored:
+                return None
+            buf = body
+        elif fid == DEFLATE:
+            try:
+                buf = zlib.decompress(buf, bufsize=nbytes)
+            except zlib.error:
+                return None
+        elif fid == SHUFFLE:
+            if len(buf) != nbytes:
+                return None
+            if itemsize > 1 and nbytes > itemsize:
+                buf = _unshuffle(np.frombuffer(buf, dtype=np.uint8), itemsize)
+        else:  # pragma: no cover - ``layout`` admits no other filter
+            return None
+    if len(buf) != nbytes:
+        return None
+    return np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, bytes) else buf
+
+
+def _pread_into(fd: int, path: str, view: memoryview, offset: int) -> None:
+    pos = 0
+    while pos < len(view):
+        got = os.preadv(fd, [view[pos:]], offset + pos)
+        if got == 0:
+            raise DataError(f"'{path}' ends before the data it describes (truncated file?)")
+        pos += got
+
+
+def read_rows(
+    path: str,
+    name: str,
+    lay: ChunkLayout,
+    start: int,
+    stop: int,
+    out: np.ndarray,
+    threads: int,
+    identity: tuple[int, int, int, int] | None = None,
+    flags: np.ndarray | None = None,
+) -> None:
+    """Fill ``out`` (rows x columns, C order, the read type) with rows ``[start, stop)`` of the
+    chunked data set ``name`` of ``path``, one task per chunk on ``threads`` threads.
+
+    ``flags`` (float ``out``): set True for each row holding NaN or Inf (rows already set stay
+    set); when chunks span whole rows each task screens its rows while they are in cache.
+
+    The chunk index is read here, for this rank's chunks only (by coordinate: one B-tree lookup
+    each). ``identity`` (``file_identity`` of the inspected file): the file read must be it.
+    """
+    m = stop - start
+    if m <= 0:
+        return
+    n, w, cr, cc = lay.rows_cols
+    stored = np.dtype(lay.dtype)
+    isz = stored.itemsize
+    nbytes = cr * cc * isz
+    if out.shape != (m, w) or not out.flags.c_contiguous:
+        raise ValueError(f"read_rows: out has shape {out.shape}, needs ({m}, {w}) C order")
+    shuffle_only = bool(lay.filters) and {f for f, _ in lay.filters} == {SHUFFLE}
+    direct_rows = not lay.filters and cc == w and stored == out.dtype
+    screen_tasks = flags is not None and cc == w  # a task's rows are then complete
+    screened_reads = direct_rows and screen_tasks and native.supported()[0]
+    step = max(1, SCREEN_READ_BYTES // (w * isz))
+    zero = out.dtype.type(0)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if identity is not None:
+            compare_identity(path, identity, os.fstat(fd))
+        tasks, slow = [], []
+        try:
+            with h5py.File(path, "r") as fh:
+                sid = fh[name].id
+                for r0 in range((start // cr) * cr, stop, cr):
+                    for c0 in range(0, w, cc):
+                        coord = (r0, c0) if len(lay.shape) == 2 else (r0,)
+                        info = sid.get_chunk_info_by_coord(coord)
+                        partial = r0 + cr > n or c0 + cc > w
+                        task = (r0, c0, info.byte_offset, info.size)
+                        if (
+                            info.byte_offset is None
+                            or info.filter_mask != 0
+                            or (not lay.filters and info.size != nbytes)
+                            or (shuffle_only and partial)
+                        ):
+                            slow.append(task)
+                        else:
+                            tasks.append(task)
+        except (OSError, KeyError, ValueError) as exc:
+            raise DataError(f"'{path}:{name}' cannot be read ({exc})") from None
+        if identity is not None:  # the file h5py opened by name is still the one inspected
+            compare_identity(path, identity, os.stat(path))
+
+        def read(task) -> tuple | None:
+            if screened_reads:  # preads of 256 KiB from Numba, each screened while in L2
+                lo, hi = max(start, task[0]), min(stop, task[0] + cr)
+                base = task[2] + (start - task[0]) * w * isz  # where row 0 of ``out`` would be
+                done = _read_screened(fd, base, out, lo - start, hi - start, step, flags, zero)
+                if done == hi - start:
+                    return None
+            left = _read_chunk(task)  # (after a failed screened read: again, for the error)
+            if left is None and screen_tasks:
+                lo, hi = max(start, task[0]), min(stop, task[0] + cr)
+                _screen_piece(out, lo - start, hi - start, flags, zero)
+            return left
+
+        def _read_chunk(task) -> tuple | None:
+            r0, c0, offset, size = task
+            lo, hi = max(start, r0), min(stop, r0 + cr)
+            c1 = min(w, c0 + cc)
+            if direct_rows:  # the rows are one run of bytes in the chunk and in ``out``
+                flat = out[lo - start : hi - start].reshape(-1).view(np.uint8)
+                _pread_into(fd, path, memoryview(flat), offset + (lo - r0) * cc * isz)
+                return None
+            if not lay.filters:  # only the chunk's rows this rank needs
+                raw = np.empty((hi - lo) * cc * isz, dtype=np.uint8)
+                _pread_into(fd, path, memoryview(raw), offset + (lo - r0) * cc * isz)
+                part = raw.view(stored).reshape(hi - lo, cc)
+                out[lo - start : hi - start, c0:c1] = part[:, : c1 - c0]
+                return None
+            raw = os.pread(fd, size, offset)
+            if len(raw) != size:
+                raise DataError(f"'{path}' ends before the data it describes (truncated file?)")
+            data = decode(raw, lay.filters, nbytes, isz)
+            if data is None:
+                return task
+            part = data.view(stored).reshape(cr, cc)
+            out[lo - start : hi - start, c0:c1] = part[lo - r0 : hi - r0, : c1 - c0]
+            return None
+
+        try:
+            if threads > 1 and len(tasks) > 1:
+                with ThreadPoolExecutor(min(threads, len(tasks))) as pool:
+                    slow += [t for t in pool.map(read, tasks) if t is not None]
+            else:
+                slow += [t for t in map(read, tasks) if t is not None]
+        except OSError as exc:  # an I/O error of the file system: one line, on every rank
+            raise DataError(f"'{path}:{name}' cannot be read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    if slow:
+        _read_with_h5py(path, name, lay, start, stop, out, slow)
+    if flags is not None and (not screen_tasks or slow):
+        nonfinite_rows(out, out=flags)
+
+
+def _read_with_h5py(path, name, lay: ChunkLayout, start, stop, out, tasks) -> None:
+    """The chunks ``tasks`` through h5py (fill values, skipped filters, anything unproved)."""
+    _n, w, cr, cc = lay.rows_cols
+    try:
+        with h5py.File(path, "r") as fh:
+            dset = fh[name]
+            for r0, c0, *_ in tasks:
+                lo, hi = max(start, r0), min(stop, r0 + cr)
+                c1 = min(w, c0 + cc)
+                sel = np.s_[lo:hi, c0:c1] if len(lay.shape) == 2 else np.s_[lo:hi]
+                out[lo - start : hi - start, c0:c1] = dset[sel].reshape(hi - lo, c1 - c0)
+    except (OSError, KeyError, ValueError) as exc:  # e.g. a checksum that does not match
+        raise DataError(f"'{path}:{name}' cannot be read ({exc})") from None

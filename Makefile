@@ -103,8 +103,13 @@ test: install install-horovod lint
 
 # The benchmark's peers: torch pinned to the CPU build on this machine's disk, resolved in the same
 # pip command as scikit-learn so pip never brings another torch; Horovod from its own script.
+# Heat 1.9 declares Python >= 3.12 and torchvision (used only by its image helpers): installed
+# without dependencies, and the benchmark stubs torchvision for its import. daal4py (oneDAL) where
+# PyPI has a wheel for this Python, else the benchmark reports its part as skipped.
 bench-peers: install install-horovod
 	@$(PIP) install "torch==2.13.0" scikit-learn
+	@$(PIP) install --no-deps --ignore-requires-python "heat==1.9.0"
+	@$(PIP) install "daal4py==2024.7.0" || echo "daal4py did not install: the onedal part is skipped"
 
 # One benchmark run into bench/ (results.json, results.md, scaling.png, allreduce.png); run it
 # alone, it launches its own mpiexec jobs. BENCH_ARGS="--quick" for a small data set.

@@ -293,6 +293,115 @@ def ratio_specs(ks: list[int], kc: int) -> list[tuple]:
                     "higher",
                 )
             )
+    return specs + kernel_ratio_specs()
+
+
+def kernel_ratio_specs() -> list[tuple]:
+    """Ratios of the feature sweep, the AVX2 code, the MLP and the distributed peers."""
+    from .kernel_parts import AVX2_D, MLP_CASES, SWEEP_D, SWEEP_TRAIN_D, mlp_tag
+
+    specs: list[tuple] = [
+        (
+            f"dsweep_ours_vs_read_ceiling_d{d}",
+            ("dsweep", f"ceiling_s_d{d}"),
+            ("dsweep", f"ours_s_d{d}"),
+            f"read ceiling / our logistic gradient, {d} features, same array, all cores",
+            ">= 0.70",
+            "higher",
+        )
+        for d in SWEEP_D
+    ]
+    specs += [
+        (
+            f"dsweep_ours_vs_read_ceiling_best_d{d}",
+            ("dsweep", f"ceiling_best_s_d{d}"),
+            ("dsweep", f"ours_best_s_d{d}"),
+            "the same from the fastest repeat of each (less sensitive to other processes)",
+            None,
+            "higher",
+        )
+        for d in SWEEP_D
+    ]
+    for d in SWEEP_TRAIN_D:
+        specs.append(
+            (
+                f"dsweep_train_epoch_vs_read_ceiling_d{d}_k2",
+                ("dsweep", f"ceiling_s_d{d}"),
+                (f"dsweep_train_d{d}", "epoch_s"),
+                (
+                    f"read ceiling of the same bytes / full-batch epoch of lepton train at 2 "
+                    f"ranks, {d} features"
+                ),
+                None,
+                "higher",
+            )
+        )
+    for d in AVX2_D:
+        specs.append(
+            (
+                f"avx2_ours_vs_read_ceiling_d{d}",
+                ("avx2", f"ceiling_s_d{d}"),
+                ("avx2", f"ours_s_d{d}"),
+                (
+                    f"the same on code for an AVX2-only CPU (NUMBA_CPU_NAME=haswell), {d} "
+                    "features, the kernels the toolkit picks there"
+                ),
+                ">= 0.70",
+                "higher",
+            )
+        )
+        specs.append(
+            (
+                f"avx2_tuned_vs_read_ceiling_d{d}",
+                ("avx2", f"ceiling_s_d{d}"),
+                ("avx2", f"tuned_s_d{d}"),
+                f"the same with the tuned kernels forced on for haswell, {d} features",
+                None,
+                "higher",
+            )
+        )
+    for d, hidden in MLP_CASES:
+        tag = mlp_tag(d, hidden)
+        for kind, what in (("full", "full-batch step"), ("mini", "mini-batch epoch (batch 256)")):
+            specs.append(
+                (
+                    f"mlp_speedup_vs_torch_{kind}_{tag}",
+                    ("mlp", f"torch_{kind}_s_{tag}"),
+                    ("mlp", f"ours_{kind}_s_{tag}"),
+                    (
+                        f"PyTorch CPU / ours, MLP {d}->{'->'.join(map(str, hidden))}->1 ReLU, "
+                        f"logistic loss, Adam, {what}, same threads"
+                    ),
+                    None,
+                    "higher",
+                )
+            )
+    specs += [
+        (
+            "ours_speedup_vs_heat_k2",
+            ("heat", "heat_s"),
+            ("heat", "ours_s"),
+            "Heat (split=0 arrays, the faster of two gradient forms) / ours, 2 ranks",
+            None,
+            "higher",
+        ),
+        (
+            "ours_speedup_vs_heat_matmul_k2",
+            ("heat", "heat_matmul_s"),
+            ("heat", "ours_s"),
+            "Heat with ht.matmul(X.T, r) / ours, 2 ranks",
+            None,
+            "higher",
+        ),
+        (
+            "ours_speedup_vs_onedal_k2",
+            ("onedal", "onedal_s"),
+            ("onedal", "ours_s"),
+            "daal4py logistic_loss per rank + Allreduce / ours, 2 ranks",
+            None,
+            "higher",
+        ),
+    ]
     return specs
 
 

@@ -104,6 +104,7 @@ def markdown(res: dict) -> str:
             f"{row['share']:.2%} |"
         )
     lines += _allreduce_table(parts)
+    lines += kernel_sections(parts)
     lines += [
         "",
         "## Machine load while measuring",
@@ -130,6 +131,167 @@ def markdown(res: dict) -> str:
         lines += [f"- part `{n}`: {why.splitlines()[0]}" for n, why in off.items()]
         lines += [f"- ratio `{n}`: {why}" for n, why in res["skipped_ratios"].items()]
     return "\n".join(lines) + "\n"
+
+
+def sweep_rows_md(parts: dict) -> list[dict]:
+    """One row per feature count of the sweep: times, fractions of the read ceiling, and the AVX2
+    and ``lepton train`` figures where they were measured."""
+    from .kernel_parts import SWEEP_D
+
+    rows = []
+    for d in SWEEP_D:
+        ceiling, ours = (
+            value(parts, "dsweep", f"ceiling_s_d{d}"),
+            value(parts, "dsweep", f"ours_s_d{d}"),
+        )
+        if ceiling is None or ours is None:
+            continue
+        fig = parts["dsweep"]["results"]["figures"][f"ours_s_d{d}"]
+        a_ceil = value(parts, "avx2", f"ceiling_s_d{d}")
+        a_ours, a_tuned = (
+            value(parts, "avx2", f"ours_s_d{d}"),
+            value(parts, "avx2", f"tuned_s_d{d}"),
+        )
+        epoch = value(parts, f"dsweep_train_d{d}", "epoch_s")
+        rows.append(
+            {
+                "d": d,
+                "rows": int(fig.get("rows", 0)),
+                "ceiling": ceiling,
+                "ours": ours,
+                "fraction": ceiling / ours,
+                "fraction_best": _ratio(
+                    value(parts, "dsweep", f"ceiling_best_s_d{d}"),
+                    value(parts, "dsweep", f"ours_best_s_d{d}"),
+                ),
+                "avx2_fraction": _ratio(a_ceil, a_ours),
+                "avx2_tuned_fraction": _ratio(a_ceil, a_tuned),
+                "train_epoch": epoch,
+                "train_fraction": _ratio(ceiling, epoch),
+            }
+        )
+    return rows
+
+
+def mlp_rows_md(parts: dict) -> list[dict]:
+    """One row per MLP configuration: full-batch step and mini-batch epoch, ours and torch."""
+    entry = parts.get("mlp", {})
+    if entry.get("status") != "ok":
+        return []
+    out = []
+    for case in entry["results"]["cases"]:
+        t = {k: v["median_s"] for k, v in case["timings"].items()}
+        out.append(
+            {
+                "model": f"{case['features']}->{'->'.join(map(str, case['hidden']))}->1",
+                "rows_full": case["rows_full_batch"],
+                "rows_mini": case["rows_minibatch_epoch"],
+                **t,
+                "speedup_full": t["torch_full"] / t["ours_full"],
+                "speedup_mini": t["torch_mini"] / t["ours_mini"],
+                "loss_rel_diff": case["agreement"]["loss_rel_diff"],
+            }
+        )
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _opt(v: float | None, fmt: str = "{:.2f}") -> str:
+    return "—" if v is None else fmt.format(v)
+
+
+def kernel_sections(parts: dict) -> list[str]:
+    """The feature sweep, the MLP comparison and the distributed peers, where they ran."""
+    lines: list[str] = []
+    sweep = sweep_rows_md(parts)
+    if sweep:
+        res = parts["dsweep"]["results"]
+        avx2 = parts.get("avx2", {}).get("results", {})
+        lines += [
+            "",
+            (
+                f"## Feature sweep (logistic gradient, float32, about {res['bytes_X'] / 2**20:.0f} "
+                f"MiB of X each, {res['threads']} threads; fraction = read ceiling / time)"
+            ),
+            "",
+        ]
+        if avx2:
+            ok, why = avx2["native_supported"]
+            lines += [
+                (
+                    f"AVX2 columns: NUMBA_CPU_NAME={avx2['cpu_name']}, own Numba cache; "
+                    f"`kernels.native.supported()` there: {ok} ({why}); 'tuned' = the tuned "
+                    "kernels forced on."
+                ),
+                "",
+            ]
+        lines += [
+            (
+                "| d | rows | ceiling | ours | fraction | fraction (best) | AVX2 fraction | "
+                "AVX2 tuned | train epoch (2 ranks) | train fraction |"
+            ),
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in sweep:
+            lines.append(
+                f"| {r['d']} | {r['rows']:,} | {_fmt(r['ceiling'])} | {_fmt(r['ours'])} | "
+                f"{r['fraction']:.2f} | {_opt(r['fraction_best'])} | {_opt(r['avx2_fraction'])} | "
+                f"{_opt(r['avx2_tuned_fraction'])} | {_fmt(r['train_epoch'])} | "
+                f"{_opt(r['train_fraction'])} |"
+            )
+    mlp = mlp_rows_md(parts)
+    if mlp:
+        res = parts["mlp"]["results"]
+        lines += [
+            "",
+            (
+                f"## MLP training against PyTorch CPU ({res['threads']} threads each, ReLU, "
+                f"{res['loss']}, {res['optimizer']}; speedup = torch / ours, > 1: ours faster)"
+            ),
+            "",
+            (
+                "| model | full-batch rows | ours step | torch step | speedup | epoch rows | "
+                "ours epoch | torch epoch | speedup | loss rel. diff |"
+            ),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in mlp:
+            lines.append(
+                f"| {r['model']} | {r['rows_full']:,} | {_fmt(r['ours_full'])} | "
+                f"{_fmt(r['torch_full'])} | {r['speedup_full']:.2f} | {r['rows_mini']:,} | "
+                f"{_fmt(r['ours_mini'])} | {_fmt(r['torch_mini'])} | {r['speedup_mini']:.2f} | "
+                f"{r['loss_rel_diff']:.1e} |"
+            )
+    peers = []
+    for part, key, label in (
+        ("heat", "heat_matmul_s", "Heat ht.matmul(X.T, r)"),
+        ("heat", "heat_bsum_s", "Heat ht.sum(X * r, axis=0)"),
+        ("heat", "ours_s", "ours (same job as Heat)"),
+        ("onedal", "onedal_s", "oneDAL (daal4py) logistic_loss + Allreduce"),
+        ("onedal", "ours_s", "ours (same job as oneDAL)"),
+    ):
+        v = value(parts, part, key)
+        if v is not None:
+            res = parts[part]["results"]
+            rows = res.get("rows")
+            peers.append(
+                f"| {label} | {res['ranks']} | {f'{rows:,}' if rows else ''} | {_fmt(v)} |"
+            )
+    if peers:
+        lines += [
+            "",
+            "## Distributed logistic gradient against Heat and oneDAL (gradient + allreduce)",
+            "",
+            "| implementation | ranks | rows | median |",
+            "|---|---:|---:|---:|",
+            *peers,
+        ]
+        notes = [parts.get(p, {}).get("results", {}).get("note") for p in ("heat", "onedal")]
+        lines += [""] + [f"- {n}" for n in notes if n]
+    return lines
 
 
 def scaling_rows(res: dict) -> list[dict]:

@@ -12,12 +12,22 @@ import importlib.util
 import json
 import shlex
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..log import Log
 from .common import GLOBAL_BATCH, L2, figure
+from .kernel_parts import (
+    AVX2_D,
+    MLP_QUICK_ROWS,
+    MLP_ROWS,
+    QUICK_SWEEP_BYTES,
+    SWEEP_BYTES,
+    SWEEP_TRAIN_D,
+    sweep_rows,
+)
 from .launch import (
     PY,
     BackgroundLoad,
@@ -82,7 +92,8 @@ class Bench:
     def _run(self, name: str, cmd: list[str], collect, env: dict[str, str]) -> dict:
         load = BackgroundLoad()
         t0 = time.perf_counter()
-        rc, stdout, stderr = run_command(cmd, self.plan.timeout_s, {**self.env, **env})
+        full_env = {k: v for k, v in {**self.env, **env}.items() if v is not None}  # None: unset
+        rc, stdout, stderr = run_command(cmd, self.plan.timeout_s, full_env)
         seconds = time.perf_counter() - t0
         entry: dict = {"command": shlex.join(cmd), "wall_s": round(seconds, 3), "load": load.end()}
         if env:
@@ -118,15 +129,16 @@ class Bench:
         return self.launch(name, [*argv, *extra], k, **env)
 
     # ---- data ---------------------------------------------------------------------------
-    def datagen(self, rows: int) -> tuple[Path, list[str], bool]:
+    def datagen(self, rows: int, features: int | None = None) -> tuple[Path, list[str], bool]:
         """The logistic data set of ``rows`` rows (the first rows of the seed's stream), its
         command, and whether an earlier run's file was reused."""
         p = self.plan
-        path = p.out / "data" / f"logistic_{rows}x{p.features}_seed{p.seed}.h5"
+        d = features or p.features
+        path = p.out / "data" / f"logistic_{rows}x{d}_seed{p.seed}.h5"
         k = min(2, p.cores)
         cmd = [*mpiexec(k, p.cores), PY, "-m", "lepton_hpc", "datagen", "--task", "logistic"]
-        cmd += [*flags(rows=rows, features=p.features, seed=p.seed, out=path), "--force"]
-        reused = _has_shape(path, rows, p.features)
+        cmd += [*flags(rows=rows, features=d, seed=p.seed, out=path), "--force"]
+        reused = _has_shape(path, rows, d)
         if not reused:
             rc, _, err = run_command(cmd, p.timeout_s, self.env)
             if rc != 0:
@@ -258,10 +270,60 @@ class Bench:
         )
         for k in fitting:
             self.train(f"train_lbfgs_k{k}", k, self.data["h5"], *lbfgs)
+        self.kernel_parts()
         return {
             "settings": {**asdict(p), "out": str(p.out), "global_batch": GLOBAL_BATCH, "l2": L2},
             "parts": self.parts,
         }
+
+    # ---- the feature sweep, AVX2 code, MLP against torch, Heat and oneDAL ---------------------
+    def kernel_parts(self) -> None:
+        """Parts on generated arrays (``kernel_parts``) and the distributed peers
+        (``mpi_peers``) on the data set's first rows, each against ours in the same process."""
+        p = self.plan
+        nbytes = QUICK_SWEEP_BYTES if p.quick else SWEEP_BYTES
+        sweep = ["lepton_hpc.bench.kernel_parts", "dsweep", *flags(bytes=nbytes)]
+        self.launch("dsweep", [*sweep, *flags(repeats=p.repeats)])
+        for d in SWEEP_TRAIN_D:
+            self.sweep_train(d, sweep_rows(d, nbytes))
+        # at most 3 repeats: where the check refuses the tuned kernels, the fallback is slow
+        avx2 = ["lepton_hpc.bench.kernel_parts", "avx2"]
+        avx2 += flags(bytes=nbytes, repeats=min(3, p.repeats))
+        avx2 += flags(sizes=",".join(map(str, AVX2_D)))
+        if not any("avx2".startswith(s) for s in p.skip):
+            with tempfile.TemporaryDirectory(prefix="lepton-bench-numba-") as cache:
+                # AVX2-only code: its own cache, so no AVX-512 entry of the host is reused
+                env = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": None}
+                self.launch("avx2", avx2, None, NUMBA_CACHE_DIR=cache, **env)
+        else:
+            self.skipped("avx2", "--skip")
+        if importlib.util.find_spec("torch") is None:
+            self.skipped("mlp", "torch is not installed")
+        else:
+            rows = MLP_QUICK_ROWS if p.quick else MLP_ROWS
+            mlp = ["lepton_hpc.bench.kernel_parts", "mlp", *flags(rows=rows, repeats=p.repeats)]
+            self.launch("mlp", mlp)
+        k = 2
+        for name, module in (("heat", "heat"), ("onedal", "daal4py")):
+            if importlib.util.find_spec(module) is None:
+                self.skipped(name, f"{module} is not installed (make bench-peers)")
+                continue
+            threads = str(max(1, p.cores // k))
+            self.micro(name, "mpi_peers", name, k, OMP_NUM_THREADS=threads)
+
+    def sweep_train(self, d: int, rows: int) -> dict:
+        """``lepton train`` full-batch epochs at 2 ranks on a ``rows`` x ``d`` data set."""
+        name = f"dsweep_train_d{d}"
+        if any(name.startswith(s) for s in self.plan.skip):
+            return self.skipped(name, "--skip")
+        try:
+            path = self.datagen(rows, d)[0]
+        except RuntimeError as exc:
+            entry = {"status": "failed", "reason": str(exc)}
+            self.parts[name] = entry
+            return entry
+        epochs = 3 if self.plan.quick else 5
+        return self._train(name, 2, path, (f"train.epochs={epochs}", "train.batch_size=0"))
 
 
 def _has_shape(path: Path, rows: int, features: int) -> bool:

@@ -28,6 +28,10 @@ def bench_run(tmp_path_factory):
     """``lepton bench --quick --rows 20000`` once, alone (it launches its own mpiexec jobs)."""
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, "-m", "lepton_hpc", "bench", "--quick", "--rows", "20000"]
+    cmd += [
+        "--skip",
+        "dsweep,avx2,mlp,heat,onedal",
+    ]  # timed in tests/unit/test_bench_kernel_parts.py
     proc = subprocess.run(
         [*cmd, "--repeats", "2", "--out", str(out)],
         cwd=ROOT,

@@ -78,6 +78,7 @@ def build_results(
     rows_seen: float,
     config: dict,
     ranks_timing: list[dict] | None = None,
+    memory: dict | None = None,
 ) -> dict:
     """results.json of a completed run, from plain values.
 
@@ -91,6 +92,9 @@ def build_results(
     the reduction: its own work), ``comm_s`` (time in the reduction, mostly waiting for the
     slowest rank) and ``steps`` this process ran: a straggler shows a high compute_s while the
     others show a high comm_s.
+    ``memory``: per rank (in rank order) ``peak_rss_mb`` (``peak_rss_mb()``) and ``data_mb``, the
+    bytes of the rows it holds (X and y, training and validation), both in MiB: what the data
+    cost a rank against what it peaked at.
     """
     busy_s = loop_s - seconds.get("compile_loop", 0.0)  # the throughput's denominator
     results = {
@@ -124,7 +128,29 @@ def build_results(
     }
     if ranks_timing is not None:
         results["ranks_timing"] = [dict(t, rank=r) for r, t in enumerate(ranks_timing)]
+    if memory is not None:
+        results["memory"] = memory
     return results
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MiB: VmHWM of /proc/self/status (Linux), else
+    ``ru_maxrss`` (KiB on Linux, bytes on macOS); None where neither is known."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def versions() -> dict[str, str]:

@@ -14,7 +14,7 @@ from ..comm.base import Communicator
 from ..log import Log
 from .batches import uniform
 from .preprocess import Scaler, fit_scaler
-from .reader import Block, DataInfo, global_block_rows, read_block, row_ids, take_rows
+from .reader import Block, DataInfo, aligned_empty, global_block_rows, read_block, row_ids
 
 VALIDATION_STREAM = 1
 
@@ -67,6 +67,66 @@ def validation_mask(
     return uniform(rows, seed, VALIDATION_STREAM) < fraction
 
 
+def held_out(block: Block, data_cfg, seed: int) -> np.ndarray:
+    """The validation mask of the block's rows, hashed a piece of row ids at a time (the hash's
+    integer temporaries are then a few MB, not several times the block's row count)."""
+    n = block.n
+    hold = np.empty(n, dtype=bool)
+    step = 1 << 16
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        rows = (
+            np.arange(block.start + a, block.start + b, dtype=np.int64)
+            if block.ids is None
+            else block.ids[a:b]
+        )
+        hold[a:b] = validation_mask(
+            rows, data_cfg.validation_fraction, seed, data_cfg.folds, data_cfg.fold
+        )
+    return hold
+
+
+def _ids_where(block: Block, mask: np.ndarray) -> np.ndarray:
+    """Global row ids of the block's rows where ``mask`` is true."""
+    if block.ids is not None:
+        return block.ids[mask]
+    at = np.flatnonzero(mask).astype(np.int64, copy=False)
+    at += block.start
+    return at
+
+
+def _piece(A: np.ndarray) -> int:
+    """Rows per piece of a row copy: about 1 MiB."""
+    return max(1, (1 << 20) // max(1, A[:1].nbytes))
+
+
+def gather_rows(A: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``A[mask]`` into a new 64-byte aligned array, a piece of rows at a time (``np.compress``
+    into ``out`` first fills a temporary the size of the result)."""
+    out = aligned_empty((int(np.count_nonzero(mask)), *A.shape[1:]), A.dtype)
+    step, dst = _piece(A), 0
+    for a in range(0, A.shape[0], step):
+        part = A[a : a + step][mask[a : a + step]]
+        out[dst : dst + part.shape[0]] = part
+        dst += part.shape[0]
+    return out
+
+
+def compact_rows(A: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``A[keep]`` in place: the kept rows moved to the front of ``A`` in order, piece by piece
+    (a row only ever moves towards the front, so no row is overwritten before it is read);
+    returns the leading view. ``A`` is then no longer the array it was: only for buffers the
+    caller owns."""
+    n = A.shape[0]
+    step, dst = _piece(A), 0
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        part = A[a:b][keep[a:b]]
+        A[dst : dst + part.shape[0]] = part
+        dst += part.shape[0]
+    return A[:dst]
+
+
 @dataclass(slots=True)
 class TrainingData:
     train: Split
@@ -83,6 +143,7 @@ def load_training_data(
     *,
     reproducible: bool = False,
     source=None,
+    stats: Communicator | None = None,
 ) -> TrainingData:
     """Read this rank's block, split off validation rows, fit and apply the scaler.
 
@@ -91,6 +152,8 @@ def load_training_data(
     ``source``: rows already in memory (``memory.ArraySource``) instead of ``data_cfg.train``
     (a file, or shards: global row numbers run across the files, so the split and the blocks are
     those of one file holding the same rows).
+    ``stats``: the ranks the scaler is fitted over when not ``comm`` (federated clients read
+    their own files alone, yet share one scaler).
     """
     if source is not None:
         block: Block = source.read_block(
@@ -109,23 +172,28 @@ def load_training_data(
     assert block.y is not None
     holds_out = data_cfg.validation_fraction > 0 or bool(data_cfg.folds)
     X, y, ids = block.X, block.y, block.ids  # every row trains unless some are held out
-    if holds_out:  # row ids are built only here and in reproducible mode
-        rows = block.rows
-        hold = validation_mask(
-            rows, data_cfg.validation_fraction, seed, data_cfg.folds, data_cfg.fold
-        )
+    val_rows = None
+    if holds_out:
+        hold = held_out(block, data_cfg, seed)
+        Xv, yv = gather_rows(block.X, hold), block.y[hold]  # copied out before the compaction
+        val_ids = _ids_where(block, hold)
+        val_rows = (Xv, yv, val_ids)
         if hold.any():
             keep = ~hold
-            X, y, ids = take_rows(block.X, keep), block.y[keep], rows[keep]
+            ids = _ids_where(block, keep)
+            X, y = compact_rows(block.X, keep), compact_rows(block.y, keep)
+        del hold
     blocks = None
     if reproducible:
         blocks = row_ids(block.start, X.shape[0], ids) // global_block_rows(block.info.n_rows)
-    scaler = fit_scaler(data_cfg.scale, X, comm, blocks)
-    train = make_split(scaler.apply(X), y, comm, block.start, ids)
+    scaler = fit_scaler(data_cfg.scale, X, stats or comm, blocks)
+    del blocks
+    # The block is this function's own fresh buffer: it is scaled in place, not copied.
+    train = make_split(scaler.apply_(X), y, comm, block.start, ids)
     val = None
-    if holds_out:
-        Xv = take_rows(block.X, hold)
-        val = make_split(scaler.apply(Xv), block.y[hold], comm, block.start, rows[hold])
+    if val_rows is not None:
+        Xv, yv, val_ids = val_rows
+        val = make_split(scaler.apply_(Xv), yv, comm, block.start, val_ids)
     return TrainingData(train, val, scaler, block.info)
 
 
@@ -146,5 +214,5 @@ def load_eval_data(
     block = read_block(path, x, y, comm, log, nonfinite=nonfinite)
     ys = block.y if block.y is not None else np.zeros(block.n)
     fits = block.info.n_features == scaler.shift.size
-    X = scaler.apply(block.X) if fits else block.X
+    X = scaler.apply_(block.X) if fits else block.X  # the block read here: scaled in place
     return make_split(X, ys, comm, block.start, block.ids), block.info

@@ -4,6 +4,12 @@ z-score merges per-rank (count, mean, M2) with Chan's formula in rank order (nev
 per-rank means); min-max reduces minima and maxima. The fitted ``Scaler`` is stored in model.h5.
 In reproducible mode (``blocks`` given) z-score merges per-block moments in global block order
 instead, so the statistics are bitwise the same for any rank count.
+
+Memory stays in proportion to the data: statistics are summed and the scaler applied in
+cache-sized row pieces (``piece_rows``), never through float64 temporaries of a whole block. The
+pieces give the very bits of the whole-block formulas: NumPy sums the rows of a C-contiguous
+(n, d >= 2) array one after another per column, so a piece's sum seeded with the running sum
+(its first row) continues that sequence exactly; element-wise arithmetic has no order at all.
 """
 
 from __future__ import annotations
@@ -25,11 +31,43 @@ class Scaler:
     scale: np.ndarray
 
     def apply(self, X: np.ndarray) -> np.ndarray:
-        """A scaled copy of ``X`` in its own dtype (``X`` itself when kind is "none")."""
+        """A scaled copy of ``X`` in its own dtype (``X`` itself when kind is "none").
+
+        Element for element ``(X - shift) / scale`` (in float64) cast to X's dtype, computed a
+        piece of rows at a time: the caller's array is left as it is.
+        """
         if self.kind == "none":
             return X
-        out = aligned_empty(X.shape, X.dtype)
-        out[...] = (X - self.shift) / self.scale
+        return self._scale_into(X, aligned_empty(X.shape, X.dtype))
+
+    def apply_(self, X: np.ndarray) -> np.ndarray:
+        """``X`` scaled in place (the same bits as ``apply``), for arrays the caller owns: a
+        block just read holds its rows once, not twice."""
+        if self.kind == "none" or not X.flags.writeable:
+            return self.apply(X)
+        return self._scale_into(X, X)
+
+    def _scale_into(self, X: np.ndarray, out: np.ndarray) -> np.ndarray:
+        n = X.shape[0]
+        if X.ndim != 2 or n == 0:
+            out[...] = (X - self.shift) / self.scale
+            return out
+        step = piece_rows(X.shape[1])
+        wide = np.result_type(X.dtype, self.shift.dtype, self.scale.dtype)
+        # The float64 intermediate of the whole-array expression, one piece at a time; when the
+        # expression's dtypes are anything else, the expression itself runs per piece.
+        fast = wide == np.float64 and self.shift.dtype == self.scale.dtype == np.float64
+        tmp = np.empty((min(step, n), X.shape[1]), np.float64) if fast else None
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            if tmp is None:
+                out[a:b] = (X[a:b] - self.shift) / self.scale
+                continue
+            t = out[a:b] if out.dtype == np.float64 else tmp[: b - a]
+            np.subtract(X[a:b], self.shift, out=t)
+            np.divide(t, self.scale, out=t)
+            if out.dtype != np.float64:
+                out[a:b] = t
         return out
 
     @classmethod
@@ -53,13 +91,49 @@ def merge_moments(
     return n, mean, m2
 
 
-def local_moments(X: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+PIECE_BYTES = 1 << 20  # float64 bytes of one row piece: a few pieces fit in a core's cache
+
+
+def piece_rows(d: int) -> int:
+    """Rows of ``d`` features per piece of the piecewise statistics and scaling."""
+    return max(1, PIECE_BYTES // (8 * max(d, 1)))
+
+
+def local_moments(X: np.ndarray, step: int | None = None) -> tuple[int, np.ndarray, np.ndarray]:
+    """(count, mean, M2) of ``X``'s rows: the bits of ``X.mean(axis=0, dtype=float64)`` and
+    ``((X - mean) ** 2).sum(axis=0, dtype=float64)`` without the latter's whole-block float64
+    temporaries (``step``: rows per piece, ``piece_rows`` by default)."""
     n = X.shape[0]
     if n == 0:
         return 0, np.zeros(X.shape[1]), np.zeros(X.shape[1])
-    mean = X.mean(axis=0, dtype=np.float64)
-    m2 = ((X - mean) ** 2).sum(axis=0, dtype=np.float64)
-    return n, mean, m2
+    mean = X.mean(axis=0, dtype=np.float64)  # buffered casts: no whole-block temporary
+    return n, mean, sum_squared_deviations(X, mean, step)
+
+
+def sum_squared_deviations(X: np.ndarray, mean: np.ndarray, step: int | None = None) -> np.ndarray:
+    """``((X - mean) ** 2).sum(axis=0, dtype=float64)``, bitwise, one piece of rows at a time.
+
+    Each piece's squares go below the running sum in a small buffer whose column sums continue
+    NumPy's row-after-row sequence. One column (summed pairwise by NumPy) and non-contiguous
+    arrays take the whole-block formula.
+    """
+    n, d = X.shape
+    if d < 2 or not X.flags.c_contiguous:
+        return ((X - mean) ** 2).sum(axis=0, dtype=np.float64)
+    step = step or piece_rows(d)
+    if n <= step:
+        return ((X - mean) ** 2).sum(axis=0, dtype=np.float64)
+    buf = np.empty((step + 1, d), np.float64)
+    acc = np.zeros(d)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        k = b - a
+        buf[0] = acc
+        sq = buf[1 : k + 1]
+        np.subtract(X[a:b], mean, out=sq)
+        np.square(sq, out=sq)
+        acc = buf[: k + 1].sum(axis=0, dtype=np.float64)
+    return acc
 
 
 def block_moments(X: np.ndarray, blocks: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:

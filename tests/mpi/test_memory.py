@@ -1,0 +1,90 @@
+"""A rank's peak memory is its share of the data plus a fixed baseline, whatever the scaler.
+
+results.json's ``memory`` holds each rank's peak resident MiB (VmHWM) and the MiB of rows it
+holds. The baseline (interpreter, NumPy, Numba kernels, MPI, h5py) is the peak of the same job
+on a tiny file; a big file may then add at most 1.1 times its rows: no whole-block copy, no
+float64 temporary of the block. A validation split holds its rows once more while they are
+split off (held-out rows are copied, the training rows compacted in place), so that job holds
+out 2 %. Batches are small: the batch buffers are in the baseline too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.conftest import lepton, ok, write_config
+
+FEATURES = 512  # wide rows: per-row bookkeeping (row ids, metrics) is small beside the data
+BIG_ROWS = 140_000  # 287 MB of float32 features
+TINY_ROWS = 2_000
+
+
+def write_data(path: Path, rows: int) -> Path:
+    rng = np.random.default_rng(rows)
+    w = rng.normal(size=FEATURES).astype(np.float32)
+    with h5py.File(path, "w") as fh:
+        X = fh.create_dataset("X", (rows, FEATURES), dtype=np.float32)
+        y = fh.create_dataset("y", (rows,), dtype=np.float64)
+        for a in range(0, rows, 20_000):
+            b = min(rows, a + 20_000)
+            part = rng.standard_normal((b - a, FEATURES), dtype=np.float32) * 2 + 3
+            X[a:b] = part
+            y[a:b] = part @ w
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("memory")
+    return {
+        "big": write_data(root / "big.h5", BIG_ROWS),
+        "tiny": write_data(root / "tiny.h5", TINY_ROWS),
+    }
+
+
+def memory_of(tmp: Path, name: str, data: Path, ranks: int, scale: str, fraction: float) -> dict:
+    cfg = write_config(
+        tmp / f"{name}.toml",
+        {
+            "data": {"train": str(data), "scale": scale, "validation_fraction": fraction},
+            "model": {"kind": "linear"},
+            "optim": {"name": "sgd", "lr": 1e-4},
+            "train": {"epochs": 1, "batch_size": 256, "seed": 1},
+            "output": {"dir": str(tmp / name), "plot": False},
+        },
+    )
+    ok(lepton(ranks, "train", cfg, timeout=120))
+    return json.loads((tmp / name / "results.json").read_text())["memory"]
+
+
+@pytest.mark.parametrize(
+    ("ranks", "jobs"),
+    [
+        (1, [("minmax", 0.0), ("none", 0.0)]),
+        (2, [("zscore", 0.02)]),
+    ],
+)
+def test_peak_memory_is_the_data_plus_a_baseline(tmp_path, files, ranks, jobs):
+    base = memory_of(tmp_path, "tiny", files["tiny"], ranks, "zscore", 0.02)
+    assert len(base["peak_rss_mb"]) == ranks
+    for scale, fraction in jobs:
+        mem = memory_of(tmp_path, scale, files["big"], ranks, scale, fraction)
+        share = BIG_ROWS / ranks * (FEATURES * 4 + 8) / 2**20
+        assert sum(mem["data_mb"]) == pytest.approx(BIG_ROWS * (FEATURES * 4 + 8) / 2**20)
+        for rank in range(ranks):
+            assert mem["data_mb"][rank] == pytest.approx(share, rel=0.01)
+            limit = base["peak_rss_mb"][rank] + 1.1 * mem["data_mb"][rank]
+            print(
+                f"{scale} {ranks} ranks, rank {rank}: peak {mem['peak_rss_mb'][rank]:.1f} MiB, "
+                f"limit {limit:.1f}, baseline {base['peak_rss_mb'][rank]:.1f}"
+            )
+            assert mem["peak_rss_mb"][rank] <= limit, (
+                f"{scale} rank {rank}/{ranks}: peak {mem['peak_rss_mb'][rank]:.0f} MiB over "
+                f"{limit:.0f} MiB (baseline {base['peak_rss_mb'][rank]:.0f} + 1.1 x "
+                f"{mem['data_mb'][rank]:.0f} MiB of rows)"
+            )

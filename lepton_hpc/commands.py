@@ -17,6 +17,7 @@ from .convert_cmd import register_convert
 from .export_cmd import register_export
 from .inspect_cmd import register_inspect
 from .log import Log
+from .split_cmd import register_split
 from .supervisor import register_launch
 from .sweep import register_sweep
 from .warmup import register_warmup
@@ -266,6 +267,7 @@ def run_doctor(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
 REGISTRY = [
     register_datagen,
     register_convert,
+    register_split,
     register_inspect,
     register_train,
     register_evaluate,

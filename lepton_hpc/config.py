@@ -32,7 +32,9 @@ def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
 class DataConfig:
     train: str | list[str] = ""
     """HDF5 file with the training rows (required); or shards read as one file holding their
-    rows in order: a glob pattern ("data/part-*.h5", files sorted by name) or a list of files."""
+    rows in order: a glob pattern ("data/part-*.h5", files sorted by name) or a list of files.
+    Under comm.strategy = "fedavg" each rank is a client with its own file: a path holding
+    "{rank}" ("clients/client-{rank}.h5"), or a list of one file per rank (not shards)."""
     test: str | list[str] = ""
     """Optional HDF5 file evaluated after training (a pattern or a list: shards, as for train)."""
     x: str = "X"
@@ -178,9 +180,17 @@ class CommConfig:
     backend: str = "mpi"
     """"mpi" (mpi4py) or "horovod"."""
     strategy: str = "sync"
-    """"sync" (average gradients each step), "local_sgd" (average parameters) or "overlap"."""
+    """"sync" (average gradients each step), "local_sgd" (average parameters), "overlap", or
+    "fedavg" (federated averaging: each rank a client with its own data file)."""
     local_steps: int = 8
     """Local steps between parameter averages for "local_sgd"."""
+    local_epochs: int = 1
+    """"fedavg": epochs each sampled client trains on its own rows per round."""
+    client_fraction: float = 1.0
+    """"fedavg": fraction of clients sampled each round (seeded by train.seed and the round;
+    at least one)."""
+    prox_mu: float = 0.0
+    """"fedavg": FedProx term mu/2 |w - w_global|^2 added to each client's loss; 0 = off."""
     compression: str = "none"
     """Allreduce payload: "none", "fp16" or "bf16" (with error feedback)."""
     reproducible: bool = False
@@ -188,8 +198,15 @@ class CommConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.backend, ("mpi", "horovod"), "comm.backend")
-        _one_of(self.strategy, ("sync", "local_sgd", "overlap"), "comm.strategy")
+        _one_of(self.strategy, ("sync", "local_sgd", "overlap", "fedavg"), "comm.strategy")
         _check(self.local_steps > 0, "comm.local_steps", f"{self.local_steps} must be > 0")
+        _check(self.local_epochs >= 1, "comm.local_epochs", f"{self.local_epochs} must be >= 1")
+        _check(
+            0.0 < self.client_fraction <= 1.0,
+            "comm.client_fraction",
+            f"{self.client_fraction} is not in (0, 1]",
+        )
+        _check(self.prox_mu >= 0.0, "comm.prox_mu", f"{self.prox_mu} is negative")
         _one_of(self.compression, ("none", "fp16", "bf16"), "comm.compression")
 
 
@@ -379,4 +396,10 @@ def check_config(cfg: Config) -> Config:
             "lbfgs is for the convex models (linear, logistic, softmax)",
         )
         _check(cfg.train.batch_size == 0, "optim.name", "lbfgs needs train.batch_size = 0")
+    train = cfg.data.train
+    _check(
+        cfg.comm.strategy == "fedavg" or not (isinstance(train, str) and "{rank}" in train),
+        "data.train",
+        f'{train!r}: a "{{rank}}" pattern (one file per client) needs comm.strategy = "fedavg"',
+    )
     return cfg

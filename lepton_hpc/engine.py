@@ -16,6 +16,8 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
+import numpy as np
+
 from .comm.base import Communicator, agree
 from .config import Config
 from .data.dataset import load_eval_data
@@ -25,7 +27,7 @@ from .log import Log
 from .models import target_stats
 from .models.io import save_model
 from .optim import make_optimizer
-from .results import build_results, write_json
+from .results import build_results, peak_rss_mb, write_json
 from .training.loop import Diverged, Loop, Stopped
 from .training.setup import prepare
 from .training.step import Timers
@@ -124,6 +126,11 @@ class Trainer:
             stats = target_stats(test.y, comm)
             agree(comm, lambda: s.check_test(info, stats))
             final["test"] = loop.metrics(s.device.place(test.X), test.y)
+        rows_train = s.data.train.n_global
+        rows_val = s.data.val.n_global if s.data.val else 0
+        if cfg.comm.strategy == "fedavg":  # each client's split counts its own file's rows
+            counts = np.array([s.data.train.n, s.data.val.n if s.data.val else 0], np.float64)
+            rows_train, rows_val = (int(v) for v in comm.allreduce_(counts))
         results = build_results(
             ranks=comm.size,
             device=s.device.name,
@@ -132,8 +139,8 @@ class Trainer:
             steps=st.step,
             model=s.model.spec(),
             n_params=s.model.n_params,
-            rows_train=s.data.train.n_global,
-            rows_val=s.data.val.n_global if s.data.val else 0,
+            rows_train=rows_train,
+            rows_val=rows_val,
             metrics=final,
             seconds=self.timers.seconds,
             loop_s=loop_s,
@@ -141,6 +148,7 @@ class Trainer:
             rows_seen=loop.rows_seen,
             config=cfg.to_dict(),
             ranks_timing=comm.allgather(loop.rank_timing()),  # one small gather per run
+            memory=_memory(comm, s.data),
         )
         if comm.is_root:
             save_model(self.run.model_file, s.model, st.params, s.data.scaler, s.meta())
@@ -192,6 +200,14 @@ class Trainer:
             self._status_best_effort("failed", step=step, rank=self.comm.rank, error=msg)
         finally:
             self.comm.abort(EXIT_WATCHDOG)
+
+
+def _memory(comm: Communicator, data) -> dict:
+    """results.json's ``memory``: each rank's peak resident MiB and the MiB of rows it holds."""
+    parts = [data.train] + ([data.val] if data.val is not None else [])
+    held = sum(p.X.nbytes + p.y.nbytes for p in parts) / 2**20
+    peaks = comm.allgather((peak_rss_mb(), held))
+    return {"peak_rss_mb": [p for p, _ in peaks], "data_mb": [h for _, h in peaks]}
 
 
 def train(

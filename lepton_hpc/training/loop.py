@@ -65,6 +65,7 @@ class Loop:
         self.work_s = self.comm_s = self.held_s = 0.0  # held_s: checkpoints between steps
         self.first_step = state.step  # rank_timing counts the steps this process ran
         self.stragglers = Stragglers()
+        self.fed = None  # the fedavg strategy: epochs end rounds only at its word
 
     def run(self) -> None:
         """Train to the end (epochs, max_steps, early stopping); raises Stopped on a signal.
@@ -92,15 +93,28 @@ class Loop:
     # ---- the loops ----------------------------------------------------------------------
     def _mini_batch(self) -> None:
         cfg, st, s, opt = self.cfg, self.state, self.setup, self.opt
-        strategy = make_strategy(cfg.comm, self.ctx, opt, st.params)  # sync, local_sgd, overlap
         train = s.data.train
+        strategy = make_strategy(  # sync, local_sgd, overlap, fedavg
+            cfg.comm,
+            self.ctx,
+            opt,
+            st.params,
+            seed=cfg.train.seed,
+            rows=train.n,
+            epochs=cfg.train.epochs,
+        )
+        fed = self.fed = strategy if getattr(strategy, "federated", False) else None
         gather = s.device.batch_gather(train.X, train.y, s.X, s.y)
         plan = EpochBatches(train.index(), train.n_global, cfg.train.batch_size, cfg.train.seed)
         every, max_steps = cfg.checkpoint.every_steps, cfg.train.max_steps
+        stop_after_round = False
         while st.epoch < cfg.train.epochs:
             t_epoch = time.perf_counter()  # the epoch's time includes drawing its batches
             mark = self._epoch_mark()
             batches = plan(st.epoch)
+            if fed is not None:  # a round starts: its clients; one empty step for the others
+                fed.begin_epoch(st.params, st.epoch, st.step)
+                batches = batches if fed.active else [batches[0][:0]]
             next_report = t_epoch + PROGRESS_EVERY_S
             while st.batch < len(batches):
                 rows = self.ctx.reduction.arrange(batches[st.batch])
@@ -115,13 +129,17 @@ class Loop:
                     or (max_steps and st.step >= max_steps)
                 ):  # about to save or stop: local SGD averages, overlap drains its pipeline
                     out = out + strategy.settle(st.params, st.step)
+                    if fed is not None and fed.round_done:  # client steps of every client
+                        st.step = fed.global_step
                 self.rows_seen += out.rows
                 self._check_finite(out.loss_sum, st.step)
                 st.epoch_loss += out.loss_sum
                 st.epoch_rows += out.rows
                 self.watchdog.beat(st.step)
                 st.optimizer = opt.state()
-                if out.stop:
+                if out.stop and fed is not None:  # after the round's metrics and checkpoint
+                    stop_after_round = True
+                elif out.stop:
                     self.stop_now()
                 if every and st.step % every == 0:
                     self._held_checkpoint()
@@ -137,6 +155,8 @@ class Loop:
             done = self._end_epoch(
                 st.epoch_loss / max(st.epoch_rows, 1.0), time.perf_counter() - t_epoch
             )
+            if stop_after_round and not done and st.epoch < cfg.train.epochs:
+                self.stop_now()  # fedavg: the state is the round's end, whole on every rank
             if done or (max_steps and st.step >= max_steps):
                 break
 
@@ -179,8 +199,15 @@ class Loop:
             return self._epoch_end(loss, seconds)
 
     def _epoch_end(self, loss: float, seconds: float) -> bool:
-        cfg, st, s = self.cfg, self.state, self.setup
+        cfg, st, s, fed = self.cfg, self.state, self.setup, self.fed
+        if fed is not None and not fed.round_done:  # a local epoch inside a round: no metrics,
+            st.epoch += 1  # no checkpoint (the clients' models differ until the round's average)
+            st.batch = 0
+            st.epoch_loss = st.epoch_rows = 0.0
+            return False
         entry = {"epoch": st.epoch + 1, "step": st.step, "loss": loss, "seconds": round(seconds, 6)}
+        if fed is not None:  # loss: the sampled clients' mean training loss over the round
+            entry.update(round=fed.round + 1, sampled=fed.sampled.tolist(), client_loss=loss)
         entry["train"] = self.metrics(s.X, s.data.train.y)
         if s.data.val is not None:
             entry["val"] = self.metrics(s.X_val, s.data.val.y)

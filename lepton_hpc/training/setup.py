@@ -7,6 +7,7 @@ valid, and a resume is checked against this run's config, model and data before 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,17 +20,17 @@ from ..comm.base import Communicator, agree
 from ..config import Config
 from ..data.dataset import TrainingData, load_training_data
 from ..data.fingerprint import fingerprint
-from ..data.reader import inspect_shared
+from ..data.reader import inspect_shared, inspect_spec
 from ..data.shards import input_roles, is_multi, label, resolve
 from ..device import Device, select_device
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..faults import FaultHooks, StopFlag
 from ..log import Log
 from ..models import Model, build_model, target_stats
 from ..results import RunDir, check_run_dir, create_run_dir
 from ..safety import note_leftovers
 from .step import StepContext, Timers
-from .strategies import check_comm_config, make_reduction
+from .strategies import check_comm_config, client_files, make_reduction
 
 
 @dataclass
@@ -190,22 +191,36 @@ def prepare(
     files = shared_run_inputs(cfg, resume, inputs, comm)
     run = RunDir(cfg.output.dir)
     agree(comm, lambda: check_comm_config(cfg))  # [comm] x [optim] combinations
+    clients = None
+    if cfg.comm.strategy == "fedavg":  # each rank a client with its own file
+        clients = agree(comm, lambda: _clients(cfg, comm, source))
+        files = {k: v for k, v in files.items() if not k.startswith("data.train")}
+        files.update(input_roles("data.train", clients))
     backend = agree(comm, lambda: make_backend(cfg.comm.backend, comm))
     fresh = {"resume": resume is not None, "overwrite": overwrite, "inputs": files}
     agree(comm, lambda: check_run_dir(run.path, **fresh) if comm.is_root else None)
     mirror = cfg.checkpoint.mirror
     agree(comm, lambda: check_mirror(mirror, run.path, files) if comm.is_root else None)
     with timers("io"):
-        data = load_training_data(
-            cfg.data, cfg.train.seed, comm, log, reproducible=cfg.comm.reproducible, source=source
-        )
+        if clients is not None:  # the client reads its file alone; the scaler is fitted on all
+            own = dataclasses.replace(cfg.data, train=clients[comm.rank])
+            data = load_training_data(own, cfg.train.seed, comm.split(comm.rank), log, stats=comm)
+        else:
+            data = load_training_data(
+                cfg.data,
+                cfg.train.seed,
+                comm,
+                log,
+                reproducible=cfg.comm.reproducible,
+                source=source,
+            )
         # What the data hold (shapes, types, a hash of sampled rows): checkpoints and the
         # model carry it, and a resume on other data is refused.
         d = cfg.data
         if source is not None:
             data_fingerprint = source.fingerprint()  # the same on every rank
         else:
-            read = [s.path for s in data.info.shards] or data.info.path  # the files read
+            read = clients or [s.path for s in data.info.shards] or data.info.path  # files read
             found = agree(comm, lambda: fingerprint(read, d.x, d.y) if comm.is_root else None)
             data_fingerprint = comm.bcast(found)
     train_name = source.name if source is not None else data.info.path
@@ -241,6 +256,21 @@ def prepare(
         y=y,
         X_val=X_val,
     )
+
+
+def _clients(cfg: Config, comm: Communicator, source) -> list[str]:
+    """fedavg's client files, one per rank, each checked readable with the features and
+    targets named (before any rank reads alone: a missing file fails every rank together)."""
+    if source is not None:
+        raise ConfigError("comm.strategy", "fedavg trains on client files, not arrays in memory")
+    files = client_files(cfg.data.train, comm.size)
+    widths = {}
+    for path in files if comm.is_root else []:  # rank 0 opens each file once
+        widths[path] = inspect_spec(path, cfg.data.x, cfg.data.y, what="client file").n_features
+    if len(set(widths.values())) > 1:
+        shown = ", ".join(f"'{p}': {w}" for p, w in widths.items())
+        raise DataError(f"client files have different numbers of features ({shown})")
+    return files
 
 
 def _check_rows(cfg: Config, data: TrainingData, dropped: int) -> None:

@@ -19,6 +19,16 @@ optimiser, never the trainer, and return what each step did (loss sum, rows, sto
   uses the current ones). Hides the allreduce behind the compute where MPI progresses in the
   background (Horovod's thread always does); at checkpoints, epoch ends and stops the pipeline is
   drained so every saved state is complete and resumes bit for bit.
+- ``fedavg``: federated averaging. Each rank is a client holding its own data file (its rows are
+  its alone: batches, shuffles and epochs are per client). Rounds of ``comm.local_epochs``
+  epochs: at a round's start the clients ``sample_clients(seed, round)`` names (the same set on
+  every rank, ``comm.client_fraction`` of them, at least one) take the global model; each trains
+  alone, with a fresh optimiser state (reset every round: nothing of a client's optimiser
+  outlives its round, so checkpoints hold only the global model and resume exactly), and with
+  ``comm.prox_mu`` > 0 the FedProx gradient mu (w - w_global). At the round's end ONE
+  allreduce of [rows * params, rows, loss, rows seen, flag, round] gives the row-weighted
+  average of the sampled clients' parameters; a client not sampled writes zeros, so it weighs
+  exactly nothing, whatever its data. Checkpoints, metrics and stops come between rounds only.
 
 Reproducible mode (``comm.reproducible = true``, sync only): the training rows are cut into
 global blocks of the file's rows (``data.reader.global_block_rows``: 1024 rows, fewer for files
@@ -48,6 +58,7 @@ from .step import StepContext, StepOutcome, check_step, fused_buffer, kernel_par
 __all__ = [
     "STRATEGIES",
     "BlockOrderedReduction",
+    "FedAvg",
     "FusedReduction",
     "LocalSGD",
     "Overlap",
@@ -56,8 +67,10 @@ __all__ = [
     "Sync",
     "check_comm_config",
     "check_step",
+    "client_files",
     "make_reduction",
     "make_strategy",
+    "sample_clients",
 ]
 
 
@@ -75,6 +88,17 @@ def check_comm_config(cfg) -> None:
             "comm.reproducible",
             'needs comm.compression = "none": per-rank error feedback depends on the rank count',
         )
+    if c.strategy == "fedavg":
+        if c.compression != "none":
+            raise ConfigError("comm.compression", 'fedavg needs "none" (one exact average a round)')
+        if cfg.train.max_steps:
+            raise ConfigError(
+                "train.max_steps", "fedavg counts rounds of comm.local_epochs epochs: set 0"
+            )
+        if cfg.checkpoint.every_steps:
+            raise ConfigError(
+                "checkpoint.every_steps", "fedavg checkpoints between rounds only: set 0"
+            )
     name = cfg.optim.name
     if optimizer_class(name).full_batch_line_search:
         if c.strategy != "sync":
@@ -324,12 +348,173 @@ class LocalSGD(Strategy):
         return out + super().settle(params, step)
 
 
+CLIENT_STREAM = 0x5EED_FEDA  # keeps the client draw apart from other uses of train.seed
+
+
+def sample_clients(seed: int, round_: int, clients: int, fraction: float) -> np.ndarray:
+    """The clients (ascending rank numbers) that train in round ``round_``: round(fraction x
+    clients) of them, at least one, drawn without replacement from (seed, round) only, so every
+    rank computes the same set without talking, and a resumed run draws what the first did."""
+    m = min(clients, max(1, round(fraction * clients)))
+    rng = np.random.default_rng([int(seed), int(round_), CLIENT_STREAM])
+    return np.sort(rng.choice(clients, size=m, replace=False))
+
+
+def client_files(spec, size: int) -> list[str]:
+    """The data file of each client (rank) under fedavg: a path holding "{rank}" filled in per
+    rank, or a list of exactly one file per rank. A list means clients here, not shards."""
+    if isinstance(spec, str):
+        if "{rank}" in spec:
+            return [spec.replace("{rank}", str(r)) for r in range(size)]
+        if size == 1:
+            return [spec]
+        raise ConfigError(
+            "data.train",
+            f'{spec!r}: fedavg needs one file per client: a path holding "{{rank}}" '
+            '("clients/client-{rank}.h5") or a list of one file per rank',
+        )
+    if len(spec) != size:
+        raise ConfigError(
+            "data.train",
+            f"lists {len(spec)} files for {size} ranks: under fedavg each rank is a client "
+            "reading one file of the list (run one rank per file)",
+        )
+    return list(spec)
+
+
+class FedAvg(Strategy):
+    """Federated averaging (optionally FedProx) over rounds of local epochs; see the module notes.
+
+    The loop calls ``begin_epoch`` before each epoch's batches and ``settle`` after its last;
+    ``settle`` aggregates at a round's last epoch (``round_done``). ``global_step``: client steps
+    summed over every sampled client since the start, the same on every rank after a round.
+    """
+
+    name = "fedavg"
+    federated = True
+
+    def __init__(
+        self,
+        ctx: StepContext,
+        opt,
+        params: np.ndarray,
+        *,
+        local_epochs: int,
+        fraction: float,
+        prox_mu: float,
+        seed: int,
+        rows: int,
+        epochs: int,
+    ) -> None:
+        super().__init__(ctx, opt, params)
+        self.E, self.fraction, self.mu, self.seed = local_epochs, fraction, prox_mu, seed
+        self.weight = float(rows)  # this client's training rows: its weight when sampled
+        self.epochs = epochs
+        self.fresh = {k: np.array(v, copy=True) for k, v in opt.state().items()}
+        self.local = kernel_part(fused_buffer(self.P))
+        # [rows * params, rows, steps | loss, rows seen, stop flag, round]
+        self.buf = fused_buffer(self.P + 2)
+        self.reducer = make_reducer("none", ctx.backend, self.P + 2)
+        self.anchor = params.copy()
+        self.round, self.epoch, self.active = 0, 0, True
+        self.sampled = np.arange(ctx.comm.size)
+        self.loss = self.seen = 0.0
+        self.steps = 0
+        self.global_step = 0
+        self.round_done = False
+
+    def reset_optimizer(self) -> None:
+        self.opt.load_state({k: v.copy() for k, v in self.fresh.items()})
+
+    def begin_epoch(self, params: np.ndarray, epoch: int, step: int) -> None:
+        """At a round's first epoch: draw the round's clients, take the global model as anchor
+        (every rank holds it: the last aggregate, or the start), reset the optimiser."""
+        self.epoch, self.round = epoch, epoch // self.E
+        self.round_done = (epoch + 1) % self.E == 0 or epoch + 1 == self.epochs
+        self.sampled = sample_clients(self.seed, self.round, self.ctx.comm.size, self.fraction)
+        self.active = bool(np.any(self.sampled == self.ctx.comm.rank))
+        if epoch % self.E:
+            return
+        self.anchor = params.copy()  # the global model: every rank holds the same
+        self.reset_optimizer()
+        self.loss = self.seen = 0.0
+        self.steps = 0
+        self.global_step = step
+
+    def step(self, params: np.ndarray, X, y, step: int, rows: np.ndarray) -> StepOutcome:
+        ctx, P = self.ctx, self.P
+        ctx.hooks.before_step(ctx.comm.rank, step)  # delays and injected errors still apply
+        if not self.active:  # not sampled: no work this round
+            return StepOutcome()
+        with ctx.timers("compute"):
+            ctx.reduction.local_sums(params, X, y, self.local, rows)
+        n = self.local[P + 1]
+        if n > 0:
+            grad = ctx.mean_gradient(self.local[:P], n, params)
+            if self.mu:  # FedProx: the gradient of mu/2 |w - w_global|^2
+                grad += self.mu * (params - self.anchor)
+            self.opt.step(params, grad)
+        self.loss += self.local[P]
+        self.seen += n
+        self.steps += 1
+        return StepOutcome()
+
+    def settle(self, params: np.ndarray, step: int) -> StepOutcome:  # noqa: ARG002
+        if not self.round_done:
+            return StepOutcome()
+        return self.aggregate(params)
+
+    def aggregate(self, params: np.ndarray) -> StepOutcome:
+        """The row-weighted mean of the sampled clients' parameters, on every rank."""
+        ctx, P, b = self.ctx, self.P, self.buf
+        if self.active:
+            b[:P] = params * self.weight
+            b[P], b[P + 1] = self.weight, self.steps
+            b[P + 2], b[P + 3] = self.loss, self.seen
+        else:  # exactly zero: nothing of this client's parameters or data enters the sum
+            b[: P + 4] = 0.0
+        b[-2] = 1.0 if ctx.stop.requested else 0.0  # a signal stops every rank after the round
+        b[-1] = float(self.round)  # (fault hooks act on the local steps, not here)
+        with ctx.timers("comm"):
+            self.reducer.allreduce_(b)
+        out = ctx.outcome(b, self.round)
+        params[...] = b[:P] / b[P]
+        self.global_step += int(b[P + 1])
+        self.anchor = params.copy()
+        self.reset_optimizer()
+        return out
+
+
+# The strategies built from the step context alone (fedavg also needs its client's rows and the
+# run's epochs: ``make_strategy`` builds it).
 STRATEGIES: dict[str, type[Strategy]] = {"sync": Sync, "local_sgd": LocalSGD, "overlap": Overlap}
 
 
-def make_strategy(comm_cfg, ctx: StepContext, opt, params: np.ndarray) -> Strategy:
+def make_strategy(
+    comm_cfg,
+    ctx: StepContext,
+    opt,
+    params: np.ndarray,
+    *,
+    seed: int = 0,
+    rows: int = 0,
+    epochs: int = 1,
+) -> Strategy:
     """The strategy named by ``comm_cfg.strategy`` for this context and optimiser; ``params``:
-    the parameters training starts from (local SGD's first anchor)."""
+    the parameters training starts from (local SGD's first anchor). fedavg also takes the
+    seed of its client draw, this client's training rows (its weight) and the run's epochs."""
+    if comm_cfg.strategy == "fedavg":
+        return FedAvg(
+            ctx,
+            opt,
+            params,
+            local_epochs=comm_cfg.local_epochs,
+            fraction=comm_cfg.client_fraction,
+            prox_mu=comm_cfg.prox_mu,
+            seed=seed,
+            rows=rows,
+            epochs=epochs,
+        )
     if comm_cfg.strategy == "local_sgd":
         return LocalSGD(
             ctx, opt, params, local_steps=comm_cfg.local_steps, compression=comm_cfg.compression

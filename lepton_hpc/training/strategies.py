@@ -444,7 +444,7 @@ class FedAvg(Strategy):
     def step(self, params: np.ndarray, X, y, step: int, rows: np.ndarray) -> StepOutcome:
         ctx, P = self.ctx, self.P
         ctx.hooks.before_step(ctx.comm.rank, step)  # delays and injected errors still apply
-        if not self.active:  # not sampled: no work this round
+        if not self.active:  # not drawn: the client sits out until the next average
             return StepOutcome()
         with ctx.timers("compute"):
             ctx.reduction.local_sums(params, X, y, self.local, rows)

@@ -513,7 +513,47 @@ class SoftmaxRegression(LogisticRegression):
         return "softmax"
 
 
-class MLPClassifier(_Classifier):
+class _MLPParameters:
+    """The constructor of the MLP estimators (scikit-learn reads the parameters from the
+    signature of ``__init__``; an inherited one counts)."""
+
+    def __init__(
+        self,
+        *,
+        hidden: tuple[int, ...] = (32,),
+        activation: str = "relu",
+        optimizer: str = "adam",
+        lr: float = 0.01,
+        epochs: int = 100,
+        batch_size: int = 200,
+        l2: float = 0.0,
+        scale: str = "none",
+        seed: int = 42,
+        reproducible: bool = False,
+        validation_fraction: float = 0.0,
+        patience: int = 0,
+        threads: int = 0,
+        output_dir: str | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.hidden = hidden
+        self.activation = activation
+        self.optimizer = optimizer
+        self.lr = lr
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.l2 = l2
+        self.scale = scale
+        self.seed = seed
+        self.reproducible = reproducible
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.threads = threads
+        self.output_dir = output_dir
+        self.verbose = verbose
+
+
+class MLPClassifier(_MLPParameters, _Classifier):
     __doc__ = (
         """A multi-layer perceptron classifier (model.kind = "mlp", a binary or softmax head).
 
@@ -531,43 +571,8 @@ class MLPClassifier(_Classifier):
     def _task(self, n_classes: int) -> str:
         return "binary" if n_classes <= 2 else "multiclass"
 
-    def __init__(
-        self,
-        *,
-        hidden: tuple[int, ...] = (32,),
-        activation: str = "relu",
-        optimizer: str = "adam",
-        lr: float = 0.01,
-        epochs: int = 100,
-        batch_size: int = 200,
-        l2: float = 0.0,
-        scale: str = "none",
-        seed: int = 42,
-        reproducible: bool = False,
-        validation_fraction: float = 0.0,
-        patience: int = 0,
-        threads: int = 0,
-        output_dir: str | None = None,
-        verbose: bool = False,
-    ) -> None:
-        self.hidden = hidden
-        self.activation = activation
-        self.optimizer = optimizer
-        self.lr = lr
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.l2 = l2
-        self.scale = scale
-        self.seed = seed
-        self.reproducible = reproducible
-        self.validation_fraction = validation_fraction
-        self.patience = patience
-        self.threads = threads
-        self.output_dir = output_dir
-        self.verbose = verbose
 
-
-class MLPRegressor(_Regressor):
+class MLPRegressor(_MLPParameters, _Regressor):
     __doc__ = (
         """A multi-layer perceptron regressor (model.kind = "mlp", squared-error head).
 
@@ -577,38 +582,3 @@ class MLPRegressor(_Regressor):
     )
 
     _kind = "mlp"
-
-    def __init__(
-        self,
-        *,
-        hidden: tuple[int, ...] = (32,),
-        activation: str = "relu",
-        optimizer: str = "adam",
-        lr: float = 0.01,
-        epochs: int = 100,
-        batch_size: int = 200,
-        l2: float = 0.0,
-        scale: str = "none",
-        seed: int = 42,
-        reproducible: bool = False,
-        validation_fraction: float = 0.0,
-        patience: int = 0,
-        threads: int = 0,
-        output_dir: str | None = None,
-        verbose: bool = False,
-    ) -> None:
-        self.hidden = hidden
-        self.activation = activation
-        self.optimizer = optimizer
-        self.lr = lr
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.l2 = l2
-        self.scale = scale
-        self.seed = seed
-        self.reproducible = reproducible
-        self.validation_fraction = validation_fraction
-        self.patience = patience
-        self.threads = threads
-        self.output_dir = output_dir
-        self.verbose = verbose

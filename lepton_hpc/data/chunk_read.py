@@ -35,6 +35,7 @@ from .direct_read import (
     _read_screened,
     _screen_piece,
     compare_identity,
+    in_opened_file,
     nonfinite_rows,
 )
 
@@ -90,11 +91,7 @@ def layout(dset: h5py.Dataset, want: np.dtype, st: os.stat_result) -> ChunkLayou
         filters.append((int(fid), tuple(int(v) for v in values)))
     if any(f == SHUFFLE and v and v[0] != stored.itemsize for f, v in filters):
         return None
-    try:
-        own = os.stat(dset.file.filename)
-    except (OSError, ValueError):
-        return None
-    if (own.st_dev, own.st_ino) != (st.st_dev, st.st_ino):
+    if not in_opened_file(dset, st):
         return None  # an external link: the chunks are in another file
     chunks = plist.get_chunk()
     if len(chunks) != dset.ndim or min(chunks) < 1:

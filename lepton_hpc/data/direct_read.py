@@ -23,6 +23,16 @@ MIN_PIECE_BYTES = 8 << 20  # ...and at least this, else two pieces per thread
 SCREEN_READ_BYTES = 256 << 10  # screened reads: one pread this big, then its rows are screened
 
 
+def in_opened_file(dset, st: os.stat_result) -> bool:
+    """Whether ``dset`` lives in the file whose ``os.stat`` is ``st`` (not behind an external
+    link): only then are its byte offsets offsets into that file."""
+    try:
+        own = os.stat(dset.file.filename)
+    except (OSError, ValueError):
+        return False
+    return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
+
+
 def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
     """(st_dev, st_ino, st_size, st_mtime_ns): what a direct read checks it is still reading."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

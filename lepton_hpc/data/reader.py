@@ -19,7 +19,13 @@ from ..cores import default_threads
 from ..errors import DataError
 from ..log import Log
 from . import chunk_read, shards
-from .direct_read import compare_identity, file_identity, nonfinite_rows, pread_rows
+from .direct_read import (
+    compare_identity,
+    file_identity,
+    in_opened_file,
+    nonfinite_rows,
+    pread_rows,
+)
 from .h5 import collective, is_parallel, open_read
 
 
@@ -200,11 +206,7 @@ def _direct(dset: h5py.Dataset, want: np.dtype, st: os.stat_result) -> int | Non
         or plist.get_external_count() != 0
     ):
         return None
-    try:
-        own = os.stat(dset.file.filename)
-    except (OSError, ValueError):
-        return None
-    if (own.st_dev, own.st_ino) != (st.st_dev, st.st_ino):
+    if not in_opened_file(dset, st):
         return None  # an external link: the bytes are in another file
     offset = dset.id.get_offset()
     if offset is None or offset + dset.size * dset.dtype.itemsize > st.st_size:

@@ -52,6 +52,14 @@ class DataConfig:
     hash as the validation split, and fold ``fold`` is held out; 0 = off."""
     fold: int = 0
     """The fold held out for validation when ``folds`` >= 2."""
+    stream: bool = False
+    """Read the rows from the file every pass instead of holding them in memory: each rank reads
+    its rows data.buffer_mb at a time, the next piece read ahead while the kernel works on this
+    one (for data larger than the nodes' memory; full batch and lbfgs give the in-memory
+    results, bitwise with comm.reproducible)."""
+    buffer_mb: float = 256.0
+    """Per rank, with data.stream: the rows held at a time (two such pieces: one in use, one
+    being read)."""
 
     def __post_init__(self) -> None:
         for key in ("train", "test"):
@@ -72,6 +80,7 @@ class DataConfig:
         )
         _one_of(self.scale, ("none", "zscore", "minmax"), "data.scale")
         _one_of(self.nonfinite, ("error", "drop"), "data.nonfinite")
+        _check(self.buffer_mb > 0, "data.buffer_mb", f"{self.buffer_mb} is not a positive size")
 
 
 def _data_files(value: Any, key: str) -> str | list[str]:
@@ -396,6 +405,19 @@ def check_config(cfg: Config) -> Config:
             "lbfgs is for the convex models (linear, logistic, softmax)",
         )
         _check(cfg.train.batch_size == 0, "optim.name", "lbfgs needs train.batch_size = 0")
+    if cfg.data.stream:
+        _check(
+            cfg.comm.strategy == "sync",
+            "data.stream",
+            f'needs comm.strategy = "sync" (not {cfg.comm.strategy!r}): streamed rows are read '
+            "once per step for the whole rank",
+        )
+        _check(
+            cfg.train.batch_size == 0,
+            "data.stream",
+            "streams full-batch passes: set train.batch_size = 0 (full batch, or optim.name = "
+            '"lbfgs")',
+        )
     train = cfg.data.train
     _check(
         cfg.comm.strategy == "fedavg" or not (isinstance(train, str) and "{rank}" in train),

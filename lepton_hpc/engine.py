@@ -114,9 +114,10 @@ class Trainer:
             st.params = st.best["params"]
             self.log.info(f"early stopping: restored the parameters of epoch {st.best['epoch']}")
         loop.check_params()
-        final = {"train": loop.metrics(s.X, s.data.train.y)}
-        if s.data.val is not None:
-            final["val"] = loop.metrics(s.X_val, s.data.val.y)
+        train_metrics, val_metrics = loop.split_metrics()
+        final = {"train": train_metrics}
+        if val_metrics is not None:
+            final["val"] = val_metrics
         if cfg.data.test:
             with self.timers("io"):
                 d = cfg.data
@@ -148,7 +149,7 @@ class Trainer:
             rows_seen=loop.rows_seen,
             config=cfg.to_dict(),
             ranks_timing=comm.allgather(loop.rank_timing()),  # one small gather per run
-            memory=_memory(comm, s.data),
+            memory=_memory(comm, s),
         )
         if comm.is_root:
             save_model(self.run.model_file, s.model, st.params, s.data.scaler, s.meta())
@@ -202,10 +203,15 @@ class Trainer:
             self.comm.abort(EXIT_WATCHDOG)
 
 
-def _memory(comm: Communicator, data) -> dict:
-    """results.json's ``memory``: each rank's peak resident MiB and the MiB of rows it holds."""
-    parts = [data.train] + ([data.val] if data.val is not None else [])
-    held = sum(p.X.nbytes + p.y.nbytes for p in parts) / 2**20
+def _memory(comm: Communicator, setup) -> dict:
+    """results.json's ``memory``: each rank's peak resident MiB and the MiB of rows it holds
+    (streamed rows: its two read buffers)."""
+    data = setup.data
+    if setup.stream is not None:
+        held = setup.stream.buffer_bytes() / 2**20
+    else:
+        parts = [data.train] + ([data.val] if data.val is not None else [])
+        held = sum(p.X.nbytes + p.y.nbytes for p in parts) / 2**20
     peaks = comm.allgather((peak_rss_mb(), held))
     return {"peak_rss_mb": [p for p, _ in peaks], "data_mb": [h for _, h in peaks]}
 

@@ -72,13 +72,30 @@ def _round(row: np.ndarray) -> float:
         return float("inf") if total > 0 else float("-inf")
 
 
+class ExactSums:
+    """``exact_sums`` built up piece by piece: ``add`` the pieces of each column (in any order,
+    on any rank), then ``total`` gives the same bits as one ``exact_sums`` of the whole columns
+    (integer bins add associatively), for metrics over rows streamed from a file."""
+
+    def __init__(self, n_columns: int) -> None:
+        self.bins = np.zeros((n_columns, WIDTH), dtype=np.int64)
+
+    def add(self, columns: Sequence[np.ndarray]) -> None:
+        for values, row in zip(columns, self.bins, strict=True):
+            _bin(np.ascontiguousarray(np.ravel(values), dtype=np.float64), row)
+
+    def total(self, comm: Communicator) -> np.ndarray:
+        """The global sums (one allreduce of the bins; collective)."""
+        bins = self.bins.copy()
+        comm.allreduce_(bins.reshape(-1))
+        return np.array([_round(row) for row in bins], dtype=np.float64)
+
+
 def exact_sums(columns: Sequence[np.ndarray], comm: Communicator) -> np.ndarray:
     """The exact global sum of each array in ``columns`` (all its elements) over every rank.
 
     One allreduce of int64 bins for all columns; the same bits for any rank count.
     """
-    bins = np.zeros((len(columns), WIDTH), dtype=np.int64)
-    for values, row in zip(columns, bins, strict=True):
-        _bin(np.ascontiguousarray(np.ravel(values), dtype=np.float64), row)
-    comm.allreduce_(bins.reshape(-1))
-    return np.array([_round(row) for row in bins], dtype=np.float64)
+    sums = ExactSums(len(columns))
+    sums.add(columns)
+    return sums.total(comm)

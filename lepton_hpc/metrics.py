@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .comm.base import Communicator
-from .exact import exact_sums
+from .exact import ExactSums, exact_sums
 
 EPS = float(np.finfo(np.float64).eps)  # probabilities clipped to [EPS, 1 - EPS], as scikit-learn
 
@@ -49,43 +49,96 @@ def from_confusion(cm: np.ndarray) -> dict[str, float]:
     }
 
 
+class MetricSums:
+    """The exact global metrics of a model head, summed a piece of rows at a time.
+
+    ``add(y, out)`` for each piece (targets and the model's outputs), then ``result(comm)``
+    (collective): confusion counts and exact float sums (``ExactSums``) are integers underneath,
+    so the pieces' order and sizes never change a bit, and one piece is the whole-array metric.
+    Regression's R² needs the global target mean first: ``y_mean`` (``target_mean``), from an
+    earlier pass over the same rows.
+    """
+
+    def __init__(self, head: str, k: int, y_mean: np.ndarray | None = None) -> None:
+        self.head, self.k, self.y_mean = head, k, y_mean
+        self.cm = np.zeros(k * k if head != "squared" else 0, dtype=np.int64)
+        self.sums = ExactSums(1 if head != "squared" else 3)
+        self.n = 0
+
+    def add(self, y: np.ndarray, out: np.ndarray) -> None:
+        if self.head == "squared":
+            y2 = _column(y, out)
+            err = out - y2
+            self.sums.add([err * err, np.abs(err), (y2 - self.y_mean) ** 2])
+            self.n += y2.shape[0]
+            return
+        labels = y.astype(np.int64)
+        k = self.k
+        self.cm += np.bincount(
+            labels * k + predicted_labels(out, self.head), minlength=k * k
+        ).astype(np.int64)
+        if self.head == "binary":
+            p = np.clip(out[:, 0], EPS, 1 - EPS)
+            ll = -(labels * np.log(p) + (1 - labels) * np.log1p(-p))
+        else:
+            ll = -np.log(np.clip(out[np.arange(labels.size), labels], EPS, None))
+        self.sums.add([ll])
+
+    def result(self, comm: Communicator) -> dict:
+        if self.head == "squared":
+            return self._regression(comm)
+        cm = comm.allreduce_(self.cm.copy()).reshape(self.k, self.k)
+        rows = int(cm.sum())
+        return {
+            **from_confusion(cm),
+            "log_loss": float(self.sums.total(comm)[0] / max(rows, 1)),
+            "confusion": cm.tolist(),
+            "rows": rows,
+        }
+
+    def _regression(self, comm: Communicator) -> dict:
+        n = int(comm.allreduce_(np.array([self.n], dtype=np.int64))[0])
+        sums = self.sums.total(comm)
+        outputs = self.y_mean.size
+        cells = max(n * outputs, 1)
+        mse = sums[0] / cells
+        r2 = 1.0 - sums[0] / sums[2] if sums[2] > 0 else 0.0
+        return {
+            "mse": float(mse),
+            "rmse": float(np.sqrt(mse)),
+            "mae": float(sums[1] / cells),
+            "r2": float(r2),
+            "rows": int(n),
+        }
+
+
+def _column(y: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Targets shaped as the outputs: (n,) targets of a one-output model as (n, 1)."""
+    return y.reshape(out.shape) if y.ndim == out.ndim else y[:, None]
+
+
+def target_mean(y_sums: ExactSums, n: int, comm: Communicator) -> np.ndarray:
+    """The global mean of each target column from its exact sums over ``n`` rows (collective)."""
+    return y_sums.total(comm) / max(n, 1)
+
+
 def classification_metrics(
     y: np.ndarray, out: np.ndarray, head: str, k: int, comm: Communicator
 ) -> dict:
     """Exact global classification metrics and mean log-loss for outputs ``out``."""
-    labels = y.astype(np.int64)
-    cm = confusion(labels, predicted_labels(out, head), k, comm)
-    if head == "binary":
-        p = np.clip(out[:, 0], EPS, 1 - EPS)
-        ll = -(labels * np.log(p) + (1 - labels) * np.log1p(-p))
-    else:
-        ll = -np.log(np.clip(out[np.arange(labels.size), labels], EPS, None))
-    rows = int(cm.sum())
-    return {
-        **from_confusion(cm),
-        "log_loss": float(exact_sums([ll], comm)[0] / max(rows, 1)),
-        "confusion": cm.tolist(),
-        "rows": rows,
-    }
+    sums = MetricSums(head, k)
+    sums.add(y, out)
+    return sums.result(comm)
 
 
 def regression_metrics(y: np.ndarray, out: np.ndarray, comm: Communicator) -> dict:
     """Exact global MSE, RMSE, MAE and R² (two passes: the global mean first, then sums)."""
-    y2 = y.reshape(out.shape) if y.ndim == out.ndim else y[:, None]
-    err = out - y2
+    y2 = _column(y, out)
     n = int(comm.allreduce_(np.array([y2.shape[0]], dtype=np.int64))[0])
     mean = exact_sums(list(y2.T), comm) / max(n, 1)
-    sums = exact_sums([err * err, np.abs(err), (y2 - mean) ** 2], comm)
-    cells = max(n * y2.shape[1], 1)
-    mse = sums[0] / cells
-    r2 = 1.0 - sums[0] / sums[2] if sums[2] > 0 else 0.0
-    return {
-        "mse": float(mse),
-        "rmse": float(np.sqrt(mse)),
-        "mae": float(sums[1] / cells),
-        "r2": float(r2),
-        "rows": int(n),
-    }
+    sums = MetricSums("squared", 0, mean)
+    sums.add(y, out)
+    return sums.result(comm)
 
 
 def compute_metrics(y: np.ndarray, out: np.ndarray, head: str, k: int, comm: Communicator) -> dict:

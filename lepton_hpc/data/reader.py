@@ -376,74 +376,98 @@ def _read_shards(
     Xl = aligned_empty((m, info.n_features), dtype)
     yl = None if info.y is None else np.empty((m, *(info.y_shape or ())[1:]), dtype=np.float64)
     bad = np.zeros(m, dtype=bool)
-    parts = shards.pieces(shards.offsets(info.shards), start, stop)
     threads = _reader_threads(comm)
 
     def same_files() -> bool:  # every direct read's file is still the one rank 0 inspected
-        for i, *_ in parts:
-            s = info.shards[i]
-            if s.identity is not None:
-                try:
-                    compare_identity(s.path, s.identity, os.stat(s.path))
-                except OSError as exc:
-                    raise DataError(f"'{s.path}' cannot be read ({exc.strerror})") from None
+        check_identities(info, start, stop)
         return DIRECT_READ
 
-    def read() -> None:
-        for i, lo, hi, at in parts:
-            s, k = info.shards[i], hi - lo
-            flags = bad[at : at + k]
-            sdt = _feature_dtype(s.x_dtype)
-            buf = Xl[at : at + k] if sdt == dtype else aligned_empty((k, info.n_features), sdt)
-            ys = None if yl is None else yl[at : at + k]
-            x_done = direct and s.x_offset is not None
-            y_done = ys is None or (direct and s.y_offset is not None)
-            if x_done:
-                pread_rows(s.path, s.x_offset, lo, buf, threads, True, flags, s.identity)
-            elif direct and s.x_chunks is not None:
-                chunk_read.read_rows(
-                    s.path, info.x, s.x_chunks, lo, hi, buf, threads, s.identity, flags
-                )
-                x_done = True
-            if ys is not None and y_done:
-                pread_rows(
-                    s.path, s.y_offset, lo, ys.reshape(k, -1), threads, True, flags, s.identity
-                )
-            elif ys is not None and direct and s.y_chunks is not None:
-                chunk_read.read_rows(
-                    s.path,
-                    info.y,
-                    s.y_chunks,
-                    lo,
-                    hi,
-                    ys.reshape(k, -1),
-                    threads,
-                    s.identity,
-                    flags,
-                )
-                y_done = True
-            if not (x_done and y_done):
-                what = info.x
-                try:
-                    with h5py.File(s.path, "r") as fh:
-                        if not x_done:
-                            dest = buf if s.x_ndim == 2 else buf.reshape(k)
-                            fh[info.x].read_direct(dest, np.s_[lo:hi], np.s_[:])
-                            nonfinite_rows(buf, out=flags)
-                        if not y_done:
-                            what = info.y
-                            ys[...] = np.asarray(fh[info.y][lo:hi], dtype=np.float64).reshape(
-                                ys.shape
-                            )
-                            nonfinite_rows(ys, out=flags)
-                except (OSError, KeyError, ValueError) as exc:
-                    raise DataError(f"'{s.path}:{what}' cannot be read ({exc})") from None
-            if buf.dtype != dtype:
-                Xl[at : at + k] = buf
-
     direct = agree(comm, same_files)
-    agree(comm, read)  # a piece that cannot be read on any rank fails every rank together
+    # a piece that cannot be read on any rank fails every rank together
+    agree(comm, lambda: read_range(info, start, stop, threads, direct, Xl, yl, bad))
     return _handle_nonfinite(Block(Xl, yl, info, start), comm, nonfinite, bad)
+
+
+def check_identities(info: DataInfo, start: int, stop: int) -> None:
+    """Every file holding global rows ``[start, stop)`` that is read directly is still the very
+    file rank 0 inspected (a DataError naming it otherwise)."""
+    for s in _files_of(info, start, stop):
+        if s.identity is not None:
+            try:
+                compare_identity(s.path, s.identity, os.stat(s.path))
+            except OSError as exc:
+                raise DataError(f"'{s.path}' cannot be read ({exc.strerror})") from None
+
+
+def _files(info: DataInfo) -> tuple[DataInfo, ...]:
+    return info.shards or (info,)
+
+
+def _parts(info: DataInfo, start: int, stop: int) -> list[tuple[int, int, int, int]]:
+    return shards.pieces(shards.offsets(_files(info)), start, stop)
+
+
+def _files_of(info: DataInfo, start: int, stop: int) -> list[DataInfo]:
+    return [_files(info)[i] for i, *_ in _parts(info, start, stop)]
+
+
+def read_range(
+    info: DataInfo,
+    start: int,
+    stop: int,
+    threads: int,
+    direct: bool,
+    Xl: np.ndarray,
+    yl: np.ndarray | None,
+    bad: np.ndarray,
+) -> None:
+    """Global rows ``[start, stop)`` of the file (or of the concatenated shards) into ``Xl`` and
+    ``yl``, setting ``bad`` for rows holding NaN or Inf. Each piece is read from its file where
+    it lies, with the per-file fast path (plain ``pread`` from threads when the data set is
+    contiguous in its file, the chunk reader when it is chunked, else h5py opened by this
+    process alone). No collective call: a background thread may read ahead with it.
+    """
+    dtype = Xl.dtype
+    files = _files(info)
+    for i, lo, hi, at in _parts(info, start, stop):
+        s, k = files[i], hi - lo
+        flags = bad[at : at + k]
+        sdt = _feature_dtype(s.x_dtype)
+        buf = Xl[at : at + k] if sdt == dtype else aligned_empty((k, info.n_features), sdt)
+        ys = None if yl is None else yl[at : at + k]
+        x_done = direct and s.x_offset is not None
+        y_done = ys is None or (direct and s.y_offset is not None)
+        if x_done:
+            pread_rows(s.path, s.x_offset, lo, buf, threads, True, flags, s.identity)
+        elif direct and s.x_chunks is not None:
+            chunk_read.read_rows(
+                s.path, info.x, s.x_chunks, lo, hi, buf, threads, s.identity, flags
+            )
+            x_done = True
+        if ys is not None and y_done:
+            pread_rows(s.path, s.y_offset, lo, ys.reshape(k, -1), threads, True, flags, s.identity)
+        elif ys is not None and direct and s.y_chunks is not None:
+            out = ys.reshape(k, -1)
+            chunk_read.read_rows(
+                s.path, info.y, s.y_chunks, lo, hi, out, threads, s.identity, flags
+            )
+            y_done = True
+        if not (x_done and y_done):
+            what = info.x
+            try:
+                with h5py.File(s.path, "r") as fh:
+                    if not x_done:
+                        dest = buf if s.x_ndim == 2 else buf.reshape(k)
+                        fh[info.x].read_direct(dest, np.s_[lo:hi], np.s_[:])
+                        nonfinite_rows(buf, out=flags)
+                    if not y_done:
+                        what = info.y
+                        ys[...] = np.asarray(fh[info.y][lo:hi], dtype=np.float64).reshape(ys.shape)
+                        nonfinite_rows(ys, out=flags)
+            except (OSError, KeyError, ValueError) as exc:
+                raise DataError(f"'{s.path}:{what}' cannot be read ({exc})") from None
+        if buf.dtype != dtype:
+            Xl[at : at + k] = buf
 
 
 def _open(path: str, info: DataInfo, comm: Communicator) -> h5py.File:

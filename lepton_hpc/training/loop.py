@@ -26,8 +26,17 @@ from ..metrics import headline
 from .setup import RunSetup
 from .step import StepContext
 from .strategies import make_strategy
+from .streamed import streamed_metrics
 
 PROGRESS_EVERY_S = 10.0
+
+
+_ALL = np.zeros(0, dtype=np.int64)
+
+
+def _streamed_plan(epoch: int) -> list[np.ndarray]:  # noqa: ARG001
+    """Streamed rows: one full-batch step an epoch (its rows are the stream's pieces)."""
+    return [_ALL]
 
 
 class Stopped(LeptonError):
@@ -104,8 +113,11 @@ class Loop:
             epochs=cfg.train.epochs,
         )
         fed = self.fed = strategy if getattr(strategy, "federated", False) else None
-        gather = s.device.batch_gather(train.X, train.y, s.X, s.y)
-        plan = EpochBatches(train.index(), train.n_global, cfg.train.batch_size, cfg.train.seed)
+        if s.stream is None:
+            gather = s.device.batch_gather(train.X, train.y, s.X, s.y)
+            plan = EpochBatches(train.index(), train.n_global, cfg.train.batch_size, cfg.train.seed)
+        else:  # one full-batch step an epoch; the reduction reads the pieces itself
+            gather, plan = None, _streamed_plan
         every, max_steps = cfg.checkpoint.every_steps, cfg.train.max_steps
         stop_after_round = False
         while st.epoch < cfg.train.epochs:
@@ -208,9 +220,9 @@ class Loop:
         entry = {"epoch": st.epoch + 1, "step": st.step, "loss": loss, "seconds": round(seconds, 6)}
         if fed is not None:  # loss: the sampled clients' mean training loss over the round
             entry.update(round=fed.round + 1, sampled=fed.sampled.tolist(), client_loss=loss)
-        entry["train"] = self.metrics(s.X, s.data.train.y)
-        if s.data.val is not None:
-            entry["val"] = self.metrics(s.X_val, s.data.val.y)
+        entry["train"], val = self.split_metrics()
+        if val is not None:
+            entry["val"] = val
         st.history.append(entry)
         st.epoch += 1
         st.batch = 0
@@ -260,6 +272,16 @@ class Loop:
             "comm_s": self.comm_s,
             "steps": self.state.step - self.first_step,
         }
+
+    def split_metrics(self) -> tuple[dict, dict | None]:
+        """Metrics of the current parameters on the training and validation rows."""
+        s = self.setup
+        if s.stream is not None:
+            with self.ctx.timers("eval"):
+                return streamed_metrics(s, self.state.params)
+        train = self.metrics(s.X, s.data.train.y)
+        val = self.metrics(s.X_val, s.data.val.y) if s.data.val is not None else None
+        return train, val
 
     def metrics(self, X, y) -> dict:
         """Exact global metrics of the current parameters on these rows (timed as eval)."""

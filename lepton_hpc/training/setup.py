@@ -22,6 +22,7 @@ from ..data.dataset import TrainingData, load_training_data
 from ..data.fingerprint import fingerprint
 from ..data.reader import inspect_shared, inspect_spec
 from ..data.shards import input_roles, is_multi, label, resolve
+from ..data.stream import RowStream
 from ..device import Device, select_device
 from ..errors import ConfigError, DataError
 from ..faults import FaultHooks, StopFlag
@@ -31,6 +32,7 @@ from ..results import RunDir, check_run_dir, create_run_dir
 from ..safety import note_leftovers
 from .step import StepContext, Timers
 from .strategies import check_comm_config, client_files, make_reduction
+from .streamed import StreamedReduction
 
 
 @dataclass
@@ -53,6 +55,7 @@ class RunSetup:
     y: Any
     X_val: Any
     lock: Any = field(default=None)  # rank 0's lock on the run directory, to the end
+    stream: RowStream | None = None  # data.stream: the rows are read from the file every pass
 
     def meta(self) -> dict:
         """What identifies this run's state: config, model, data, scaler and optimiser."""
@@ -83,8 +86,12 @@ class RunSetup:
             stop=stop,
             hooks=hooks,
         )
-        train_rows, file_rows = self.data.train.rows, self.data.info.n_rows
-        ctx.reduction = make_reduction(cfg.comm, ctx, train_rows, file_rows)
+        file_rows = self.data.info.n_rows
+        if self.stream is not None:  # each pass reads the pieces: block ids come with them
+            inner = make_reduction(cfg.comm, ctx, np.zeros(0, dtype=np.int64), file_rows)
+            ctx.reduction = StreamedReduction(inner, self.stream)
+            return ctx
+        ctx.reduction = make_reduction(cfg.comm, ctx, self.data.train.rows, file_rows)
         return ctx
 
     def check_test_file(self) -> None:
@@ -201,8 +208,15 @@ def prepare(
     agree(comm, lambda: check_run_dir(run.path, **fresh) if comm.is_root else None)
     mirror = cfg.checkpoint.mirror
     agree(comm, lambda: check_mirror(mirror, run.path, files) if comm.is_root else None)
+    stream, stream_stats = None, None
     with timers("io"):
-        if clients is not None:  # the client reads its file alone; the scaler is fitted on all
+        if cfg.data.stream:  # a first pass fits the scaler; every later pass reads again
+            if source is not None:
+                raise ConfigError("data.stream", "streams rows from files, not arrays in memory")
+            stream = RowStream(cfg.data, cfg.train.seed, comm, reproducible=cfg.comm.reproducible)
+            train_split, val_split, scaler, stream_stats = stream.fit()
+            data = TrainingData(train_split, val_split, scaler, stream.info)
+        elif clients is not None:  # the client reads its file alone; the scaler is fitted on all
             own = dataclasses.replace(cfg.data, train=clients[comm.rank])
             data = load_training_data(own, cfg.train.seed, comm.split(comm.rank), log, stats=comm)
         else:
@@ -233,13 +247,21 @@ def prepare(
             'holding NaN or Inf (data.nonfinite = "drop")'
         )
     agree(comm, lambda: _check_rows(cfg, data, dropped))
-    y_dim = 1 if train.y.ndim == 1 else train.y.shape[1]
-    stats = target_stats(train.y, comm)
+    if stream is not None:
+        y_shape = data.info.y_shape or (0,)
+        y_dim, stats = (1 if len(y_shape) == 1 else y_shape[1]), stream_stats
+    else:
+        y_dim = 1 if train.y.ndim == 1 else train.y.shape[1]
+        stats = target_stats(train.y, comm)
     where = f"'{train_name}:{cfg.data.y}'"
     model = agree(comm, lambda: build_model(cfg.model, data.info.n_features, y_dim, stats, where))
     device = agree(comm, lambda: select_device(cfg.train.device, cfg.train.threads, comm))
-    X, y = device.place(train.X), device.place(train.y)
-    X_val = None if data.val is None else device.place(data.val.X)
+    if stream is not None:
+        stream.place = device.place
+        X = y = X_val = None
+    else:
+        X, y = device.place(train.X), device.place(train.y)
+        X_val = None if data.val is None else device.place(data.val.X)
     return RunSetup(
         cfg=cfg,
         comm=comm,
@@ -255,6 +277,7 @@ def prepare(
         X=X,
         y=y,
         X_val=X_val,
+        stream=stream,
     )
 
 

@@ -88,3 +88,41 @@ def test_peak_memory_is_the_data_plus_a_baseline(tmp_path, files, ranks, jobs):
                 f"{limit:.0f} MiB (baseline {base['peak_rss_mb'][rank]:.0f} + 1.1 x "
                 f"{mem['data_mb'][rank]:.0f} MiB of rows)"
             )
+
+
+def test_streamed_peak_memory_is_two_buffers_plus_a_baseline(tmp_path, files):
+    """data.stream: a rank holds two read buffers, never its rows (143 MiB a rank here)."""
+
+    def streamed(name: str, data: Path) -> dict:
+        cfg = write_config(
+            tmp_path / f"{name}.toml",
+            {
+                "data": {
+                    "train": str(data),
+                    "scale": "zscore",
+                    "validation_fraction": 0.05,
+                    "stream": True,
+                    "buffer_mb": STREAM_MB,
+                },
+                "model": {"kind": "linear"},
+                "optim": {"name": "lbfgs"},
+                "train": {"epochs": 2},
+                "output": {"dir": str(tmp_path / name), "plot": False},
+            },
+        )
+        ok(lepton(2, "train", cfg, timeout=120))
+        return json.loads((tmp_path / name / "results.json").read_text())["memory"]
+
+    base = streamed("tiny", files["tiny"])
+    mem = streamed("big", files["big"])
+    for rank in range(2):
+        assert mem["data_mb"][rank] == pytest.approx(2 * STREAM_MB, rel=0.01)
+        limit = base["peak_rss_mb"][rank] + 1.5 * mem["data_mb"][rank]
+        print(f"streamed rank {rank}: peak {mem['peak_rss_mb'][rank]:.1f} MiB, limit {limit:.1f}")
+        assert mem["peak_rss_mb"][rank] <= limit, (
+            f"streamed rank {rank}: peak {mem['peak_rss_mb'][rank]:.0f} MiB over {limit:.0f} MiB "
+            f"(baseline {base['peak_rss_mb'][rank]:.0f} + 1.5 x two {STREAM_MB} MiB buffers)"
+        )
+
+
+STREAM_MB = 8

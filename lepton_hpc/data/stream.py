@@ -1,0 +1,330 @@
+"""Training on rows streamed from the file: for data larger than the memory of the nodes.
+
+With ``data.stream = true`` a rank never holds its rows. Every pass (a full-batch gradient, the
+epoch's metrics) reads the rank's rows again, ``data.buffer_mb`` at a time, into one of two
+buffers it owns: while the kernel works on one piece, a background thread reads the next into
+the other (plain ``pread``, chunk decoding, or h5py opened by this process alone: no collective
+call leaves the main thread). Each piece is screened for NaN/Inf, split into training and
+validation rows by the same hash of the global row id as in memory, and scaled in place.
+
+A first pass fits what in-memory training fits on the loaded block: the scaler (per-block
+z-score moments in reproducible mode, per-piece moments merged in order otherwise; minima and
+maxima), the targets' range and their exact sums (regression metrics need the mean), the row
+counts, and the NaN/Inf check.
+
+Bit for bit: in reproducible mode the pieces are whole global blocks, so each block's partial
+gradient and moments are computed from the same rows in the same order as in memory, and the
+block-ordered sum is the same: streamed full-batch and L-BFGS runs give the in-memory bits.
+Metrics are integer counts and exact sums, equal in any mode. In the default mode the pieces'
+float64 gradients are added in piece order: equal to in-memory results to rounding.
+
+Memory: two pieces of ``buffer_mb`` (rows, targets, flags), plus the validation rows of one
+piece while metrics are computed, plus the model. ``results.json`` reports each rank's peak.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..comm.base import CollectiveError, Communicator, agree
+from ..errors import DataError, LeptonError
+from ..exact import ExactSums
+from . import shards
+from .dataset import _ids_where, compact_rows, gather_rows, held_out
+from .preprocess import Scaler, block_moments, local_moments, merge_moments
+from .reader import (
+    DIRECT_READ,
+    Block,
+    _feature_dtype,
+    _reader_threads,
+    aligned_empty,
+    check_identities,
+    global_block_rows,
+    inspect_shared,
+    rank_rows,
+    read_range,
+)
+
+
+@dataclass(slots=True)
+class Part:
+    """Rows of one piece: features (scaled), targets and their global row ids."""
+
+    X: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.X.shape[0])
+
+
+@dataclass(slots=True)
+class StreamSplit:
+    """A split of streamed rows: counts only (the rows stay in the file)."""
+
+    n: int  # rows on this rank
+    n_global: int
+    y_mean: np.ndarray | None = None  # exact global mean of each target column
+    X: None = None
+    y: None = None
+
+
+@dataclass
+class _Buffer:
+    X: np.ndarray
+    y: np.ndarray | None
+    bad: np.ndarray
+
+
+@dataclass
+class _Fit:
+    """What the first pass gathers on this rank."""
+
+    n_train: int = 0
+    n_val: int = 0
+    bad: int = 0
+    first_bad: int = -1
+    moments: list = field(default_factory=list)
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+    y_lo: float = np.inf
+    y_hi: float = -np.inf
+    y_nonint: bool = False
+    y_train: ExactSums | None = None
+    y_val: ExactSums | None = None
+
+
+class RowStream:
+    """This rank's rows of ``data_cfg.train``, read a piece at a time for every pass."""
+
+    def __init__(
+        self, data_cfg, seed: int, comm: Communicator, *, reproducible: bool = False
+    ) -> None:
+        self.cfg, self.seed, self.comm = data_cfg, seed, comm
+        self.reproducible = reproducible
+        info = self.info = inspect_shared(data_cfg.train, data_cfg.x, data_cfg.y, comm)
+        self.start, self.stop = rank_rows(info, comm, reproducible)
+        self.dtype = _feature_dtype(info.x_dtype)
+        self.y_tail = tuple((info.y_shape or ())[1:])
+        y_width = int(np.prod(self.y_tail, dtype=np.int64)) if self.y_tail else 1
+        row_bytes = info.n_features * self.dtype.itemsize + 8 * y_width + 1
+        rows = max(1, int(data_cfg.buffer_mb * 2**20) // row_bytes)
+        self.block_rows = global_block_rows(info.n_rows)
+        if reproducible:  # whole global blocks per piece: each block's sums are those in memory
+            rows = max(self.block_rows, rows // self.block_rows * self.block_rows)
+        self.piece_rows = min(rows, max(1, self.stop - self.start))
+        self.bounds = [
+            (a, min(self.stop, a + self.piece_rows))
+            for a in range(self.start, self.stop, self.piece_rows)
+        ]
+        self.threads = _reader_threads(comm)
+        self.direct = agree(comm, self._same_files)
+        self.holds_out = data_cfg.validation_fraction > 0 or bool(data_cfg.folds)
+        self.scaler: Scaler | None = None
+        self.place: Callable = lambda a: a  # the device's ``place`` once chosen
+        self._buffers: list[_Buffer] = []
+        self.fitted = _Fit()
+
+    # ---- reading ------------------------------------------------------------------------
+    def _same_files(self) -> bool:
+        check_identities(self.info, self.start, self.stop)
+        return DIRECT_READ
+
+    def buffer_bytes(self) -> int:
+        """Bytes of the two read buffers (allocated on the first pass)."""
+        return sum(b.X.nbytes + (b.y.nbytes if b.y is not None else 0) for b in self._buffers)
+
+    def _buffer(self, k: int) -> _Buffer:
+        while len(self._buffers) < 2:
+            m = self.piece_rows
+            y = None if self.info.y is None else np.empty((m, *self.y_tail), dtype=np.float64)
+            X = aligned_empty((m, self.info.n_features), self.dtype)
+            self._buffers.append(_Buffer(X, y, np.zeros(m, dtype=bool)))
+        return self._buffers[k % 2]
+
+    def _read(self, k: int) -> tuple[int, int, _Buffer]:
+        a, b = self.bounds[k]
+        buf = self._buffer(k)
+        m = b - a
+        bad = buf.bad[:m]
+        bad[:] = False
+        y = None if buf.y is None else buf.y[:m]
+        read_range(self.info, a, b, self.threads, self.direct, buf.X[:m], y, bad)
+        return a, b, buf
+
+    def pieces(self) -> Iterator[tuple[int, int, _Buffer]]:
+        """(first row, end row, buffer) of each piece in order; the next piece is read on a
+        background thread while the caller works on this one. A piece is valid until the
+        next is asked for (its buffer is then refilled)."""
+        if not self.bounds:
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="lepton-read") as pool:
+            ahead = pool.submit(self._read, 0)
+            for k in range(len(self.bounds)):
+                piece = ahead.result()
+                if k + 1 < len(self.bounds):
+                    ahead = pool.submit(self._read, k + 1)
+                yield piece
+
+    def _masks(self, a: int, b: int, buf: _Buffer) -> tuple[np.ndarray, np.ndarray | None]:
+        """(training rows, validation rows or None) of the piece ``[a, b)``."""
+        m = b - a
+        usable = ~buf.bad[:m] if self.cfg.nonfinite == "drop" else np.ones(m, dtype=bool)
+        if not self.holds_out:
+            return usable, None
+        hold = held_out(Block(buf.X[:m], None, self.info, a), self.cfg, self.seed)
+        return usable & ~hold, usable & hold
+
+    def _parts(self, a: int, b: int, buf: _Buffer, want_val: bool) -> tuple[Part, Part | None]:
+        """The piece's training rows (compacted in place in the buffer) and, if asked for, a
+        copy of its validation rows; both scaled when the scaler is fitted."""
+        m = b - a
+        X, y = buf.X[:m], (buf.y[:m] if buf.y is not None else np.zeros(m))
+        block = Block(X, y, self.info, a)
+        train, val = self._masks(a, b, buf)
+        vpart = None
+        if want_val and val is not None:
+            vpart = Part(gather_rows(X, val), y[val], _ids_where(block, val))
+        ids = _ids_where(block, train)
+        if not train.all():
+            X, y = compact_rows(X, train), compact_rows(y, train)
+        tpart = Part(X, y, ids)
+        if self.scaler is not None:
+            self.scaler.apply_(tpart.X)
+            if vpart is not None:
+                self.scaler.apply_(vpart.X)
+        return tpart, vpart
+
+    def passes(self, want_val: bool = False) -> Iterator[tuple[Part, Part | None]]:
+        """Every piece's (training part, validation part): one pass over the rank's rows.
+
+        Errors are made collective: a rank whose read fails keeps the pass going (with no rows)
+        and every rank raises the same error at the end, so no rank is left waiting."""
+        error: LeptonError | None = None
+        try:
+            for a, b, buf in self.pieces():
+                yield self._parts(a, b, buf, want_val)
+        except LeptonError as exc:
+            error = exc
+        except OSError as exc:
+            error = DataError(f"'{self.info.path}' cannot be read ({exc})")
+
+        def check() -> None:
+            if error is not None:
+                raise error
+
+        agree(self.comm, check)
+
+    # ---- the first pass -----------------------------------------------------------------
+    def fit(self) -> tuple[StreamSplit, StreamSplit | None, Scaler, tuple[float, float, bool]]:
+        """Read every row once: counts, NaN/Inf check, scaler, target range and sums.
+
+        Returns (train split, validation split or None, scaler, target stats) with the same
+        values on every rank."""
+        f = self.fitted = _Fit()
+        kind = self.cfg.scale
+        d = self.info.n_features
+        y_cols = int(np.prod(self.y_tail, dtype=np.int64)) if self.y_tail else 1
+        f.y_train, f.y_val = ExactSums(y_cols), ExactSums(y_cols)
+        has_y = self.info.y is not None
+        error: LeptonError | None = None
+        try:
+            for a, b, buf in self.pieces():
+                m = b - a
+                bad = buf.bad[:m]
+                if bad.any():
+                    f.bad += int(np.count_nonzero(bad))
+                    if f.first_bad < 0:
+                        f.first_bad = a + int(np.argmax(bad))
+                    if self.cfg.nonfinite == "error":
+                        continue  # the run fails after the pass; nothing more to learn
+                train, val = self._parts(a, b, buf, want_val=True)
+                f.n_train += train.n
+                if val is not None:
+                    f.n_val += val.n
+                    if has_y:
+                        f.y_val.add(list(val.y.reshape(val.n, -1).T))
+                if train.n == 0:
+                    continue
+                if kind == "zscore":
+                    if self.reproducible:
+                        f.moments += block_moments(train.X, train.ids // self.block_rows)
+                    else:
+                        f.moments.append(local_moments(train.X))
+                elif kind == "minmax":
+                    lo = train.X.min(axis=0).astype(np.float64)
+                    hi = train.X.max(axis=0).astype(np.float64)
+                    f.lo = lo if f.lo is None else np.minimum(f.lo, lo)
+                    f.hi = hi if f.hi is None else np.maximum(f.hi, hi)
+                if has_y:
+                    y = train.y
+                    f.y_lo, f.y_hi = min(f.y_lo, float(y.min())), max(f.y_hi, float(y.max()))
+                    f.y_nonint |= bool(np.any(y != np.round(y)))
+                    f.y_train.add(list(y.reshape(train.n, -1).T))
+        except LeptonError as exc:
+            error = exc
+        except OSError as exc:
+            error = DataError(f"'{self.info.path}' cannot be read ({exc})")
+
+        def check() -> None:
+            if error is not None:
+                raise error
+
+        agree(self.comm, check)
+        self._check_nonfinite()
+        comm = self.comm
+        counts = comm.allreduce_(np.array([f.n_train, f.n_val], dtype=np.int64))
+        n_train, n_val = int(counts[0]), int(counts[1])
+        scaler = self._scaler(kind, d)
+        lo, hi = np.array([f.y_lo]), np.array([f.y_hi])
+        comm.allreduce_min_(lo)
+        comm.allreduce_max_(hi)
+        nonint = comm.allreduce_(np.array([int(f.y_nonint)], dtype=np.int64))
+        stats = (float(lo[0]), float(hi[0]), bool(nonint[0] == 0))
+        y_train = f.y_train.total(comm) / max(n_train, 1)
+        y_val = f.y_val.total(comm) / max(n_val, 1)
+        train = StreamSplit(f.n_train, n_train, y_train)
+        val = StreamSplit(f.n_val, n_val, y_val) if self.holds_out else None
+        self.scaler = scaler
+        return train, val, scaler, stats
+
+    def _check_nonfinite(self) -> None:
+        """As in memory: NaN or Inf rows are an error naming the first one, unless dropped."""
+        comm, f = self.comm, self.fitted
+        bad = int(comm.allreduce_(np.array([f.bad], dtype=np.int64))[0])
+        if bad == 0 or self.cfg.nonfinite == "drop":
+            return
+        first = np.array([f.first_bad if f.first_bad >= 0 else np.iinfo(np.int64).max])
+        first_row = int(comm.allreduce_min_(first)[0])
+        where = f"row {first_row}"
+        info = self.info
+        if info.shards:
+            shard, local = shards.locate(shards.offsets(info.shards), first_row)
+            where = f"row {first_row}: '{info.shards[int(shard)].path}' row {int(local)}"
+        raise CollectiveError(
+            f"'{info.path}': {bad} rows hold NaN or Inf (first: {where}); "
+            'fix the data or set data.nonfinite = "drop"',
+            DataError.exit_code,
+        )
+
+    def _scaler(self, kind: str, d: int) -> Scaler:
+        """The scaler from the first pass's statistics: the in-memory fit's merge."""
+        comm, f = self.comm, self.fitted
+        if kind == "none":
+            return Scaler.identity(d)
+        if kind == "zscore":
+            parts = [p for rank in comm.allgather(f.moments) for p in rank]
+            n, mean, m2 = merge_moments(parts or [(0, np.zeros(d), np.zeros(d))])
+            std = np.sqrt(m2 / max(n, 1))
+            return Scaler(kind, mean, np.where(std > 0, std, 1.0))
+        lo = np.full(d, np.inf) if f.lo is None else f.lo.copy()
+        hi = np.full(d, -np.inf) if f.hi is None else f.hi.copy()
+        comm.allreduce_min_(lo)
+        comm.allreduce_max_(hi)
+        span = hi - lo
+        return Scaler(kind, lo, np.where(span > 0, span, 1.0))

@@ -56,7 +56,8 @@ class DataConfig:
     """Read the rows from the file every pass instead of holding them in memory: each rank reads
     its rows data.buffer_mb at a time, the next piece read ahead while the kernel works on this
     one (for data larger than the nodes' memory; full batch and lbfgs give the in-memory
-    results, bitwise with comm.reproducible)."""
+    results, bitwise with comm.reproducible; mini-batches are shuffled within windows of the
+    file: docs/reference.md, "Streaming")."""
     buffer_mb: float = 256.0
     """Per rank, with data.stream: the rows held at a time (two such pieces: one in use, one
     being read)."""
@@ -411,12 +412,6 @@ def check_config(cfg: Config) -> Config:
             "data.stream",
             f'needs comm.strategy = "sync" (not {cfg.comm.strategy!r}): streamed rows are read '
             "once per step for the whole rank",
-        )
-        _check(
-            cfg.train.batch_size == 0,
-            "data.stream",
-            "streams full-batch passes: set train.batch_size = 0 (full batch, or optim.name = "
-            '"lbfgs")',
         )
     train = cfg.data.train
     _check(

@@ -34,7 +34,8 @@ from ..comm.base import CollectiveError, Communicator, agree
 from ..errors import DataError, LeptonError
 from ..exact import ExactSums
 from . import shards
-from .dataset import _ids_where, compact_rows, gather_rows, held_out
+from .batches import BatchGather, EpochBatches, permute
+from .dataset import _ids_where, compact_rows, gather_rows, held_out, validation_mask
 from .preprocess import Scaler, block_moments, local_moments, merge_moments
 from .reader import (
     DIRECT_READ,
@@ -97,6 +98,7 @@ class _Fit:
     y_nonint: bool = False
     y_train: ExactSums | None = None
     y_val: ExactSums | None = None
+    block_counts: np.ndarray | None = None  # training rows of each global block of the rank
 
 
 class RowStream:
@@ -122,6 +124,14 @@ class RowStream:
             (a, min(self.stop, a + self.piece_rows))
             for a in range(self.start, self.stop, self.piece_rows)
         ]
+        self.n_blocks = -(-info.n_rows // self.block_rows)
+        first, last = self.start // self.block_rows, -(-self.stop // self.block_rows)
+        self.rank_blocks = np.arange(first, max(first, last), dtype=np.int64)
+        # Mini-batch windows: whole global blocks, about a buffer of rows per rank. Reproducible
+        # mode sizes them from the file and the buffer alone, so they never depend on the rank
+        # count (with more ranks each holds less of a window).
+        share = rows if reproducible else rows * comm.size
+        self.window_blocks = max(1, share // self.block_rows)
         self.threads = _reader_threads(comm)
         self.direct = agree(comm, self._same_files)
         self.holds_out = data_cfg.validation_fraction > 0 or bool(data_cfg.folds)
@@ -180,6 +190,42 @@ class RowStream:
         hold = held_out(Block(buf.X[:m], None, self.info, a), self.cfg, self.seed)
         return usable & ~hold, usable & hold
 
+    def read_blocks(self, blocks: np.ndarray) -> Part:
+        """The training rows of global ``blocks`` (ascending) that lie on this rank, read into
+        a new buffer, screened, split and scaled (a mini-batch window)."""
+        br = self.block_rows
+        runs = []  # row ranges [a, b) of consecutive blocks, clipped to the rank's rows
+        for b in blocks.tolist():
+            a, z = max(b * br, self.start), min((b + 1) * br, self.stop)
+            if runs and runs[-1][1] == a:
+                runs[-1][1] = z
+            elif a < z:
+                runs.append([a, z])
+        m = sum(z - a for a, z in runs)
+        X = aligned_empty((m, self.info.n_features), self.dtype)
+        y = np.empty((m, *self.y_tail), dtype=np.float64) if self.info.y is not None else None
+        bad = np.zeros(m, dtype=bool)
+        ids = np.empty(m, dtype=np.int64)
+        at = 0
+        for a, z in runs:
+            k = z - a
+            ys = None if y is None else y[at : at + k]
+            read_range(
+                self.info, a, z, self.threads, self.direct, X[at : at + k], ys, bad[at : at + k]
+            )
+            ids[at : at + k] = np.arange(a, z, dtype=np.int64)
+            at += k
+        keep = ~bad if self.cfg.nonfinite == "drop" else np.ones(m, dtype=bool)
+        if self.holds_out:
+            c = self.cfg
+            keep &= ~validation_mask(ids, c.validation_fraction, self.seed, c.folds, c.fold)
+        y = y if y is not None else np.zeros(m)
+        if not keep.all():
+            X, y, ids = compact_rows(X, keep), compact_rows(y, keep), ids[keep]
+        if self.scaler is not None:
+            self.scaler.apply_(X)
+        return Part(X, y, ids)
+
     def _parts(self, a: int, b: int, buf: _Buffer, want_val: bool) -> tuple[Part, Part | None]:
         """The piece's training rows (compacted in place in the buffer) and, if asked for, a
         copy of its validation rows; both scaled when the scaler is fitted."""
@@ -231,6 +277,7 @@ class RowStream:
         d = self.info.n_features
         y_cols = int(np.prod(self.y_tail, dtype=np.int64)) if self.y_tail else 1
         f.y_train, f.y_val = ExactSums(y_cols), ExactSums(y_cols)
+        f.block_counts = np.zeros(self.rank_blocks.size, dtype=np.int64)
         has_y = self.info.y is not None
         error: LeptonError | None = None
         try:
@@ -245,6 +292,8 @@ class RowStream:
                         continue  # the run fails after the pass; nothing more to learn
                 train, val = self._parts(a, b, buf, want_val=True)
                 f.n_train += train.n
+                at = train.ids // self.block_rows - self.rank_blocks[0]
+                f.block_counts += np.bincount(at, minlength=f.block_counts.size)
                 if val is not None:
                     f.n_val += val.n
                     if has_y:
@@ -328,3 +377,83 @@ class RowStream:
         comm.allreduce_max_(hi)
         span = hi - lo
         return Scaler(kind, lo, np.where(span > 0, span, 1.0))
+
+
+WINDOW_STREAM = 0x5EED  # keys the epoch's assignment of blocks to windows apart from batches
+
+
+class StreamBatches:
+    """The mini-batches of one epoch over streamed rows: the streaming shuffle.
+
+    Each epoch a seeded permutation of the file's global blocks (keyed by the seed and the
+    epoch) deals them into windows of ``window_blocks`` blocks; the windows are visited in
+    order. A rank reads its rows of a window's blocks (scattered over its part of the file),
+    the next window being read on a background thread meanwhile; inside a window the rows are
+    ordered by a second seeded permutation of their position among the window's rows of every
+    rank (ascending global row ids) and cut into batches of ``batch_size``, exactly as
+    ``EpochBatches`` does for a whole file. A window's last batch may be short. Neither the
+    windows nor the batches depend on the rank count, so reproducible mode gives the same bits
+    for any number of ranks. Shuffling quality: rows of the same block (``global_block_rows``,
+    up to 1024) share a window, the rest is mixed over the file.
+
+    A sequence of the epoch's batches (local row positions in the current window); ``gather``
+    copies a batch's rows. Batches are asked for in order (a resume starts anywhere).
+    """
+
+    def __init__(self, stream: RowStream, epoch: int, batch_size: int, seed: int, reduction):
+        self.stream, self.epoch, self.batch_size, self.seed = stream, epoch, batch_size, seed
+        self.reduction = reduction
+        comm = stream.comm
+        blocks, bpw = stream.rank_blocks, stream.window_blocks
+        n_windows = max(1, -(-stream.n_blocks // bpw))
+        window = permute(blocks, stream.n_blocks, seed ^ WINDOW_STREAM, epoch) // bpw
+        counts = stream.fitted.block_counts
+        local = np.bincount(window, weights=counts, minlength=n_windows).astype(np.int64)
+        gathered = comm.allgather(local)
+        table = np.array(gathered, dtype=np.int64).reshape(comm.size, n_windows)
+        self.counts = table.sum(axis=0)  # training rows per window
+        self.offsets = table[: comm.rank].sum(axis=0)  # of lower ranks, per window
+        steps = -(-self.counts // max(1, batch_size))
+        self.starts = np.concatenate([[0], np.cumsum(steps)]).astype(np.int64)
+        order = np.argsort(window, kind="stable")
+        cuts = np.searchsorted(window[order], np.arange(n_windows + 1))
+        self.blocks = [blocks[order[cuts[j] : cuts[j + 1]]] for j in range(n_windows)]
+        self.current = -1
+        self.batches: list[np.ndarray] = []
+        self._gather: BatchGather | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lepton-read")
+        self._ahead: tuple[int, object] | None = None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        j = int(np.searchsorted(self.starts, k, side="right")) - 1
+        if j != self.current:
+            self._load(j)
+        return self.batches[k - int(self.starts[j])]
+
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert self._gather is not None
+        return self._gather(rows)
+
+    def _read(self, j: int) -> Part:
+        return self.stream.read_blocks(self.blocks[j])
+
+    def _load(self, j: int) -> None:
+        part = self._ahead[1].result() if self._ahead and self._ahead[0] == j else self._read(j)
+        self._ahead = None
+        later = [w for w in range(j + 1, len(self.blocks)) if self.counts[w]]
+        if later:  # the next window with rows, read while this one trains
+            self._ahead = (later[0], self._pool.submit(self._read, later[0]))
+        self.current = j
+        index = self.offsets[j] + np.arange(part.n, dtype=np.int64)
+        seed = (self.seed * 1_000_003 + j) % 2**63
+        self.batches = EpochBatches(index, int(self.counts[j]), self.batch_size, seed)(self.epoch)
+        place = self.stream.place
+        self._gather = BatchGather(place(part.X), place(part.y))
+        if hasattr(self.reduction, "block"):  # reproducible mode: the window rows' blocks
+            self.reduction.block = part.ids // self.stream.block_rows
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

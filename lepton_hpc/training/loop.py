@@ -19,6 +19,7 @@ import numpy as np
 from ..checkpoint import Mirror, TrainState, write_checkpoint
 from ..compile_clock import compile_clock
 from ..data.batches import EpochBatches
+from ..data.stream import StreamBatches
 from ..errors import EXIT_FAILED, EXIT_STOPPED, LeptonError
 from ..faults import STRAGGLER_EPOCHS, Stragglers, Watchdog
 from ..inference import evaluate
@@ -116,21 +117,31 @@ class Loop:
         if s.stream is None:
             gather = s.device.batch_gather(train.X, train.y, s.X, s.y)
             plan = EpochBatches(train.index(), train.n_global, cfg.train.batch_size, cfg.train.seed)
-        else:  # one full-batch step an epoch; the reduction reads the pieces itself
+        elif cfg.train.batch_size == 0:  # one step an epoch; the reduction reads the pieces
             gather, plan = None, _streamed_plan
+        else:  # windows of the file read in turn, each shuffled into batches
+            gather = None
+
+            def plan(epoch: int) -> StreamBatches:
+                return StreamBatches(
+                    s.stream, epoch, cfg.train.batch_size, cfg.train.seed, self.ctx.reduction
+                )
+
         every, max_steps = cfg.checkpoint.every_steps, cfg.train.max_steps
         stop_after_round = False
         while st.epoch < cfg.train.epochs:
             t_epoch = time.perf_counter()  # the epoch's time includes drawing its batches
             mark = self._epoch_mark()
             batches = plan(st.epoch)
+            take = getattr(batches, "gather", gather)  # streamed windows gather their own rows
+            whole = len(batches) == 1 and take is gather  # the rank's rows are the batch
             if fed is not None:  # a round starts: its clients; one empty step for the others
                 fed.begin_epoch(st.params, st.epoch, st.step)
                 batches = batches if fed.active else [batches[0][:0]]
             next_report = t_epoch + PROGRESS_EVERY_S
             while st.batch < len(batches):
                 rows = self.ctx.reduction.arrange(batches[st.batch])
-                X, y = (s.X, s.y) if len(batches) == 1 else gather(rows)
+                X, y = (s.X, s.y) if whole else take(rows)
                 out = strategy.step(st.params, X, y, st.step, rows)
                 st.step += 1
                 st.batch += 1
@@ -163,6 +174,8 @@ class Loop:
                         f"  epoch {st.epoch + 1}: batch {st.batch}/{len(batches)}, "
                         f"loss {st.epoch_loss / max(st.epoch_rows, 1.0):.6g}"
                     )
+            if isinstance(batches, StreamBatches):
+                batches.close()
             self._epoch_timing(mark)
             done = self._end_epoch(
                 st.epoch_loss / max(st.epoch_rows, 1.0), time.perf_counter() - t_epoch

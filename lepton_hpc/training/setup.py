@@ -87,9 +87,10 @@ class RunSetup:
             hooks=hooks,
         )
         file_rows = self.data.info.n_rows
-        if self.stream is not None:  # each pass reads the pieces: block ids come with them
+        if self.stream is not None:  # block ids come with the pieces (or windows) read
             inner = make_reduction(cfg.comm, ctx, np.zeros(0, dtype=np.int64), file_rows)
-            ctx.reduction = StreamedReduction(inner, self.stream)
+            full = cfg.train.batch_size == 0
+            ctx.reduction = StreamedReduction(inner, self.stream) if full else inner
             return ctx
         ctx.reduction = make_reduction(cfg.comm, ctx, self.data.train.rows, file_rows)
         return ctx

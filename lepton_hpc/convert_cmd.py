@@ -1,7 +1,9 @@
 """``lepton convert``: CSV, NPY, NPZ or Parquet into HDF5 (the work is in ``data/convert.py``).
 
-The input formats are serial, so rank 0 converts and the other ranks wait for its verdict: under
-``mpirun`` every rank exits together, and an error is printed once.
+Into one file, the input formats are serial, so rank 0 converts and the other ranks wait for its
+verdict: under ``mpirun`` every rank exits together, and an error is printed once. With
+``--shards N`` (``data/convert_shards.py``) the rows go into N files in the directory ``--out``,
+and the ranks share the shards.
 """
 
 from __future__ import annotations
@@ -25,7 +27,19 @@ def register_convert(sub) -> None:
         help="INPUT.csv, INPUT.npy, INPUT.npz or INPUT.parquet; Parquet: also several files "
         "or a directory of them (one table)",
     )
-    p.add_argument("--out", required=True, help="HDF5 file to write")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="HDF5 file to write; with --shards, the directory of the shard files",
+    )
+    p.add_argument(
+        "--shards",
+        type=int,
+        metavar="N",
+        default=None,
+        help="write N files OUT/part-00000.h5 ... (contiguous rows, as even as possible; "
+        "train on 'OUT/part-*.h5'), the ranks sharing them",
+    )
     p.add_argument("--x", default="X", help="features data set written (NPZ: member read too)")
     p.add_argument("--y", default="y", help="target data set written (NPZ: member read too)")
     p.add_argument(
@@ -62,7 +76,11 @@ def register_convert(sub) -> None:
         help="empty CSV cells and Parquet nulls: an error (default) or NaN "
         "(train with data.nonfinite = drop)",
     )
-    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing output file (--shards: the shard files in a non-empty OUT)",
+    )
     p.set_defaults(func=run_convert)
 
 
@@ -82,11 +100,15 @@ def run_convert(args: argparse.Namespace, comm: Communicator, log: Log) -> int:
         force=args.force,
     )
 
-    def convert() -> str | None:
-        src = args.input[0] if len(args.input) == 1 else args.input
-        return convert_file(src, args.out, opts, log) if comm.is_root else None
+    src = args.input[0] if len(args.input) == 1 else args.input
+    if args.shards is not None:
+        from .data.convert_shards import convert_shards
 
-    summary = agree(comm, convert)
+        summary = convert_shards(src, args.out, opts, args.shards, comm, log)
+    else:
+        summary = agree(
+            comm, lambda: convert_file(src, args.out, opts, log) if comm.is_root else None
+        )
     if summary is not None:
         log.info(summary)
     return 0

@@ -14,13 +14,14 @@ plain ``pread``s.
 
 The formats are serial, so rank 0 converts while the other ranks wait for its verdict. The
 readers live in ``sources`` (options, the ``Source`` interface, CSV), ``npz`` (NPY, NPZ) and
-``parquet``.
+``parquet``. ``convert_shards`` writes several files instead of one (``--shards N``), every rank
+writing some of them.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import h5py
@@ -45,11 +46,16 @@ __all__ = [
     "Source",
     "check_options",
     "convert_file",
+    "describe",
+    "input_files",
     "open_csv",
     "open_npy",
     "open_npz",
     "open_parquet",
+    "open_source",
+    "origin",
     "write_h5",
+    "write_table",
 ]
 
 FORMATS = (".csv", ".npy", ".npz", *PARQUET_SUFFIXES)
@@ -65,50 +71,75 @@ def convert_file(
 
     ``src``: one file, or (Parquet only) several files or a directory of them, read as one table.
     """
-    srcs = [Path(p) for p in ([src] if isinstance(src, str | Path) else src)]
+    srcs, files, kind = input_files(src, opts)
     out = Path(out)
-    check_options(opts)
-    if not srcs:
-        raise DataError("no input file given")
-    parquet = len(srcs) > 1 or srcs[0].is_dir() or is_parquet(srcs[0])
-    if not parquet:
-        src = srcs[0]
-        if not src.is_file():
-            raise DataError(f"input file '{src}' does not exist")
-        kind = src.suffix.lower()
-        if kind not in FORMATS:
-            raise DataError(
-                f"'{src}': unknown format '{src.suffix}' (expected .csv, .npy, .npz or .parquet)"
-            )
-        if opts.columns is not None:
-            raise DataError(f"'{src}': --columns is for Parquet input")
-        files = [src]
-    else:
-        files = parquet_files(srcs)
-        src = srcs[0]
     for f in files:  # even with --force
         check_not_input(out, {"data": f}, "--out")
     check_writable(out, force=opts.force)
     try:
-        if parquet:
-            source = open_parquet(files, opts, label=src if len(srcs) == 1 else files[0])
-        else:
-            opener = {".csv": open_csv, ".npy": open_npy, ".npz": open_npz}[src.suffix.lower()]
-            source = opener(src, opts)
+        source = open_source(srcs, files, kind, opts)
         rows = write_h5(source, out, opts, log)
     except OSError as exc:  # unreadable input, a full disk: the user's to fix, not a bug
-        raise DataError(f"converting '{src}' to '{out}': {exc}") from None
+        raise DataError(f"converting '{srcs[0]}' to '{out}': {exc}") from None
+    return f"wrote {out}: {rows} rows x {describe(source, opts)} from {origin(srcs, files)}"
+
+
+def input_files(
+    src: str | Path | Sequence[str | Path], opts: Options
+) -> tuple[list[Path], list[Path], str]:
+    """(the inputs as given, the files they name, the format: csv, npy, npz or parquet), after
+    checking the options, that the files exist and that their format is known."""
+    srcs = [Path(p) for p in ([src] if isinstance(src, str | Path) else src)]
+    check_options(opts)
+    if not srcs:
+        raise DataError("no input file given")
+    if len(srcs) > 1 or srcs[0].is_dir() or is_parquet(srcs[0]):
+        return srcs, parquet_files(srcs), "parquet"
+    first = srcs[0]
+    if not first.is_file():
+        raise DataError(f"input file '{first}' does not exist")
+    if first.suffix.lower() not in FORMATS:
+        raise DataError(
+            f"'{first}': unknown format '{first.suffix}' (expected .csv, .npy, .npz or .parquet)"
+        )
+    if opts.columns is not None:
+        raise DataError(f"'{first}': --columns is for Parquet input")
+    return srcs, [first], first.suffix.lower().lstrip(".")
+
+
+def open_source(
+    srcs: list[Path],
+    files: list[Path],
+    kind: str,
+    opts: Options,
+    rows: tuple[int, int] | None = None,
+) -> Source:
+    """The input of ``input_files`` opened (``rows``: only rows ``[lo, hi)``; not for CSV, whose
+    row count is not known before it is read: see ``convert_shards``)."""
+    if kind == "parquet":
+        label = srcs[0] if len(srcs) == 1 else files[0]
+        return open_parquet(files, opts, label=label, rows=rows)
+    if kind == "csv":
+        if rows is not None:
+            raise ValueError("CSV row ranges are read by convert_shards")
+        return open_csv(files[0], opts)
+    return {"npy": open_npy, "npz": open_npz}[kind](files[0], opts, rows=rows)
+
+
+def describe(source: Source, opts: Options) -> str:
+    """ "4 features ('X', float64, target 'y' from column 'label')" for a summary line."""
     x_dtype = np.dtype(opts.dtype) if opts.dtype else source.x_dtype
     target = f", target '{opts.y}' from {source.target}" if source.y_shape is not None else ""
-    origin = str(files[0])
+    return f"{source.n_features} features ('{opts.x}', {x_dtype}{target})"
+
+
+def origin(srcs: list[Path], files: list[Path]) -> str:
+    """Where the rows came from, for a summary line."""
     if len(srcs) == 1 and srcs[0].is_dir():
-        origin = f"{len(files)} files in {srcs[0]}"
-    elif len(files) > 1:
-        origin = f"{len(files)} files ({files[0]} ... {files[-1]})"
-    return (
-        f"wrote {out}: {rows} rows x {source.n_features} features ('{opts.x}', {x_dtype}"
-        f"{target}) from {origin}"
-    )
+        return f"{len(files)} files in {srcs[0]}"
+    if len(files) > 1:
+        return f"{len(files)} files ({files[0]} ... {files[-1]})"
+    return str(files[0])
 
 
 def check_options(opts: Options) -> None:
@@ -130,6 +161,21 @@ def write_h5(source: Source, out: Path, opts: Options, log: Log | None) -> int:
     data sets, which ``lepton train`` reads with plain ``pread``s; the others resizable chunked
     ones.
     """
+    # the temporary is removed on any error; fsynced and renamed into place on success
+    with atomic_file(out) as tmp:
+        return write_table(source, tmp, opts, log)
+
+
+def write_table(
+    source: Source,
+    path: Path,
+    opts: Options,
+    log: Log | None,
+    attrs: Mapping[str, object] | None = None,
+) -> int:
+    """Write every chunk of ``source`` into a new HDF5 file ``path`` (a temporary name: the
+    caller renames it into place, so a shard waits until every rank's shards are complete);
+    ``attrs`` are added to the file's attributes. Returns the rows written."""
     x_dtype = np.dtype(opts.dtype) if opts.dtype else source.x_dtype
     d = source.n_features
     rows_per_chunk = max(1, min(opts.chunk_rows, CHUNK_BYTES // max(1, d * x_dtype.itemsize)))
@@ -148,8 +194,7 @@ def write_h5(source: Source, out: Path, opts: Options, log: Log | None) -> int:
 
     n = 0
     t_report = time.monotonic() + PROGRESS_EVERY_S
-    # the temporary is removed on any error; fsynced and renamed into place on success
-    with atomic_file(out) as tmp, h5py.File(tmp, "w") as fh:
+    with h5py.File(path, "w") as fh:
         dx = create(fh, opts.x, (d,), x_dtype)
         dy = None
         if source.y_shape is not None:
@@ -181,6 +226,7 @@ def write_h5(source: Source, out: Path, opts: Options, log: Log | None) -> int:
                 "converter": "lepton convert",
                 "columns": np.array(source.columns, dtype=h5py.string_dtype()),
                 "target": source.target,
+                **(attrs or {}),
             }
         )
     return n

@@ -11,6 +11,10 @@ when a Parquet file is opened. Columns are the features, and one of them the tar
 (``--target-column``, default the last; ``--no-target``); ``--columns`` chooses the features.
 Only numeric and boolean columns convert: a selected string, date or nested column is an error
 naming it. Nulls are an error naming the file, row and column, or NaN with ``--missing nan``.
+
+``rows=(lo, hi)`` reads only the table's rows ``[lo, hi)`` (a shard of ``lepton convert
+--shards``): the footers give each row group's row count, so only the row groups that hold those
+rows are read, and the first and last of them sliced.
 """
 
 from __future__ import annotations
@@ -89,11 +93,16 @@ def _column_index(spec: str, names: list[str], where: str) -> int:
     return index % len(names)
 
 
-def open_parquet(paths: Sequence[Path], opts: Options, label: Path | None = None) -> Source:
+def open_parquet(
+    paths: Sequence[Path],
+    opts: Options,
+    label: Path | None = None,
+    rows: tuple[int, int] | None = None,
+) -> Source:
     """Parquet files read one after the other as one table (the same columns and types in each).
 
     ``label``: what the summary and the output's ``source`` attribute name (the directory given,
-    or the first file).
+    or the first file). ``rows``: only the table's rows ``[lo, hi)``.
     """
     pa, pq = _pyarrow()
     metas = []  # footers only: a data set of many files holds no file open until it is read
@@ -148,6 +157,18 @@ def open_parquet(paths: Sequence[Path], opts: Options, label: Path | None = None
     x_dtype = np.dtype(np.float32 if all_f32 else np.float64)
     out_dtype = np.dtype(opts.dtype) if opts.dtype else x_dtype
     n_rows = sum(meta.num_rows for meta in metas)
+    lo, hi = (0, n_rows) if rows is None else rows
+    if not 0 <= lo <= hi <= n_rows:
+        raise DataError(f"{where}: the table has {n_rows} rows; rows {lo}..{hi - 1} are not in it")
+    # file -> [(row group, first table row of the group, its rows)]: the groups in [lo, hi)
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    start = 0
+    for i, meta in enumerate(metas):
+        for g in range(meta.num_row_groups):
+            m = meta.row_group(g).num_rows
+            if start < hi and start + m > lo:
+                groups.setdefault(i, []).append((g, start, m))
+            start += m
 
     def column(arr, path: Path, row0: int, name: str, dtype: np.dtype) -> np.ndarray:
         if arr.null_count and opts.missing == "error":
@@ -162,16 +183,23 @@ def open_parquet(paths: Sequence[Path], opts: Options, label: Path | None = None
             arr = arr.fill_null(float("nan"))
         return arr.to_numpy(zero_copy_only=False)
 
+    file_start = np.concatenate([[0], np.cumsum([meta.num_rows for meta in metas])])
+
     def chunks(chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         # One row group at a time: ``iter_batches`` reads ahead over several row groups, which
         # takes more memory than the file (measured: 17 MB for a 13 MB file of 20 groups).
-        for path in paths:
-            row0 = 0
+        for i, file_groups in groups.items():
+            path = paths[i]
+            row0 = 0  # the file's row of the next batch (for messages)
             f = None
             try:
                 f = pq.ParquetFile(path)
-                for group in range(f.num_row_groups):
+                for group, g0, size in file_groups:
                     table = f.read_row_group(group, columns=read_names)
+                    a, b = max(lo - g0, 0), min(hi - g0, size)  # the group's rows in [lo, hi)
+                    if (a, b) != (0, size):
+                        table = table.slice(a, b - a)
+                    row0 = g0 + a - int(file_start[i])
                     for batch in table.to_batches(max_chunksize=chunk_rows):
                         m = batch.num_rows
                         if m == 0:
@@ -201,6 +229,6 @@ def open_parquet(paths: Sequence[Path], opts: Options, label: Path | None = None
         chunks,
         feature_names,
         "" if t is None else f"column '{names[t]}'",
-        n_rows=n_rows,
+        n_rows=hi - lo,
         contiguous=True,
     )

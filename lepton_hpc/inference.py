@@ -14,11 +14,13 @@ import numpy as np
 
 from .comm.base import Communicator, agree
 from .device import Device
+from .exact import ExactSums
 from .log import Log
-from .metrics import compute_metrics
+from .metrics import MetricSums, target_mean
 from .models import Model
 
 CHUNK_ROWS = 65_536  # bounds the output buffer of a forward pass
+EVAL_ROWS = 4 * CHUNK_ROWS  # rows whose outputs and metric terms exist at once
 
 
 def forward(model: Model, params: np.ndarray, X, device: Device) -> np.ndarray:
@@ -36,9 +38,24 @@ def forward(model: Model, params: np.ndarray, X, device: Device) -> np.ndarray:
 def evaluate(
     model: Model, params: np.ndarray, X, y: np.ndarray, device: Device, comm: Communicator
 ) -> dict:
-    """Exact global metrics of ``params`` on every rank's rows (all ranks get the same dict)."""
-    out = forward(model, params, X, device)
-    return compute_metrics(y, out, model.head, model.n_classes, comm)
+    """Exact global metrics of ``params`` on every rank's rows (all ranks get the same dict).
+
+    The outputs and their per-row terms are made ``EVAL_ROWS`` rows at a time and summed into
+    integer counts and exact sums (``MetricSums``): the bits of one whole-array computation,
+    without its float64 temporaries of the whole block (several times the rows of narrow data).
+    """
+    y_mean = None
+    if model.head == "squared":  # R² needs the global mean of each target column first
+        cols = y if y.ndim == 2 else y[:, None]  # (n, outputs), also for a rank without rows
+        sums = ExactSums(cols.shape[1])
+        sums.add(list(cols.T))
+        n = int(comm.allreduce_(np.array([cols.shape[0]], dtype=np.int64))[0])
+        y_mean = target_mean(sums, n, comm)
+    metrics = MetricSums(model.head, model.n_classes, y_mean)
+    for lo in range(0, X.shape[0], EVAL_ROWS):
+        hi = min(X.shape[0], lo + EVAL_ROWS)
+        metrics.add(y[lo:hi], forward(model, params, X[lo:hi], device))
+    return metrics.result(comm)
 
 
 def load_for_inference(args, comm: Communicator, log: Log, with_y: bool):

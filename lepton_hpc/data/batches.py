@@ -115,6 +115,19 @@ def _permute(index, n, half, keys, per, pos, out):
         _permute_part(index, n, half, keys, per, pos, out, lo, hi)
 
 
+@njit(parallel=True, cache=True)
+def _batch_numbers(first, m, n, half, keys, per, out):
+    """out[i] = (position of training row ``first + i`` under the permutation) // per, for the
+    ``m`` consecutive rows of a rank: ``_permute`` without the index and position arrays of the
+    whole block (16 bytes a row), each chunk's in a small buffer of its own."""
+    chunk = 65536
+    for c in prange((m + chunk - 1) // chunk):
+        lo, hi = c * chunk, min(m, (c + 1) * chunk)
+        src = np.arange(first + lo, first + hi)
+        pos = np.empty(hi - lo, np.int64)
+        _permute_part(src, n, half, keys, per, pos, out[lo:hi], 0, hi - lo)
+
+
 @njit(cache=True)
 def _count(batch, lo, hi, counts):
     """counts[b] += number of rows lo..hi in batch b."""
@@ -195,7 +208,8 @@ def permute(index: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
 class EpochBatches:
     """Local row positions of each global batch of an epoch, for one rank's training rows.
 
-    ``train_index`` is the global training-row number (0..n_train-1) of each local training row.
+    ``train_index`` is the global training-row number (0..n_train-1) of each local training row:
+    an array, or a ``range`` when they are consecutive (a rank's rows: no array is then made).
     Every rank gets the same number of batches (some may be empty), so every rank takes part in
     every step. Within a batch the rows are in ascending order (so also in global row order,
     whatever the rank count): the gather of a batch then walks memory forward. O(n) per epoch:
@@ -203,24 +217,36 @@ class EpochBatches:
     epoch to epoch. The arrays of one epoch are views, valid until the next call.
     """
 
-    def __init__(self, train_index: np.ndarray, n_train: int, batch_size: int, seed: int):
-        self.index = np.ascontiguousarray(train_index, dtype=np.int64)
+    def __init__(
+        self, train_index: np.ndarray | range, n_train: int, batch_size: int, seed: int
+    ) -> None:
+        if isinstance(train_index, range):
+            assert train_index.step == 1
+            self.first, self.index = train_index.start, None
+            self.m = len(train_index)
+        else:
+            self.first, self.index = 0, np.ascontiguousarray(train_index, dtype=np.int64)
+            self.m = self.index.size
         self.n, self.batch_size, self.seed = n_train, batch_size, seed
         self.full = batch_size <= 0 or batch_size >= n_train
         self._all: np.ndarray | None = None
         self.steps = 1 if self.full else -(-n_train // batch_size)
-        m = 0 if self.full else self.index.size
-        self.pos = np.empty(m, np.int64)
+        m = 0 if self.full else self.m
+        self.pos = np.empty(m if self.index is not None else 0, np.int64)
         self.batch = np.empty(m, np.int32 if self.steps < 2**31 else np.int64)  # batch numbers
         self.order = np.empty(m, np.int32 if m < 2**31 else np.int64)  # half the bytes to sort
 
     def __call__(self, epoch: int) -> list[np.ndarray]:
         if self.full:  # one step of every row, the same array every epoch
             if self._all is None:
-                self._all = np.arange(self.index.size)
+                self._all = np.arange(self.m)
             return [self._all]
         keys = _keys(self.seed, epoch)
-        _permute(self.index, self.n, _half(self.n), keys, self.batch_size, self.pos, self.batch)
+        half = _half(self.n)
+        if self.index is None:
+            _batch_numbers(self.first, self.m, self.n, half, keys, self.batch_size, self.batch)
+        else:
+            _permute(self.index, self.n, half, keys, self.batch_size, self.pos, self.batch)
         parts = numba.get_num_threads()
         if parts > 1:
             starts = _group_parallel(self.batch, self.steps, self.order, parts)

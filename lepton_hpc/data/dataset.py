@@ -14,7 +14,16 @@ from ..comm.base import Communicator
 from ..log import Log
 from .batches import uniform
 from .preprocess import Scaler, fit_scaler
-from .reader import Block, DataInfo, aligned_empty, global_block_rows, read_block, row_ids
+from .reader import (
+    Block,
+    DataInfo,
+    _piece,
+    aligned_empty,
+    compact_rows,
+    global_block_rows,
+    read_block,
+    row_ids,
+)
 
 VALIDATION_STREAM = 1
 
@@ -29,6 +38,8 @@ class Split:
     offset: int  # number of rows of this part on lower ranks (for rank-count-free ordering)
     start: int = 0  # global row id (in the file) of the first local row
     ids: np.ndarray | None = None  # global row ids, when they are not start..start+n
+    kept: np.ndarray | None = None  # or: which of the rows start.. are these (1 byte a row)
+    blocks: np.ndarray | None = None  # reproducible mode: the global block of each row
 
     @property
     def n(self) -> int:
@@ -37,6 +48,10 @@ class Split:
     @property
     def rows(self) -> np.ndarray:
         """Global row ids in the file (built when asked for)."""
+        if self.ids is None and self.kept is not None:
+            at = np.flatnonzero(self.kept).astype(np.int64, copy=False)
+            at += self.start
+            return at
         return row_ids(self.start, self.n, self.ids)
 
     def index(self) -> np.ndarray:
@@ -86,6 +101,34 @@ def held_out(block: Block, data_cfg, seed: int) -> np.ndarray:
     return hold
 
 
+def block_ids(
+    start: int,
+    n: int,
+    ids: np.ndarray | None,
+    kept: np.ndarray | None,
+    block_rows: int,
+    n_file_rows: int,
+) -> np.ndarray:
+    """The global block of each of ``n`` rows given as ``ids``, as the rows ``kept`` of
+    ``start..``, or as ``start..start+n`` (int32 where the blocks fit), a piece at a time: no
+    row ids of the whole block (8 bytes a row) are made."""
+    dtype = np.int32 if -(-n_file_rows // block_rows) < 2**31 else np.int64
+    out = np.empty(n, dtype=dtype)
+    step, dst = 1 << 16, 0
+    total = n if kept is None or ids is not None else kept.size
+    for a in range(0, total, step):
+        b = min(total, a + step)
+        if ids is not None:
+            rows = ids[a:b]
+        elif kept is not None:
+            rows = np.flatnonzero(kept[a:b]) + (start + a)
+        else:
+            rows = np.arange(start + a, start + b, dtype=np.int64)
+        out[dst : dst + rows.size] = rows // block_rows
+        dst += rows.size
+    return out
+
+
 def _ids_where(block: Block, mask: np.ndarray) -> np.ndarray:
     """Global row ids of the block's rows where ``mask`` is true."""
     if block.ids is not None:
@@ -93,11 +136,6 @@ def _ids_where(block: Block, mask: np.ndarray) -> np.ndarray:
     at = np.flatnonzero(mask).astype(np.int64, copy=False)
     at += block.start
     return at
-
-
-def _piece(A: np.ndarray) -> int:
-    """Rows per piece of a row copy: about 1 MiB."""
-    return max(1, (1 << 20) // max(1, A[:1].nbytes))
 
 
 def gather_rows(A: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -110,21 +148,6 @@ def gather_rows(A: np.ndarray, mask: np.ndarray) -> np.ndarray:
         out[dst : dst + part.shape[0]] = part
         dst += part.shape[0]
     return out
-
-
-def compact_rows(A: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """``A[keep]`` in place: the kept rows moved to the front of ``A`` in order, piece by piece
-    (a row only ever moves towards the front, so no row is overwritten before it is read);
-    returns the leading view. ``A`` is then no longer the array it was: only for buffers the
-    caller owns."""
-    n = A.shape[0]
-    step, dst = _piece(A), 0
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        part = A[a:b][keep[a:b]]
-        A[dst : dst + part.shape[0]] = part
-        dst += part.shape[0]
-    return A[:dst]
 
 
 @dataclass(slots=True)
@@ -172,6 +195,7 @@ def load_training_data(
     assert block.y is not None
     holds_out = data_cfg.validation_fraction > 0 or bool(data_cfg.folds)
     X, y, ids = block.X, block.y, block.ids  # every row trains unless some are held out
+    kept = None
     val_rows = None
     if holds_out:
         hold = held_out(block, data_cfg, seed)
@@ -179,17 +203,20 @@ def load_training_data(
         val_ids = _ids_where(block, hold)
         val_rows = (Xv, yv, val_ids)
         if hold.any():
-            keep = ~hold
-            ids = _ids_where(block, keep)
+            keep = np.logical_not(hold, out=hold)  # the mask's own bytes: one byte a row less
+            # Row ids cost 8 bytes a row: where nothing needs them now, the mask says it all.
+            ids = _ids_where(block, keep) if block.ids is not None else None
+            kept = None if ids is not None else keep
             X, y = compact_rows(block.X, keep), compact_rows(block.y, keep)
         del hold
     blocks = None
     if reproducible:
-        blocks = row_ids(block.start, X.shape[0], ids) // global_block_rows(block.info.n_rows)
+        br = global_block_rows(block.info.n_rows)
+        blocks = block_ids(block.start, X.shape[0], ids, kept, br, block.info.n_rows)
     scaler = fit_scaler(data_cfg.scale, X, stats or comm, blocks)
-    del blocks
     # The block is this function's own fresh buffer: it is scaled in place, not copied.
     train = make_split(scaler.apply_(X), y, comm, block.start, ids)
+    train.kept, train.blocks = kept, blocks
     val = None
     if val_rows is not None:
         Xv, yv, val_ids = val_rows

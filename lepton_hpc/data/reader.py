@@ -503,10 +503,24 @@ def _reader_threads(comm: Communicator) -> int:
     return default_threads(comm)
 
 
-def take_rows(X: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """``X[keep]`` (a boolean row mask) into a new 64-byte aligned array."""
-    out = aligned_empty((int(np.count_nonzero(keep)), *X.shape[1:]), X.dtype)
-    return np.compress(keep, X, axis=0, out=out)
+def _piece(A: np.ndarray) -> int:
+    """Rows per piece of a row copy: about 1 MiB."""
+    return max(1, (1 << 20) // max(1, A[:1].nbytes))
+
+
+def compact_rows(A: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``A[keep]`` in place: the kept rows moved to the front of ``A`` in order, piece by piece
+    (a row only ever moves towards the front, so no row is overwritten before it is read);
+    returns the leading view. ``A`` is then no longer the array it was: only for buffers the
+    caller owns."""
+    n = A.shape[0]
+    step, dst = _piece(A), 0
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        part = A[a:b][keep[a:b]]
+        A[dst : dst + part.shape[0]] = part
+        dst += part.shape[0]
+    return A[:dst]
 
 
 def _handle_nonfinite(
@@ -538,6 +552,7 @@ def _handle_nonfinite(
             'fix the data or set data.nonfinite = "drop"',
             DataError.exit_code,
         )
-    keep = ~bad
-    y = None if block.y is None else block.y[keep]
-    return Block(take_rows(block.X, keep), y, info, block.start, block.rows[keep])
+    keep = ~bad  # the block is the reader's own buffer: the kept rows are moved up in place
+    ids = block.rows[keep]
+    y = None if block.y is None else compact_rows(block.y, keep)
+    return Block(compact_rows(block.X, keep), y, info, block.start, ids)

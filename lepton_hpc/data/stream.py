@@ -296,7 +296,7 @@ class RowStream:
                 f.block_counts += np.bincount(at, minlength=f.block_counts.size)
                 if val is not None:
                     f.n_val += val.n
-                    if has_y:
+                    if has_y and val.n:
                         f.y_val.add(list(val.y.reshape(val.n, -1).T))
                 if train.n == 0:
                     continue
@@ -447,7 +447,7 @@ class StreamBatches:
         if later:  # the next window with rows, read while this one trains
             self._ahead = (later[0], self._pool.submit(self._read, later[0]))
         self.current = j
-        index = self.offsets[j] + np.arange(part.n, dtype=np.int64)
+        index = range(int(self.offsets[j]), int(self.offsets[j]) + part.n)
         seed = (self.seed * 1_000_003 + j) % 2**63
         self.batches = EpochBatches(index, int(self.counts[j]), self.batch_size, seed)(self.epoch)
         place = self.stream.place

@@ -104,7 +104,13 @@ def target_stats(y: np.ndarray, comm: Communicator) -> tuple[float, float, bool]
     """Global (min, max, all-integer) of the targets."""
     lo = np.array([y.min() if y.size else np.inf])
     hi = np.array([y.max() if y.size else -np.inf])
-    nonint = np.array([int(np.any(y != np.round(y)))], dtype=np.int64)
+    flat = y.reshape(-1)
+    step = 1 << 16  # a piece at a time: no temporaries the size of the targets
+    fractional = any(
+        np.any(flat[a : a + step] != np.round(flat[a : a + step]))
+        for a in range(0, flat.size, step)
+    )
+    nonint = np.array([int(fractional)], dtype=np.int64)
     comm.allreduce_min_(lo)
     comm.allreduce_max_(hi)
     comm.allreduce_(nonint)

@@ -116,7 +116,8 @@ class Loop:
         fed = self.fed = strategy if getattr(strategy, "federated", False) else None
         if s.stream is None:
             gather = s.device.batch_gather(train.X, train.y, s.X, s.y)
-            plan = EpochBatches(train.index(), train.n_global, cfg.train.batch_size, cfg.train.seed)
+            index = range(train.offset, train.offset + train.n)  # this rank's training rows
+            plan = EpochBatches(index, train.n_global, cfg.train.batch_size, cfg.train.seed)
         elif cfg.train.batch_size == 0:  # one step an epoch; the reduction reads the pieces
             gather, plan = None, _streamed_plan
         else:  # windows of the file read in turn, each shuffled into batches

@@ -92,7 +92,11 @@ class RunSetup:
             full = cfg.train.batch_size == 0
             ctx.reduction = StreamedReduction(inner, self.stream) if full else inner
             return ctx
-        ctx.reduction = make_reduction(cfg.comm, ctx, self.data.train.rows, file_rows)
+        # Reproducible mode's block ids came with the data (4 bytes a row, no row ids).
+        train, reproducible = self.data.train, cfg.comm.reproducible
+        blocks = train.blocks if reproducible else None
+        rows = train.rows if reproducible and blocks is None else np.zeros(0, dtype=np.int64)
+        ctx.reduction = make_reduction(cfg.comm, ctx, rows, file_rows, blocks)
         return ctx
 
     def check_test_file(self) -> None:
@@ -212,8 +216,7 @@ def prepare(
     stream, stream_stats = None, None
     with timers("io"):
         if cfg.data.stream:  # a first pass fits the scaler; every later pass reads again
-            if source is not None:
-                raise ConfigError("data.stream", "streams rows from files, not arrays in memory")
+            agree(comm, lambda: _streamable(source))
             stream = RowStream(cfg.data, cfg.train.seed, comm, reproducible=cfg.comm.reproducible)
             train_split, val_split, scaler, stream_stats = stream.fit()
             data = TrainingData(train_split, val_split, scaler, stream.info)
@@ -280,6 +283,11 @@ def prepare(
         X_val=X_val,
         stream=stream,
     )
+
+
+def _streamable(source) -> None:
+    if source is not None:
+        raise ConfigError("data.stream", "streams rows from files, not arrays in memory")
 
 
 def _clients(cfg: Config, comm: Communicator, source) -> list[str]:

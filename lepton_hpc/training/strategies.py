@@ -147,10 +147,11 @@ class FusedReduction:
 class BlockOrderedReduction(FusedReduction):
     """Reproducible mode: per-block partial sums, allgathered and added in global block order."""
 
-    def __init__(self, kernel, comm, file_rows: np.ndarray, block_rows: int) -> None:
+    def __init__(self, kernel, comm, file_rows: np.ndarray, block_rows: int, blocks=None) -> None:
         super().__init__(kernel, comm)
         self.comm = comm
-        self.block = file_rows // block_rows  # block of each local training row, ascending
+        # block of each local training row, ascending (``blocks``: already computed)
+        self.block = file_rows // block_rows if blocks is None else blocks
         self._ids = np.zeros(0, dtype=np.int64)
         self._parts = np.zeros((0, 0))
 
@@ -186,16 +187,17 @@ class BlockOrderedReduction(FusedReduction):
 
 
 def make_reduction(
-    comm_cfg, ctx: StepContext, file_rows: np.ndarray, n_file_rows: int
+    comm_cfg, ctx: StepContext, file_rows: np.ndarray, n_file_rows: int, blocks=None
 ) -> FusedReduction:
     """The reduction for ``comm_cfg`` (compression wraps the backend's allreduce).
 
     ``file_rows``: the file row of each local training row; ``n_file_rows``: rows in the file
-    (reproducible mode cuts them into global blocks).
+    (reproducible mode cuts them into global blocks); ``blocks``: or the global block of each
+    local training row, already computed (``dataset.Split.blocks``).
     """
     if comm_cfg.reproducible:
         block_rows = global_block_rows(n_file_rows)
-        return BlockOrderedReduction(ctx.kernel, ctx.comm, file_rows, block_rows)
+        return BlockOrderedReduction(ctx.kernel, ctx.comm, file_rows, block_rows, blocks)
     reducer = make_reducer(comm_cfg.compression, ctx.backend, ctx.n_params)
     return FusedReduction(ctx.kernel, reducer)
 

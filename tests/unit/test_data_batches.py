@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lepton_hpc.data.batches import local_batches, permute, uniform
+from lepton_hpc.data.batches import EpochBatches, local_batches, permute, uniform
 from lepton_hpc.data.dataset import validation_mask
 from lepton_hpc.data.reader import row_block
 
@@ -132,3 +132,13 @@ def test_batch_gather_equals_fancy_indexing(parallel, y_cols):
         assert np.array_equal(bx, X[rows]) and np.array_equal(by, y[rows])
     bx, by = BatchGather(X[:, ::2], y)(rows)  # not C-ordered: NumPy's take
     assert np.array_equal(bx, X[:, ::2][rows]) and np.array_equal(by, y[rows])
+
+
+@pytest.mark.parametrize(("lo", "hi", "n", "batch"), [(0, 100, 100, 7), (37, 200_000, 300_001, 64)])
+def test_a_range_of_rows_gives_the_batches_of_their_index_array(lo, hi, n, batch):
+    """A rank's consecutive rows as a ``range`` (no index or position arrays): the same batches."""
+    for epoch in (0, 3):
+        want = EpochBatches(np.arange(lo, hi, dtype=np.int64), n, batch, 5)(epoch)
+        got = EpochBatches(range(lo, hi), n, batch, 5)(epoch)
+        assert len(got) == len(want)
+        assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))

@@ -9,7 +9,13 @@ the read ceiling, the same on AVX2-only code, and MLP training steps against PyT
 bytes / 4d) and time in rotation the slice-based all-core read of X (``micro.read_sum``, the
 ceiling) and ``kernels.cpu.gradient`` on it, as the ``memory`` part does for the data set. Under
 ``NUMBA_CPU_NAME`` the toolkit's own check (``kernels.native.supported``) decides whether the tuned
-kernels run; ``avx2`` records its answer and also times the tuned kernels forced on.
+kernels run (``ours``); ``avx2`` records its answer and the features of the code, times the tuned
+kernels (``tuned``: ours where the check chose them, else forced on) and the generic reference
+kernels (``generic``: what such a CPU ran before the check knew named CPUs).
+
+Numba's JIT applies the host's feature list over the named CPU unless ``NUMBA_CPU_FEATURES`` is
+set, so ``NUMBA_CPU_NAME=haswell`` alone still compiles AVX-512 code on an AVX-512 host; ``avx2``
+sets ``NUMBA_CPU_FEATURES=""`` (the named CPU's own features) when it is not set.
 
 ``mlp`` times one full-batch training step (gradient through the CPU device, then Adam) and one
 mini-batch epoch of ours and of a ``torch.nn.Sequential`` of the same widths, loss and optimiser,
@@ -63,13 +69,14 @@ def kernel_sweep(args) -> dict:
     """Read ceiling and our logistic gradient for each feature count, all cores, in rotation."""
     import numba
 
-    from ..kernels import BINARY, SIGMOID, cpu, native
+    from ..kernels import BINARY, SIGMOID, cpu, native, reference
     from .micro import read_sum
 
     threads = min(cores(), numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(threads)
     ok, why = native.supported()
-    forced = args.part == "avx2" and not ok
+    avx2 = args.part == "avx2"
+    forced = avx2 and not ok
     sizes_d = [int(s) for s in args.sizes.split(",")] if args.sizes else list(SWEEP_D)
     figures, rows_used, timings, checks = {}, {}, {}, {}
     for d in sizes_d:
@@ -96,7 +103,13 @@ def kernel_sweep(args) -> dict:
                     native.supported = orig
 
             fns["tuned"] = tuned
+        if avx2:  # the generic kernels on the same code: the figure before the check chose tuned
+            fns["generic"] = lambda X=X, y=y, p=params, s=sizes, o=out: reference.gradient(
+                X, y, p, s, SIGMOID, BINARY, o
+            )
         stats = time_rotating(fns, args.repeats)
+        if avx2 and ok:  # the toolkit's own choice is the tuned kernels: one timing for both
+            stats["tuned"] = stats["ours"]
         checks[str(d)] = _agreement(fns, out, X, y, params)
         timings[str(d)] = stats
         rows_used[str(d)] = rows
@@ -105,10 +118,14 @@ def kernel_sweep(args) -> dict:
             figures[f"{name}_best_s_d{d}"] = figure(st["min_s"], "s", note="fastest repeat")
             figures[f"{name}_GBps_d{d}"] = figure(X.nbytes / st["median_s"] / 1e9, "GB/s")
         del X, y, flat
+    named_cpu = native.numba_target()[0] is not None
+    code = native.target_features()
     return {
         "threads": threads,
         "threading_layer": numba.threading_layer(),
         "cpu_name": numba.config.CPU_NAME or "host",
+        "cpu_features_env": numba.config.CPU_FEATURES if named_cpu else None,
+        "code_features": {f: bool(code.get(f, False)) for f in native.PROBED_FEATURES},
         "native_supported": [bool(ok), why],
         "tuned_forced": forced,
         "bytes_X": args.bytes,
@@ -127,7 +144,7 @@ def _agreement(fns: dict, out: np.ndarray, X, y, params) -> dict[str, float]:
 
     g_ref, _ = reference_gradient(X.astype(np.float64), y, params)
     found = {}
-    for name in ("ours", "tuned"):
+    for name in ("ours", "tuned", "generic"):
         if name in fns:
             fns[name]()
             g = out[:-2] / out[-1]
@@ -316,9 +333,16 @@ PARTS = {"dsweep": kernel_sweep, "avx2": kernel_sweep, "mlp": mlp}
 
 
 def main() -> None:
+    import os
+    import sys
+
     p = part_parser(__doc__)
     p.add_argument("--bytes", type=int, default=SWEEP_BYTES)
     args = p.parse_args()
+    if args.part == "avx2" and os.environ.get("NUMBA_CPU_FEATURES") is None:
+        os.environ["NUMBA_CPU_FEATURES"] = ""  # the named CPU's own features
+        if "numba" in sys.modules:  # read again, should Numba have been imported already
+            sys.modules["numba"].core.config.reload_config()
     try:
         result = PARTS[args.part](args)
     except ImportError as exc:  # torch (the mlp part's peer) absent or broken: skipped

@@ -6,10 +6,12 @@ filters, links, and the load class, which says how ``lepton train`` would read i
 - ``direct``: one contiguous, unfiltered run of little-endian float32/float64 bytes in the file
   itself, read with threaded ``pread``s. The verdict is the reader's own test (``reader._direct``
   with the reader's dtype rule), so inspect and the reader never disagree;
-- ``chunked`` and ``compressed``: read through HDF5, chunk by chunk (and decompressed);
+- ``chunked`` and ``compressed``: chunks read with ``pread`` and decoded on the rank's threads
+  (``data.chunk_read``: gzip, lzf, zstd with ``zstandard``, shuffle, fletcher32);
 - ``through HDF5``: everything else HDF5 reads for us: virtual data sets, external raw storage,
   data sets behind external links, compact ones, other dtypes (integers, float16, big-endian),
-  and data sets not yet written.
+  chunks with other filters (LZ4, Blosc, bitshuffle from hdf5plugin: on one core), and data
+  sets not yet written. A filter this HDF5 cannot decode is named in a note with its fix.
 
 It also says which data sets ``lepton train`` picks by default (``data.x`` and ``data.y``, or
 ``--x``/``--y``) and what the reader says of them: their rows agree, or the one-line error
@@ -141,6 +143,7 @@ def describe(dset, st: os.stat_result, path: str | None = None, via: str | None 
     import h5py
     import numpy as np
 
+    from .data import chunk_read, plugins
     from .data.reader import _direct, _feature_dtype
 
     plist = dset.id.get_create_plist()
@@ -175,6 +178,8 @@ def describe(dset, st: os.stat_result, path: str | None = None, via: str | None 
     elif layout == "chunked":
         load = "compressed" if filters else "chunked"
         why = f"chunks of {list(dset.chunks)}" + (f", {_filter_text(filters)}" if filters else "")
+        if {f["id"] for f in filters} - chunk_read.FILTERS:
+            load, why = "through HDF5", why + ": decoded by HDF5, on one core"
     elif layout == "compact":
         load, why = "through HDF5", "compact: stored in the object header"
     elif dset.dtype.newbyteorder("<") != want.newbyteorder("<"):
@@ -186,6 +191,10 @@ def describe(dset, st: os.stat_result, path: str | None = None, via: str | None 
     else:
         load, why = "through HDF5", "its bytes lie beyond the end of the file (truncated?)"
     notes = []
+    missing = plugins.missing_filter(plist)
+    if missing is not None:  # the reader stops on it with this reason
+        load, why = "through HDF5", f"chunks of {list(dset.chunks)}: HDF5 cannot decode them here"
+        notes.append(missing)
     if len(shape) not in (1, 2):
         notes.append(f"{len(shape)}-D: lepton reads 1-D or 2-D data sets only")
     if dset.chunks and dset.size:

@@ -156,6 +156,9 @@ def run_warmup(args: argparse.Namespace, comm: Communicator, log: Log) -> int:  
     c0, t0 = clock.seconds, time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lepton-warmup-") as tmp:
         n = warm(comm, Path(tmp))
+    from .data import lzf
+
+    lzf.decompress(b"\x00a", 1)  # the LZF decoder of lzf-compressed chunks (one literal byte)
     where = Path(fastmath.fast_exp.stats.cache_path).parent  # where Numba chose: beside
     # the sources (their __pycache__), NUMBA_CACHE_DIR, or a user cache
     kind = "tuned" if native.supported()[0] else "reference"

@@ -2,7 +2,8 @@
 
 One run measures, on one generated data set, the memory-read ceiling, our fused gradient, a
 float64 NumPy reference, PyTorch (CPU and DDP over gloo), scikit-learn, Horovod, allreduce latency
-by buffer size, HDF5 against raw reads, strong/weak scaling, the gradient's fraction of the read
+by buffer size, HDF5 against raw reads, the load rate of chunked and compressed layouts,
+strong/weak scaling, the gradient's fraction of the read
 ceiling by feature count (also on AVX2-only code), MLP training against PyTorch, and the
 distributed gradient against Heat and oneDAL; it writes ``results.json``,
 ``results.md``, ``scaling.png`` and ``allreduce.png`` and prints the ratios. The peers are
@@ -10,7 +11,8 @@ optional: a missing one is reported as skipped. The toolkit itself never imports
 
 Modules: ``runner`` (orchestration), ``micro`` (in-process kernels), ``peers`` (PyTorch,
 scikit-learn, Horovod), ``mpi_parts`` (under mpiexec), ``kernel_parts`` (feature sweep, AVX2, MLP),
-``mpi_peers`` (Heat, oneDAL), ``ratios`` and ``report`` (ratios, table, plots).
+``mpi_peers`` (Heat, oneDAL), ``layouts`` (contiguous, chunked, gzip, lzf, zstd loads),
+``ratios`` and ``report`` (ratios, table, plots).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The parts that run under ``mpiexec -n k``: our allreduce by buffer size, the HDF5 read rate
-of our partitioned reader against a raw read of the same bytes, and the steady full-batch step.
+of our partitioned reader against a raw read of the same bytes, the steady full-batch step, and
+the streamed read (``data.stream``) from a cold file against a sequential read of it.
 
     mpiexec -n 2 python -m lepton_hpc.bench.mpi_parts allreduce --features D --out J
     mpiexec -n k python -m lepton_hpc.bench.mpi_parts hdf5 --h5 F --x-bin X --y-bin Y --rows N ...
@@ -12,6 +13,7 @@ Collectives go through ``lepton_hpc.comm`` (``allreduce_`` is mpi4py's in-place
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 
@@ -185,13 +187,84 @@ def step(args, comm: Communicator) -> dict:
     return result
 
 
-PARTS = {"allreduce": allreduce, "hdf5": hdf5, "step": step}
+def _evict(path: str) -> None:
+    """Drop the file's clean pages from the page cache (``POSIX_FADV_DONTNEED``): the next read
+    comes from the device. Per file, no privileges, nothing else on the node is touched."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _sequential_read(path: str, piece: int = 8 << 20) -> float:
+    """Seconds of one process reading the whole file in 8 MiB ``read`` calls (what ``dd
+    bs=8M of=/dev/null`` does)."""
+    buf = bytearray(piece)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as fh:
+        while fh.readinto(view):
+            pass
+    return time.perf_counter() - t0
+
+
+def stream(args, comm: Communicator) -> dict:
+    """``data.stream``'s read of a rank's rows, piece by piece with read-ahead (``RowStream``),
+    from a cold file (its pages dropped) and from the page cache, against one process reading
+    the same file sequentially from cold (dd's rate) and the page cache. The streaming pass is
+    timed alone (no kernel): the file's bytes over the slowest rank's time."""
+    from ..config import DataConfig
+    from ..data.stream import RowStream
+
+    cfg = DataConfig(train=args.h5, stream=True, buffer_mb=args.buffer_mb)
+    rs = RowStream(cfg, 1, comm)
+    size = os.path.getsize(args.h5)
+
+    def one_pass() -> float:
+        comm.barrier()
+        t0 = time.perf_counter()
+        for _ in rs.pieces():
+            pass
+        return float(max(comm.allgather(time.perf_counter() - t0)))
+
+    # Cold reads alternate (dd, ours, dd, ours, ...): a virtual disk's own cache below the page
+    # cache then favours neither; each figure is the median of its rounds.
+    dd_cold, ours_cold = [], []
+    for _ in range(COLD_ROUNDS):
+        if comm.is_root:
+            _evict(args.h5)
+            dd_cold.append(_sequential_read(args.h5))
+            _evict(args.h5)
+        ours_cold.append(one_pass())
+    dd_warm = _sequential_read(args.h5) if comm.is_root else 0.0
+    warm = statistics.median([one_pass() for _ in range(max(1, args.repeats))])
+    gb = size / 1e9
+    figures = {
+        "stream_cold_gbps": figure(
+            gb / statistics.median(ours_cold), "GB/s", note=f"{comm.size} rank(s), cold file"
+        ),
+        "stream_warm_gbps": figure(gb / warm, "GB/s", note="from the page cache"),
+    }
+    if comm.is_root:
+        dd = statistics.median(dd_cold)
+        figures["dd_cold_gbps"] = figure(gb / dd, "GB/s", note="1 process, 8 MiB reads")
+        figures["dd_warm_gbps"] = figure(gb / dd_warm, "GB/s")
+    return {"bytes": size, "buffer_mb": args.buffer_mb, "figures": figures}
+
+
+COLD_ROUNDS = 3
+
+
+PARTS = {"allreduce": allreduce, "hdf5": hdf5, "step": step, "stream": stream}
 
 
 def main() -> None:
     parser = part_parser(__doc__)
     parser.add_argument("--weak-h5", default="")
     parser.add_argument("--backend", default="mpi")
+    parser.add_argument("--buffer-mb", type=float, default=8.0)
     args = parser.parse_args()
     comm = world()
     result = PARTS[args.part](args, comm)

@@ -195,6 +195,36 @@ def ratio_specs(ks: list[int], kc: int) -> list[tuple]:
     for k in ks:
         specs.append(
             (
+                f"stream_epoch_vs_memory_k{k}",
+                (f"train_stream_k{k}", "epoch_s"),
+                (f"train_full_k{k}", "epoch_s"),
+                f"full-batch epoch with data.stream (from the page cache) / in memory, {k} rank(s)",
+                "<= 1.25",
+                "lower",
+            )
+        )
+        specs.append(
+            (
+                f"stream_cold_vs_dd_k{k}",
+                (f"stream_k{k}", "stream_cold_gbps"),
+                (f"stream_k{k}", "dd_cold_gbps"),
+                f"streamed read of a cold file ({k} rank(s)) / one sequential 8 MiB read of it",
+                ">= 0.9",
+                "higher",
+            )
+        )
+        specs.append(
+            (
+                f"stream_peak_vs_memory_peak_k{k}",
+                (f"train_stream_k{k}", "peak_rss_mb"),
+                (f"train_full_k{k}", "peak_rss_mb"),
+                f"peak resident memory of a rank, streamed / in memory, {k} rank(s)",
+                None,
+                "lower",
+            )
+        )
+        specs.append(
+            (
                 f"train_epoch_vs_read_ceiling_k{k}",
                 ("memory", "ceiling_s"),
                 (f"train_full_k{k}", "epoch_s"),
@@ -355,7 +385,17 @@ def kernel_ratio_specs() -> list[tuple]:
                 f"avx2_tuned_vs_read_ceiling_d{d}",
                 ("avx2", f"ceiling_s_d{d}"),
                 ("avx2", f"tuned_s_d{d}"),
-                f"the same with the tuned kernels forced on for haswell, {d} features",
+                f"the same with the tuned kernels for haswell (forced on if refused), {d} features",
+                None,
+                "higher",
+            )
+        )
+        specs.append(
+            (
+                f"avx2_generic_vs_read_ceiling_d{d}",
+                ("avx2", f"ceiling_s_d{d}"),
+                ("avx2", f"generic_s_d{d}"),
+                f"the same with the generic reference kernels for haswell, {d} features",
                 None,
                 "higher",
             )

@@ -104,7 +104,9 @@ def markdown(res: dict) -> str:
             f"{row['share']:.2%} |"
         )
     lines += _allreduce_table(parts)
+    lines += memory_section(parts)
     lines += kernel_sections(parts)
+    lines += layouts_section(parts)
     lines += [
         "",
         "## Machine load while measuring",
@@ -133,6 +135,36 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def memory_section(parts: dict) -> list[str]:
+    """Each ``lepton train`` run's peak resident memory (its largest rank) against the rows it
+    held (``data.stream``: its two read buffers), from results.json's ``memory``."""
+    rows = []
+    for name, entry in parts.items():
+        if not name.startswith("train_") or entry.get("status") != "ok":
+            continue
+        figs = entry["results"]["figures"]
+        if "peak_rss_mb" in figs and "data_mb" in figs:
+            rows.append(
+                f"| {name} | {figs['peak_rss_mb']['value']:.0f} MiB | "
+                f"{figs['data_mb']['value']:.1f} MiB |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        "## Memory per rank (lepton train runs)",
+        "",
+        (
+            "Peak resident memory of the largest rank (interpreter, NumPy, Numba, MPI and h5py "
+            "included: about 200 MiB on their own) and the MiB of rows it held."
+        ),
+        "",
+        "| run | peak resident | rows held |",
+        "|---|---:|---:|",
+        *rows,
+    ]
+
+
 def sweep_rows_md(parts: dict) -> list[dict]:
     """One row per feature count of the sweep: times, fractions of the read ceiling, and the AVX2
     and ``lepton train`` figures where they were measured."""
@@ -148,9 +180,10 @@ def sweep_rows_md(parts: dict) -> list[dict]:
             continue
         fig = parts["dsweep"]["results"]["figures"][f"ours_s_d{d}"]
         a_ceil = value(parts, "avx2", f"ceiling_s_d{d}")
-        a_ours, a_tuned = (
+        a_ours, a_tuned, a_generic = (
             value(parts, "avx2", f"ours_s_d{d}"),
             value(parts, "avx2", f"tuned_s_d{d}"),
+            value(parts, "avx2", f"generic_s_d{d}"),
         )
         epoch = value(parts, f"dsweep_train_d{d}", "epoch_s")
         rows.append(
@@ -166,6 +199,7 @@ def sweep_rows_md(parts: dict) -> list[dict]:
                 ),
                 "avx2_fraction": _ratio(a_ceil, a_ours),
                 "avx2_tuned_fraction": _ratio(a_ceil, a_tuned),
+                "avx2_generic_fraction": _ratio(a_ceil, a_generic),
                 "train_epoch": epoch,
                 "train_fraction": _ratio(ceiling, epoch),
             }
@@ -224,22 +258,24 @@ def kernel_sections(parts: dict) -> list[str]:
                 (
                     f"AVX2 columns: NUMBA_CPU_NAME={avx2['cpu_name']}, own Numba cache; "
                     f"`kernels.native.supported()` there: {ok} ({why}); 'tuned' = the tuned "
-                    "kernels forced on."
+                    "kernels (forced on where that check refuses them); 'generic' = the "
+                    "reference kernels."
                 ),
                 "",
             ]
         lines += [
             (
                 "| d | rows | ceiling | ours | fraction | fraction (best) | AVX2 fraction | "
-                "AVX2 tuned | train epoch (2 ranks) | train fraction |"
+                "AVX2 tuned | AVX2 generic | train epoch (2 ranks) | train fraction |"
             ),
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in sweep:
             lines.append(
                 f"| {r['d']} | {r['rows']:,} | {_fmt(r['ceiling'])} | {_fmt(r['ours'])} | "
                 f"{r['fraction']:.2f} | {_opt(r['fraction_best'])} | {_opt(r['avx2_fraction'])} | "
-                f"{_opt(r['avx2_tuned_fraction'])} | {_fmt(r['train_epoch'])} | "
+                f"{_opt(r['avx2_tuned_fraction'])} | {_opt(r['avx2_generic_fraction'])} | "
+                f"{_fmt(r['train_epoch'])} | "
                 f"{_opt(r['train_fraction'])} |"
             )
     mlp = mlp_rows_md(parts)
@@ -291,6 +327,62 @@ def kernel_sections(parts: dict) -> list[str]:
         ]
         notes = [parts.get(p, {}).get("results", {}).get("note") for p in ("heat", "onedal")]
         lines += [""] + [f"- {n}" for n in notes if n]
+    return lines
+
+
+def layouts_section(parts: dict) -> list[str]:
+    """The layouts table (``bench.layouts``): each layout's load rate at each rank and thread
+    count against the raw read of the same bytes, then the ratios with their targets."""
+    from .layouts import scaling_ratios
+
+    runs = [(n, parts[n]) for n in ("layouts_k1", "layouts_k2") if n in parts]
+    runs = [(n, e) for n, e in runs if e.get("status") == "ok"]
+    if not runs:
+        return []
+    first = runs[0][1]["results"]
+    mib = first["bytes"] / 2**20
+    lines = [
+        "",
+        (
+            f"## Layouts (X of {first['rows']:,} x {first['features']} float32, {mib:.0f} MiB, "
+            "read whole by each job's ranks from the page cache; of raw = raw read time / time)"
+        ),
+        "",
+        "| layout | ranks | threads/rank | on disk | median | rate | of raw | CPU/wall |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for _name, entry in runs:
+        res = entry["results"]
+        figs = res["figures"]
+        for case in res["cases"]:
+            key = case["case"]
+            layout = case["layout"]
+            base = layout.split(" ")[0]
+            disk = res["file_bytes"].get("contiguous" if base == "raw" else base)
+            ratio = figs.get(f"{key}_vs_raw")
+            of_raw = "" if ratio is None else f"{ratio['value']:.2f}"
+            lines.append(
+                f"| {layout} | {res['ranks']} | {case['threads']} | "
+                f"{'' if disk is None else f'{disk / 2**20:.0f} MiB'} | "
+                f"{_fmt(figs[f'{key}_s']['value'])} | "
+                f"{_fmt(figs[f'{key}_GBps']['value'], 'GB/s')} | "
+                f"{of_raw} | "
+                f"{figs[f'{key}_cpu_per_wall']['value']:.2f} |"
+            )
+    differ = [
+        f"{k} ({e['results']['ranks']} ranks)" for _n, e in runs for k in e["results"]["differ"]
+    ]
+    lines += [
+        "",
+        "Every read gave the raw read's bytes: "
+        + ("yes." if not differ else f"**no**: {', '.join(differ)}."),
+    ]
+    checks = scaling_ratios(parts)
+    if checks:
+        lines += ["", "| layouts ratio | value | target | meets |", "|---|---:|---:|---|"]
+        for c in checks:
+            meets = "yes" if c["value"] >= c["target"] else "**no**"
+            lines.append(f"| {c['name']} | {c['value']:.2f} | >= {c['target']} | {meets} |")
     return lines
 
 

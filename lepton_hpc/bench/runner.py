@@ -39,6 +39,10 @@ from .launch import (
     run_command,
 )
 
+# X bytes of each layout file: small, so the part stays near half a minute on two cores
+LAYOUT_BYTES = 128 << 20
+LAYOUT_QUICK_BYTES = 16 << 20
+
 
 @dataclass
 class Plan:
@@ -256,6 +260,10 @@ class Bench:
             self.train(f"train_horovod_k{k}", k, self.data["h5"], *hvd)
         for k in fitting:
             self.micro(f"hdf5_k{k}", "mpi_parts", "hdf5", k)
+        for k in fitting:  # data.stream: the epoch from the page cache, and the cold read
+            self.train(f"train_stream_k{k}", k, self.data["h5"], *full, "data.stream=true")
+            self.micro(f"stream_k{k}", "mpi_parts", "stream", k)
+        self.layouts()
         if sk_missing:
             self.skipped("sklearn", sk_missing)
         else:
@@ -276,6 +284,40 @@ class Bench:
             "parts": self.parts,
         }
 
+    # ---- the layouts table -------------------------------------------------------------------
+    def layouts(self) -> None:
+        """Load rate of contiguous, chunked and compressed copies of one small data set against a
+        raw read (``layouts``): 1 rank at 1 and 2 threads, then 2 ranks at 1 thread each. The
+        files are written here, once; a failure to write them skips both parts."""
+        p = self.plan
+        names = ("layouts_k1", "layouts_k2")
+        if all(any(n.startswith(s) for s in p.skip) for n in names):
+            for n in names:
+                self.skipped(n, "--skip")
+            return
+        nbytes = LAYOUT_QUICK_BYTES if p.quick else LAYOUT_BYTES
+        rows = max(1, nbytes // (4 * p.features))
+        root = p.out / "data" / "layouts"
+        t0 = time.perf_counter()
+        try:
+            from .layouts import make
+
+            make(root, rows, p.features)
+        except Exception as exc:  # noqa: BLE001 - any failure here is this part's, not the run's
+            for n in names:
+                self.parts[n] = {"status": "failed", "reason": f"writing the layout files: {exc}"}
+            self.log.warning(f"bench part layouts failed: writing the files: {exc}")
+            return
+        self.log.info(f"  {'layouts data':<24} {time.perf_counter() - t0:6.1f} s  ({root})")
+        base = ["lepton_hpc.bench.layouts", "layouts", "--dir", str(root)]
+        base += flags(rows=rows, features=p.features, repeats=min(3, p.repeats))
+        two = "1,2" if p.cores >= 2 else "1"
+        self.launch("layouts_k1", [*base, "--threads", two], 1)
+        if p.cores >= 2:
+            self.launch("layouts_k2", [*base, "--threads", "1"], 2)
+        else:
+            self.skipped("layouts_k2", "one core: 2 ranks would share it")
+
     # ---- the feature sweep, AVX2 code, MLP against torch, Heat and oneDAL ---------------------
     def kernel_parts(self) -> None:
         """Parts on generated arrays (``kernel_parts``) and the distributed peers
@@ -292,8 +334,9 @@ class Bench:
         avx2 += flags(sizes=",".join(map(str, AVX2_D)))
         if not any("avx2".startswith(s) for s in p.skip):
             with tempfile.TemporaryDirectory(prefix="lepton-bench-numba-") as cache:
-                # AVX2-only code: its own cache, so no AVX-512 entry of the host is reused
-                env = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": None}
+                # AVX2-only code: haswell's own features (with the name alone Numba keeps the
+                # host's, AVX-512 included), in its own cache
+                env = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""}
                 self.launch("avx2", avx2, None, NUMBA_CACHE_DIR=cache, **env)
         else:
             self.skipped("avx2", "--skip")
@@ -351,6 +394,10 @@ def read_run(run_dir: Path) -> dict:
     out["throughput"] = res["throughput"]
     out["history"] = history
     out["figures"] = epoch_figures(res, history)
+    memory = res.get("memory") or {}
+    for key, unit in (("peak_rss_mb", "MiB"), ("data_mb", "MiB")):
+        if memory.get(key):
+            out["figures"][key] = figure(max(memory[key]), unit, note="the largest rank's")
     return out
 
 

@@ -1,20 +1,31 @@
 """Direct reads of chunked HDF5 data sets: each chunk's bytes read with ``pread`` at the offset
-HDF5's chunk index gives, decoded (deflate, shuffle, fletcher32) and copied into the rank's rows,
-on the rank's threads.
+HDF5's chunk index gives, decoded (deflate, lzf, zstd, shuffle, fletcher32) and copied into the
+rank's rows, on the rank's threads.
 
 Why not h5py: h5py holds the GIL while HDF5 reads and decompresses, so one rank uses one core
-for the whole of its block. Here ``pread``, ``zlib.decompress`` and NumPy's copies release it,
-so the rank's cores decode chunks in parallel.
+for the whole of its block. Here ``pread``, ``zlib.decompress``, the Numba LZF decoder
+(``lzf``), ``zstandard`` and NumPy's copies release it, so the rank's cores decode chunks in
+parallel.
 
 Correct bytes come first. ``layout`` accepts a data set only when every chunk can be proved
 decodable: chunked storage in the opened file itself (no virtual, external or compact layout),
 little-endian stored types whose conversion to the read type is exact, and only the filters
-deflate (1), shuffle (2) and fletcher32 (3). A chunk that still cannot be proved right when it
+deflate (1), shuffle (2), fletcher32 (3), lzf (32000) and, when the ``zstandard`` package is
+installed, zstd (32015; hdf5plugin's filter: one zstd frame per chunk, its content size in the
+frame header), with at most one compressor. A chunk that still cannot be proved right when it
 is read goes through h5py alone (one chunk, not the data set): a chunk never written (HDF5 gives
-the fill value), a chunk whose filter mask says a filter was skipped, a stored size or decoded
+the fill value), a filter mask naming a filter the pipeline lacks, a stored size or decoded
 size that is not the chunk's, a fletcher32 checksum that does not match (h5py then also accepts
-the byte order of old writers, or gives the error), and partial edge chunks of a shuffle-only
-pipeline (a writer may store those unfiltered, which nothing in the bytes would reveal).
+the byte order of old writers, or gives the error), and partial edge chunks of a pipeline with
+nothing that checks its input (shuffle, lzf: a writer may store those unfiltered, which nothing
+in the bytes would reveal; deflate, zstd and fletcher32 refuse bytes they did not write).
+
+A filter whose bit is set in a chunk's filter mask was skipped when the chunk was written (an
+optional filter that failed, as lzf and zstd do when a chunk does not shrink): it is skipped
+when decoding, exactly as HDF5 does.
+
+Filters from ``hdf5plugin`` (``plugins``) are registered when this module is imported, so the
+h5py reads of every reader can decode them; LZ4, Blosc, bitshuffle and the rest are read by h5py.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from numba import njit
 
 from ..errors import DataError
 from ..kernels import native
+from . import lzf, plugins
 from .direct_read import (
     SCREEN_READ_BYTES,
     _read_screened,
@@ -39,8 +51,26 @@ from .direct_read import (
     nonfinite_rows,
 )
 
-DEFLATE, SHUFFLE, FLETCHER32 = 1, 2, 3
-FILTERS = {DEFLATE, SHUFFLE, FLETCHER32}
+DEFLATE, SHUFFLE, FLETCHER32, LZF, ZSTD = 1, 2, 3, 32000, 32015
+COMPRESSORS = {DEFLATE, LZF, ZSTD}
+# Filters that refuse input they did not produce (zlib's and zstd's framing, the checksum): a
+# chunk stored unfiltered cannot pass for a filtered one through them.
+CHECKED = {DEFLATE, FLETCHER32, ZSTD}
+
+plugins.load()  # hdf5plugin's filters for every h5py read in this process, before any file opens
+
+
+def _zstandard():
+    """The ``zstandard`` module, or None when it is not installed (zstd then goes through h5py)."""
+    try:
+        import zstandard
+    except ImportError:
+        return None
+    return zstandard
+
+
+_ZSTD = _zstandard()
+FILTERS = {DEFLATE, SHUFFLE, FLETCHER32, LZF} | ({ZSTD} if _ZSTD is not None else set())
 
 # Stored types read directly, per read type. Features (float32) only where the conversion is
 # exact (every stored value is a float32), so NumPy's cast equals HDF5's, which the h5py path
@@ -75,12 +105,17 @@ class ChunkLayout:
 def layout(dset: h5py.Dataset, want: np.dtype, st: os.stat_result) -> ChunkLayout | None:
     """The ChunkLayout of ``dset`` when its chunks can be read directly as ``want`` from the
     opened file (``st``: its ``os.stat``); else None (h5py reads it)."""
-    if not np.little_endian or dset.ndim not in (1, 2) or dset.is_virtual:
+    if dset.is_virtual:
+        return None
+    plist = dset.id.get_create_plist()
+    missing = plugins.missing_filter_error(dset, plist)
+    if missing is not None:  # every later read would fail deep inside HDF5
+        raise missing
+    if not np.little_endian or dset.ndim not in (1, 2):
         return None
     stored = dset.dtype
     if stored.kind not in "fiu" or stored.str not in EXACT.get(want.newbyteorder("<").str, ()):
         return None
-    plist = dset.id.get_create_plist()
     if plist.get_layout() != h5py.h5d.CHUNKED or plist.get_external_count() != 0:
         return None
     filters = []
@@ -91,6 +126,8 @@ def layout(dset: h5py.Dataset, want: np.dtype, st: os.stat_result) -> ChunkLayou
         filters.append((int(fid), tuple(int(v) for v in values)))
     if any(f == SHUFFLE and v and v[0] != stored.itemsize for f, v in filters):
         return None
+    if sum(f in COMPRESSORS for f, _ in filters) > 1:
+        return None  # the inner compressor's output size is not known: h5py decodes those
     if not in_opened_file(dset, st):
         return None  # an external link: the chunks are in another file
     chunks = plist.get_chunk()
@@ -172,11 +209,34 @@ def _unshuffle(src, itemsize):
     return out
 
 
-def decode(raw: bytes, filters, nbytes: int, itemsize: int) -> np.ndarray | None:
+def _zstd_decode(buf: bytes | np.ndarray, nbytes: int) -> bytes | None:
+    """One zstd frame holding exactly ``nbytes`` bytes, as hdf5plugin's filter writes and reads
+    it (its content size from the frame header; no bytes after the frame), or None."""
+    zstandard = _ZSTD
+    try:
+        if zstandard.get_frame_parameters(buf).content_size != nbytes:
+            return None  # no size in the header: HDF5's filter cannot size its output either
+        out = zstandard.ZstdDecompressor().decompress(buf, allow_extra_data=False)
+    except zstandard.ZstdError:
+        return None
+    return out if len(out) == nbytes else None
+
+
+def decode(raw: bytes, filters, nbytes: int, itemsize: int, mask: int = 0) -> np.ndarray | None:
     """The ``nbytes`` bytes (uint8) of one chunk stored as ``raw`` through ``filters`` (pipeline
-    order; undone in reverse), or None when they cannot be proved right (h5py then reads it)."""
+    order; undone in reverse), or None when they cannot be proved right (h5py then reads it).
+
+    ``mask``: the chunk's filter mask; bit i set means filter i was skipped when it was written
+    (HDF5 skips it when reading too). Every compressor's output is exactly ``nbytes``, as
+    ``layout`` admits one compressor at most and the other filters keep sizes.
+    """
+    if mask >> len(filters):
+        return None  # a bit for a filter the pipeline does not have
     buf: bytes | np.ndarray = raw
-    for fid, _values in reversed(filters):
+    for i in range(len(filters) - 1, -1, -1):
+        fid = filters[i][0]
+        if mask >> i & 1:
+            continue
         if fid == FLETCHER32:
             if len(buf) < 4:
                 return None
@@ -190,6 +250,15 @@ def decode(raw: bytes, filters, nbytes: int, itemsize: int) -> np.ndarray | None
             try:
                 buf = zlib.decompress(buf, bufsize=nbytes)
             except zlib.error:
+                return None
+        elif fid == LZF:
+            src = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, bytes) else buf
+            buf = lzf.decompress(src, nbytes)
+            if buf is None:
+                return None
+        elif fid == ZSTD and _ZSTD is not None:
+            buf = _zstd_decode(buf, nbytes)
+            if buf is None:
                 return None
         elif fid == SHUFFLE:
             if len(buf) != nbytes:
@@ -241,7 +310,7 @@ def read_rows(
     nbytes = cr * cc * isz
     if out.shape != (m, w) or not out.flags.c_contiguous:
         raise ValueError(f"read_rows: out has shape {out.shape}, needs ({m}, {w}) C order")
-    shuffle_only = bool(lay.filters) and {f for f, _ in lay.filters} == {SHUFFLE}
+    ids = [f for f, _ in lay.filters]
     direct_rows = not lay.filters and cc == w and stored == out.dtype
     screen_tasks = flags is not None and cc == w  # a task's rows are then complete
     screened_reads = direct_rows and screen_tasks and native.supported()[0]
@@ -260,12 +329,14 @@ def read_rows(
                         coord = (r0, c0) if len(lay.shape) == 2 else (r0,)
                         info = sid.get_chunk_info_by_coord(coord)
                         partial = r0 + cr > n or c0 + cc > w
-                        task = (r0, c0, info.byte_offset, info.size)
+                        mask = int(info.filter_mask)
+                        task = (r0, c0, info.byte_offset, info.size, mask)
+                        applied = {f for i, f in enumerate(ids) if not mask >> i & 1}
                         if (
                             info.byte_offset is None
-                            or info.filter_mask != 0
+                            or mask >> len(ids)
                             or (not lay.filters and info.size != nbytes)
-                            or (shuffle_only and partial)
+                            or (partial and applied and not applied & CHECKED)
                         ):
                             slow.append(task)
                         else:
@@ -289,7 +360,7 @@ def read_rows(
             return left
 
         def _read_chunk(task) -> tuple | None:
-            r0, c0, offset, size = task
+            r0, c0, offset, size, mask = task
             lo, hi = max(start, r0), min(stop, r0 + cr)
             c1 = min(w, c0 + cc)
             if direct_rows:  # the rows are one run of bytes in the chunk and in ``out``
@@ -305,7 +376,7 @@ def read_rows(
             raw = os.pread(fd, size, offset)
             if len(raw) != size:
                 raise DataError(f"'{path}' ends before the data it describes (truncated file?)")
-            data = decode(raw, lay.filters, nbytes, isz)
+            data = decode(raw, lay.filters, nbytes, isz, mask)
             if data is None:
                 return task
             part = data.view(stored).reshape(cr, cc)

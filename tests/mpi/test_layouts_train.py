@@ -1,10 +1,11 @@
 """Training on chunked and compressed copies of a contiguous file gives the contiguous file's bits.
 
 ``lepton train`` under real ``mpiexec`` on 1, 2 and 3 ranks (reproducible mode, whose bits do not
-depend on the rank count) and on 2 ranks in the default mode: the copies are read chunk by chunk with ``pread`` and decoded on the ranks'
-threads (chunks splitting columns, row blocks starting and ending mid-chunk, partial edge
-chunks, a (n, 1) target column stored chunked with a checksum, a contiguous target next to
-compressed features), and must give the same final parameters bit for bit.
+depend on the rank count) and on 2 ranks in the default mode (gzip and shuffle+lzf): the copies
+are read chunk by chunk with ``pread`` and decoded on the ranks' threads (chunks splitting
+columns, row blocks starting and ending mid-chunk, partial edge chunks, a (n, 1) target column
+stored chunked with a checksum, a contiguous target next to compressed features), and must give
+the same final parameters bit for bit.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def files(tmp_path_factory):
         fh.create_dataset("X", data=X, chunks=(150, D), compression="gzip", shuffle=True)
         fh["y"] = y  # contiguous: read with pread next to the decoded features
     out["gzip"] = root / "gzip.h5"
+    with h5py.File(root / "lzf.h5", "w") as fh:  # edge chunks of lzf: through h5py
+        fh.create_dataset("X", data=X, chunks=(128, D), compression="lzf", shuffle=True)
+        fh.create_dataset("y", data=y, chunks=(300,), compression="lzf")
+    out["lzf"] = root / "lzf.h5"
     return out
 
 
@@ -66,4 +71,5 @@ def test_chunked_and_compressed_copies_train_to_the_contiguous_bits(tmp_path, fi
 
 def test_default_mode_on_a_compressed_copy_gives_the_contiguous_bits(tmp_path, files):
     want = _train(tmp_path, files["plain"], 2, False)
-    assert _train(tmp_path, files["gzip"], 2, False) == want
+    for layout in ("gzip", "lzf"):
+        assert _train(tmp_path, files[layout], 2, False) == want, layout

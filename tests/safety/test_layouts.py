@@ -33,7 +33,15 @@ COMPRESSION = {
     "gzip": {"compression": "gzip"},
     "shuffle+gzip": {"compression": "gzip", "shuffle": True},
     "lzf": {"compression": "lzf"},
+    "shuffle+lzf+fletcher32": {"compression": "lzf", "shuffle": True, "fletcher32": True},
 }
+try:  # filters from hdf5plugin, when it is installed (zstd: decoded directly with zstandard)
+    import hdf5plugin
+
+    COMPRESSION["zstd"] = dict(hdf5plugin.Zstd())
+    COMPRESSION["shuffle+lz4"] = {**hdf5plugin.LZ4(), "shuffle": True}
+except ImportError:
+    pass
 
 
 def _values(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...], bad: bool):

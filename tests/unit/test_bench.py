@@ -132,7 +132,7 @@ def test_a_peer_that_does_not_import_is_skipped_with_the_reason(tmp_path):
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('no torch in this test')\n")
     out = tmp_path / "bench"
-    only_peers = "memory,numpy,step,train,allreduce,hdf5,sklearn"
+    only_peers = "memory,numpy,step,train,allreduce,hdf5,layouts,stream,sklearn"
     cmd = [sys.executable, "-m", "lepton_hpc", "bench", "--quick", "--rows", "10000"]
     proc = subprocess.run(
         [*cmd, "--skip", only_peers, "--out", str(out)],
@@ -153,7 +153,8 @@ def test_a_peer_that_does_not_import_is_skipped_with_the_reason(tmp_path):
 def test_markdown_and_plots(bench_run):
     out, _, res = bench_run
     md = (out / "results.md").read_text()
-    for heading in ("## Ratios (same run)", "## Timings", "## Scaling", "## Allreduce latency"):
+    headings = ("## Ratios (same run)", "## Timings", "## Scaling", "## Allreduce latency")
+    for heading in (*headings, "## Memory per rank"):
         assert heading in md
     for key in res["ratios"]:
         assert f"| {key} |" in md

@@ -1,0 +1,267 @@
+"""lzf and zstd chunks decoded on the rank's threads give h5py's bits; a missing plugin is one line.
+
+The LZF decoder is checked against the chunks h5py's own filter writes (read raw with
+``read_direct_chunk``): compressible and incompressible data (stored unfiltered, its filter-mask
+bit set), and never reads or writes out of bounds on damaged input. ``read_rows`` on lzf,
+shuffle+lzf, shuffle+lzf+fletcher32 and (with hdf5plugin) zstd files equals h5py's read byte for
+byte, for several stored types, partial edge chunks and row blocks starting mid-chunk; only the
+chunks that cannot be proved (partial edge chunks of an unchecked pipeline) go through h5py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lepton_hpc.comm.base import SerialComm
+from lepton_hpc.data import chunk_read, lzf, reader
+from lepton_hpc.errors import DataError
+from lepton_hpc.log import Log
+
+FAST = settings(
+    max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@st.composite
+def chunk_bytes(draw):
+    """Bytes h5py's lzf filter may meet: runs, repeats at many distances, noise, or a mixture."""
+    seed = draw(st.integers(0, 2**32 - 1))
+    n = draw(st.integers(1, 20_000))
+    kind = draw(st.sampled_from(["noise", "runs", "repeats", "mixed", "floats"]))
+    rng = np.random.default_rng(seed)
+    if kind == "noise":
+        return rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+    if kind == "runs":
+        return np.repeat(rng.integers(0, 4, n, dtype=np.uint8), rng.integers(1, 300, n))[
+            :n
+        ].tobytes()
+    if kind == "repeats":  # a pattern repeated at a distance up to LZF's 8 KiB window and past
+        unit = rng.integers(0, 256, int(rng.integers(1, 9000)), dtype=np.uint8)
+        return np.resize(unit, n).tobytes()
+    if kind == "floats":
+        return np.round(rng.normal(size=n), 2).astype(np.float32).tobytes()
+    parts = [rng.integers(0, 256, int(rng.integers(1, 400)), dtype=np.uint8) for _ in range(20)]
+    parts += [np.zeros(int(rng.integers(1, 400)), dtype=np.uint8) for _ in range(20)]
+    rng.shuffle(parts)
+    return np.concatenate(parts)[:n].tobytes()
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    return tmp_path_factory.mktemp("filters")
+
+
+@FAST
+@given(data=chunk_bytes())
+def test_lzf_decoder_equals_h5py_filter_on_its_own_chunks(scratch, data):
+    path = scratch / "one.h5"
+    arr = np.frombuffer(data, dtype=np.uint8)
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("b", data=arr, chunks=(arr.size,), compression="lzf")
+    with h5py.File(path, "r") as fh:
+        mask, raw = fh["b"].id.read_direct_chunk((0,))
+    if mask:  # did not shrink: stored as it is, the lzf bit set
+        assert mask == 1 and raw == data
+        return
+    out = lzf.decompress(raw, len(data))
+    assert out is not None and out.tobytes() == data
+    # one byte more or less is not this chunk
+    assert lzf.decompress(raw, len(data) + 1) is None
+    if len(data) > 1:
+        assert lzf.decompress(raw, len(data) - 1) is None
+
+
+@FAST
+@given(junk=st.binary(min_size=0, max_size=3000), size=st.integers(0, 5000))
+def test_lzf_decoder_stays_in_bounds_on_damaged_input(junk, size):
+    src = np.frombuffer(junk, dtype=np.uint8)
+    guard = np.full(size + 64, 0xAB, dtype=np.uint8)  # bytes past ``out`` must stay untouched
+    got = lzf.decompress_into(src, guard[:size])
+    assert -1 <= got <= size
+    assert (guard[size:] == 0xAB).all()
+
+
+PIPELINES = {
+    "lzf": {"compression": "lzf"},
+    "shuffle+lzf": {"compression": "lzf", "shuffle": True},
+    "shuffle+lzf+fletcher32": {"compression": "lzf", "shuffle": True, "fletcher32": True},
+}
+STORED = {"f4": "f4", "f8": "f8", "f2": "f4", "i2": "f4", "u1": "f4", "i8": "f8"}
+
+
+def _zstd_pipelines() -> dict:
+    try:
+        import hdf5plugin
+    except ImportError:
+        return {}
+    return {
+        "zstd": dict(hdf5plugin.Zstd(clevel=3)),
+        "shuffle+zstd+fletcher32": {**hdf5plugin.Zstd(), "shuffle": True, "fletcher32": True},
+    }
+
+
+def _values(rng, dtype: np.dtype, shape, noise: bool):
+    """Values of ``dtype``: ``noise`` gives bytes no compressor shrinks (chunks stored raw)."""
+    if noise:
+        return rng.integers(0, 256, size=(*shape, dtype.itemsize), dtype=np.uint8).view(dtype)[
+            ..., 0
+        ]
+    if dtype.kind in "iu":
+        return rng.integers(0, 50, size=shape).astype(dtype)
+    return np.round(rng.normal(size=shape), 2).astype(dtype)
+
+
+def _read(path, want_type, a, b, threads):
+    calls = []
+    real = chunk_read._read_with_h5py
+    with h5py.File(path, "r") as fh:
+        lay = chunk_read.layout(fh["X"], want_type, os.stat(path))
+        ref = fh["X"][a:b]
+    assert lay is not None
+    width = ref.shape[1] if ref.ndim == 2 else 1
+    out = np.full((b - a, width), 99, dtype=want_type)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            chunk_read, "_read_with_h5py", lambda *args: (calls.append(args[-1]), real(*args))[1]
+        )
+        chunk_read.read_rows(str(path), "X", lay, a, b, out, threads)
+    return out, ref.astype(want_type).reshape(b - a, width), [t[:2] for c in calls for t in c]
+
+
+@pytest.mark.parametrize("pipeline", [*PIPELINES, *_zstd_pipelines()])
+@pytest.mark.parametrize("dtype", list(STORED))
+def test_compressed_chunks_equal_h5py_bitwise(tmp_path, pipeline, dtype):
+    rng = np.random.default_rng(abs(hash((pipeline, dtype))) % 2**32)
+    stored = np.dtype(dtype)
+    n, d, cr, cc = 1_003, 7, 128, 4  # partial edge chunks in both directions
+    X = _values(rng, stored, (n, d), noise=False)
+    X[256:384] = _values(rng, stored, (128, d), noise=True)  # these chunks stay unfiltered
+    kw = PIPELINES.get(pipeline) or _zstd_pipelines()[pipeline]
+    path = tmp_path / "c.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=X, chunks=(cr, cc), **kw)
+    with h5py.File(path, "r") as fh:
+        masks = {
+            fh["X"].id.get_chunk_info(i).filter_mask for i in range(fh["X"].id.get_num_chunks())
+        }
+    if "fletcher32" not in pipeline and "zstd" not in pipeline:
+        assert masks == {0, 0b10 if "shuffle" in pipeline else 0b1}  # some chunks stored raw
+    want_type = np.dtype(STORED[dtype])
+    for a, b, threads in ((0, n, 3), (77, 900, 1), (1_000, 1_003, 2)):
+        out, want, slow = _read(path, want_type, a, b, threads)
+        assert out.tobytes() == want.tobytes(), (a, b)
+        edge = {(r0, c0) for r0, c0 in slow if r0 + cr > n or c0 + cc > d}
+        assert set(slow) == edge  # only partial edge chunks go through h5py...
+        if "zstd" in pipeline or "fletcher32" in pipeline:
+            assert not slow  # ...and none where the pipeline checks its input
+
+
+def test_one_dimensional_lzf_targets_are_read_directly(tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    X = np.round(rng.normal(size=(2_048, 3)), 1).astype(np.float32)
+    y = rng.integers(0, 4, size=2_048).astype(np.int16)
+    plain, packed = tmp_path / "plain.h5", tmp_path / "packed.h5"
+    with h5py.File(plain, "w") as fh:
+        fh["X"], fh["y"] = X, y
+    with h5py.File(packed, "w") as fh:
+        fh.create_dataset("X", data=X, chunks=(256, 3), compression="lzf", shuffle=True)
+        fh.create_dataset("y", data=y, chunks=(512,), compression="lzf", fletcher32=True)
+    monkeypatch.setattr(
+        chunk_read, "_read_with_h5py", lambda *a: pytest.fail("h5py read a provable chunk")
+    )
+    want = reader.read_block(str(plain), "X", "y", SerialComm(), Log())
+    got = reader.read_block(str(packed), "X", "y", SerialComm(), Log())
+    assert got.info.x_chunks is not None and got.info.y_chunks is not None
+    assert got.X.tobytes() == want.X.tobytes() and got.y.tobytes() == want.y.tobytes()
+
+
+def test_a_damaged_lzf_chunk_goes_to_h5py_which_names_the_data_set(tmp_path):
+    X = np.round(np.random.default_rng(2).normal(size=(400, 4)), 1).astype(np.float32)
+    path = tmp_path / "bad.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=X, chunks=(100, 4), compression="lzf")
+    with h5py.File(path, "r") as fh:
+        info = fh["X"].id.get_chunk_info_by_coord((200, 0))
+        lay = chunk_read.layout(fh["X"], np.dtype(np.float32), os.stat(path))
+    with open(path, "r+b") as f:  # a back reference before the start of the output
+        f.seek(info.byte_offset)
+        f.write(bytes([0xE0, 0xFF, 0xFF]))
+    with pytest.raises(DataError, match="X' cannot be read"):
+        chunk_read.read_rows(str(path), "X", lay, 0, 400, np.empty((400, 4), np.float32), 2)
+
+
+def test_two_compressors_are_left_to_h5py(tmp_path):
+    path = tmp_path / "two.h5"
+    with h5py.File(path, "w") as fh:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_chunk((10, 2))
+        dcpl.set_deflate(1)
+        dcpl.set_filter(chunk_read.LZF, h5py.h5z.FLAG_OPTIONAL)
+        space = h5py.h5s.create_simple((40, 2))
+        h5py.h5d.create(fh.id, b"X", h5py.h5t.IEEE_F32LE, space, dcpl=dcpl)
+        fh["X"][...] = np.arange(80, dtype=np.float32).reshape(40, 2)
+    with h5py.File(path, "r") as fh:
+        assert chunk_read.layout(fh["X"], np.dtype(np.float32), os.stat(path)) is None
+        assert fh["X"][39, 1] == 79
+
+
+# ---- filters from hdf5plugin ---------------------------------------------------------------
+
+
+def _zstd_file(path):
+    hdf5plugin = pytest.importorskip("hdf5plugin")
+    X = np.round(np.random.default_rng(4).normal(size=(300, 3)), 2).astype(np.float32)
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("g/X", data=X, chunks=(64, 3), **hdf5plugin.Zstd())
+        fh.create_dataset("y", data=X[:, 0] > 0, chunks=(100,), **hdf5plugin.LZ4())
+    return X
+
+
+def test_zstd_and_lz4_files_read_with_hdf5plugin(tmp_path):
+    X = _zstd_file(tmp_path / "z.h5")
+    pytest.importorskip("zstandard")
+    info = reader.inspect(str(tmp_path / "z.h5"), "g/X", "y")
+    assert info.x_chunks is not None and info.y_chunks is None  # lz4: through h5py
+    block = reader.read_block(str(tmp_path / "z.h5"), "g/X", "y", SerialComm(), Log())
+    assert block.X.tobytes() == X.tobytes()
+    assert np.array_equal(block.y, (X[:, 0] > 0).astype(np.float64))
+
+
+def test_a_filter_hdf5_cannot_decode_is_one_line_naming_file_data_set_and_package(
+    tmp_path, monkeypatch
+):
+    _zstd_file(tmp_path / "z.h5")
+    avail = h5py.h5z.filter_avail
+    monkeypatch.setattr(h5py.h5z, "filter_avail", lambda f: f != 32015 and avail(f))
+    with pytest.raises(DataError) as err:
+        reader.inspect(str(tmp_path / "z.h5"), "g/X", None)
+    msg = str(err.value)
+    assert "z.h5:g/X'" in msg and "zstd (HDF5 filter 32015)" in msg
+    assert "pip install hdf5plugin" in msg and "\n" not in msg
+
+
+def test_without_hdf5plugin_a_zstd_file_is_one_error_line(tmp_path):
+    _zstd_file(tmp_path / "z.h5")
+    code = (  # a process where hdf5plugin cannot be imported: HDF5 has no zstd filter
+        "import sys; sys.modules['hdf5plugin'] = None\n"
+        "from lepton_hpc.data import reader\n"
+        "from lepton_hpc.errors import DataError\n"
+        "try:\n"
+        f"    reader.inspect({str(tmp_path / 'z.h5')!r}, 'g/X', None)\n"
+        "except DataError as exc:\n"
+        "    print(exc)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    msg = run.stdout.strip()
+    assert "z.h5:g/X' is compressed with zstd (HDF5 filter 32015)" in msg
+    assert "pip install hdf5plugin" in msg and "\n" not in msg

@@ -1,0 +1,48 @@
+"""``lepton inspect`` on lzf and hdf5plugin filters: the load class is the chunk reader's verdict,
+and a filter HDF5 cannot decode is a note naming it and the package to install."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from lepton_hpc.inspect_cmd import inspect_file
+
+
+def _file(path):
+    hdf5plugin = pytest.importorskip("hdf5plugin")
+    pytest.importorskip("zstandard")
+    X = np.round(np.random.default_rng(1).normal(size=(500, 3)), 2).astype(np.float32)
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=X, chunks=(100, 3), compression="lzf", shuffle=True)
+        fh.create_dataset("zstd", data=X, chunks=(100, 3), **hdf5plugin.Zstd())
+        fh.create_dataset("lz4", data=X, chunks=(100, 3), **hdf5plugin.LZ4())
+        fh.create_dataset("y", data=X[:, 0], chunks=(100,), **hdf5plugin.Blosc())
+    return path
+
+
+def test_lzf_and_zstd_are_compressed_other_plugins_through_hdf5(tmp_path):
+    report = inspect_file(_file(tmp_path / "f.h5"), "X", "y")
+    sets = {d["path"]: d for d in report["datasets"]}
+    assert {p: d["load"] for p, d in sets.items()} == {
+        "/X": "compressed",
+        "/zstd": "compressed",
+        "/lz4": "through HDF5",
+        "/y": "through HDF5",
+    }
+    assert "lz4" in sets["/lz4"]["why"] and "zstd" in sets["/zstd"]["why"]
+    assert not any("cannot decode" in n for d in sets.values() for n in d["notes"])
+
+
+def test_a_filter_hdf5_cannot_decode_is_a_note_and_the_readers_error(tmp_path, monkeypatch):
+    path = _file(tmp_path / "f.h5")
+    avail = h5py.h5z.filter_avail
+    monkeypatch.setattr(h5py.h5z, "filter_avail", lambda f: f != 32004 and avail(f))
+    report = inspect_file(path, "lz4", None)
+    sets = {d["path"]: d for d in report["datasets"]}
+    assert sets["/lz4"]["load"] == "through HDF5" and "cannot decode" in sets["/lz4"]["why"]
+    assert any("lz4 (HDF5 filter 32004)" in n for n in sets["/lz4"]["notes"])
+    assert any("pip install hdf5plugin" in n for n in sets["/lz4"]["notes"])
+    assert not any("cannot decode" in n for n in sets["/zstd"]["notes"])
+    assert "pip install hdf5plugin" in str(report["defaults"])

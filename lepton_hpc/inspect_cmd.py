@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .comm.base import Communicator
+from .data.plugins import PLUGIN_FILTERS
 from .errors import DataError, LeptonError
 from .log import Log
 
@@ -40,14 +41,8 @@ FILTER_NAMES = {
     4: "szip",
     5: "nbit",
     6: "scaleoffset",
-    307: "bzip2",
     32000: "lzf",
-    32001: "blosc",
-    32004: "lz4",
-    32008: "bitshuffle",
-    32013: "zfp",
-    32015: "zstd",
-    32017: "sz",
+    **PLUGIN_FILTERS,
 }
 SMALL_CHUNK_BYTES = 16 << 10  # chunks smaller than this make a slow read (one HDF5 call each)
 NETCDF_DIMENSION = "This is a netCDF dimension but not a netCDF variable"

@@ -63,7 +63,15 @@ from ..errors import EXIT_FAILED, DataError, LeptonError
 from ..log import Log
 from ..safety import REFUSED, WriteError, check_not_input, commit, fsync_dir, same_path, temp_path
 from .convert import describe, input_files, open_source, origin, write_table
-from .sources import Options, Source, _is_number, _target_index, open_csv
+from .sources import (
+    Options,
+    Source,
+    _is_number,
+    _target_index,
+    open_csv,
+    parse_cells,
+    split_table,
+)
 
 __all__ = [
     "CSV_MARK_ROWS",
@@ -334,31 +342,13 @@ def _csv_source(
     """Rows ``[lo, hi)`` of a CSV file, read from the byte offset rank 0 noted before them."""
     offset, lines_before, skip = start
     t, names = layout.target, layout.names
-    feature_cols = [j for j in range(layout.n_cols) if j != t]
 
     def column(j: int) -> str:
         return f"column '{names[j]}'" if names else f"column {j}"
 
     def parse(rows: list[list[str]], lines: list[int], first_row: int):
-        cells = [c for r in rows for c in r]
-        if opts.missing == "nan":
-            cells = [c if c.strip() else "nan" for c in cells]
-        try:
-            values = np.fromiter(map(float, cells), dtype=np.float64, count=len(cells))
-        except ValueError:
-            for i, r in enumerate(rows):  # slow path, only to name the bad cell
-                for j, c in enumerate(r):
-                    if not (_is_number(c) or (opts.missing == "nan" and not c.strip())):
-                        what = f"{c!r} is not a number"
-                        if not c.strip():
-                            what = "the cell is empty (--missing nan reads empty cells as NaN)"
-                        raise DataError(
-                            f"'{path}' row {first_row + i} (line {lines[i]}), {column(j)}: {what}"
-                        ) from None
-            raise
-        table = values.reshape(len(rows), layout.n_cols)
-        y = None if t is None else table[:, t].copy()
-        return (table if t is None else table[:, feature_cols]), y
+        table = parse_cells(rows, lines, first_row, layout.n_cols, opts, path, column)
+        return split_table(table, t)
 
     def chunks(chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         text, _ = _text(path, offset)

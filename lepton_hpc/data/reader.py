@@ -523,6 +523,23 @@ def compact_rows(A: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return A[:dst]
 
 
+def nonfinite_error(info: DataInfo, count: int, first: int, comm: Communicator) -> CollectiveError:
+    """The error for ``count`` rows holding NaN or Inf (collective: every rank passes the same
+    count), naming the first bad row of all ranks (``first``: this rank's, -1 for none) and, for
+    shards, the file holding it and the row there."""
+    mine = np.array([first if first >= 0 else np.iinfo(np.int64).max])
+    row = int(comm.allreduce_min_(mine)[0])
+    where = f"row {row}"
+    if info.shards:
+        shard, local = shards.locate(shards.offsets(info.shards), row)
+        where = f"row {row}: '{info.shards[int(shard)].path}' row {int(local)}"
+    return CollectiveError(
+        f"'{info.path}': {count} rows hold NaN or Inf (first: {where}); "
+        'fix the data or set data.nonfinite = "drop"',
+        DataError.exit_code,
+    )
+
+
 def _handle_nonfinite(
     block: Block, comm: Communicator, policy: str, bad: np.ndarray | None = None
 ) -> Block:
@@ -540,18 +557,8 @@ def _handle_nonfinite(
         return block
     info = block.info
     if policy == "error":
-        first = np.array([block.rows[np.argmax(bad)] if bad.any() else np.iinfo(np.int64).max])
-        first = int(comm.allreduce_min_(first)[0])
-        where = f"row {first}"
-        if info.shards:  # name the file holding it, and the row there
-            shard, local = shards.locate(shards.offsets(info.shards), first)
-            where = f"row {first}: '{info.shards[int(shard)].path}' row {int(local)}"
-        # Every rank computed the same counts, so all raise the same error together.
-        raise CollectiveError(
-            f"'{info.path}': {counts[0]} rows hold NaN or Inf (first: {where}); "
-            'fix the data or set data.nonfinite = "drop"',
-            DataError.exit_code,
-        )
+        first = block.rows[np.argmax(bad)] if bad.any() else -1
+        raise nonfinite_error(info, int(counts[0]), first, comm)
     keep = ~bad  # the block is the reader's own buffer: the kept rows are moved up in place
     ids = block.rows[keep]
     y = None if block.y is None else compact_rows(block.y, keep)

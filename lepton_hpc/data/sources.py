@@ -84,6 +84,44 @@ def _feature_dtype(dtype: np.dtype, where: str) -> np.dtype:
     return np.dtype(np.float32) if dtype == np.float32 else np.dtype(np.float64)
 
 
+def parse_cells(
+    rows: list[list[str]],
+    lines: list[int],
+    first_row: int,
+    n_cols: int,
+    opts: Options,
+    path,
+    column: Callable[[int], str],
+) -> np.ndarray:
+    """CSV rows of strings as a float64 table (``--missing nan``: empty cells are NaN); a bad
+    cell is a DataError naming the file, global row, line and ``column(j)``."""
+    cells = [c for r in rows for c in r]
+    if opts.missing == "nan":
+        cells = [c if c.strip() else "nan" for c in cells]
+    try:
+        values = np.fromiter(map(float, cells), dtype=np.float64, count=len(cells))
+    except ValueError:
+        for i, r in enumerate(rows):  # slow path, only to name the bad cell
+            for j, c in enumerate(r):
+                if not (_is_number(c) or (opts.missing == "nan" and not c.strip())):
+                    what = f"{c!r} is not a number"
+                    if not c.strip():
+                        what = "the cell is empty (--missing nan reads empty cells as NaN)"
+                    raise DataError(
+                        f"'{path}' row {first_row + i} (line {lines[i]}), {column(j)}: {what}"
+                    ) from None
+        raise
+    return values.reshape(len(rows), n_cols)
+
+
+def split_table(table: np.ndarray, target: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(features, target column or None) of a parsed table."""
+    if target is None:
+        return table, None
+    features = [j for j in range(table.shape[1]) if j != target]
+    return table[:, features], table[:, target].copy()
+
+
 def open_csv(path: Path, opts: Options) -> Source:
     """A CSV table: a header row when its first row is not all numbers; the target one column."""
     try:
@@ -141,26 +179,7 @@ def open_csv(path: Path, opts: Options) -> Source:
     def parse(
         rows: list[list[str]], lines: list[int], first_row: int
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        cells = [c for r in rows for c in r]
-        if opts.missing == "nan":
-            cells = [c if c.strip() else "nan" for c in cells]
-        try:
-            values = np.fromiter(map(float, cells), dtype=np.float64, count=len(cells))
-        except ValueError:
-            for i, r in enumerate(rows):  # slow path, only to name the bad cell
-                for j, c in enumerate(r):
-                    if not (_is_number(c) or (opts.missing == "nan" and not c.strip())):
-                        what = f"{c!r} is not a number"
-                        if not c.strip():
-                            what = "the cell is empty (--missing nan reads empty cells as NaN)"
-                        raise DataError(
-                            f"'{path}' row {first_row + i} (line {lines[i]}), {column(j)}: {what}"
-                        ) from None
-            raise
-        table = values.reshape(len(rows), n_cols)
-        y = None if t is None else table[:, t].copy()
-        X = table if t is None else table[:, feature_cols]
-        return X, y
+        return split_table(parse_cells(rows, lines, first_row, n_cols, opts, path, column), t)
 
     return Source(
         path,

@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..comm.base import CollectiveError, Communicator, agree
+from ..comm.base import Communicator, agree
 from ..errors import DataError, LeptonError
 from ..exact import ExactSums
-from . import shards
 from .batches import BatchGather, EpochBatches, permute
 from .dataset import _ids_where, compact_rows, gather_rows, held_out, validation_mask
 from .preprocess import Scaler, block_moments, local_moments, merge_moments
@@ -46,6 +45,7 @@ from .reader import (
     check_identities,
     global_block_rows,
     inspect_shared,
+    nonfinite_error,
     rank_rows,
     read_range,
 )
@@ -255,10 +255,17 @@ class RowStream:
         try:
             for a, b, buf in self.pieces():
                 yield self._parts(a, b, buf, want_val)
-        except LeptonError as exc:
-            error = exc
-        except OSError as exc:
-            error = DataError(f"'{self.info.path}' cannot be read ({exc})")
+        except (LeptonError, OSError) as exc:
+            error = self._failure(exc)
+        self._together(error)
+
+    def _failure(self, exc: LeptonError | OSError) -> LeptonError:
+        if isinstance(exc, LeptonError):
+            return exc
+        return DataError(f"'{self.info.path}' cannot be read ({exc})")
+
+    def _together(self, error: LeptonError | None) -> None:
+        """After a pass: every rank raises the error of the lowest failing rank, if any."""
 
         def check() -> None:
             if error is not None:
@@ -315,16 +322,9 @@ class RowStream:
                     f.y_lo, f.y_hi = min(f.y_lo, float(y.min())), max(f.y_hi, float(y.max()))
                     f.y_nonint |= bool(np.any(y != np.round(y)))
                     f.y_train.add(list(y.reshape(train.n, -1).T))
-        except LeptonError as exc:
-            error = exc
-        except OSError as exc:
-            error = DataError(f"'{self.info.path}' cannot be read ({exc})")
-
-        def check() -> None:
-            if error is not None:
-                raise error
-
-        agree(self.comm, check)
+        except (LeptonError, OSError) as exc:
+            error = self._failure(exc)
+        self._together(error)
         self._check_nonfinite()
         comm = self.comm
         counts = comm.allreduce_(np.array([f.n_train, f.n_val], dtype=np.int64))
@@ -348,18 +348,7 @@ class RowStream:
         bad = int(comm.allreduce_(np.array([f.bad], dtype=np.int64))[0])
         if bad == 0 or self.cfg.nonfinite == "drop":
             return
-        first = np.array([f.first_bad if f.first_bad >= 0 else np.iinfo(np.int64).max])
-        first_row = int(comm.allreduce_min_(first)[0])
-        where = f"row {first_row}"
-        info = self.info
-        if info.shards:
-            shard, local = shards.locate(shards.offsets(info.shards), first_row)
-            where = f"row {first_row}: '{info.shards[int(shard)].path}' row {int(local)}"
-        raise CollectiveError(
-            f"'{info.path}': {bad} rows hold NaN or Inf (first: {where}); "
-            'fix the data or set data.nonfinite = "drop"',
-            DataError.exit_code,
-        )
+        raise nonfinite_error(self.info, bad, f.first_bad, comm)
 
     def _scaler(self, kind: str, d: int) -> Scaler:
         """The scaler from the first pass's statistics: the in-memory fit's merge."""

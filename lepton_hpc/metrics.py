@@ -7,10 +7,12 @@ are exact (``exact_sums``), so a metric has the same bits for any rank count.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from .comm.base import Communicator
 from .exact import ExactSums, exact_sums
+from .metric_kernels import classification_sums, regression_sums
 
 EPS = float(np.finfo(np.float64).eps)  # probabilities clipped to [EPS, 1 - EPS], as scikit-learn
 
@@ -66,23 +68,17 @@ class MetricSums:
         self.n = 0
 
     def add(self, y: np.ndarray, out: np.ndarray) -> None:
+        out = np.ascontiguousarray(out, dtype=np.float64)
         if self.head == "squared":
-            y2 = _column(y, out)
-            err = out - y2
-            self.sums.add([err * err, np.abs(err), (y2 - self.y_mean) ** 2])
+            y2 = np.ascontiguousarray(_column(y, out), dtype=np.float64)
+            mean = np.asarray(self.y_mean, dtype=np.float64)
+            regression_sums(y2, out, mean, self.sums.bins, numba.get_num_threads())
             self.n += y2.shape[0]
             return
-        labels = y.astype(np.int64)
-        k = self.k
-        self.cm += np.bincount(
-            labels * k + predicted_labels(out, self.head), minlength=k * k
-        ).astype(np.int64)
-        if self.head == "binary":
-            p = np.clip(out[:, 0], EPS, 1 - EPS)
-            ll = -(labels * np.log(p) + (1 - labels) * np.log1p(-p))
-        else:
-            ll = -np.log(np.clip(out[np.arange(labels.size), labels], EPS, None))
-        self.sums.add([ll])
+        labels = np.ascontiguousarray(y, dtype=np.float64).reshape(-1)
+        binary = self.head == "binary"
+        threads = numba.get_num_threads()
+        classification_sums(labels, out, binary, self.k, self.cm, self.sums.bins[0], threads)
 
     def result(self, comm: Communicator) -> dict:
         if self.head == "squared":

@@ -12,7 +12,8 @@ through ``engine.train`` and ``lepton predict`` reaches every one of them with t
 run passes, and stays right when those paths change. The matrix covers: float32 and float64
 data; linear, logistic, softmax and MLP models (every activation); full-batch L-BFGS and
 mini-batches; one and several threads (serial and parallel batch gathers); one-output models
-narrow enough for the register-tile kernels and wider ones; evaluation on a test file; predict.
+narrow enough for the register-tile kernels and wider ones; streamed full-batch runs on rows
+mapped from the file (read-only arrays); evaluation on a test file; predict.
 Activations and heads are run-time codes, not types, so they share compiled code; they are run
 anyway because it costs milliseconds once compiled.
 
@@ -88,7 +89,7 @@ def _jobs(files: dict[str, Path]) -> list[dict]:
     ]
     jobs.append(("blobs", {"kind": "mlp", "hidden": [5, 3]}, {}, {"epochs": 1}))  # full batch
     jobs.append(("linear", {"kind": "mlp", "hidden": [4]}, {}, {**mini, "threads": 1}))
-    return [
+    runs = [
         {
             "data": {"train": str(files[task]), "test": str(files[task]), "scale": "zscore"},
             "model": model,
@@ -99,6 +100,27 @@ def _jobs(files: dict[str, Path]) -> list[dict]:
         }
         for task, model, optim, train in jobs
     ]
+    # data.stream with rows used as stored: the kernels read rows mapped from the file, whose
+    # arrays are read-only (a type of their own to Numba)
+    streamed = [
+        ("linear", {"kind": "linear"}),
+        ("binary", {"kind": "logistic"}),
+        ("binary_wide", {"kind": "logistic"}),
+        ("blobs", {"kind": "softmax"}),
+        ("blobs", {"kind": "mlp", "hidden": [5, 3]}),
+    ]
+    runs += [
+        {
+            "data": {"train": str(files[task]), "stream": True},
+            "model": model,
+            "optim": {"name": "lbfgs"},
+            "train": {"seed": 1, "epochs": 2},
+            "checkpoint": {"every_steps": 0, "keep": 1},
+            "output": {"plot": False},
+        }
+        for task, model in streamed
+    ]
+    return runs
 
 
 def warm(

@@ -8,6 +8,7 @@ offsets were taken (``file_identity``), else nothing is read.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -198,3 +199,50 @@ def nonfinite_rows(X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     else:
         bad |= ~np.isfinite(rows).all(axis=1)
     return bad
+
+
+MAP_ALIGN = 2 << 20  # mappings start on a 2 MiB boundary of the file: large page-cache folios
+# are then mapped as huge pages (fewer TLB misses for the kernel reading them)
+
+
+def map_rows(
+    path: str,
+    offset: int,
+    start: int,
+    stop: int,
+    width: int,
+    dtype: np.dtype,
+    identity: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
+    """Rows ``start..stop`` of a contiguous (n, ``width``) data set at byte ``offset`` of
+    ``path`` as a read-only view of the file's pages: no copy, the caller's kernel reads the
+    page cache itself. The pages are mapped at once (``MAP_POPULATE``, reading a cold file at
+    the device's rate), so this is the whole cost of the read; the mapping ends with the last
+    view of it. ``identity`` as in ``pread_rows``.
+
+    The descriptor is opened read-only and the mapping is read-only: the file cannot be changed
+    through it. (A private writable mapping would give the kernels their usual array type, but
+    it cannot map large page-cache folios as huge pages: twice the cost of mapping here.)
+    Holding the view maps its pages into the process (they count in its resident memory while
+    the view lives; they stay the kernel's to evict, as clean page cache). A file truncated
+    while mapped makes the next access fault (SIGBUS): the identity check narrows that window
+    to the time one piece is in use.
+    """
+    dtype = np.dtype(dtype)
+    row_bytes = width * dtype.itemsize
+    lo, hi = offset + start * row_bytes, offset + stop * row_bytes
+    if hi == lo:
+        return np.empty((0, width), dtype)
+    base = lo // MAP_ALIGN * MAP_ALIGN
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        if identity is not None:
+            compare_identity(path, identity, st)
+        if hi > st.st_size:
+            raise DataError(f"'{path}' ends at byte {st.st_size}, before its rows' last byte {hi}")
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        m = mmap.mmap(fd, hi - base, flags=flags, prot=mmap.PROT_READ, offset=base)
+    finally:
+        os.close(fd)
+    return np.frombuffer(m, dtype, (stop - start) * width, lo - base).reshape(stop - start, width)

@@ -7,6 +7,7 @@ fails together with one clear message when a file or data set is wrong.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,11 @@ from ..errors import DataError
 from ..log import Log
 from . import chunk_read, shards
 from .direct_read import (
+    MAP_ALIGN,
     compare_identity,
     file_identity,
     in_opened_file,
+    map_rows,
     nonfinite_rows,
     pread_rows,
 )
@@ -39,6 +42,7 @@ def row_block(n_rows: int, rank: int, size: int) -> tuple[int, int]:
 REPRODUCIBLE_BLOCK_ROWS = 1024
 MIN_BLOCKS = 64
 DIRECT_READ = os.environ.get("LEPTON_READ", "auto") != "hdf5"  # LEPTON_READ=hdf5: h5py only
+MAP_READ = os.environ.get("LEPTON_READ", "auto") == "auto"  # LEPTON_READ=pread: no mmap views
 
 
 def global_block_rows(n_rows: int) -> int:
@@ -417,7 +421,7 @@ def read_range(
     stop: int,
     threads: int,
     direct: bool,
-    Xl: np.ndarray,
+    Xl: np.ndarray | None,
     yl: np.ndarray | None,
     bad: np.ndarray,
 ) -> None:
@@ -426,18 +430,22 @@ def read_range(
     it lies, with the per-file fast path (plain ``pread`` from threads when the data set is
     contiguous in its file, the chunk reader when it is chunked, else h5py opened by this
     process alone). No collective call: a background thread may read ahead with it.
+    ``Xl`` None: only the targets are read (and screened).
     """
-    dtype = Xl.dtype
     files = _files(info)
     for i, lo, hi, at in _parts(info, start, stop):
         s, k = files[i], hi - lo
         flags = bad[at : at + k]
-        sdt = _feature_dtype(s.x_dtype)
-        buf = Xl[at : at + k] if sdt == dtype else aligned_empty((k, info.n_features), sdt)
+        buf = None
+        if Xl is not None:
+            sdt = _feature_dtype(s.x_dtype)
+            buf = Xl[at : at + k] if sdt == Xl.dtype else aligned_empty((k, info.n_features), sdt)
         ys = None if yl is None else yl[at : at + k]
-        x_done = direct and s.x_offset is not None
+        x_done = buf is None or (direct and s.x_offset is not None)
         y_done = ys is None or (direct and s.y_offset is not None)
-        if x_done:
+        if buf is None:
+            pass
+        elif x_done:
             pread_rows(s.path, s.x_offset, lo, buf, threads, True, flags, s.identity)
         elif direct and s.x_chunks is not None:
             chunk_read.read_rows(
@@ -466,8 +474,56 @@ def read_range(
                         nonfinite_rows(ys, out=flags)
             except (OSError, KeyError, ValueError) as exc:
                 raise DataError(f"'{s.path}:{what}' cannot be read ({exc})") from None
-        if buf.dtype != dtype:
+        if buf is not None and buf.dtype != Xl.dtype:
             Xl[at : at + k] = buf
+
+
+def map_range(
+    info: DataInfo, start: int, stop: int, direct: bool, dtype, y_width: int
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Global rows ``[start, stop)`` as read-only views of the file's pages
+    (``direct_read.map_rows``): X, and y when it is stored as contiguous float64 (else None:
+    read it with ``read_range``). None when X cannot be mapped: the rows span files, or X is
+    not contiguous in its file or not stored in ``dtype`` itself. ``LEPTON_READ=pread`` turns
+    mapping off."""
+    if not (direct and MAP_READ):
+        return None
+    parts = _parts(info, start, stop)
+    if len(parts) != 1:
+        return None
+    i, lo, hi, _ = parts[0]
+    s = _files(info)[i]
+    if s.x_offset is None or np.dtype(s.x_dtype) != np.dtype(dtype):
+        return None
+    X = map_rows(s.path, s.x_offset, lo, hi, info.n_features, dtype, s.identity)
+    y = None
+    if info.y is not None and s.y_offset is not None:
+        y = map_rows(s.path, s.y_offset, lo, hi, y_width, np.float64, s.identity)
+    return X, y
+
+
+def mapped_bounds(info: DataInfo, start: int, stop: int, unit: int, piece_bytes: int) -> list:
+    """Pieces ``(a, b)`` of rows ``[start, stop)`` for mapped reads: each begins at the first
+    row (a multiple of ``unit`` rows) at or after a 2 MiB boundary of the file, ``piece_bytes``
+    (whole 2 MiB) apart, so its mapping is whole aligned 2 MiB spans but for its last partial
+    unit (large page-cache folios then map as huge pages). Rows split between shards keep
+    even pieces (None)."""
+    files = _files(info)
+    parts = _parts(info, start, stop)
+    if len(parts) != 1 or files[parts[0][0]].x_offset is None or piece_bytes < MAP_ALIGN:
+        return None
+    i, lo, _, _ = parts[0]
+    row = info.n_features * np.dtype(_feature_dtype(files[i].x_dtype)).itemsize
+    off = files[i].x_offset + (lo - start) * row  # the file offset of global row 0, in effect
+    first = (off + start * row) // MAP_ALIGN * MAP_ALIGN
+    cuts = [start]
+    for edge in range(first + piece_bytes, off + stop * row, piece_bytes):
+        r = -(-(edge - off) // row)  # the first row at or after the edge...
+        r = -(-r // unit) * unit  # ...on a unit boundary
+        if cuts[-1] < r < stop:
+            cuts.append(r)
+    cuts.append(stop)
+    return list(itertools.pairwise(cuts))
 
 
 def _open(path: str, info: DataInfo, comm: Communicator) -> h5py.File:
@@ -508,19 +564,20 @@ def _piece(A: np.ndarray) -> int:
     return max(1, (1 << 20) // max(1, A[:1].nbytes))
 
 
-def compact_rows(A: np.ndarray, keep: np.ndarray) -> np.ndarray:
+def compact_rows(A: np.ndarray, keep: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``A[keep]`` in place: the kept rows moved to the front of ``A`` in order, piece by piece
     (a row only ever moves towards the front, so no row is overwritten before it is read);
     returns the leading view. ``A`` is then no longer the array it was: only for buffers the
-    caller owns."""
+    caller owns. ``out`` (as many rows as ``A`` at least): the rows go to its front instead."""
+    out = A if out is None else out
     n = A.shape[0]
     step, dst = _piece(A), 0
     for a in range(0, n, step):
         b = min(n, a + step)
         part = A[a:b][keep[a:b]]
-        A[dst : dst + part.shape[0]] = part
+        out[dst : dst + part.shape[0]] = part
         dst += part.shape[0]
-    return A[:dst]
+    return out[:dst]
 
 
 def nonfinite_error(info: DataInfo, count: int, first: int, comm: Communicator) -> CollectiveError:

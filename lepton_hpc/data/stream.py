@@ -18,6 +18,14 @@ block-ordered sum is the same: streamed full-batch and L-BFGS runs give the in-m
 Metrics are integer counts and exact sums, equal in any mode. In the default mode the pieces'
 float64 gradients are added in piece order: equal to in-memory results to rounding.
 
+Rows used as stored (no scaler, no hold-out; X contiguous in its file, in the training dtype)
+are mapped after the first pass instead of read: each piece is a read-only view of the file's
+pages (``reader.map_range``), mapped by the background thread, and the kernel reads the page
+cache itself. Those pieces start on 2 MiB boundaries of the file (``reader.mapped_bounds``) and
+are two thirds of a buffer, as up to three are mapped at once (the one in use, the next, the
+last one until the caller lets it go). Pieces where the first pass found NaN/Inf rows, and
+pieces spanning two shards, are read into the buffers as before.
+
 Memory: two pieces of ``buffer_mb`` (rows, targets, flags), plus the validation rows of one
 piece while metrics are computed, plus the model. ``results.json`` reports each rank's peak.
 """
@@ -38,6 +46,8 @@ from .dataset import _ids_where, compact_rows, gather_rows, held_out, validation
 from .preprocess import Scaler, block_moments, local_moments, merge_moments
 from .reader import (
     DIRECT_READ,
+    MAP_ALIGN,
+    MAP_READ,
     Block,
     _feature_dtype,
     _reader_threads,
@@ -45,6 +55,8 @@ from .reader import (
     check_identities,
     global_block_rows,
     inspect_shared,
+    map_range,
+    mapped_bounds,
     nonfinite_error,
     rank_rows,
     read_range,
@@ -53,15 +65,23 @@ from .reader import (
 
 @dataclass(slots=True)
 class Part:
-    """Rows of one piece: features (scaled), targets and their global row ids."""
+    """Rows of one piece: features (scaled), targets and their global row ids (``ids`` None:
+    the rows ``start..start + n``, made only when asked for)."""
 
     X: np.ndarray
     y: np.ndarray
-    ids: np.ndarray
+    _ids: np.ndarray | None = None
+    start: int = 0
 
     @property
     def n(self) -> int:
         return int(self.X.shape[0])
+
+    @property
+    def ids(self) -> np.ndarray:
+        if self._ids is None:
+            self._ids = np.arange(self.start, self.start + self.n, dtype=np.int64)
+        return self._ids
 
 
 @dataclass(slots=True)
@@ -77,9 +97,19 @@ class StreamSplit:
 
 @dataclass
 class _Buffer:
-    X: np.ndarray
+    X: np.ndarray | None  # allocated when first needed: mapped pieces never need it
     y: np.ndarray | None
     bad: np.ndarray
+    view: np.ndarray | None = None  # the piece's rows mapped from the file (read-only)
+    y_view: np.ndarray | None = None  # and its targets, when stored as float64
+
+    def rows(self, m: int) -> np.ndarray:
+        return self.view if self.view is not None else self.X[:m]
+
+    def targets(self, m: int) -> np.ndarray:
+        if self.y_view is not None:
+            return self.y_view
+        return self.y[:m] if self.y is not None else np.zeros(m)
 
 
 @dataclass
@@ -113,10 +143,28 @@ class RowStream:
         self.start, self.stop = rank_rows(info, comm, reproducible)
         self.dtype = _feature_dtype(info.x_dtype)
         self.y_tail = tuple((info.y_shape or ())[1:])
-        y_width = int(np.prod(self.y_tail, dtype=np.int64)) if self.y_tail else 1
+        y_width = self.y_width = int(np.prod(self.y_tail, dtype=np.int64)) if self.y_tail else 1
         row_bytes = info.n_features * self.dtype.itemsize + 8 * y_width + 1
         rows = max(1, int(data_cfg.buffer_mb * 2**20) // row_bytes)
         self.block_rows = global_block_rows(info.n_rows)
+        self.threads = _reader_threads(comm)
+        self.direct = agree(comm, self._same_files)
+        self.holds_out = data_cfg.validation_fraction > 0 or bool(data_cfg.folds)
+        # Rows used as they are (no hold-out, no scaler) of a contiguous X stored in the
+        # training dtype are mapped from the file, not copied: the kernel reads the page cache.
+        # Up to three pieces are mapped at once (the one in use, the next, and the last while
+        # it is let go), so mapped pieces are two thirds of a buffer.
+        self.map = (
+            MAP_READ
+            and self.direct
+            and not self.holds_out
+            and data_cfg.scale == "none"
+            and all(
+                s.x_offset is not None and np.dtype(s.x_dtype) == self.dtype
+                for s in (info.shards or (info,))
+            )
+        )
+        unit = self.block_rows if reproducible else 1
         if reproducible:  # whole global blocks per piece: each block's sums are those in memory
             rows = max(self.block_rows, rows // self.block_rows * self.block_rows)
         self.piece_rows = min(rows, max(1, self.stop - self.start))
@@ -124,6 +172,14 @@ class RowStream:
             (a, min(self.stop, a + self.piece_rows))
             for a in range(self.start, self.stop, self.piece_rows)
         ]
+        x_row = info.n_features * self.dtype.itemsize
+        if self.map:
+            step = max(unit, rows * 2 // 3 // unit * unit)
+            aligned = step * x_row // MAP_ALIGN * MAP_ALIGN
+            self.bounds = mapped_bounds(info, self.start, self.stop, unit, aligned) or [
+                (a, min(self.stop, a + step)) for a in range(self.start, self.stop, step)
+            ]
+            self.piece_rows = max([b - a for a, b in self.bounds], default=1)
         self.n_blocks = -(-info.n_rows // self.block_rows)
         first, last = self.start // self.block_rows, -(-self.stop // self.block_rows)
         self.rank_blocks = np.arange(first, max(first, last), dtype=np.int64)
@@ -132,13 +188,25 @@ class RowStream:
         # count (with more ranks each holds less of a window).
         share = rows if reproducible else rows * comm.size
         self.window_blocks = max(1, share // self.block_rows)
-        self.threads = _reader_threads(comm)
-        self.direct = agree(comm, self._same_files)
-        self.holds_out = data_cfg.validation_fraction > 0 or bool(data_cfg.folds)
         self.scaler: Scaler | None = None
         self.place: Callable = lambda a: a  # the device's ``place`` once chosen
         self._buffers: list[_Buffer] = []
         self.fitted = _Fit()
+        # Pieces holding NaN/Inf rows (found by the first pass): read into a buffer, not mapped
+        self._bad_pieces = np.zeros(len(self.bounds), dtype=bool)
+        self._screened = False  # whether the first pass has screened every piece
+
+    def describe(self) -> str:
+        """One line for the run's log: how later passes read the rows."""
+        n = len(self.bounds)
+        mib = self.piece_rows * self.info.n_features * self.dtype.itemsize / 2**20
+        how = "read into two buffers each pass"
+        if self.map:
+            how = "mapped from the file each pass (no copy)"
+            if self._bad_pieces.any():
+                how += f", but {int(self._bad_pieces.sum())} holding NaN/Inf rows are read"
+        rank = self.comm.rank
+        return f"data.stream: rank {rank}'s rows in {n} piece(s) of up to {mib:.1f} MiB, {how}"
 
     # ---- reading ------------------------------------------------------------------------
     def _same_files(self) -> bool:
@@ -146,31 +214,57 @@ class RowStream:
         return DIRECT_READ
 
     def buffer_bytes(self) -> int:
-        """Bytes of the two read buffers (allocated on the first pass)."""
-        return sum(b.X.nbytes + (b.y.nbytes if b.y is not None else 0) for b in self._buffers)
+        """Bytes of rows and targets the stream holds at most: its two buffers (the first pass
+        reads into them) or, when later passes map the rows, three mapped pieces."""
+        x_row = self.info.n_features * self.dtype.itemsize
+        y_row = 8 * self.y_width if self.info.y is not None else 0
+        held = 2 * self.piece_rows * (x_row + y_row)
+        if self.map:
+            held = max(held, 3 * self.piece_rows * x_row + 2 * self.piece_rows * y_row)
+        return held if self._buffers else 0
 
     def _buffer(self, k: int) -> _Buffer:
         while len(self._buffers) < 2:
             m = self.piece_rows
             y = None if self.info.y is None else np.empty((m, *self.y_tail), dtype=np.float64)
-            X = aligned_empty((m, self.info.n_features), self.dtype)
-            self._buffers.append(_Buffer(X, y, np.zeros(m, dtype=bool)))
+            self._buffers.append(_Buffer(None, y, np.zeros(m, dtype=bool)))
         return self._buffers[k % 2]
 
+    def _rows_buffer(self, buf: _Buffer) -> np.ndarray:
+        if buf.X is None:
+            buf.X = aligned_empty((self.piece_rows, self.info.n_features), self.dtype)
+        return buf.X
+
     def _read(self, k: int) -> tuple[int, int, _Buffer]:
+        """Piece ``k``: its rows mapped from the file (no copy) where they can be, else read
+        into the buffer; its targets read, and NaN/Inf flagged (in mapped rows, only until the
+        first pass has found which pieces hold any)."""
         a, b = self.bounds[k]
         buf = self._buffer(k)
+        buf.view = buf.y_view = None  # the buffer's last piece is let go before the next
         m = b - a
         bad = buf.bad[:m]
         bad[:] = False
         y = None if buf.y is None else buf.y[:m]
-        read_range(self.info, a, b, self.threads, self.direct, buf.X[:m], y, bad)
+        mapped = None
+        if self.map and self._screened and not self._bad_pieces[k]:
+            mapped = map_range(self.info, a, b, self.direct, self.dtype, self.y_width)
+        if mapped is None:
+            X = self._rows_buffer(buf)[:m]
+            read_range(self.info, a, b, self.threads, self.direct, X, y, bad)
+            return a, b, buf
+        buf.view, y_view = mapped
+        if y_view is not None:
+            buf.y_view = y_view.reshape(m, *self.y_tail)
+        elif y is not None:
+            read_range(self.info, a, b, self.threads, self.direct, None, y, bad)
         return a, b, buf
 
     def pieces(self) -> Iterator[tuple[int, int, _Buffer]]:
         """(first row, end row, buffer) of each piece in order; the next piece is read on a
         background thread while the caller works on this one. A piece is valid until the
-        next is asked for (its buffer is then refilled)."""
+        next is asked for (its buffer is then refilled). Its rows ``buffer.X[:m]`` are
+        read-only when mapped from the file."""
         if not self.bounds:
             return
         with ThreadPoolExecutor(1, thread_name_prefix="lepton-read") as pool:
@@ -181,14 +275,17 @@ class RowStream:
                     ahead = pool.submit(self._read, k + 1)
                 yield piece
 
-    def _masks(self, a: int, b: int, buf: _Buffer) -> tuple[np.ndarray, np.ndarray | None]:
-        """(training rows, validation rows or None) of the piece ``[a, b)``."""
+    def _masks(self, a: int, b: int, buf: _Buffer) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(training rows, validation rows or None) of the piece ``[a, b)``; training rows None:
+        every row."""
         m = b - a
-        usable = ~buf.bad[:m] if self.cfg.nonfinite == "drop" else np.ones(m, dtype=bool)
+        drop = self.cfg.nonfinite == "drop" and bool(buf.bad[:m].any())
+        usable = ~buf.bad[:m] if drop else None
         if not self.holds_out:
             return usable, None
-        hold = held_out(Block(buf.X[:m], None, self.info, a), self.cfg, self.seed)
-        return usable & ~hold, usable & hold
+        hold = held_out(Block(buf.rows(m), None, self.info, a), self.cfg, self.seed)
+        train = ~hold if usable is None else usable & ~hold
+        return train, (hold if usable is None else usable & hold)
 
     def read_blocks(self, blocks: np.ndarray) -> Part:
         """The training rows of global ``blocks`` (ascending) that lie on this rank, read into
@@ -227,21 +324,26 @@ class RowStream:
         return Part(X, y, ids)
 
     def _parts(self, a: int, b: int, buf: _Buffer, want_val: bool) -> tuple[Part, Part | None]:
-        """The piece's training rows (compacted in place in the buffer) and, if asked for, a
-        copy of its validation rows; both scaled when the scaler is fitted."""
+        """The piece's training rows (compacted in place in the buffer, or into it from mapped
+        rows) and, if asked for, a copy of its validation rows; both scaled when the scaler is
+        fitted."""
         m = b - a
-        X, y = buf.X[:m], (buf.y[:m] if buf.y is not None else np.zeros(m))
-        block = Block(X, y, self.info, a)
+        X, y = buf.rows(m), buf.targets(m)
         train, val = self._masks(a, b, buf)
         vpart = None
         if want_val and val is not None:
-            vpart = Part(gather_rows(X, val), y[val], _ids_where(block, val))
-        ids = _ids_where(block, train)
-        if not train.all():
-            X, y = compact_rows(X, train), compact_rows(y, train)
-        tpart = Part(X, y, ids)
-        if self.scaler is not None:
-            self.scaler.apply_(tpart.X)
+            vpart = Part(gather_rows(X, val), y[val], _ids_where(Block(X, y, self.info, a), val))
+        if train is None:
+            tpart = Part(X, y, None, a)
+        else:
+            ids = _ids_where(Block(X, y, self.info, a), train)
+            into = X if X.flags.writeable else self._rows_buffer(buf)
+            tpart = Part(compact_rows(X, train, into), compact_rows(y, train), ids)
+        if self.scaler is not None and self.scaler.kind != "none":
+            if not tpart.X.flags.writeable:
+                tpart.X = self.scaler._scale_into(tpart.X, self._rows_buffer(buf)[: tpart.n])
+            else:
+                self.scaler.apply_(tpart.X)
             if vpart is not None:
                 self.scaler.apply_(vpart.X)
         return tpart, vpart
@@ -288,10 +390,11 @@ class RowStream:
         has_y = self.info.y is not None
         error: LeptonError | None = None
         try:
-            for a, b, buf in self.pieces():
+            for k, (a, b, buf) in enumerate(self.pieces()):
                 m = b - a
                 bad = buf.bad[:m]
                 if bad.any():
+                    self._bad_pieces[k] = True
                     f.bad += int(np.count_nonzero(bad))
                     if f.first_bad < 0:
                         f.first_bad = a + int(np.argmax(bad))
@@ -325,6 +428,10 @@ class RowStream:
         except (LeptonError, OSError) as exc:
             error = self._failure(exc)
         self._together(error)
+        self._screened = True
+        if self.map and not self._bad_pieces.any():
+            for buf in self._buffers:  # later passes map the rows: the row buffers go
+                buf.X = None
         self._check_nonfinite()
         comm = self.comm
         counts = comm.allreduce_(np.array([f.n_train, f.n_val], dtype=np.int64))

@@ -219,6 +219,7 @@ def prepare(
             agree(comm, lambda: _streamable(source))
             stream = RowStream(cfg.data, cfg.train.seed, comm, reproducible=cfg.comm.reproducible)
             train_split, val_split, scaler, stream_stats = stream.fit()
+            log.info(stream.describe())
             data = TrainingData(train_split, val_split, scaler, stream.info)
         elif clients is not None:  # the client reads its file alone; the scaler is fitted on all
             own = dataclasses.replace(cfg.data, train=clients[comm.rank])

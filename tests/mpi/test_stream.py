@@ -125,6 +125,66 @@ def test_streamed_mini_batches_are_rank_count_invariant_and_resume_mid_epoch(tmp
     assert np.array_equal(read_params(run / "model.h5"), want)
 
 
+MAP_ROWS, MAP_FEATURES = 300_000, 8  # 9.6 MB of rows: pieces of whole 2 MiB file spans
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """(a file whose rows are used as stored, two shards of it), row 1000 holding a NaN."""
+    root = tmp_path_factory.mktemp("mapped")
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(MAP_ROWS, MAP_FEATURES)).astype(np.float32)
+    y = (X @ rng.normal(size=MAP_FEATURES) > 0).astype(np.float64)
+    X[1000, 3] = np.nan
+    with h5py.File(root / "one.h5", "w") as fh:
+        fh["X"], fh["y"] = X, y
+    parts = [root / "a.h5", root / "b.h5"]
+    for path, rows in zip(parts, (slice(0, 123_457), slice(123_457, None)), strict=True):
+        with h5py.File(path, "w") as fh:
+            fh["X"], fh["y"] = X[rows], y[rows]
+    return root / "one.h5", [str(p) for p in parts]
+
+
+def _plain(tmp_path, ranks, train, name, *extra, stream=True, env=None, reproducible=True):
+    cfg = write_config(
+        tmp_path / f"{name}.toml",
+        {
+            "data": {"train": train, "nonfinite": "drop", "stream": stream, "buffer_mb": 4},
+            "model": {"kind": "logistic", "l2": 1e-3},
+            "optim": {"name": "lbfgs"},
+            "train": {"epochs": 3},
+            "comm": {"reproducible": reproducible},
+            "output": {"dir": str(tmp_path / name), "plot": False},
+        },
+    )
+    res = ok(lepton(ranks, "train", cfg, *extra, env=env, timeout=120))
+    results = json.loads((tmp_path / name / "results.json").read_text())
+    return read_params(tmp_path / name / "model.h5"), results, res.stdout + res.stderr
+
+
+def test_mapped_pieces_are_bitwise_in_memory_at_1_2_3_ranks(tmp_path, plain):
+    """Rows used as stored (no scaler, no hold-out) are mapped from the file after the first
+    pass, not copied: the same bits as in memory (and as copied pieces), the piece holding the
+    dropped NaN row read instead; shards map each file's pieces."""
+    one, parts = plain
+    want, results, _ = _plain(tmp_path, 1, str(one), "memory", stream=False)
+    assert results["rows"]["train"] == MAP_ROWS - 1
+    for ranks, train in ((1, str(one)), (2, str(one)), (3, parts)):
+        got, res, out = _plain(tmp_path, ranks, train, f"mapped{ranks}")
+        assert "mapped from the file each pass" in out, out
+        assert "1 holding NaN/Inf rows are read" in out  # row 1000 is rank 0's
+        assert np.array_equal(got, want), f"{ranks} ranks"
+        assert res["metrics"] == results["metrics"], f"{ranks} ranks"
+        assert max(res["memory"]["data_mb"]) < 10  # three 2 MiB pieces and the targets
+    got, _, out = _plain(tmp_path, 2, str(one), "copied", env=mpi_env(LEPTON_READ="pread"))
+    assert "read into two buffers" in out
+    assert np.array_equal(got, want)
+    # the default mode adds the pieces' float64 sums in piece order: in-memory to rounding
+    loose, _, _ = _plain(tmp_path, 1, str(one), "memory_fast", stream=False, reproducible=False)
+    got, _, _ = _plain(tmp_path, 2, str(one), "mapped_fast", reproducible=False)
+    np.testing.assert_allclose(got, loose, rtol=1e-9, atol=1e-12)
+
+
 def test_stream_refuses_what_it_cannot_do(tmp_path, data):
     one, *_ = data
     cfg = write_config(

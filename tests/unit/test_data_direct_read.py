@@ -9,6 +9,8 @@ import os
 import h5py
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lepton_hpc.kernels import native
 
 from lepton_hpc.comm.base import SerialComm
@@ -355,3 +357,68 @@ def test_shapes_that_cannot_be_read_are_data_errors(tmp_path, make, message):
             fh.create_dataset("X", data=np.zeros((6, 2)))
     with pytest.raises(DataError, match=message):
         reader.inspect(str(path), "X", "y")
+
+
+def _mapped_file(tmp_path, rows=40_000, d=7):
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(rows, d)).astype(np.float32)
+    y = rng.normal(size=rows)
+    path = tmp_path / "m.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("pad", data=np.arange(13))  # X does not start at the first byte
+        fh["X"], fh["y"] = X, y
+    return path, X, y
+
+
+def test_mapped_rows_are_the_stored_rows_and_read_only(tmp_path):
+    path, X, y = _mapped_file(tmp_path)
+    before = path.read_bytes()
+    info = reader.inspect(str(path), "X", "y")
+    for a, b in ((0, 1), (5, 40_000), (12_345, 23_456), (39_999, 40_000)):
+        Xv, yv = reader.map_range(info, a, b, True, np.float32, 1)
+        assert np.array_equal(Xv, X[a:b]) and np.array_equal(yv.reshape(-1), y[a:b])
+        with pytest.raises(ValueError, match="read-only"):
+            Xv[0, 0] = 1.0
+        with pytest.raises(ValueError, match="read-only"):
+            yv[0] = 1.0
+        del Xv, yv
+    assert path.read_bytes() == before
+    assert reader.map_range(info, 0, 10, True, np.float64, 1) is None  # stored as float32
+    assert reader.map_range(info, 0, 10, False, np.float32, 1) is None  # not read directly
+
+
+def test_mapping_a_file_rewritten_after_inspection_is_a_data_error(tmp_path):
+    path, X, _ = _mapped_file(tmp_path)
+    info = reader.inspect(str(path), "X", "y")
+    with h5py.File(path, "a") as fh:
+        fh["X"][0, 0] = 1.0
+    with pytest.raises(DataError, match="changed"):
+        reader.map_range(info, 0, 10, True, np.float32, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    offset=st.integers(0, 5 << 20),
+    start=st.integers(0, 10**6),
+    rows=st.integers(1, 10**6),
+    row=st.sampled_from([4, 12, 32, 128, 4096]),
+    unit=st.sampled_from([1, 1024]),
+    spans=st.integers(1, 4),
+)
+def test_mapped_pieces_cover_the_rows_from_2_mib_edges(offset, start, rows, row, unit, spans):
+    """Pieces are contiguous, cover the rank's rows, and each starts at the first whole unit
+    (global block) at or after a 2 MiB edge of the file, ``piece`` bytes apart."""
+    start = start // unit * unit
+    stop = start + rows
+    info = reader.DataInfo("f", "X", None, stop, row // 4, "<f4", None, x_offset=offset)
+    piece = spans * reader.MAP_ALIGN
+    bounds = reader.mapped_bounds(info, start, stop, unit, piece)
+    assert bounds[0][0] == start and bounds[-1][1] == stop
+    assert all(b0 == a1 for (_, b0), (a1, _) in zip(bounds, bounds[1:], strict=False))
+    assert all(a < b for a, b in bounds)
+    first = (offset + start * row) // reader.MAP_ALIGN * reader.MAP_ALIGN
+    for a, _ in bounds[1:]:
+        assert a % unit == 0
+        at = offset + a * row
+        edge = first + (at - first) // piece * piece  # the last edge at or before the piece
+        assert offset + (a - unit) * row < edge <= at

@@ -3,6 +3,7 @@
 import math
 import warnings
 
+import numba
 import numpy as np
 import pytest
 from sklearn import metrics as skm
@@ -11,6 +12,8 @@ from sklearn.exceptions import UndefinedMetricWarning
 from lepton_hpc.comm.base import SerialComm
 from lepton_hpc.exact import exact_sums
 from lepton_hpc.metrics import (
+    EPS,
+    MetricSums,
     classification_metrics,
     from_confusion,
     predicted_labels,
@@ -173,3 +176,65 @@ def test_exact_sums_of_non_finite_values():
     )
     assert math.isnan(got[0]) and got[1] == inf and got[2] == -inf and math.isnan(got[3])
     assert exact_sums([np.array([1e308, 1e308])], COMM)[0] == inf  # overflow of the total
+
+
+def _numpy_sums(y, out, head, k):
+    """The NumPy expressions the metric kernels replace: counts and per-row terms."""
+    labels = y.astype(np.int64)
+    if head == "binary":
+        p = np.clip(out[:, 0], EPS, 1 - EPS)
+        terms = -(labels * np.log(p) + (1 - labels) * np.log1p(-p))
+    else:
+        terms = -np.log(np.clip(out[np.arange(labels.size), labels], EPS, None))
+    cm = np.bincount(labels * k + predicted_labels(out, head), minlength=k * k)
+    return cm, terms
+
+
+@pytest.mark.parametrize(("head", "k"), [("binary", 2), ("softmax", 4)])
+def test_metric_kernels_equal_numpy_for_any_threads_and_pieces(head, k):
+    """Counts exactly, log-loss terms to the fast log's 1e-14; every thread count and split of
+    the rows gives the same bits (integer bins); edge probabilities 0, 1, 0.5, tiny."""
+    rng = np.random.default_rng(7)
+    n = 30_011
+    y = rng.integers(0, k, n).astype(np.float64)
+    if head == "binary":
+        out = rng.random((n, 1)) ** rng.choice([1.0, 8.0, 0.125], (n, 1))
+        out[:6, 0] = [0.0, 1.0, 0.5, 1e-300, 1 - 1e-17, 0.29]
+    else:
+        out = softmax(rng.normal(size=(n, k)) * 4)
+        out[:3] = [[1, 0, 0, 0], [0, 0, 0, 1], [0.25] * 4]  # a zero probability, a tie
+    cm, terms = _numpy_sums(y, out, head, k)
+    results = []
+    for threads, piece in ((1, n), (2, n), (2, 4099), (1, 977)):
+        numba.set_num_threads(threads)
+        sums = MetricSums(head, k)
+        for a in range(0, n, piece):
+            sums.add(y[a : a + piece], out[a : a + piece])
+        results.append((sums.cm.tolist(), sums.sums.bins.tobytes()))
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert all(r == results[0] for r in results)
+    assert results[0][0] == cm.tolist()
+    got = MetricSums(head, k)
+    got.add(y, out)
+    per_row = MetricSums(head, k)
+    for i in range(50):  # each term alone against NumPy's
+        per_row.sums.bins[:] = 0
+        per_row.add(y[i : i + 1], out[i : i + 1])
+        assert per_row.sums.total(COMM)[0] == pytest.approx(terms[i], rel=1e-14, abs=1e-300)
+    assert got.sums.total(COMM)[0] == pytest.approx(exact_sums([terms], COMM)[0], rel=1e-14)
+    out[5, int(y[5]) if head == "softmax" else 0] = np.nan  # the loss is NaN, as in NumPy
+    nan = MetricSums(head, k)
+    nan.add(y, out)
+    assert math.isnan(nan.sums.total(COMM)[0])
+
+
+def test_regression_kernel_sums_are_numpy_bitwise():
+    rng = np.random.default_rng(8)
+    y, out = rng.normal(size=(10_007, 2)), rng.normal(size=(10_007, 2))
+    mean = y.mean(axis=0)
+    sums = MetricSums("squared", 0, mean)
+    for a in range(0, 10_007, 3001):
+        sums.add(y[a : a + 3001], out[a : a + 3001])
+    err = out - y
+    want = exact_sums([err * err, np.abs(err), (y - mean) ** 2], COMM)
+    assert np.array_equal(sums.sums.total(COMM), want)

@@ -56,12 +56,25 @@ def test_warmup_leaves_nothing_to_compile_for_a_real_run(tmp_path: Path) -> None
             "output": {"dir": str(tmp_path / "run"), "plot": False},
         },
     )
-    res = ok(lepton(1, "train", config, env={**env, "NUMBA_DEBUG_CACHE": "1"}, timeout=120))
-    compiled = [line for line in (res.stdout + res.stderr).splitlines() if "data saved" in line]
-    assert compiled == [], "compiled after the warm-up:\n" + "\n".join(compiled)
-    timing = json.loads((tmp_path / "run" / "results.json").read_text())["timing"]
-    assert timing["compile_s"] < 0.5
-    assert "compile" not in res.stdout.split("  time ")[1].splitlines()[0]
+    streamed = write_config(  # rows mapped from the file: read-only arrays, full batch
+        tmp_path / "streamed.toml",
+        {
+            "data": {"train": str(data), "stream": True},
+            "model": {"kind": "logistic"},
+            "optim": {"name": "lbfgs"},
+            "train": {"epochs": 2},
+            "output": {"dir": str(tmp_path / "streamed"), "plot": False},
+        },
+    )
+    for cfg, name in ((config, "run"), (streamed, "streamed")):
+        res = ok(lepton(1, "train", cfg, env={**env, "NUMBA_DEBUG_CACHE": "1"}, timeout=120))
+        out = res.stdout + res.stderr
+        compiled = [line for line in out.splitlines() if "data saved" in line]
+        assert compiled == [], f"{name} compiled after the warm-up:\n" + "\n".join(compiled)
+        timing = json.loads((tmp_path / name / "results.json").read_text())["timing"]
+        assert timing["compile_s"] < 0.5
+        assert "compile" not in res.stdout.split("  time ")[1].splitlines()[0]
+    assert "mapped from the file" in out
 
 
 def test_throughput_leaves_out_compilation_in_the_loop() -> None:

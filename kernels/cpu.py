@@ -23,7 +23,7 @@ from .cpu_layers import (
     _head_loss,  # noqa: F401 - tests reach the scalar head as cpu._head_loss
 )
 from .cpu_passes import _mlp_forward, _mlp_gradient, _single_layer_gradient
-from .cpu_tiles import _one_output_tiles, _one_output_tiles8
+from .cpu_tiles import _one_output_forward8, _one_output_tiles, _one_output_tiles8
 
 SINGLE_BLOCK_BYTES = 4096  # one-layer models: rows of X per block
 MLP_ROW_FLOATS = 16384  # MLP blocks: rows x (sum of layer widths) <= this (128 KiB of float64)
@@ -129,6 +129,11 @@ def forward(X, params, sizes, activation: int, head: int, out: np.ndarray) -> No
     if out.shape != (n, k) or out.dtype != np.float64 or not out.flags.c_contiguous:
         raise ValueError(f"out must be contiguous float64 of shape ({n}, {k})")
     if n == 0:
+        return
+    if USE_TILES and sizes.size == 2 and k == 1 and X.shape[1] <= TILE_WIDTH:
+        n_chunks, rows = _plan(n, _single_block(X), 1)
+        ahead = max(1, TILE_AHEAD_BYTES // (X.shape[1] * X.itemsize))
+        _one_output_forward8(X, params, head == BINARY, ahead, rows, n_chunks, out.reshape(-1))
         return
     _run_forward(X, np.empty((0, 1)), params, sizes, activation, head, out)
 

@@ -385,16 +385,20 @@ def test_fast_softplus_loop_is_vectorised():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("d", [1, 7, 8, 9, 24, 31, 32, 33])
 def test_one_output_paths_match_reference(monkeypatch, tiles, head, dtype, d):
-    """Both one-output paths, every feature-tile boundary, every tail of a group of 4 or 8 rows."""
+    """Both one-output paths, every feature-tile boundary, every tail of a group of 4 or 8 rows:
+    the gradient, and the forward pass (outputs) that evaluation runs."""
     monkeypatch.setattr(cpu, "USE_TILES", tiles)
     for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 17, 130, 1001):
         X, y, params, sizes = make_problem((d, 1), head, n, dtype, seed=d * 1000 + n)
         out = run_gradient(X, y, params, sizes, SIGMOID, head)
-        g_ref, loss_ref, _, _ = reference(X, y, params, sizes, SIGMOID, head)
+        g_ref, loss_ref, want, _ = reference(X, y, params, sizes, SIGMOID, head)
         P = len(params)
         assert rel_err(out[:P], g_ref) < 1e-12, (n, d)
         assert abs(out[P] - loss_ref) <= 1e-12 * abs(loss_ref), (n, d)
         assert out[P + 1] == n
+        fwd = np.full((n, 1), np.nan)
+        cpu.forward(X, params, sizes, SIGMOID, head, fwd)
+        np.testing.assert_allclose(fwd, want, rtol=1e-12, atol=1e-14, err_msg=f"{n} rows, d {d}")
 
 
 @pytest.mark.parametrize("group", [4, 8])

@@ -58,7 +58,7 @@ class DataConfig:
     one (for data larger than the nodes' memory; full batch and lbfgs give the in-memory
     results, bitwise with comm.reproducible; mini-batches are shuffled within windows of the
     file: docs/reference.md, "Streaming")."""
-    buffer_mb: float = 8.0
+    buffer_mb: float = 64.0
     """Per rank, with data.stream: the rows held at a time (two such pieces: one in use, one
     being read)."""
 

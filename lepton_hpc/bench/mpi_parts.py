@@ -264,7 +264,7 @@ def main() -> None:
     parser = part_parser(__doc__)
     parser.add_argument("--weak-h5", default="")
     parser.add_argument("--backend", default="mpi")
-    parser.add_argument("--buffer-mb", type=float, default=8.0)
+    parser.add_argument("--buffer-mb", type=float, default=64.0)
     args = parser.parse_args()
     comm = world()
     result = PARTS[args.part](args, comm)

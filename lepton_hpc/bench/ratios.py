@@ -195,6 +195,16 @@ def ratio_specs(ks: list[int], kc: int) -> list[tuple]:
     for k in ks:
         specs.append(
             (
+                f"eval_vs_epoch_k{k}",
+                (f"train_full_k{k}", "eval_per_epoch_s"),
+                (f"train_full_k{k}", "epoch_s"),
+                f"the epoch's metrics / the full-batch epoch itself, {k} rank(s)",
+                None,
+                "lower",
+            )
+        )
+        specs.append(
+            (
                 f"stream_epoch_vs_memory_k{k}",
                 (f"train_stream_k{k}", "epoch_s"),
                 (f"train_full_k{k}", "epoch_s"),

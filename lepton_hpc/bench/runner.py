@@ -422,4 +422,9 @@ def epoch_figures(res: dict, history: list[dict]) -> dict:
         "compute_s_total": figure(t["compute_s"], "s", note=note),
         "comm_s_total": figure(t["comm_s"], "s", note=note),
         "rows_per_s": figure(res["rows"]["train"] / epoch_s, "rows/s"),
+        "eval_per_epoch_s": figure(
+            t.get("eval_s", 0.0) / max(1, len(history)),
+            "s",
+            note="the metrics computed after each epoch (a forward pass and exact sums)",
+        ),
     }

@@ -213,12 +213,16 @@ def map_rows(
     width: int,
     dtype: np.dtype,
     identity: tuple[int, int, int, int] | None = None,
+    fd: int | None = None,
 ) -> np.ndarray:
     """Rows ``start..stop`` of a contiguous (n, ``width``) data set at byte ``offset`` of
     ``path`` as a read-only view of the file's pages: no copy, the caller's kernel reads the
     page cache itself. The pages are mapped at once (``MAP_POPULATE``, reading a cold file at
     the device's rate), so this is the whole cost of the read; the mapping ends with the last
-    view of it. ``identity`` as in ``pread_rows``.
+    view of it. ``identity`` as in ``pread_rows``. ``fd``: a read-only descriptor of ``path``
+    kept open by the caller for all its pieces: the kernel's read-ahead state lives with it, and
+    grows to 2 MiB page-cache folios over a file read in order (a descriptor per piece starts
+    small every time, and the pages cannot then be mapped as huge pages).
 
     The descriptor is opened read-only and the mapping is read-only: the file cannot be changed
     through it. (A private writable mapping would give the kernels their usual array type, but
@@ -234,7 +238,8 @@ def map_rows(
     if hi == lo:
         return np.empty((0, width), dtype)
     base = lo // MAP_ALIGN * MAP_ALIGN
-    fd = os.open(path, os.O_RDONLY)
+    own = fd is None
+    fd = os.open(path, os.O_RDONLY) if own else fd
     try:
         st = os.fstat(fd)
         if identity is not None:
@@ -244,5 +249,6 @@ def map_rows(
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         m = mmap.mmap(fd, hi - base, flags=flags, prot=mmap.PROT_READ, offset=base)
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
     return np.frombuffer(m, dtype, (stop - start) * width, lo - base).reshape(stop - start, width)

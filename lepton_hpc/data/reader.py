@@ -479,13 +479,20 @@ def read_range(
 
 
 def map_range(
-    info: DataInfo, start: int, stop: int, direct: bool, dtype, y_width: int
+    info: DataInfo,
+    start: int,
+    stop: int,
+    direct: bool,
+    dtype,
+    y_width: int,
+    fds: dict[str, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None] | None:
     """Global rows ``[start, stop)`` as read-only views of the file's pages
     (``direct_read.map_rows``): X, and y when it is stored as contiguous float64 (else None:
     read it with ``read_range``). None when X cannot be mapped: the rows span files, or X is
     not contiguous in its file or not stored in ``dtype`` itself. ``LEPTON_READ=pread`` turns
-    mapping off."""
+    mapping off. ``fds``: the caller's open descriptors by path (opened here when missing, kept
+    for the caller's later pieces: see ``map_rows``)."""
     if not (direct and MAP_READ):
         return None
     parts = _parts(info, start, stop)
@@ -495,10 +502,15 @@ def map_range(
     s = _files(info)[i]
     if s.x_offset is None or np.dtype(s.x_dtype) != np.dtype(dtype):
         return None
-    X = map_rows(s.path, s.x_offset, lo, hi, info.n_features, dtype, s.identity)
+    fd = None
+    if fds is not None:
+        fd = fds.get(s.path)
+        if fd is None:
+            fd = fds[s.path] = os.open(s.path, os.O_RDONLY)
+    X = map_rows(s.path, s.x_offset, lo, hi, info.n_features, dtype, s.identity, fd)
     y = None
     if info.y is not None and s.y_offset is not None:
-        y = map_rows(s.path, s.y_offset, lo, hi, y_width, np.float64, s.identity)
+        y = map_rows(s.path, s.y_offset, lo, hi, y_width, np.float64, s.identity, fd)
     return X, y
 
 

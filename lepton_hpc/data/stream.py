@@ -19,12 +19,12 @@ Metrics are integer counts and exact sums, equal in any mode. In the default mod
 float64 gradients are added in piece order: equal to in-memory results to rounding.
 
 Rows used as stored (no scaler, no hold-out; X contiguous in its file, in the training dtype)
-are mapped after the first pass instead of read: each piece is a read-only view of the file's
-pages (``reader.map_range``), mapped by the background thread, and the kernel reads the page
-cache itself. Those pieces start on 2 MiB boundaries of the file (``reader.mapped_bounds``) and
-are two thirds of a buffer, as up to three are mapped at once (the one in use, the next, the
-last one until the caller lets it go). Pieces where the first pass found NaN/Inf rows, and
-pieces spanning two shards, are read into the buffers as before.
+are mapped instead of read: each piece is a read-only view of the file's pages
+(``reader.map_range``), mapped by the background thread (and screened there in the first pass),
+and the kernel reads the page cache itself. Those pieces start on 2 MiB boundaries of the file
+(``reader.mapped_bounds``) and are two thirds of a buffer, as up to three are mapped at once
+(the one in use, the next, the last one until the caller lets it go). Pieces where the first
+pass found NaN/Inf rows, and pieces spanning two shards, are read into the buffers as before.
 
 Memory: two pieces of ``buffer_mb`` (rows, targets, flags), plus the validation rows of one
 piece while metrics are computed, plus the model. ``results.json`` reports each rank's peak.
@@ -32,6 +32,8 @@ piece while metrics are computed, plus the model. ``results.json`` reports each 
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ from ..errors import DataError, LeptonError
 from ..exact import ExactSums
 from .batches import BatchGather, EpochBatches, permute
 from .dataset import _ids_where, compact_rows, gather_rows, held_out, validation_mask
+from .direct_read import nonfinite_rows
 from .preprocess import Scaler, block_moments, local_moments, merge_moments
 from .reader import (
     DIRECT_READ,
@@ -195,6 +198,10 @@ class RowStream:
         # Pieces holding NaN/Inf rows (found by the first pass): read into a buffer, not mapped
         self._bad_pieces = np.zeros(len(self.bounds), dtype=bool)
         self._screened = False  # whether the first pass has screened every piece
+        # Mapped pieces: one descriptor per file for the run (its read-ahead state grows to
+        # huge-page folios), closed with the stream
+        self._fds: dict[str, int] = {}
+        weakref.finalize(self, _close_all, self._fds)
 
     def describe(self) -> str:
         """One line for the run's log: how later passes read the rows."""
@@ -237,8 +244,8 @@ class RowStream:
 
     def _read(self, k: int) -> tuple[int, int, _Buffer]:
         """Piece ``k``: its rows mapped from the file (no copy) where they can be, else read
-        into the buffer; its targets read, and NaN/Inf flagged (in mapped rows, only until the
-        first pass has found which pieces hold any)."""
+        into the buffer; its targets read, and NaN/Inf flagged (in mapped rows, only in the
+        first pass: it finds which pieces hold any, and those are read from then on)."""
         a, b = self.bounds[k]
         buf = self._buffer(k)
         buf.view = buf.y_view = None  # the buffer's last piece is let go before the next
@@ -247,8 +254,8 @@ class RowStream:
         bad[:] = False
         y = None if buf.y is None else buf.y[:m]
         mapped = None
-        if self.map and self._screened and not self._bad_pieces[k]:
-            mapped = map_range(self.info, a, b, self.direct, self.dtype, self.y_width)
+        if self.map and not self._bad_pieces[k]:
+            mapped = map_range(self.info, a, b, self.direct, self.dtype, self.y_width, self._fds)
         if mapped is None:
             X = self._rows_buffer(buf)[:m]
             read_range(self.info, a, b, self.threads, self.direct, X, y, bad)
@@ -258,6 +265,10 @@ class RowStream:
             buf.y_view = y_view.reshape(m, *self.y_tail)
         elif y is not None:
             read_range(self.info, a, b, self.threads, self.direct, None, y, bad)
+        if not self._screened:
+            nonfinite_rows(buf.view, out=bad)
+            if y_view is not None:
+                nonfinite_rows(y_view, out=bad)
         return a, b, buf
 
     def pieces(self) -> Iterator[tuple[int, int, _Buffer]]:
@@ -338,7 +349,8 @@ class RowStream:
         else:
             ids = _ids_where(Block(X, y, self.info, a), train)
             into = X if X.flags.writeable else self._rows_buffer(buf)
-            tpart = Part(compact_rows(X, train, into), compact_rows(y, train), ids)
+            y_into = y if y.flags.writeable else buf.y  # mapped targets: into the buffer
+            tpart = Part(compact_rows(X, train, into), compact_rows(y, train, y_into), ids)
         if self.scaler is not None and self.scaler.kind != "none":
             if not tpart.X.flags.writeable:
                 tpart.X = self.scaler._scale_into(tpart.X, self._rows_buffer(buf)[: tpart.n])
@@ -429,9 +441,6 @@ class RowStream:
             error = self._failure(exc)
         self._together(error)
         self._screened = True
-        if self.map and not self._bad_pieces.any():
-            for buf in self._buffers:  # later passes map the rows: the row buffers go
-                buf.X = None
         self._check_nonfinite()
         comm = self.comm
         counts = comm.allreduce_(np.array([f.n_train, f.n_val], dtype=np.int64))
@@ -473,6 +482,12 @@ class RowStream:
         comm.allreduce_max_(hi)
         span = hi - lo
         return Scaler(kind, lo, np.where(span > 0, span, 1.0))
+
+
+def _close_all(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
 
 
 WINDOW_STREAM = 0x5EED  # keys the epoch's assignment of blocks to windows apart from batches

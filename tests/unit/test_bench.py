@@ -211,7 +211,7 @@ def test_ratios_need_both_figures_and_positive_values():
 
 def test_epoch_figures_use_the_epochs_after_the_first():
     res = {
-        "timing": {"io_s": 0.5, "compute_s": 1.0, "comm_s": 0.01},
+        "timing": {"io_s": 0.5, "compute_s": 1.0, "comm_s": 0.01, "eval_s": 0.6},
         "steps": 4,
         "rows": {"train": 1000},
     }
@@ -221,6 +221,7 @@ def test_epoch_figures_use_the_epochs_after_the_first():
     assert figs["step_s"]["value"] == pytest.approx(0.2)
     assert figs["first_epoch_extra_s"]["value"] == pytest.approx(0.7)
     assert figs["rows_per_s"]["value"] == pytest.approx(5000)
+    assert figs["eval_per_epoch_s"]["value"] == pytest.approx(0.15)  # metrics after each epoch
 
 
 def test_buffer_sizes_and_timing_helpers():

@@ -114,6 +114,10 @@ class ModelConfig:
     """L2 penalty on weights (not biases), added to the mean loss as l2/2 * |w|^2."""
     max_classes: int = 1000
     """Most classes a multi-class model may have: a larger label is taken for a data error."""
+    parallel: str = "none"
+    """"none" (every rank holds the whole model) or "tensor" (an MLP's hidden layers split over
+    comm.tensor_ranks ranks, Megatron-LM's column/row pairs; docs/design.md, "Tensor
+    parallelism")."""
 
     def __post_init__(self) -> None:
         _one_of(self.kind, ("linear", "logistic", "softmax", "mlp"), "model.kind")
@@ -125,6 +129,7 @@ class ModelConfig:
         )
         _check(self.l2 >= 0, "model.l2", f"{self.l2} is negative")
         _check(self.max_classes >= 2, "model.max_classes", f"{self.max_classes} must be >= 2")
+        _one_of(self.parallel, ("none", "tensor"), "model.parallel")
         if self.kind != "mlp":
             _check(
                 not self.hidden, "model.hidden", f"only an mlp has hidden layers, not {self.kind!r}"
@@ -205,6 +210,10 @@ class CommConfig:
     """Allreduce payload: "none", "fp16" or "bf16" (with error feedback)."""
     reproducible: bool = False
     """Bitwise identical results for any rank count (fixed global reduction order)."""
+    tensor_ranks: int = 1
+    """With model.parallel = "tensor": ranks that split each layer pair (must divide the rank
+    count and every width it splits); the ranks form a grid of (ranks / tensor_ranks) data
+    groups x tensor_ranks."""
 
     def __post_init__(self) -> None:
         _one_of(self.backend, ("mpi", "horovod"), "comm.backend")
@@ -218,6 +227,7 @@ class CommConfig:
         )
         _check(self.prox_mu >= 0.0, "comm.prox_mu", f"{self.prox_mu} is negative")
         _one_of(self.compression, ("none", "fp16", "bf16"), "comm.compression")
+        _check(self.tensor_ranks >= 1, "comm.tensor_ranks", f"{self.tensor_ranks} must be >= 1")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -399,6 +409,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def check_config(cfg: Config) -> Config:
     """Checks across sections (``load_config`` and ``lepton sweep`` run them on every config)."""
+    _check_tensor(cfg)
     if cfg.optim.name == "lbfgs":
         _check(
             cfg.model.kind in ("linear", "logistic", "softmax"),
@@ -420,3 +431,56 @@ def check_config(cfg: Config) -> Config:
         f'{train!r}: a "{{rank}}" pattern (one file per client) needs comm.strategy = "fedavg"',
     )
     return cfg
+
+
+def _check_tensor(cfg: Config) -> None:
+    """``model.parallel = "tensor"``: the combinations it supports, each refusal naming the key.
+    (That comm.tensor_ranks divides the rank count is checked when the job starts.)"""
+    k, c = cfg.comm.tensor_ranks, cfg.comm
+    if cfg.model.parallel != "tensor":
+        _check(k == 1, "comm.tensor_ranks", f'{k} needs model.parallel = "tensor"')
+        return
+    why = 'with model.parallel = "tensor"'
+    _check(
+        cfg.model.kind == "mlp",
+        "model.parallel",
+        f'"tensor" splits an MLP\'s hidden layers, not a {cfg.model.kind!r} model',
+    )
+    _check(
+        bool(cfg.model.hidden),
+        "model.hidden",
+        f"{why} the MLP needs at least one hidden layer to split",
+    )
+    for i in range(0, len(cfg.model.hidden), 2):  # the column-parallel layers' widths
+        w = cfg.model.hidden[i]
+        _check(
+            w % k == 0,
+            "comm.tensor_ranks",
+            f"{k} does not divide model.hidden[{i}] = {w} (the widths split: "
+            f"{cfg.model.hidden[::2]})",
+        )
+    _check(
+        cfg.optim.name != "lbfgs",
+        "optim.name",
+        f'lbfgs is not supported {why} (use "sgd", "momentum" or "adam")',
+    )
+    _check(not cfg.data.stream, "data.stream", f"is not supported {why}: set false")
+    _check(
+        c.strategy == "sync",
+        "comm.strategy",
+        f'{c.strategy!r} is not supported {why}: only "sync"',
+    )
+    _check(
+        not c.reproducible,
+        "comm.reproducible",
+        f"is not supported {why}: the tensor group's partial sums are added in an order that "
+        "depends on comm.tensor_ranks, so results agree with data parallelism to rounding, "
+        "not bitwise",
+    )
+    _check(c.compression == "none", "comm.compression", f'must be "none" {why}')
+    _check(c.backend == "mpi", "comm.backend", f'must be "mpi" {why}')
+    _check(
+        cfg.train.device == "cpu",
+        "train.device",
+        f'must be "cpu" {why} (the sliced kernels are CPU kernels)',
+    )

@@ -28,7 +28,7 @@ from .models import target_stats
 from .models.io import save_model
 from .optim import make_optimizer
 from .results import build_results, peak_rss_mb, write_json
-from .training.loop import Diverged, Loop, Stopped
+from .training.loop import Diverged, Loop, Stopped, TensorLoop
 from .training.setup import prepare
 from .training.step import Timers
 
@@ -68,7 +68,9 @@ class Trainer:
             source=source,
         )
         self.run = s.run
-        self.opt = make_optimizer(cfg.optim, s.model.n_params)  # the run's only optimiser
+        # the run's only optimiser; with model.parallel = "tensor", of this rank's slice
+        n_params = s.model.n_params if s.grid is None else s.grid.n_local
+        self.opt = make_optimizer(cfg.optim, n_params)
         hooks = FaultHooks.from_env()
         self.ctx = s.step_context(self.timers, self.stop, hooks)
         self.watchdog = Watchdog(
@@ -82,6 +84,8 @@ class Trainer:
         agree(comm, lambda: s.create_run_dir(overwrite))
         try:
             self.state = s.initial_state(resume, self.opt)
+            if s.grid is not None:  # keep only this rank's slice
+                self.state = s.grid.localize(self.state)
         except BaseException:
             s.release()
             raise
@@ -93,7 +97,8 @@ class Trainer:
             self.run.status("running", step=self.state.step, ranks=self.comm.size)
         t_loop = time.perf_counter()
         try:
-            loop = Loop(self.setup, self.ctx, self.opt, self.state, self.watchdog)
+            kind = Loop if self.setup.grid is None else TensorLoop
+            loop = kind(self.setup, self.ctx, self.opt, self.state, self.watchdog)
             loop.run()
             loop_s = time.perf_counter() - t_loop
             self.watchdog.pause()
@@ -114,6 +119,7 @@ class Trainer:
             st.params = st.best["params"]
             self.log.info(f"early stopping: restored the parameters of epoch {st.best['epoch']}")
         loop.check_params()
+        params = loop.model_params()  # on rank 0 (tensor parallelism: gathered from slices)
         train_metrics, val_metrics = loop.split_metrics()
         final = {"train": train_metrics}
         if val_metrics is not None:
@@ -121,9 +127,14 @@ class Trainer:
         if cfg.data.test:
             with self.timers("io"):
                 d = cfg.data
-                test, info = load_eval_data(
-                    d.test, d.x, d.y, s.data.scaler, comm, self.log, d.nonfinite
-                )
+
+                def load():
+                    return load_eval_data(
+                        d.test, d.x, d.y, s.data.scaler, s.data_comm, self.log, d.nonfinite
+                    )
+
+                # a grid's data groups read alone: an error one finds is shared with all
+                test, info = load() if s.grid is None else agree(comm, load)
             stats = target_stats(test.y, comm)
             agree(comm, lambda: s.check_test(info, stats))
             final["test"] = loop.metrics(s.device.place(test.X), test.y)
@@ -152,7 +163,7 @@ class Trainer:
             memory=_memory(comm, s),
         )
         if comm.is_root:
-            save_model(self.run.model_file, s.model, st.params, s.data.scaler, s.meta())
+            save_model(self.run.model_file, s.model, params, s.data.scaler, s.meta())
             write_json(self.run.results_file, results)
             if cfg.output.plot and st.history:
                 from .plot import plot_history

@@ -9,6 +9,8 @@ and checks that they fit each other; ``predict_one`` writes the predictions of o
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -36,13 +38,21 @@ def forward(model: Model, params: np.ndarray, X, device: Device) -> np.ndarray:
 
 
 def evaluate(
-    model: Model, params: np.ndarray, X, y: np.ndarray, device: Device, comm: Communicator
+    model: Model,
+    params: np.ndarray | None,
+    X,
+    y: np.ndarray,
+    device: Device,
+    comm: Communicator,
+    outputs: Callable[[Any], np.ndarray] | None = None,
 ) -> dict:
     """Exact global metrics of ``params`` on every rank's rows (all ranks get the same dict).
 
     The outputs and their per-row terms are made ``EVAL_ROWS`` rows at a time and summed into
     integer counts and exact sums (``MetricSums``): the bits of one whole-array computation,
     without its float64 temporaries of the whole block (several times the rows of narrow data).
+    ``outputs``: computes the model's outputs of some rows instead of ``forward`` with
+    ``params`` (tensor parallelism: from this rank's slice, with its tensor group).
     """
     y_mean = None
     if model.head == "squared":  # R² needs the global mean of each target column first
@@ -54,7 +64,10 @@ def evaluate(
     metrics = MetricSums(model.head, model.n_classes, y_mean)
     for lo in range(0, X.shape[0], EVAL_ROWS):
         hi = min(X.shape[0], lo + EVAL_ROWS)
-        metrics.add(y[lo:hi], forward(model, params, X[lo:hi], device))
+        rows = X[lo:hi]
+        metrics.add(
+            y[lo:hi], forward(model, params, rows, device) if outputs is None else outputs(rows)
+        )
     return metrics.result(comm)
 
 

@@ -12,8 +12,9 @@ through ``engine.train`` and ``lepton predict`` reaches every one of them with t
 run passes, and stays right when those paths change. The matrix covers: float32 and float64
 data; linear, logistic, softmax and MLP models (every activation); full-batch L-BFGS and
 mini-batches; one and several threads (serial and parallel batch gathers); one-output models
-narrow enough for the register-tile kernels and wider ones; streamed full-batch runs on rows
-mapped from the file (read-only arrays); evaluation on a test file; predict.
+narrow enough for the register-tile kernels and wider ones; tensor parallelism's sliced kernels
+(one rank, ``comm.tensor_ranks = 1``); streamed full-batch runs on rows mapped from the file
+(read-only arrays); evaluation on a test file; predict.
 Activations and heads are run-time codes, not types, so they share compiled code; they are run
 anyway because it costs milliseconds once compiled.
 
@@ -89,6 +90,8 @@ def _jobs(files: dict[str, Path]) -> list[dict]:
     ]
     jobs.append(("blobs", {"kind": "mlp", "hidden": [5, 3]}, {}, {"epochs": 1}))  # full batch
     jobs.append(("linear", {"kind": "mlp", "hidden": [4]}, {}, {**mini, "threads": 1}))
+    # model.parallel = "tensor" on one rank (k = 1): the sliced kernels, with the types of any k
+    jobs.append(("blobs", {"kind": "mlp", "hidden": [6, 4], "parallel": "tensor"}, {}, mini))
     runs = [
         {
             "data": {"train": str(files[task]), "test": str(files[task]), "scale": "zscore"},

@@ -38,6 +38,8 @@ MAY_CHANGE: tuple[str, ...] = (
     "output.dir",
     "data.test",
     "comm.backend",
+    "model.parallel",  # the checkpoint holds the full model whatever the grid
+    "comm.tensor_ranks",
     "ranks",  # the rank count (a top-level meta key)
 )
 
@@ -133,7 +135,8 @@ def check_resume(saved_meta: dict, new_meta: dict, path: Path) -> None:
     module constant ``MAY_CHANGE``): train.epochs, train.max_steps, train.patience,
     train.log_every, train.threads, train.device, optim.lr, checkpoint.every_steps,
     checkpoint.keep, checkpoint.watchdog_s, checkpoint.mirror, output.plot, output.dir,
-    data.test, comm.backend and the rank count. The data file may be moved: its content is
+    data.test, comm.backend, model.parallel, comm.tensor_ranks and the rank count (the
+    checkpoint holds the full model whatever the grid). The data file may be moved: its content is
     compared (the fingerprint), its path only when a fingerprint is missing. Keys missing on
     either side (a checkpoint written by an older lepton) are not compared. Since the model and
     the optimiser must match, the optimiser state a resume loads always has the shapes and

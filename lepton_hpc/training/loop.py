@@ -337,6 +337,10 @@ class Loop:
                 "(lower optim.lr)"
             )
 
+    def model_params(self) -> np.ndarray | None:
+        """The model's full parameter vector, on rank 0 (model.h5)."""
+        return self.state.params
+
     def checkpoint(self) -> None:
         self.check_params()
         if self.comm.is_root:
@@ -370,3 +374,50 @@ class Loop:
         raise Stopped(
             f"stopped by signal at step {step}; checkpoint written, resume with --resume auto"
         )
+
+
+class TensorLoop(Loop):
+    """The loop of a tensor-parallel run (``training/tensor.py``): ``state`` holds this rank's
+    slice. Metrics come from the slices (a tensor group's ranks hold the same rows, so they are
+    summed over the data group); checkpoints and the model hold the full vector, gathered by
+    rank 0."""
+
+    def model_params(self) -> np.ndarray | None:
+        return self.setup.grid.gather_params(self.state.params)
+
+    def metrics(self, X, y) -> dict:
+        s, local = self.setup, self.state.params
+        with self.ctx.timers("eval"):
+            return evaluate(
+                s.model,
+                None,
+                X,
+                y,
+                s.device,
+                s.grid.data,
+                outputs=lambda rows: s.grid.outputs(local, rows, s.model),
+            )
+
+    def check_params(self) -> None:
+        if not self.setup.grid.all_finite(self.state.params):
+            raise Diverged(
+                f"training diverged by step {self.state.step}: the parameters are not finite; "
+                f"the last good checkpoint is kept in {self.setup.run.checkpoints}/ "
+                "(lower optim.lr)"
+            )
+
+    def checkpoint(self) -> None:
+        """The full state, gathered from the slices, written by rank 0 as data parallelism
+        writes it."""
+        self.check_params()
+        whole = self.setup.grid.full_state(self.state)
+        if self.comm.is_root:
+            with self.ctx.timers("checkpoint"):
+                keep = self.cfg.checkpoint.keep
+                path = write_checkpoint(
+                    self.setup.run.checkpoints, whole, keep, floor=self.mirror.floor
+                )
+            st = self.state  # the branch and sequence the write gave
+            st.lineage, st.parent, st.seq = whole.lineage, whole.parent, whole.seq
+            self.mirror.copy(path, whole, keep)
+        self.comm.barrier()

@@ -33,6 +33,7 @@ from ..safety import note_leftovers
 from .step import StepContext, Timers
 from .strategies import check_comm_config, client_files, make_reduction
 from .streamed import StreamedReduction
+from .tensor import TensorGrid, check_grid, tensor_step_context
 
 
 @dataclass
@@ -56,6 +57,12 @@ class RunSetup:
     X_val: Any
     lock: Any = field(default=None)  # rank 0's lock on the run directory, to the end
     stream: RowStream | None = None  # data.stream: the rows are read from the file every pass
+    grid: TensorGrid | None = None  # model.parallel = "tensor": this rank's place and slice
+
+    @property
+    def data_comm(self) -> Communicator:
+        """The ranks the rows are cut over (all of them, or the grid's data group)."""
+        return self.comm if self.grid is None else self.grid.data
 
     def meta(self) -> dict:
         """What identifies this run's state: config, model, data, scaler and optimiser."""
@@ -73,6 +80,8 @@ class RunSetup:
     def step_context(self, timers: Timers, stop: StopFlag, hooks: FaultHooks) -> StepContext:
         """What the strategies need for a step of this run's model on its data and device."""
         cfg, model = self.cfg, self.model
+        if self.grid is not None:  # the slice's step: training/tensor.py
+            return tensor_step_context(self, timers, stop, hooks)
         act, head = model.codes
         ctx = StepContext(
             comm=self.comm,
@@ -203,6 +212,11 @@ def prepare(
     files = shared_run_inputs(cfg, resume, inputs, comm)
     run = RunDir(cfg.output.dir)
     agree(comm, lambda: check_comm_config(cfg))  # [comm] x [optim] combinations
+    grid = None
+    if cfg.model.parallel == "tensor":  # a data x tensor grid; rows cut over the data groups
+        agree(comm, lambda: check_grid(cfg, comm.size, source))
+        grid = TensorGrid(comm, cfg.comm.tensor_ranks)
+    rows_comm = comm if grid is None else grid.data
     clients = None
     if cfg.comm.strategy == "fedavg":  # each rank a client with its own file
         clients = agree(comm, lambda: _clients(cfg, comm, source))
@@ -225,14 +239,20 @@ def prepare(
             own = dataclasses.replace(cfg.data, train=clients[comm.rank])
             data = load_training_data(own, cfg.train.seed, comm.split(comm.rank), log, stats=comm)
         else:
-            data = load_training_data(
-                cfg.data,
-                cfg.train.seed,
-                comm,
-                log,
-                reproducible=cfg.comm.reproducible,
-                source=source,
-            )
+
+            def load() -> TrainingData:
+                return load_training_data(
+                    cfg.data,
+                    cfg.train.seed,
+                    rows_comm,
+                    log,
+                    reproducible=cfg.comm.reproducible,
+                    source=source,
+                )
+
+            # On a grid each data group reads the rows alone: an error one of them finds (a
+            # NaN in its rows) is shared with the whole job.
+            data = load() if grid is None else agree(comm, load)
         # What the data hold (shapes, types, a hash of sampled rows): checkpoints and the
         # model carry it, and a resume on other data is refused.
         d = cfg.data
@@ -257,10 +277,12 @@ def prepare(
         y_dim, stats = (1 if len(y_shape) == 1 else y_shape[1]), stream_stats
     else:
         y_dim = 1 if train.y.ndim == 1 else train.y.shape[1]
-        stats = target_stats(train.y, comm)
+        stats = target_stats(train.y, comm)  # on a grid every row k times: the same range
     where = f"'{train_name}:{cfg.data.y}'"
     model = agree(comm, lambda: build_model(cfg.model, data.info.n_features, y_dim, stats, where))
     device = agree(comm, lambda: select_device(cfg.train.device, cfg.train.threads, comm))
+    if grid is not None:
+        grid.set_model(model.sizes)
     if stream is not None:
         stream.place = device.place
         X = y = X_val = None
@@ -283,6 +305,7 @@ def prepare(
         y=y,
         X_val=X_val,
         stream=stream,
+        grid=grid,
     )
 
 

@@ -4,6 +4,7 @@ and every layout it cannot read (chunked, compressed, big-endian, other dtypes) 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 
 import h5py
@@ -388,7 +389,7 @@ def test_mapped_rows_are_the_stored_rows_and_read_only(tmp_path):
 
 
 def test_mapping_a_file_rewritten_after_inspection_is_a_data_error(tmp_path):
-    path, X, _ = _mapped_file(tmp_path)
+    path, _X, _ = _mapped_file(tmp_path)
     info = reader.inspect(str(path), "X", "y")
     with h5py.File(path, "a") as fh:
         fh["X"][0, 0] = 1.0
@@ -414,7 +415,7 @@ def test_mapped_pieces_cover_the_rows_from_2_mib_edges(offset, start, rows, row,
     piece = spans * reader.MAP_ALIGN
     bounds = reader.mapped_bounds(info, start, stop, unit, piece)
     assert bounds[0][0] == start and bounds[-1][1] == stop
-    assert all(b0 == a1 for (_, b0), (a1, _) in zip(bounds, bounds[1:], strict=False))
+    assert all(b0 == a1 for (_, b0), (a1, _) in itertools.pairwise(bounds))
     assert all(a < b for a, b in bounds)
     first = (offset + start * row) // reader.MAP_ALIGN * reader.MAP_ALIGN
     for a, _ in bounds[1:]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .exact import HALF, IMPLICIT, MANTISSA, N_BINS, NAN, NEG_INF, POS_INF, WIDTH
+from .exact import WIDTH, _bin
 from .kernel_cache import install as _install_cache_locator
 from .kernels.fastmath import _FLAGS, _log_m, fast_log
 
@@ -26,33 +26,6 @@ EPS = float(np.finfo(np.float64).eps)
 MIN_RUN = 4096  # rows per thread at least: a small piece runs on fewer threads
 STEP = 256  # rows whose terms are made, then binned
 LOG1P_SERIES = 0.29  # q / (2 - q) <= 0.1696: within the atanh series' range (0.1716)
-
-
-@njit(inline="always")
-def _bin_all(terms: np.ndarray, m: int, row: np.ndarray) -> None:
-    """``exact._bin`` of the first ``m`` values of ``terms``."""
-    bits = terms.view(np.int64)
-    for i in range(m):
-        b = bits[i]
-        e = (b >> 52) & 0x7FF
-        mant = b & MANTISSA
-        if e == 0x7FF:
-            if mant != 0:
-                row[NAN] += 1
-            elif b < 0:
-                row[NEG_INF] += 1
-            else:
-                row[POS_INF] += 1
-            continue
-        if e == 0:
-            e = 1
-        else:
-            mant |= IMPLICIT
-        if b < 0:
-            mant = -mant
-        hi = mant >> HALF
-        row[e] += hi
-        row[N_BINS + e] += mant - (hi << HALF)
 
 
 @njit(cache=True)
@@ -100,7 +73,7 @@ def classification_sums(y, out, binary, k, cm, bins, threads) -> None:
                     cms[r, label * k + pred] += 1
                     q = out[i, label]
                     terms[i - a] = q if np.isnan(q) else -fast_log(max(q, EPS))
-            _bin_all(terms, b - a, rows[r])
+            _bin(terms[: b - a], rows[r])
     for r in range(runs):
         cm += cms[r]
         bins += rows[r]
@@ -128,8 +101,8 @@ def regression_sums(y, out, mean, bins, threads) -> None:
                     dev = y[i, j] - mean[j]
                     dv[t] = dev * dev
                     t += 1
-            _bin_all(sq, t, parts[r, 0])
-            _bin_all(ab, t, parts[r, 1])
-            _bin_all(dv, t, parts[r, 2])
+            _bin(sq[:t], parts[r, 0])
+            _bin(ab[:t], parts[r, 1])
+            _bin(dv[:t], parts[r, 2])
     for r in range(runs):
         bins += parts[r]

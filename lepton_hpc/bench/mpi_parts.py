@@ -20,7 +20,15 @@ import time
 import numpy as np
 
 from ..comm import Communicator, world
-from .common import bench_params, buffer_sizes, figure, part_parser, repeats_for, write_part
+from .common import (
+    bench_params,
+    buffer_sizes,
+    evict,
+    figure,
+    part_parser,
+    repeats_for,
+    write_part,
+)
 
 
 def _median_max(comm: Communicator, samples: list[float]) -> float:
@@ -187,17 +195,6 @@ def step(args, comm: Communicator) -> dict:
     return result
 
 
-def _evict(path: str) -> None:
-    """Drop the file's clean pages from the page cache (``POSIX_FADV_DONTNEED``): the next read
-    comes from the device. Per file, no privileges, nothing else on the node is touched."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _sequential_read(path: str, piece: int = 8 << 20) -> float:
     """Seconds of one process reading the whole file in 8 MiB ``read`` calls (what ``dd
     bs=8M of=/dev/null`` does)."""
@@ -234,9 +231,9 @@ def stream(args, comm: Communicator) -> dict:
     dd_cold, ours_cold = [], []
     for _ in range(COLD_ROUNDS):
         if comm.is_root:
-            _evict(args.h5)
+            evict(args.h5)
             dd_cold.append(_sequential_read(args.h5))
-            _evict(args.h5)
+            evict(args.h5)
         ours_cold.append(one_pass())
     dd_warm = _sequential_read(args.h5) if comm.is_root else 0.0
     warm = statistics.median([one_pass() for _ in range(max(1, args.repeats))])

@@ -7,6 +7,7 @@ offsets were taken (``file_identity``), else nothing is read.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -246,9 +247,25 @@ def map_rows(
             compare_identity(path, identity, st)
         if hi > st.st_size:
             raise DataError(f"'{path}' ends at byte {st.st_size}, before its rows' last byte {hi}")
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        m = mmap.mmap(fd, hi - base, flags=flags, prot=mmap.PROT_READ, offset=base)
+        m = mmap.mmap(fd, hi - base, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=base)
     finally:
         if own:
             os.close(fd)
+    _populate(m, hi - base)
     return np.frombuffer(m, dtype, (stop - start) * width, lo - base).reshape(stop - start, width)
+
+
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14
+
+
+def _populate(m: mmap.mmap, length: int) -> None:
+    """Map every page of ``m`` now, reading those not cached. ``MADV_HUGEPAGE`` first: the
+    kernel's read-ahead then fills the page cache with 2 MiB folios (mapped as huge pages, and
+    read from a cold file in larger requests). Where either advice is unknown, each page is
+    touched once instead (one read fault per page)."""
+    with contextlib.suppress(AttributeError, OSError):
+        m.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        m.madvise(MADV_POPULATE_READ, 0, length)
+    except OSError:
+        np.frombuffer(m, np.uint8)[:: mmap.PAGESIZE].max(initial=0)

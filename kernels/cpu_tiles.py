@@ -217,43 +217,59 @@ _one_output_tiles = _tiles_kernel(4)  # the squared head: cheap, so rows stay in
 _one_output_tiles8 = _tiles_kernel(8)  # the logistic head: runs once per eight rows
 
 
+@njit(inline="always", error_model="numpy")
+def _logits8(xf, o, d, live, w0, w1, w2, w3, bias):
+    """The logits (a vec8) of rows i .. i + live - 1 (live <= 8) of a one-output model with
+    d <= 32 whose first value is ``xf[o]``: the dot products of ``_tile_group8``."""
+    x00, x01, x02, x03 = _row_tiles(xf, o, d if live > 0 else 0)
+    z0 = _dot_tiles(x00, x01, x02, x03, w0, w1, w2, w3)
+    x10, x11, x12, x13 = _row_tiles(xf, o + d, d if live > 1 else 0)
+    z1 = _dot_tiles(x10, x11, x12, x13, w0, w1, w2, w3)
+    x20, x21, x22, x23 = _row_tiles(xf, o + 2 * d, d if live > 2 else 0)
+    z2 = _dot_tiles(x20, x21, x22, x23, w0, w1, w2, w3)
+    x30, x31, x32, x33 = _row_tiles(xf, o + 3 * d, d if live > 3 else 0)
+    z3 = _dot_tiles(x30, x31, x32, x33, w0, w1, w2, w3)
+    x40, x41, x42, x43 = _row_tiles(xf, o + 4 * d, d if live > 4 else 0)
+    z4 = _dot_tiles(x40, x41, x42, x43, w0, w1, w2, w3)
+    x50, x51, x52, x53 = _row_tiles(xf, o + 5 * d, d if live > 5 else 0)
+    z5 = _dot_tiles(x50, x51, x52, x53, w0, w1, w2, w3)
+    x60, x61, x62, x63 = _row_tiles(xf, o + 6 * d, d if live > 6 else 0)
+    z6 = _dot_tiles(x60, x61, x62, x63, w0, w1, w2, w3)
+    x70, x71, x72, x73 = _row_tiles(xf, o + 7 * d, d if live > 7 else 0)
+    z7 = _dot_tiles(x70, x71, x72, x73, w0, w1, w2, w3)
+    return hsum8(z0, z1, z2, z3, z4, z5, z6, z7) + bias
+
+
+@njit(inline="always", error_model="numpy")
+def _prefetch_group(X, i, ahead, row_bytes):
+    at = (i + ahead) * row_bytes
+    for t in range(0, 8 * row_bytes, 64):
+        prefetch_at(X, at + t)
+
+
+@njit(inline="always", error_model="numpy")
+def outputs8(X, xf, i, live, ahead, w0, w1, w2, w3, bias, binary):
+    """The outputs (a vec8) of rows i .. i + live - 1: the logit, or for the logistic head its
+    sigmoid (``head_lanes``' gradient against a target of 0: the training kernel's bits)."""
+    d = X.shape[1]
+    _prefetch_group(X, i, ahead, d * X.itemsize)
+    z = _logits8(xf, i * d, d, live, w0, w1, w2, w3, bias)
+    if binary:
+        p, _ = head_lanes(z, zero8(), live, True)
+        return p
+    return z
+
+
 @njit(parallel=True, error_model="numpy", cache=True)
 def _one_output_forward8(X, w, binary, ahead, chunk_rows, n_chunks, out):
-    """Outputs of a one-output model with d <= 32 into ``out`` (n,): the logit, or for the
-    logistic head its sigmoid (``head_lanes``' gradient against a target of 0, the bits the
-    training kernel's head computes), eight rows at a time as in ``_tile_group8``."""
+    """Outputs of a one-output model with d <= 32 into ``out`` (n,), eight rows at a time
+    (``outputs8``)."""
     n, d = X.shape
     xf = X.reshape(-1)
-    row_bytes = d * X.itemsize
     w0, w1, w2, w3 = _row_tiles(w, 0, d)
     bias = splat8(w[d])
     for c in prange(n_chunks):
         start, stop = c * chunk_rows, min(n, (c + 1) * chunk_rows)
         for i in range(start, stop, 8):
             live = min(8, stop - i)
-            at = (i + ahead) * row_bytes
-            for t in range(0, 8 * row_bytes, 64):
-                prefetch_at(X, at + t)
-            o = i * d
-            x00, x01, x02, x03 = _row_tiles(xf, o, d if live > 0 else 0)
-            z0 = _dot_tiles(x00, x01, x02, x03, w0, w1, w2, w3)
-            x10, x11, x12, x13 = _row_tiles(xf, o + d, d if live > 1 else 0)
-            z1 = _dot_tiles(x10, x11, x12, x13, w0, w1, w2, w3)
-            x20, x21, x22, x23 = _row_tiles(xf, o + 2 * d, d if live > 2 else 0)
-            z2 = _dot_tiles(x20, x21, x22, x23, w0, w1, w2, w3)
-            x30, x31, x32, x33 = _row_tiles(xf, o + 3 * d, d if live > 3 else 0)
-            z3 = _dot_tiles(x30, x31, x32, x33, w0, w1, w2, w3)
-            x40, x41, x42, x43 = _row_tiles(xf, o + 4 * d, d if live > 4 else 0)
-            z4 = _dot_tiles(x40, x41, x42, x43, w0, w1, w2, w3)
-            x50, x51, x52, x53 = _row_tiles(xf, o + 5 * d, d if live > 5 else 0)
-            z5 = _dot_tiles(x50, x51, x52, x53, w0, w1, w2, w3)
-            x60, x61, x62, x63 = _row_tiles(xf, o + 6 * d, d if live > 6 else 0)
-            z6 = _dot_tiles(x60, x61, x62, x63, w0, w1, w2, w3)
-            x70, x71, x72, x73 = _row_tiles(xf, o + 7 * d, d if live > 7 else 0)
-            z7 = _dot_tiles(x70, x71, x72, x73, w0, w1, w2, w3)
-            z = hsum8(z0, z1, z2, z3, z4, z5, z6, z7) + bias
-            if binary:
-                p, _ = head_lanes(z, zero8(), live, True)
-                store8(out, i, live, p)
-            else:
-                store8(out, i, live, z)
+            store8(out, i, live, outputs8(X, xf, i, live, ahead, w0, w1, w2, w3, bias, binary))

@@ -31,6 +31,7 @@ from .results import build_results, peak_rss_mb, write_json
 from .training.loop import Diverged, Loop, Stopped, TensorLoop
 from .training.setup import prepare
 from .training.step import Timers
+from .training.streamed import streamed_test_metrics
 
 __all__ = ["Diverged", "Stopped", "Trainer", "train"]
 
@@ -124,7 +125,10 @@ class Trainer:
         final = {"train": train_metrics}
         if val_metrics is not None:
             final["val"] = val_metrics
-        if cfg.data.test:
+        if cfg.data.test and s.stream is not None:  # streamed like the training rows
+            with self.timers("eval"):
+                final["test"] = streamed_test_metrics(s, st.params)
+        elif cfg.data.test:
             with self.timers("io"):
                 d = cfg.data
 

@@ -18,7 +18,9 @@ from numba import njit, prange
 
 from .exact import WIDTH, _bin
 from .kernel_cache import install as _install_cache_locator
+from .kernels.cpu_tiles import _row_tiles, outputs8
 from .kernels.fastmath import _FLAGS, _log_m, fast_log
+from .kernels.native.simd import splat8, store8
 
 _install_cache_locator()  # before the kernels below are decorated
 
@@ -106,3 +108,39 @@ def regression_sums(y, out, mean, bins, threads) -> None:
             _bin(dv[:t], parts[r, 2])
     for r in range(runs):
         bins += parts[r]
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def binary_model_sums(X, y, w, ahead, cm, bins, threads) -> None:
+    """``classification_sums`` of a one-output logistic model with d <= 32 on rows ``X``
+    (targets ``y``), its probabilities computed eight rows at a time in the register tiles
+    (``cpu_tiles.outputs8``, the forward pass's bits) and used at once, never stored: one pass
+    over the rows instead of a forward pass, a float64 output array and a pass over it."""
+    n, d = X.shape
+    xf = X.reshape(-1)
+    w0, w1, w2, w3 = _row_tiles(w, 0, d)
+    bias = splat8(w[d])
+    runs = _runs(n, threads)
+    cms = np.zeros((runs, 4), dtype=np.int64)
+    rows = np.zeros((runs, WIDTH), dtype=np.int64)
+    for r in prange(runs):
+        probs = np.empty(8, dtype=np.float64)
+        terms = np.empty(STEP, dtype=np.float64)
+        t = 0
+        stop = (r + 1) * n // runs
+        for i in range(r * n // runs, stop, 8):
+            live = min(8, stop - i)
+            store8(probs, 0, live, outputs8(X, xf, i, live, ahead, w0, w1, w2, w3, bias, True))
+            for j in range(live):
+                label = np.int64(y[i + j])
+                p = probs[j]
+                cms[r, label * 2 + (1 if p >= 0.5 else 0)] += 1
+                terms[t] = _nll_binary(p, label)
+                t += 1
+            if t > STEP - 8:
+                _bin(terms[:t], rows[r])
+                t = 0
+        _bin(terms[:t], rows[r])
+    for r in range(runs):
+        cm += cms[r]
+        bins += rows[r]

@@ -228,7 +228,12 @@ class RowStream:
         held = 2 * self.piece_rows * (x_row + y_row)
         if self.map:
             held = max(held, 3 * self.piece_rows * x_row + 2 * self.piece_rows * y_row)
-        return held if self._buffers else 0
+        return held if self._screened else 0
+
+    def release(self) -> None:
+        """Let go of the buffers and the files' descriptors (a later pass allocates again)."""
+        self._buffers.clear()
+        _close_all(self._fds)
 
     def _buffer(self, k: int) -> _Buffer:
         while len(self._buffers) < 2:

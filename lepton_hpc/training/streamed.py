@@ -10,12 +10,14 @@ added in piece order. The reduction itself (allreduce or block-ordered allgather
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
+from ..comm.base import agree
 from ..data.stream import RowStream
-from ..inference import forward
+from ..inference import add_outputs
 from ..metrics import MetricSums
 from .strategies import BlockOrderedReduction, FusedReduction
 
@@ -68,8 +70,29 @@ def streamed_metrics(setup, params: np.ndarray) -> tuple[dict, dict | None]:
     val = MetricSums(model.head, k, data.val.y_mean) if data.val is not None else None
     for t, v in stream.passes(want_val=val is not None):
         if t.n:
-            train.add(t.y, forward(model, params, stream.place(t.X), setup.device))
+            add_outputs(train, model, params, stream.place(t.X), t.y, setup.device)
         if val is not None and v is not None and v.n:
-            val.add(v.y, forward(model, params, stream.place(v.X), setup.device))
+            add_outputs(val, model, params, stream.place(v.X), v.y, setup.device)
     comm = setup.comm
     return train.result(comm), (val.result(comm) if val is not None else None)
+
+
+def streamed_test_metrics(setup, params: np.ndarray) -> dict:
+    """Exact global metrics of ``params`` on ``data.test`` streamed like the training rows
+    (``data.stream``): a first pass checks NaN/Inf, counts the rows and sums the targets
+    exactly (``RowStream.fit``; no hold-out), and the labels and features are checked against
+    the model; then one pass scaled with the training scaler. The test rows are never held."""
+    cfg, comm = setup.cfg, setup.comm
+    setup.stream.release()  # training's passes are over: its buffers go before the test's come
+    test_cfg = dataclasses.replace(cfg.data, train=cfg.data.test, validation_fraction=0.0, folds=0)
+    stream = RowStream(test_cfg, cfg.train.seed, comm, reproducible=cfg.comm.reproducible)
+    agree(comm, lambda: setup.check_test(stream.info, None))  # the model's features first
+    split, _, _, stats = stream.fit()
+    agree(comm, lambda: setup.check_test(stream.info, stats))
+    stream.scaler, stream.place = setup.data.scaler, setup.device.place
+    model = setup.model
+    sums = MetricSums(model.head, model.n_classes, split.y_mean)
+    for part, _ in stream.passes():
+        if part.n:
+            add_outputs(sums, model, params, stream.place(part.X), part.y, setup.device)
+    return sums.result(comm)

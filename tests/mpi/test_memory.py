@@ -95,7 +95,8 @@ def test_peak_memory_is_the_data_plus_a_baseline(tmp_path, files, ranks, jobs):
 
 
 def test_streamed_peak_memory_is_two_buffers_plus_a_baseline(tmp_path, files):
-    """data.stream: a rank holds two read buffers, never its rows (143 MiB a rank here)."""
+    """data.stream: a rank holds two read buffers, never its rows (143 MiB a rank here), nor
+    those of the test file."""
 
     def streamed(name: str, data: Path) -> dict:
         cfg = write_config(
@@ -103,6 +104,7 @@ def test_streamed_peak_memory_is_two_buffers_plus_a_baseline(tmp_path, files):
             {
                 "data": {
                     "train": str(data),
+                    "test": str(data),  # streamed too: its rows are never held either
                     "scale": "zscore",
                     "validation_fraction": 0.05,
                     "stream": True,

@@ -8,6 +8,7 @@ configurations and bad rows fail with one line, as in memory.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -41,12 +42,13 @@ def data(tmp_path_factory):
     return root / "one.h5", root / "gzip.h5", [str(p) for p in parts]
 
 
-def _train(tmp_path, ranks, train, name, optim, *extra, stream=True):
+def _train(tmp_path, ranks, train, name, optim, *extra, stream=True, test=None):
     cfg = write_config(
         tmp_path / f"{name}.toml",
         {
             "data": {
                 "train": train,
+                **({"test": test} if test else {}),
                 "validation_fraction": 0.2,
                 "scale": "zscore",
                 "nonfinite": "drop",
@@ -71,13 +73,15 @@ def _train(tmp_path, ranks, train, name, optim, *extra, stream=True):
 )
 def test_streamed_full_batch_is_bitwise_in_memory_at_1_2_3_ranks(tmp_path, data, optim):
     one, gz, parts = data
-    want, results, _ = _train(tmp_path, 1, str(one), "memory", optim, stream=False)
+    test = str(gz)  # the test file is streamed too (scaled with the training scaler)
+    want, results, _ = _train(tmp_path, 1, str(one), "memory", optim, stream=False, test=test)
+    assert results["metrics"]["test"]["rows"] == ROWS - 1  # the NaN row dropped
     history = [json.loads(line) for line in (tmp_path / "memory" / "metrics.jsonl").open()]
     for ranks, train in ((1, str(one)), (2, str(gz)), (3, parts)):
         name = f"stream{ranks}"
-        got, res, _ = _train(tmp_path, ranks, train, name, optim)
+        got, res, _ = _train(tmp_path, ranks, train, name, optim, test=test)
         assert np.array_equal(got, want), f"{ranks} ranks"
-        assert res["metrics"] == results["metrics"], f"{ranks} ranks"
+        assert res["metrics"] == results["metrics"], f"{ranks} ranks"  # train, val and test
         assert res["rows"] == results["rows"] and res["rows"]["train"] > 3_900
         streamed = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
         assert [h["val"] for h in streamed] == [h["val"] for h in history]
@@ -146,10 +150,17 @@ def plain(tmp_path_factory):
 
 
 def _plain(tmp_path, ranks, train, name, *extra, stream=True, env=None, reproducible=True):
+    test = str(Path(train[0] if isinstance(train, list) else train).with_name("one.h5"))
     cfg = write_config(
         tmp_path / f"{name}.toml",
         {
-            "data": {"train": train, "nonfinite": "drop", "stream": stream, "buffer_mb": 4},
+            "data": {
+                "train": train,
+                "test": test,
+                "nonfinite": "drop",
+                "stream": stream,
+                "buffer_mb": 4,
+            },
             "model": {"kind": "logistic", "l2": 1e-3},
             "optim": {"name": "lbfgs"},
             "train": {"epochs": 3},
@@ -163,12 +174,13 @@ def _plain(tmp_path, ranks, train, name, *extra, stream=True, env=None, reproduc
 
 
 def test_mapped_pieces_are_bitwise_in_memory_at_1_2_3_ranks(tmp_path, plain):
-    """Rows used as stored (no scaler, no hold-out) are mapped from the file after the first
-    pass, not copied: the same bits as in memory (and as copied pieces), the piece holding the
-    dropped NaN row read instead; shards map each file's pieces."""
+    """Rows used as stored (no scaler, no hold-out) are mapped from the file in every pass, not
+    copied: the same bits as in memory (and as copied pieces), the piece holding the dropped
+    NaN row read instead; shards map each file's pieces; the test file is streamed too."""
     one, parts = plain
     want, results, _ = _plain(tmp_path, 1, str(one), "memory", stream=False)
     assert results["rows"]["train"] == MAP_ROWS - 1
+    assert results["metrics"]["test"]["rows"] == MAP_ROWS - 1
     for ranks, train in ((1, str(one)), (2, str(one)), (3, parts)):
         got, res, out = _plain(tmp_path, ranks, train, f"mapped{ranks}")
         assert "mapped from the file each pass" in out, out

@@ -101,3 +101,27 @@ def test_predict_one_writes_probabilities_and_labels(tmp_path):
         assert np.array_equal(fh["labels"][...], expected.argmax(axis=1))
         assert fh.attrs["head"] == "softmax" and fh.attrs["data"] == args[1]
     assert f"wrote {out}: 40 rows (probabilities and labels)" in log.stream.getvalue()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [1, 7, 8, 9, 32, 33])
+def test_fused_logistic_metrics_are_the_bits_of_forward_then_sums(d, dtype):
+    """A logistic model with up to 32 features is evaluated in one fused pass (outputs never
+    stored): the same counts and exact sums as its forward pass followed by ``MetricSums``, on
+    every tail of an eight-row group, and at 1 and 2 threads; 33 features take the plain path."""
+    from lepton_hpc.metrics import MetricSums
+
+    rng = np.random.default_rng(d)
+    model = Model("logistic", (d, 1), "relu", "binary")
+    params = rng.normal(0.0, 1.0, model.n_params)
+    for n, threads in ((1, 1), (7, 1), (9, 2), (1003, 2), (50_001, 2)):
+        X = rng.normal(size=(n, d)).astype(dtype)
+        y = (rng.random(n) < 0.5).astype(np.float64)
+        dev = select_device("cpu", threads, SerialComm())
+        fused = MetricSums("binary", 2)
+        inference.add_outputs(fused, model, params, X, y, dev)
+        plain = MetricSums("binary", 2)
+        plain.add(y, inference.forward(model, params, X, dev))
+        assert np.array_equal(fused.cm, plain.cm), (n, d)
+        assert np.array_equal(fused.sums.bins, plain.sums.bins), (n, d)
+        assert fused.cm.sum() == n

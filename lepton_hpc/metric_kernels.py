@@ -124,23 +124,20 @@ def binary_model_sums(X, y, w, ahead, cm, bins, threads) -> None:
     cms = np.zeros((runs, 4), dtype=np.int64)
     rows = np.zeros((runs, WIDTH), dtype=np.int64)
     for r in prange(runs):
-        probs = np.empty(8, dtype=np.float64)
+        probs = np.empty(STEP, dtype=np.float64)
         terms = np.empty(STEP, dtype=np.float64)
-        t = 0
         stop = (r + 1) * n // runs
-        for i in range(r * n // runs, stop, 8):
-            live = min(8, stop - i)
-            store8(probs, 0, live, outputs8(X, xf, i, live, ahead, w0, w1, w2, w3, bias, True))
-            for j in range(live):
-                label = np.int64(y[i + j])
-                p = probs[j]
-                cms[r, label * 2 + (1 if p >= 0.5 else 0)] += 1
-                terms[t] = _nll_binary(p, label)
-                t += 1
-            if t > STEP - 8:
-                _bin(terms[:t], rows[r])
-                t = 0
-        _bin(terms[:t], rows[r])
+        for a in range(r * n // runs, stop, STEP):
+            b = min(stop, a + STEP)
+            for i in range(a, b, 8):  # the probabilities of a step of rows, eight at a time
+                live = min(8, b - i)
+                p8 = outputs8(X, xf, i, live, ahead, w0, w1, w2, w3, bias, True)
+                store8(probs, i - a, live, p8)
+            for i in range(a, b):  # vectorised: the fast log has no calls
+                terms[i - a] = _nll_binary(probs[i - a], np.int64(y[i]))
+            for i in range(a, b):
+                cms[r, np.int64(y[i]) * 2 + (1 if probs[i - a] >= 0.5 else 0)] += 1
+            _bin(terms[: b - a], rows[r])
     for r in range(runs):
         cm += cms[r]
         bins += rows[r]

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from lepton_hpc.kernels import BINARY, RELU, SIGMOID, SOFTMAX, SQUARED, TANH, reference, tensor
 
+from tests.unit.test_kernels_reference import problem as reference_problem
+
 
 class Group:
     """``allreduce`` for k threads standing in for the ranks of a tensor group."""
@@ -61,16 +63,8 @@ def sliced(X, y, params, sizes, act, head, k, flags=None):
 
 
 def problem(sizes, head, n, dtype=np.float64, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n, sizes[0])).astype(dtype)
-    k = sizes[-1]
-    if head == SQUARED:
-        y = rng.standard_normal((n, k)) if k > 1 else rng.standard_normal(n)
-    elif head == BINARY:
-        y = (rng.random(n) < 0.5).astype(np.float64)
-    else:
-        y = rng.integers(0, k, n).astype(np.float64)
-    params = rng.standard_normal(sum(a * b + b for a, b in itertools.pairwise(sizes))) * 0.5
+    """``test_kernels_reference.problem`` without its sizes."""
+    X, y, params, _ = reference_problem(sizes, head, n, dtype, seed)
     return X, y, params
 
 

@@ -52,13 +52,14 @@ def resumed_at(stdout: str) -> tuple[str, int, int]:
 def check_continued(stdout: str, run: Path, epoch: int, step: int) -> None:
     """The attempt whose rank-0 output after its ``resuming from`` line is ``stdout`` trained on
     from ``epoch`` and ``step`` (> 0): its epoch lines (``train.log_every`` 1) begin at
-    ``epoch + 1`` past ``step``, and
-    it processed fewer rows than the run's epochs hold (a run from step 0 reads all of them)."""
+    ``epoch + 1`` past ``step`` (at ``step`` itself when the stop came at that epoch's last
+    step: the epoch then ends without another), and it processed fewer rows than the run's
+    epochs hold (a run from step 0 reads all of them)."""
     assert step > 0, "nothing to resume at step 0"
-    epochs = [(int(e), int(s)) for e, s in EPOCH_LINE.findall(stdout)]
+    epochs = sorted((int(e), int(s)) for e, s in EPOCH_LINE.findall(stdout))
     assert epochs, stdout
-    assert min(e for e, _ in epochs) == epoch + 1, (epoch, epochs)
-    assert all(s > step for _, s in epochs), (step, epochs)
+    assert epochs[0][0] == epoch + 1, (epoch, epochs)
+    assert epochs[0][1] >= step and all(s > step for _, s in epochs[1:]), (step, epochs)
     seen, all_rows = rows_this_attempt(run)
     assert 0 < seen < all_rows, (seen, all_rows)
 

@@ -170,19 +170,12 @@ class RowStream:
         unit = self.block_rows if reproducible else 1
         if reproducible:  # whole global blocks per piece: each block's sums are those in memory
             rows = max(self.block_rows, rows // self.block_rows * self.block_rows)
-        self.piece_rows = min(rows, max(1, self.stop - self.start))
-        self.bounds = [
-            (a, min(self.stop, a + self.piece_rows))
-            for a in range(self.start, self.stop, self.piece_rows)
+        step = max(unit, rows * 2 // 3 // unit * unit) if self.map else rows
+        aligned = step * info.n_features * self.dtype.itemsize // MAP_ALIGN * MAP_ALIGN
+        self.bounds = (self.map and mapped_bounds(info, self.start, self.stop, unit, aligned)) or [
+            (a, min(self.stop, a + step)) for a in range(self.start, self.stop, step)
         ]
-        x_row = info.n_features * self.dtype.itemsize
-        if self.map:
-            step = max(unit, rows * 2 // 3 // unit * unit)
-            aligned = step * x_row // MAP_ALIGN * MAP_ALIGN
-            self.bounds = mapped_bounds(info, self.start, self.stop, unit, aligned) or [
-                (a, min(self.stop, a + step)) for a in range(self.start, self.stop, step)
-            ]
-            self.piece_rows = max([b - a for a, b in self.bounds], default=1)
+        self.piece_rows = max((b - a for a, b in self.bounds), default=1)
         self.n_blocks = -(-info.n_rows // self.block_rows)
         first, last = self.start // self.block_rows, -(-self.stop // self.block_rows)
         self.rank_blocks = np.arange(first, max(first, last), dtype=np.int64)
@@ -279,7 +272,7 @@ class RowStream:
     def pieces(self) -> Iterator[tuple[int, int, _Buffer]]:
         """(first row, end row, buffer) of each piece in order; the next piece is read on a
         background thread while the caller works on this one. A piece is valid until the
-        next is asked for (its buffer is then refilled). Its rows ``buffer.X[:m]`` are
+        next is asked for (its buffer is then refilled). Its rows are ``buffer.rows(m)``:
         read-only when mapped from the file."""
         if not self.bounds:
             return

@@ -24,7 +24,7 @@ from .kernels.native.simd import splat8, store8
 
 _install_cache_locator()  # before the kernels below are decorated
 
-EPS = float(np.finfo(np.float64).eps)
+EPS = float(np.finfo(np.float64).eps)  # probabilities clipped to [EPS, 1 - EPS], as scikit-learn
 MIN_RUN = 4096  # rows per thread at least: a small piece runs on fewer threads
 STEP = 256  # rows whose terms are made, then binned
 LOG1P_SERIES = 0.29  # q / (2 - q) <= 0.1696: within the atanh series' range (0.1716)

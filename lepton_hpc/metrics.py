@@ -12,9 +12,7 @@ import numpy as np
 
 from .comm.base import Communicator
 from .exact import ExactSums, exact_sums
-from .metric_kernels import classification_sums, regression_sums
-
-EPS = float(np.finfo(np.float64).eps)  # probabilities clipped to [EPS, 1 - EPS], as scikit-learn
+from .metric_kernels import EPS, classification_sums, regression_sums  # noqa: F401 - EPS
 
 
 def predicted_labels(out: np.ndarray, head: str) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import updates
 from .lbfgs import LBFGS
 
 
@@ -23,7 +24,7 @@ class Optimizer:
         return cls(n, cfg)
 
     def __init__(self, n: int, cfg) -> None:  # noqa: ARG002 - n sizes the state of subclasses
-        self.lr = cfg.lr
+        self.lr = float(cfg.lr)  # floats: the update kernels' compiled signature
         self.t = 0
 
     def step(self, params: np.ndarray, grad: np.ndarray) -> None:
@@ -37,11 +38,11 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """Plain gradient descent: ``p -= lr * g``."""
+    """Plain gradient descent: ``p -= lr * g``. (Each update is one fused pass, ``updates``.)"""
 
     def step(self, params: np.ndarray, grad: np.ndarray) -> None:
         self.t += 1
-        params -= self.lr * grad
+        updates.sgd(params, grad, self.lr)
 
 
 class Momentum(Optimizer):
@@ -49,14 +50,12 @@ class Momentum(Optimizer):
 
     def __init__(self, n: int, cfg) -> None:
         super().__init__(n, cfg)
-        self.mu = cfg.momentum
+        self.mu = float(cfg.momentum)
         self.v = np.zeros(n)
 
     def step(self, params: np.ndarray, grad: np.ndarray) -> None:
         self.t += 1
-        self.v *= self.mu
-        self.v += grad
-        params -= self.lr * self.v
+        updates.momentum(params, grad, self.v, self.mu, self.lr)
 
     def state(self) -> dict[str, np.ndarray]:
         return {**super().state(), "v": self.v}
@@ -71,19 +70,14 @@ class Adam(Optimizer):
 
     def __init__(self, n: int, cfg) -> None:
         super().__init__(n, cfg)
-        self.b1, self.b2, self.eps = cfg.beta1, cfg.beta2, cfg.eps
+        self.b1, self.b2, self.eps = float(cfg.beta1), float(cfg.beta2), float(cfg.eps)
         self.m = np.zeros(n)
         self.v = np.zeros(n)
 
     def step(self, params: np.ndarray, grad: np.ndarray) -> None:
         self.t += 1
-        self.m *= self.b1
-        self.m += (1.0 - self.b1) * grad
-        self.v *= self.b2
-        self.v += (1.0 - self.b2) * grad * grad
-        mhat = self.m / (1.0 - self.b1**self.t)
-        vhat = self.v / (1.0 - self.b2**self.t)
-        params -= self.lr * mhat / (np.sqrt(vhat) + self.eps)
+        c1, c2 = 1.0 - self.b1**self.t, 1.0 - self.b2**self.t  # the bias corrections
+        updates.adam(params, grad, self.m, self.v, self.b1, self.b2, c1, c2, self.lr, self.eps)
 
     def state(self) -> dict[str, np.ndarray]:
         return {**super().state(), "m": self.m, "v": self.v}

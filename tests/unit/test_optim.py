@@ -2,6 +2,7 @@
 problems with a known optimum."""
 
 import numpy as np
+import pytest
 
 from lepton_hpc.config import OptimConfig
 from lepton_hpc.optim import OPTIMIZERS, make_optimizer, optimizer_class
@@ -113,3 +114,35 @@ def test_lbfgs_from_the_registry_minimises_and_resumes_identically():
     while not opt.converged and opt.evals < 200:
         f, g = opt.iterate(fg, x, *fg(x))
     assert np.allclose(x, np.linalg.solve(A, b), rtol=1e-6, atol=1e-8)
+
+
+def _numpy_updates(name, p, grads, lr=0.01, mu=0.9, b1=0.9, b2=0.999, eps=1e-8):
+    """The NumPy expressions the fused passes replace (the state of the art before them)."""
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        if name == "sgd":
+            p -= lr * g
+        elif name == "momentum":
+            v *= mu
+            v += g
+            p -= lr * v
+        else:
+            m *= b1
+            m += (1.0 - b1) * g
+            v *= b2
+            v += (1.0 - b2) * g * g
+            p -= lr * (m / (1.0 - b1**t)) / (np.sqrt(v / (1.0 - b2**t)) + eps)
+    return p
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("n", [5, 100_003])
+def test_fused_updates_are_the_numpy_bits(name, n):
+    rng = np.random.default_rng(n)
+    p0 = rng.standard_normal(n) * 10.0 ** rng.integers(-6, 3, n)
+    grads = [rng.standard_normal(n) * 10.0 ** rng.integers(-8, 4, n) for _ in range(4)]
+    opt = make_optimizer(OptimConfig(name=name, lr=0.01, momentum=0.9), n)
+    p = p0.copy()
+    for g in grads:
+        opt.step(p, g)
+    assert np.array_equal(p, _numpy_updates(name, p0.copy(), grads))

@@ -16,8 +16,8 @@ optimiser state are ``full[own]`` and the full vector is rebuilt by ``full[own_t
 
 Kernels take plain arrays and one callable, ``allreduce(buf)``, that sums a float64 buffer in
 place over the tensor group (the identity for k = 1); no MPI here. Every product and sum is
-float64 (float32 X is widened as it is read); activations and heads are the reference's (libm),
-so the result matches the data-parallel gradient to rounding.
+float64: the dense products are BLAS GEMMs (float32 X is widened first), activations and heads
+the reference's (libm, Numba), so the result matches the data-parallel gradient to rounding.
 """
 
 from __future__ import annotations
@@ -25,18 +25,15 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from numba import njit, prange
+from threadpoolctl import threadpool_limits
 
 from .checks import targets
 from .reference import _activate, _head, _output, _slope
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
-
-# The dense loops may be reassociated (vectorised dot products and sums, as in ``cpu_layers``);
-# no nnan/ninf, so a diverged model still shows NaN/inf. Activations and heads are the
-# reference's, compiled without fast-math flags.
-_FAST = {"fastmath": {"nsz", "arcp", "contract", "reassoc"}, "error_model": "numpy", "cache": True}
 
 
 @dataclass(frozen=True)
@@ -111,26 +108,40 @@ def make_plan(sizes, k: int, t: int) -> TensorPlan:
 
 
 # ---- kernels -----------------------------------------------------------------------------------
-@njit(parallel=True, **_FAST)
+# The dense products are float64 GEMMs (NumPy's BLAS: about 90 GFLOP/s a core here against 5-6
+# for a Numba loop nest; float32 rows are widened first), run on the rank's kernel threads.
+_blas_threads = [0]
+
+
+def _limit_blas() -> None:
+    """BLAS uses as many threads as the Numba kernels (``train.threads``), so that ranks x
+    threads does not oversubscribe the node; set again only when that count changes."""
+    n = numba.get_num_threads()
+    if _blas_threads[0] != n:
+        threadpool_limits(limits=n, user_api="blas")
+        _blas_threads[0] = n
+
+
+def _wide(a):
+    return a if a.dtype == np.float64 else a.astype(np.float64)
+
+
 def dense(src, W, b, dst):
-    """dst = src @ W (+ b when b has any values): the bias first, then the inputs in order."""
-    m, n_in = src.shape
-    n_out = W.shape[1]
-    bias = b.size > 0
-    for i in prange(m):
-        for o in range(n_out):
-            dst[i, o] = b[o] if bias else 0.0
-        for j in range(n_in):
-            x = np.float64(src[i, j])
-            for o in range(n_out):
-                dst[i, o] += x * W[j, o]
+    """dst = src @ W (+ b when b has any values)."""
+    np.matmul(_wide(src), W, out=dst)
+    if b.size:
+        dst += b
 
 
-@njit(cache=True)
-def add_bias(z, b):
-    for i in range(z.shape[0]):
-        for o in range(z.shape[1]):
-            z[i, o] += b[o]
+def accumulate(src, delta, gW, gb):
+    """gW += src^T delta, gb += column sums of delta."""
+    gW += _wide(src).T @ delta
+    gb += delta.sum(axis=0)
+
+
+def backprop(delta, W, out):
+    """out = delta @ W^T: d loss / d (the layer's inputs), before the activation's slope."""
+    np.matmul(delta, W.T, out=out)
 
 
 @njit(parallel=True, cache=True)
@@ -152,34 +163,6 @@ def head_loss(z, y, head, delta):
     for i in range(m):  # in row order
         total += losses[i]
     return total
-
-
-@njit(parallel=True, **_FAST)
-def accumulate(src, delta, gW, gb):
-    """gW += src^T delta, gb += column sums of delta (rows in order)."""
-    m, n_in = src.shape
-    n_out = delta.shape[1]
-    for j in prange(n_in):
-        for i in range(m):
-            x = np.float64(src[i, j])
-            for o in range(n_out):
-                gW[j, o] += x * delta[i, o]
-    for i in range(m):
-        for o in range(n_out):
-            gb[o] += delta[i, o]
-
-
-@njit(parallel=True, **_FAST)
-def backprop(delta, W, out):
-    """out = delta @ W^T: d loss / d (the layer's inputs), before the activation's slope."""
-    m, n_out = delta.shape
-    n_in = W.shape[0]
-    for i in prange(m):
-        for j in range(n_in):
-            s = 0.0
-            for o in range(n_out):
-                s += delta[i, o] * W[j, o]
-            out[i, j] = s
 
 
 @njit(parallel=True, cache=True)
@@ -220,7 +203,7 @@ def _forward(X, pieces, plan, activation, allreduce, flag):
             allreduce(buf)
             if not carried:
                 flag, carried = float(buf[-1]), True
-            add_bias(z, b)
+            z += b
         else:
             z = np.empty((m, L.n_out))
             dense(a, W, b, z)
@@ -247,6 +230,7 @@ def sliced_forward(
     """out (n x k float64) = the model's outputs on the rows of X (value, P(class 1) or class
     probabilities, as ``forward``); every rank of the tensor group calls it on the same rows."""
     X = _rows(X)
+    _limit_blas()
     acts, _ = _forward(X, _pieces(local, plan), plan, activation, allreduce, 0.0)
     _outputs(acts[-1], head, out)
 
@@ -259,6 +243,7 @@ def sliced_gradient(
     slice). Every rank of the tensor group calls it on the same rows. ``flag`` rides in the
     first forward sum; returns its sum over the group (the stop flag every rank agrees on)."""
     X = _rows(X)
+    _limit_blas()
     m, n, k_out = X.shape[0], plan.n_local, plan.sizes[-1]
     Y = targets(y, m, k_out, head)
     pieces = _pieces(local, plan)

@@ -328,6 +328,12 @@ def _kernels() -> SimpleNamespace:
             t += step
 
     return SimpleNamespace(
+        # device functions, shared with the tensor-parallel slices (``cuda_tensor``)
+        activate=activate,
+        slope=slope,
+        head_delta=head_delta,
+        head_output=head_output,
+        # kernels
         take_rows=take_rows,
         grad_glm1=grad_glm1,
         grad_glmk=grad_glmk,

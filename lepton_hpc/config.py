@@ -479,8 +479,4 @@ def _check_tensor(cfg: Config) -> None:
     )
     _check(c.compression == "none", "comm.compression", f'must be "none" {why}')
     _check(c.backend == "mpi", "comm.backend", f'must be "mpi" {why}')
-    _check(
-        cfg.train.device == "cpu",
-        "train.device",
-        f'must be "cpu" {why} (the sliced kernels are CPU kernels)',
-    )
+    # train.device: any ("cpu": kernels.tensor, "cuda": kernels.cuda_tensor, "auto": either)

@@ -40,11 +40,22 @@ class Backend(Protocol):
     def forward(self, X, params, sizes, activation, head, out) -> None:
         """Model outputs into ``out`` (see ``lepton_hpc.kernels``)."""
 
+    def sliced_gradient(
+        self, X, y, local, plan, activation, head, out, allreduce, flag=0.0
+    ) -> float:
+        """One tensor-parallel slice's gradient, loss and rows into ``out``; returns the stop
+        flag summed over the tensor group (see ``lepton_hpc.kernels.tensor``)."""
+
+    def sliced_forward(self, X, local, plan, activation, head, out, allreduce) -> None:
+        """Model outputs into ``out`` from one tensor-parallel slice (see
+        ``lepton_hpc.kernels.tensor``)."""
+
 
 @dataclass(slots=True)
 class Device:
-    """The CPU backend (``kernels``: a module with ``gradient`` and ``forward``): host arrays
-    stay where they are; mini-batches are gathered into buffers reused from step to step."""
+    """The CPU backend (``kernels``: a module with ``gradient`` and ``forward``; the
+    tensor-parallel slices are ``kernels.tensor``): host arrays stay where they are; mini-batches
+    are gathered into buffers reused from step to step."""
 
     name: str
     kernels: ModuleType
@@ -65,11 +76,28 @@ class Device:
     def forward(self, X, params, sizes, activation, head, out) -> None:
         self.kernels.forward(X, params, sizes, activation, head, out)
 
+    def sliced_gradient(
+        self, X, y, local, plan, activation, head, out, allreduce, flag=0.0
+    ) -> float:
+        return self.tensor_kernels().sliced_gradient(
+            X, y, local, plan, activation, head, out, allreduce, flag
+        )
+
+    def sliced_forward(self, X, local, plan, activation, head, out, allreduce) -> None:
+        self.tensor_kernels().sliced_forward(X, local, plan, activation, head, out, allreduce)
+
+    def tensor_kernels(self) -> ModuleType:
+        """The module of the tensor-parallel slices: ``kernels.tensor`` (Numba CPU threads)."""
+        from .kernels import tensor
+
+        return tensor
+
 
 @dataclass(slots=True)
 class CudaDevice(Device):
-    """The GPU backend (``kernels``: ``lepton_hpc.kernels.cuda``): the rank's rows are copied to
-    the GPU once and stay there across epochs; mini-batches are gathered there."""
+    """The GPU backend (``kernels``: ``lepton_hpc.kernels.cuda``, the slices
+    ``kernels.cuda_tensor``): the rank's rows are copied to the GPU once and stay there across
+    epochs; mini-batches are gathered there."""
 
     def place(self, array: np.ndarray):
         return self.kernels.to_device(array)
@@ -77,6 +105,12 @@ class CudaDevice(Device):
     def batch_gather(self, X_host: np.ndarray, y_host: np.ndarray, X, y):  # noqa: ARG002
         kernels = self.kernels
         return lambda rows: kernels.gather_rows(X, y, rows)
+
+    def tensor_kernels(self) -> ModuleType:
+        """``kernels.cuda_tensor``: the slices' kernels on the GPU (rows on the host or GPU)."""
+        from .kernels import cuda_tensor
+
+        return cuda_tensor
 
 
 def cuda_available() -> bool:

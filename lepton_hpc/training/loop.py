@@ -395,7 +395,7 @@ class TensorLoop(Loop):
                 y,
                 s.device,
                 s.grid.data,
-                outputs=lambda rows: s.grid.outputs(local, rows, s.model),
+                outputs=lambda rows: s.grid.outputs(local, rows, s.model, s.device),
             )
 
     def check_params(self) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..checkpoint import TrainState
 from ..comm.base import Communicator
+from ..device import Backend
 from ..errors import ConfigError
 from ..inference import CHUNK_ROWS
 from ..kernels import param_count
@@ -103,15 +104,16 @@ class TensorGrid:
         bad = np.array([0.0 if np.isfinite(local).all() else 1.0])
         return not self.world.allreduce_(bad)[0]
 
-    def outputs(self, local: np.ndarray, X, model) -> np.ndarray:
-        """The model's outputs on the rows of X (the tensor group's ranks all hold them),
-        computed from the slices, ``CHUNK_ROWS`` rows at a time."""
+    def outputs(self, local: np.ndarray, X, model, device: Backend) -> np.ndarray:
+        """The model's outputs on the rows of X (the tensor group's ranks all hold them; host
+        rows, or the device's), computed from the slices by ``device``, ``CHUNK_ROWS`` rows at
+        a time."""
         n = X.shape[0]
         out = np.empty((n, model.n_outputs))
         act, head = model.codes
         for lo in range(0, n, CHUNK_ROWS):
             hi = min(n, lo + CHUNK_ROWS)
-            tk.sliced_forward(
+            device.sliced_forward(
                 X[lo:hi], local, self.plan, act, head, out[lo:hi], self.tensor.allreduce_
             )
         return out
@@ -156,13 +158,23 @@ class TensorGrid:
 
 
 class TensorReduction(FusedReduction):
-    """The step of one slice: ``kernels.tensor.sliced_gradient`` (its sums over the tensor
-    group inside), then the fused buffer summed over the data group, carrying the group's
-    agreed stop flag (sampled when the step began)."""
+    """The step of one slice: the device's ``sliced_gradient`` (``kernels.tensor`` or
+    ``kernels.cuda_tensor``, its sums over the tensor group inside), then the fused buffer
+    summed over the data group, carrying the group's agreed stop flag (sampled when the step
+    began)."""
 
-    def __init__(self, grid: TensorGrid, act: int, head: int, stop, timers=None) -> None:
+    def __init__(
+        self,
+        grid: TensorGrid,
+        act: int,
+        head: int,
+        stop,
+        timers=None,
+        device: Backend | None = None,
+    ) -> None:
         super().__init__(None, grid.data)
         self.grid, self.act, self.head, self.stop = grid, act, head, stop
+        self.device = tk if device is None else device  # (the CPU kernels' module: the same call)
         self.timers = timers
         self.flag = 0.0
         self._waited = 0.0
@@ -176,7 +188,7 @@ class TensorReduction(FusedReduction):
     def local_sums(self, params, X, y, out: np.ndarray, rows=None) -> None:  # noqa: ARG002
         flag = 1.0 if self.stop.requested else 0.0
         self._waited = 0.0
-        self.flag = tk.sliced_gradient(
+        self.flag = self.device.sliced_gradient(
             X, y, params, self.grid.plan, self.act, self.head, out, self._tensor_allreduce, flag
         )
         if self.timers is not None:  # the tensor group's sums are communication, not compute
@@ -222,5 +234,5 @@ def tensor_step_context(setup, timers, stop, hooks) -> StepContext:
         stop=stop,
         hooks=hooks,
     )
-    ctx.reduction = TensorReduction(grid, act, head, stop, timers)
+    ctx.reduction = TensorReduction(grid, act, head, stop, timers, setup.device)
     return ctx

@@ -164,7 +164,7 @@ class Trainer:
             rows_seen=loop.rows_seen,
             config=cfg.to_dict(),
             ranks_timing=comm.allgather(loop.rank_timing()),  # one small gather per run
-            memory=_memory(comm, s),
+            memory=_memory(comm, s, st),
         )
         if comm.is_root:
             save_model(self.run.model_file, s.model, params, s.data.scaler, s.meta())
@@ -218,17 +218,24 @@ class Trainer:
             self.comm.abort(EXIT_WATCHDOG)
 
 
-def _memory(comm: Communicator, setup) -> dict:
-    """results.json's ``memory``: each rank's peak resident MiB and the MiB of rows it holds
-    (streamed rows: its two read buffers)."""
+def _memory(comm: Communicator, setup, state) -> dict:
+    """results.json's ``memory``: each rank's peak resident MiB, the MiB of rows it holds
+    (streamed rows: its two read buffers) and the MiB of parameters and optimiser state it
+    holds (with tensor parallelism, its slices)."""
     data = setup.data
     if setup.stream is not None:
         held = setup.stream.buffer_bytes() / 2**20
     else:
         parts = [data.train] + ([data.val] if data.val is not None else [])
         held = sum(p.X.nbytes + p.y.nbytes for p in parts) / 2**20
-    peaks = comm.allgather((peak_rss_mb(), held))
-    return {"peak_rss_mb": [p for p, _ in peaks], "data_mb": [h for _, h in peaks]}
+    arrays = [state.params, *state.optimizer.values()]
+    model = sum(a.nbytes for a in arrays if isinstance(a, np.ndarray)) / 2**20
+    peaks = comm.allgather((peak_rss_mb(), held, model))
+    return {
+        "peak_rss_mb": [p[0] for p in peaks],
+        "data_mb": [p[1] for p in peaks],
+        "model_mb": [p[2] for p in peaks],
+    }
 
 
 def train(

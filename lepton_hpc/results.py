@@ -92,9 +92,10 @@ def build_results(
     the reduction: its own work), ``comm_s`` (time in the reduction, mostly waiting for the
     slowest rank) and ``steps`` this process ran: a straggler shows a high compute_s while the
     others show a high comm_s.
-    ``memory``: per rank (in rank order) ``peak_rss_mb`` (``peak_rss_mb()``) and ``data_mb``, the
-    bytes of the rows it holds (X and y, training and validation), both in MiB: what the data
-    cost a rank against what it peaked at.
+    ``memory``: per rank (in rank order) ``peak_rss_mb`` (``peak_rss_mb()``), ``data_mb``, the
+    bytes of the rows it holds (X and y, training and validation), and ``model_mb``, the bytes of
+    the parameters and optimiser state it holds (its slices under tensor parallelism), all in
+    MiB: what the data and the model cost a rank against what it peaked at.
     """
     busy_s = loop_s - seconds.get("compile_loop", 0.0)  # the throughput's denominator
     results = {

@@ -5,13 +5,15 @@ float64 NumPy reference, PyTorch (CPU and DDP over gloo), scikit-learn, Horovod,
 by buffer size, HDF5 against raw reads, the load rate of chunked and compressed layouts,
 strong/weak scaling, the gradient's fraction of the read
 ceiling by feature count (also on AVX2-only code), MLP training against PyTorch, and the
-distributed gradient against Heat and oneDAL; it writes ``results.json``,
+distributed gradient against Heat and oneDAL, and a wide MLP on a tensor-parallel grid against
+a data-parallel one; it writes ``results.json``,
 ``results.md``, ``scaling.png`` and ``allreduce.png`` and prints the ratios. The peers are
 optional: a missing one is reported as skipped. The toolkit itself never imports them.
 
 Modules: ``runner`` (orchestration), ``micro`` (in-process kernels), ``peers`` (PyTorch,
 scikit-learn, Horovod), ``mpi_parts`` (under mpiexec), ``kernel_parts`` (feature sweep, AVX2, MLP),
 ``mpi_peers`` (Heat, oneDAL), ``layouts`` (contiguous, chunked, gzip, lzf, zstd loads),
+``tensor_rows`` (tensor-parallel grids, the crossover),
 ``ratios`` and ``report`` (ratios, table, plots).
 """
 
@@ -104,7 +106,7 @@ def _host() -> dict:
 def run_bench(args: argparse.Namespace, comm: Communicator, log: Log) -> int:  # noqa: ARG001 - the orchestrator has no communicator to use (SerialComm)
     from ..results import versions, write_json
     from . import ratios as ratios_mod
-    from . import report
+    from . import report, tensor_rows
     from .runner import Bench
 
     plan = _plan(args)
@@ -133,6 +135,7 @@ def run_bench(args: argparse.Namespace, comm: Communicator, log: Log) -> int:  #
         "ratios": ratios,
         "skipped_ratios": skipped,
         "checks": ratios_mod.agreement(parts),
+        "tensor_crossover": tensor_rows.crossover(parts),
         "notes": [
             "times are medians after warm-up; figures carry their units",
             "the read ceiling reads X only; our gradient also reads y (8 of 136 bytes a row)",

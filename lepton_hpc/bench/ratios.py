@@ -333,6 +333,27 @@ def ratio_specs(ks: list[int], kc: int) -> list[tuple]:
                     "higher",
                 )
             )
+    specs += [
+        (
+            "tensor_model_memory_1x2_vs_2x1",
+            ("tensor_1x2", "model_mb"),
+            ("tensor_2x1", "model_mb"),
+            (
+                "parameters + optimizer state a rank holds, MLP 256-4096-4096-10 on a 1 x 2 "
+                "tensor grid / a 2 x 1 data-parallel grid (about half)"
+            ),
+            "<= 0.55",
+            "lower",
+        ),
+        (
+            "tensor_epoch_1x2_vs_2x1",
+            ("tensor_1x2", "epoch_s"),
+            ("tensor_2x1", "epoch_s"),
+            "full-batch epoch of that MLP, 1 x 2 tensor grid / 2 x 1 data-parallel grid",
+            None,
+            "lower",
+        ),
+    ]
     return specs + kernel_ratio_specs()
 
 

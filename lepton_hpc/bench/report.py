@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .ratios import value
+from .tensor_rows import section as tensor_section
 
 
 # ---- Markdown -----------------------------------------------------------------------------
@@ -107,6 +108,7 @@ def markdown(res: dict) -> str:
     lines += memory_section(parts)
     lines += kernel_sections(parts)
     lines += layouts_section(parts)
+    lines += tensor_section(parts)
     lines += [
         "",
         "## Machine load while measuring",

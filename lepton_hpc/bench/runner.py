@@ -38,6 +38,12 @@ from .launch import (
     mpiexec,
     run_command,
 )
+from .tensor_rows import CLASSES as TENSOR_CLASSES
+from .tensor_rows import FEATURES as TENSOR_FEATURES
+from .tensor_rows import GRIDS as TENSOR_GRIDS
+from .tensor_rows import add_figures as tensor_figures
+from .tensor_rows import overrides as tensor_overrides
+from .tensor_rows import shape as tensor_shape
 
 # X bytes of each layout file: small, so the part stays near half a minute on two cores
 LAYOUT_BYTES = 128 << 20
@@ -268,6 +274,7 @@ class Bench:
             self.train(f"train_stream_k{k}", k, self.data["h5"], *full, "data.stream=true")
             self.micro(f"stream_k{k}", "mpi_parts", "stream", k)
         self.layouts()
+        self.tensor()
         if sk_missing:
             self.skipped("sklearn", sk_missing)
         else:
@@ -321,6 +328,34 @@ class Bench:
             self.launch("layouts_k2", [*base, "--threads", "1"], 2)
         else:
             self.skipped("layouts_k2", "one core: 2 ranks would share it")
+
+    # ---- tensor parallelism: a 1 x 2 grid against a 2 x 1 grid -------------------------------
+    def tensor(self) -> None:
+        """The wide MLP (``tensor_rows``) on 2 ranks as a tensor grid and as a data grid, on a
+        generated 10-class data set of 256 features."""
+        p = self.plan
+        if all(any(n.startswith(s) for s in p.skip) for n in TENSOR_GRIDS):
+            for n in TENSOR_GRIDS:
+                self.skipped(n, "--skip")
+            return
+        if p.cores < 2:
+            for n in TENSOR_GRIDS:
+                self.skipped(n, "one core: 2 ranks would share it")
+            return
+        rows, epochs = tensor_shape(p.quick)
+        path = p.out / "data" / f"blobs_{rows}x{TENSOR_FEATURES}_seed{p.seed}.h5"
+        cmd = [*mpiexec(2, p.cores), PY, "-m", "lepton_hpc", "datagen", "--task", "blobs"]
+        cmd += flags(rows=rows, features=TENSOR_FEATURES, classes=TENSOR_CLASSES)
+        cmd += [*flags(seed=p.seed, out=path), "--force"]
+        rc, _, err = run_command(cmd, p.timeout_s, self.env)
+        if rc != 0:
+            for n in TENSOR_GRIDS:
+                self.parts[n] = {"status": "failed", "reason": f"datagen: {err.strip()[-500:]}"}
+            return
+        for name, k in TENSOR_GRIDS.items():
+            entry = self.train(name, 2, path, *tensor_overrides(k, epochs))
+            if entry.get("status") == "ok":
+                tensor_figures(entry, rows, k)
 
     # ---- the feature sweep, AVX2 code, MLP against torch, Heat and oneDAL ---------------------
     def kernel_parts(self) -> None:
@@ -399,7 +434,7 @@ def read_run(run_dir: Path) -> dict:
     out["history"] = history
     out["figures"] = epoch_figures(res, history)
     memory = res.get("memory") or {}
-    for key, unit in (("peak_rss_mb", "MiB"), ("data_mb", "MiB")):
+    for key, unit in (("peak_rss_mb", "MiB"), ("data_mb", "MiB"), ("model_mb", "MiB")):
         if memory.get(key):
             out["figures"][key] = figure(max(memory[key]), unit, note="the largest rank's")
     return out

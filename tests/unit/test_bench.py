@@ -132,7 +132,7 @@ def test_a_peer_that_does_not_import_is_skipped_with_the_reason(tmp_path):
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('no torch in this test')\n")
     out = tmp_path / "bench"
-    only_peers = "memory,numpy,step,train,allreduce,hdf5,layouts,stream,sklearn"
+    only_peers = "memory,numpy,step,train,allreduce,hdf5,layouts,stream,tensor,sklearn"
     cmd = [sys.executable, "-m", "lepton_hpc", "bench", "--quick", "--rows", "10000"]
     proc = subprocess.run(
         [*cmd, "--skip", only_peers, "--out", str(out)],
@@ -230,3 +230,45 @@ def test_buffer_sizes_and_timing_helpers():
     calls = []
     stats = time_it(lambda: calls.append(1), repeats=3, warmup=2)
     assert len(calls) == 5 and stats["repeats"] == 3 and stats["min_s"] <= stats["median_s"]
+
+
+def test_tensor_grids_are_measured(bench_run):
+    """The wide MLP on a 1 x 2 tensor grid and a 2 x 1 data grid: a tensor rank holds about half
+    the parameters and optimizer state, the epoch is split into compute and communication, and
+    the crossover is reported."""
+    out, _, res = bench_run
+    parts = res["parts"]
+    for name in ("tensor_1x2", "tensor_2x1"):
+        assert parts[name]["status"] == "ok", parts[name]
+        figs = parts[name]["results"]["figures"]
+        for key in ("epoch_s", "compute_per_epoch_s", "comm_per_epoch_s", "model_mb"):
+            assert figs[key]["value"] > 0, (name, key)
+    half = res["ratios"]["tensor_model_memory_1x2_vs_2x1"]
+    assert 0.45 < half["value"] <= 0.55 and half["meets_target"]
+    assert "tensor_epoch_1x2_vs_2x1" in res["ratios"]
+    cross = res["tensor_crossover"]
+    assert cross["one_node_crossover_rows"]["value"] == pytest.approx(17_874_954 / 4096)
+    assert cross["multi_node_crossover_rows"]["value"] > 0
+    assert "## Tensor parallelism" in (out / "results.md").read_text()
+
+
+def test_tensor_crossover_model():
+    """The multi-node estimate from its stated model: a node fast enough makes the hybrid grid's
+    in-node sums free, so the crossover batch grows without bound; a slow one shrinks it."""
+    from lepton_hpc.bench import tensor_rows
+
+    P, w = tensor_rows.n_params(), tensor_rows.HIDDEN[1]
+    assert P == 256 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 10 + 10
+
+    def parts(gbps):
+        figs = {"comm_GBps": {"value": gbps}}
+        return {"tensor_1x2": {"status": "ok", "results": {"figures": figs}}}
+
+    fast = tensor_rows.crossover(parts(1000.0))["multi_node_crossover_rows"]["value"]
+    slow = tensor_rows.crossover(parts(1.0))["multi_node_crossover_rows"]["value"]
+    assert fast > 100 * slow > 0
+    # at the crossover batch the two costs meet: 8 (B / N) w / beta_node = dp - fixed
+    m = tensor_rows.crossover(parts(5.0))["multi_node_crossover_rows"]
+    in_node = 8 * (m["value"] / m["nodes"]) * w / 5e9
+    assert in_node == pytest.approx(m["data_parallel_comm_s"] - m["hybrid_fixed_comm_s"])
+    assert "multi_node_crossover_rows" not in tensor_rows.crossover({})

@@ -25,7 +25,9 @@ from lepton_hpc.bench.common import figure
 from tests.conftest import ROOT, mpi_env
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
-OLD_PARTS = "memory,numpy,torch_cpu,step,train,ddp,allreduce,horovod,hdf5,layouts,stream,sklearn"
+OLD_PARTS = (
+    "memory,numpy,torch_cpu,step,train,ddp,allreduce,horovod,hdf5,layouts,stream,tensor,sklearn"
+)
 
 
 def _ok(results: dict) -> dict:

@@ -41,7 +41,7 @@ import numpy as np
 from . import cuda as kc
 from .checks import targets
 from .cuda_device import _kernels as _device_kernels
-from .tensor import COLUMN, ROW, TensorPlan
+from .tensor import COLUMN, ROW, TensorPlan, agree_flag
 
 try:  # numba.cuda imports without a GPU; only a numba built without CUDA support lacks it.
     from numba import cuda
@@ -264,11 +264,7 @@ def _forward(X, m: int, d_params, plan: TensorPlan, activation: int, allreduce, 
                 _launch(ks.dense, m * L.n_out, a, d_params, L.w0, L.b0, L.nb, L.n_out, act, z)
         acts.append(z)
         a = z
-    if not carried:  # no row-parallel layer: the flag still has to be agreed
-        buf = np.array([flag])
-        allreduce(buf)
-        flag = float(buf[0])
-    return acts, flag
+    return acts, flag if carried else agree_flag(flag, allreduce)
 
 
 def _host_out(out: np.ndarray, shape: tuple[int, ...]) -> None:

@@ -211,11 +211,14 @@ def _forward(X, pieces, plan, activation, allreduce, flag):
             activate(z, activation)
         acts.append(z)
         a = z
-    if not carried:  # no row-parallel layer: the flag still has to be agreed
-        buf = np.array([flag])
-        allreduce(buf)
-        flag = float(buf[0])
-    return acts, flag
+    return acts, flag if carried else agree_flag(flag, allreduce)
+
+
+def agree_flag(flag: float, allreduce) -> float:
+    """The flag summed over the tensor group, when no row-parallel layer's sum carried it."""
+    buf = np.array([flag])
+    allreduce(buf)
+    return float(buf[0])
 
 
 @njit(cache=True)

@@ -7,8 +7,6 @@ a Python thread."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 from lepton_hpc.kernels import BINARY, RELU, SIGMOID, SOFTMAX, SQUARED, TANH, reference, tensor
@@ -16,7 +14,7 @@ from lepton_hpc.kernels import BINARY, RELU, SIGMOID, SOFTMAX, SQUARED, TANH, re
 from lepton_hpc.config import load_config
 from lepton_hpc.device import CudaDevice, Device
 from lepton_hpc.errors import ConfigError
-from tests.unit.test_kernels_tensor import Group, problem
+from tests.unit.test_kernels_tensor import problem, run_group
 
 ROWS = (7, 33, 1, 0)  # in this order on every rank: the buffers grow, then are reused smaller
 N = max(ROWS)
@@ -29,26 +27,6 @@ CASES = [  # (sizes, head, activation, k): one and two pairs, odd and even layer
     ((3, 4, 2), SQUARED, RELU, 1),
     ((4, 6, 4, 3), SOFTMAX, TANH, 1),
 ]
-
-
-def run_group(k: int, body) -> None:
-    """``body(t, allreduce)`` on k threads standing in for a tensor group's ranks."""
-    group, errors = Group(k), []
-
-    def run(t: int) -> None:
-        try:
-            body(t, group.allreduce(t))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            errors.append(exc)
-            group.barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(t,)) for t in range(k)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
 
 
 def assemble(plans, parts, n_full: int) -> np.ndarray:

@@ -39,15 +39,25 @@ def sliced(X, y, params, sizes, act, head, k, flags=None):
     plans = [tensor.make_plan(sizes, k, t) for t in range(k)]
     outs = [np.empty(p.n_local + 2) for p in plans]
     agreed = [None] * k
+
+    def body(t: int, allreduce) -> None:
+        p = plans[t]
+        flag = 0.0 if flags is None else flags[t]
+        agreed[t] = tensor.sliced_gradient(
+            X, y, params[p.own], p, act, head, outs[t], allreduce, flag
+        )
+
+    run_group(k, body)
+    return plans, outs, agreed
+
+
+def run_group(k: int, body) -> None:
+    """``body(t, allreduce)`` on k threads standing in for a tensor group's ranks."""
     group, errors = Group(k), []
 
     def run(t: int) -> None:
         try:
-            p = plans[t]
-            flag = 0.0 if flags is None else flags[t]
-            agreed[t] = tensor.sliced_gradient(
-                X, y, params[p.own], p, act, head, outs[t], group.allreduce(t), flag
-            )
+            body(t, group.allreduce(t))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
             errors.append(exc)
             group.barrier.abort()
@@ -59,7 +69,6 @@ def sliced(X, y, params, sizes, act, head, k, flags=None):
         th.join()
     if errors:
         raise errors[0]
-    return plans, outs, agreed
 
 
 def problem(sizes, head, n, dtype=np.float64, seed=0):

@@ -61,6 +61,15 @@ class DataConfig:
     buffer_mb: float = 64.0
     """Per rank, with data.stream: the rows held at a time (two such pieces: one in use, one
     being read)."""
+    balance: str = "none"
+    """Load balancing of the training rows between ranks: "none" (an even split) or "speed":
+    after the first epoch (and after any later epoch whose slowest rank's step work is more than
+    10 % above the mean) each rank's speed (training rows per second of step work) is measured
+    and the rows are re-cut into contiguous ranges in proportion to it (whole global blocks with
+    comm.reproducible), when that predicts a step more than 10 % faster; a rank reads from the
+    file only the rows it gains. Results equal the even split's (bitwise with
+    comm.reproducible). Full batch (train.batch_size = 0), comm.strategy = "sync", in-memory
+    rows from files only."""
 
     def __post_init__(self) -> None:
         for key in ("train", "test"):
@@ -81,6 +90,7 @@ class DataConfig:
         )
         _one_of(self.scale, ("none", "zscore", "minmax"), "data.scale")
         _one_of(self.nonfinite, ("error", "drop"), "data.nonfinite")
+        _one_of(self.balance, ("none", "speed"), "data.balance")
         _check(self.buffer_mb > 0, "data.buffer_mb", f"{self.buffer_mb} is not a positive size")
 
 
@@ -410,6 +420,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def check_config(cfg: Config) -> Config:
     """Checks across sections (``load_config`` and ``lepton sweep`` run them on every config)."""
     _check_tensor(cfg)
+    _check_balance(cfg)
     if cfg.optim.name == "lbfgs":
         _check(
             cfg.model.kind in ("linear", "logistic", "softmax"),
@@ -431,6 +442,36 @@ def check_config(cfg: Config) -> Config:
         f'{train!r}: a "{{rank}}" pattern (one file per client) needs comm.strategy = "fedavg"',
     )
     return cfg
+
+
+def _check_balance(cfg: Config) -> None:
+    """``data.balance = "speed"``: the combinations it supports, each refusal naming the key."""
+    if cfg.data.balance == "none":
+        return
+    _check(
+        cfg.train.batch_size == 0,
+        "data.balance",
+        f'"speed" needs full batch (train.batch_size = 0, not {cfg.train.batch_size}): in the '
+        "default mode a mini-batch's rows depend on the partition (mini-batches are left for "
+        'later); set data.balance = "none"',
+    )
+    _check(
+        not cfg.data.stream,
+        "data.balance",
+        '"speed" moves rows held in memory: data.stream is not supported; set one of them off',
+    )
+    _check(
+        cfg.model.parallel != "tensor",
+        "data.balance",
+        '"speed" is not supported with model.parallel = "tensor" (a tensor group\'s ranks hold '
+        'the same rows); set data.balance = "none"',
+    )
+    _check(
+        cfg.comm.strategy == "sync",
+        "data.balance",
+        f'"speed" needs comm.strategy = "sync" (not {cfg.comm.strategy!r}): other strategies\' '
+        'results depend on the partition; set data.balance = "none"',
+    )
 
 
 def _check_tensor(cfg: Config) -> None:

@@ -8,6 +8,9 @@
   claimed atomically before it fires), so a job restarted by ``lepton launch`` gets past it.
   ``delay=0.05@1`` sleeps on rank 1 only (a straggler); ``watchdog_scale=0.01`` multiplies the
   "auto" watchdog's fixed constants (start-up limit, floor): a frozen rank is caught in seconds.
+  ``slow=F@RANK`` (F >= 1) makes rank RANK a node F times slower: after each gradient kernel
+  call it sleeps (F - 1) times the call's measured seconds, inside the timed step compute, so
+  its cost scales with its rows (for ``data.balance = "speed"``).
 - ``LEPTON_FAIL_ONCE=<dir>`` (``FailOnce``, used by the task farm): every task fails on its
   first attempt only, so retries can be tested on real jobs.
 
@@ -32,7 +35,9 @@ from .errors import LeptonError
 
 FAULT_ENV = "LEPTON_FAULT"
 FAIL_ONCE_ENV = "LEPTON_FAIL_ONCE"
-FAULT_SYNTAX = "delay=SECONDS[@RANK],raise=RANK@STEP,skew=RANK@STEP,once=DIR,watchdog_scale=F"
+FAULT_SYNTAX = (
+    "delay=SECONDS[@RANK],raise=RANK@STEP,skew=RANK@STEP,once=DIR,watchdog_scale=F,slow=F@RANK"
+)
 
 
 class HookError(LeptonError):
@@ -59,6 +64,7 @@ class FaultHooks:
         self.raises: tuple[tuple[int, int], ...] = ()
         self.skew_at: tuple[int, int] | None = None
         self.once: Path | None = None
+        self.slow: tuple[float, int] | None = None  # (factor, rank)
         for item in filter(None, (s.strip() for s in spec.split(","))):
             key, _, value = item.partition("=")
             if key == "delay":
@@ -75,6 +81,8 @@ class FaultHooks:
                 self.raises += (_rank_at_step(spec, key, value),)
             elif key == "skew":
                 self.skew_at = _rank_at_step(spec, key, value)
+            elif key == "slow":
+                self.slow = _slow(spec, value)
             elif key == "once":
                 if not value:
                     raise HookError(FAULT_ENV, spec, "once= needs a directory (of fault markers)")
@@ -93,7 +101,13 @@ class FaultHooks:
         return self.raises[0] if self.raises else None
 
     def __bool__(self) -> bool:
-        return bool(self.delay or self.raises or self.skew_at or self.watchdog_scale != 1.0)
+        return bool(
+            self.delay or self.raises or self.skew_at or self.watchdog_scale != 1.0 or self.slow
+        )
+
+    def slow_factor(self, rank: int) -> float:
+        """How many times slower ``slow=F@RANK`` makes this rank's step compute (1.0: not)."""
+        return self.slow[0] if self.slow is not None and self.slow[1] == rank else 1.0
 
     def before_step(self, rank: int, step: int) -> int:
         """Apply the faults for this (rank, step); returns the step counter to report."""
@@ -124,6 +138,17 @@ def _seconds(spec: str, value: str, key: str = "delay") -> float:
     if not (math.isfinite(seconds) and seconds >= 0):
         raise HookError(FAULT_ENV, spec, f"{key}={value!r} is not a number of seconds >= 0")
     return seconds
+
+
+def _slow(spec: str, value: str) -> tuple[float, int]:
+    factor, at, rank = value.partition("@")
+    try:
+        f = float(factor)
+    except ValueError:
+        f = math.nan
+    if not (at and rank.isdigit() and math.isfinite(f) and f >= 1):
+        raise HookError(FAULT_ENV, spec, f"slow={value!r} is not slow=F@RANK with a factor F >= 1")
+    return f, int(rank)
 
 
 def _rank_at_step(spec: str, key: str, value: str) -> tuple[int, int]:

@@ -1,7 +1,9 @@
 """The epochs: the mini-batch loop (sgd, momentum, adam under any strategy) and the full-batch
 L-BFGS loop, with epoch metrics, early stopping, checkpoint cadence, stopping on a signal and
 the divergence checks. Work between steps (evaluation, checkpoints) runs inside the watchdog's
-``hold``; once per epoch each rank's step work is timed and a tiny allgather names stragglers.
+``hold``; once per epoch each rank's step work is timed and a tiny allgather names stragglers
+(and, with ``data.balance = "speed"``, feeds ``training/balance.py``, which may re-cut the
+training rows between epochs).
 
 Every decision here (stop, checkpoint, diverged, early stop) is taken from values that are the
 same on every rank (reduced losses, settled parameters), so all ranks take it together.
@@ -24,6 +26,7 @@ from ..errors import EXIT_FAILED, EXIT_STOPPED, LeptonError
 from ..faults import STRAGGLER_EPOCHS, Stragglers, Watchdog
 from ..inference import evaluate
 from ..metrics import headline
+from .balance import Balancer
 from .setup import RunSetup
 from .step import StepContext
 from .strategies import make_strategy
@@ -76,6 +79,11 @@ class Loop:
         self.first_step = state.step  # rank_timing counts the steps this process ran
         self.stragglers = Stragglers()
         self.fed = None  # the fedavg strategy: epochs end rounds only at its word
+        # data.balance = "speed": rows re-cut by the ranks' speeds between epochs
+        self.balancer = None
+        if self.cfg.data.balance == "speed" and setup.stream is None and setup.grid is None:
+            self.balancer = Balancer(setup, ctx)
+        self._measured: tuple[list[float], list[int]] | None = None  # the last epoch's
 
     def run(self) -> None:
         """Train to the end (epochs, max_steps, early stopping); raises Stopped on a signal.
@@ -103,21 +111,27 @@ class Loop:
     # ---- the loops ----------------------------------------------------------------------
     def _mini_batch(self) -> None:
         cfg, st, s, opt = self.cfg, self.state, self.setup, self.opt
-        train = s.data.train
         strategy = make_strategy(  # sync, local_sgd, overlap, fedavg
             cfg.comm,
             self.ctx,
             opt,
             st.params,
             seed=cfg.train.seed,
-            rows=train.n,
+            rows=s.data.train.n,
             epochs=cfg.train.epochs,
         )
         fed = self.fed = strategy if getattr(strategy, "federated", False) else None
         if s.stream is None:
-            gather = s.device.batch_gather(train.X, train.y, s.X, s.y)
-            index = range(train.offset, train.offset + train.n)  # this rank's training rows
-            plan = EpochBatches(index, train.n_global, cfg.train.batch_size, cfg.train.seed)
+
+            def rows_plan():  # again after data.balance moved rows
+                train = s.data.train
+                gather = s.device.batch_gather(train.X, train.y, s.X, s.y)
+                index = range(train.offset, train.offset + train.n)  # this rank's training rows
+                return gather, EpochBatches(
+                    index, train.n_global, cfg.train.batch_size, cfg.train.seed
+                )
+
+            gather, plan = rows_plan()
         elif cfg.train.batch_size == 0:  # one step an epoch; the reduction reads the pieces
             gather, plan = None, _streamed_plan
         else:  # windows of the file read in turn, each shuffled into batches
@@ -185,6 +199,8 @@ class Loop:
                 self.stop_now()  # fedavg: the state is the round's end, whole on every rank
             if done or (max_steps and st.step >= max_steps):
                 break
+            if st.epoch < cfg.train.epochs and self._balance():
+                gather, plan = rows_plan()
 
     def _full_batch(self) -> None:
         """Full-batch L-BFGS: an iteration is an "epoch"; each evaluation one pass and allreduce."""
@@ -217,6 +233,8 @@ class Loop:
                 self.stop_now()
             if self._end_epoch(f, time.perf_counter() - t_epoch):
                 break
+            if st.epoch < cfg.train.epochs and not opt.converged:
+                self._balance()  # fg reads s.X and s.y at each call
 
     # ---- epochs -------------------------------------------------------------------------
     def _end_epoch(self, loss: float, seconds: float) -> bool:
@@ -255,20 +273,26 @@ class Loop:
             self.checkpoint()
         return stop
 
-    def _epoch_mark(self) -> tuple[float, float, float]:
-        return time.perf_counter(), self.ctx.timers.seconds["comm"], self.held_s
+    def _epoch_mark(self) -> tuple[float, float, float, float]:
+        seconds = self.ctx.timers.seconds
+        return time.perf_counter(), seconds["comm"], self.held_s, compile_clock().now()
 
-    def _epoch_timing(self, mark: tuple[float, float, float]) -> None:
-        """Add this epoch's step work and reduction time; name stragglers (one allgather)."""
-        t0, comm0, held0 = mark
+    def _epoch_timing(self, mark: tuple[float, float, float, float]) -> None:
+        """Add this epoch's step work and reduction time; name stragglers (one allgather that
+        also carries, for data.balance, the work without kernel compilation and the rows)."""
+        t0, comm0, held0, compiled0 = mark
         comm = self.ctx.timers.seconds["comm"] - comm0
         work = time.perf_counter() - t0 - comm - (self.held_s - held0)
         self.work_s += work
         self.comm_s += comm
         if self.comm.size == 1:
             return
-        gathered = self.comm.allgather((work, socket.gethostname()))
-        works = [w for w, _ in gathered]
+        compiled = compile_clock().now() - compiled0
+        rows = self.setup.data.train.n if self.balancer is not None else 0
+        mine = (work, socket.gethostname(), max(0.0, work - compiled), rows)
+        gathered = self.comm.allgather(mine)
+        works = [g[0] for g in gathered]
+        self._measured = ([g[2] for g in gathered], [g[3] for g in gathered])
         for rank in self.stragglers.update(works):
             median = statistics.median(works[:rank] + works[rank + 1 :])
             self.log.warning(
@@ -278,6 +302,16 @@ class Loop:
                 "every rank"
             )
 
+    def _balance(self) -> bool:
+        """data.balance = "speed": re-cut the rows by the ranks' speeds measured in the epoch
+        that just ended (between steps, under the watchdog's hold); True when rows moved."""
+        if self.balancer is None or self._measured is None:
+            return False
+        works, rows = self._measured
+        self._measured = None
+        with self.watchdog.hold():
+            return self.balancer.after_epoch(self.state.epoch, works, rows)
+
     def rank_timing(self) -> dict:
         """This rank's step work, reduction time and steps, for results.json's ranks_timing."""
         return {
@@ -285,6 +319,7 @@ class Loop:
             "compute_s": self.work_s,
             "comm_s": self.comm_s,
             "steps": self.state.step - self.first_step,
+            **({"rows": self.setup.data.train.n} if self.balancer is not None else {}),
         }
 
     def split_metrics(self) -> tuple[dict, dict | None]:

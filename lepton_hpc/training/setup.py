@@ -212,6 +212,7 @@ def prepare(
     files = shared_run_inputs(cfg, resume, inputs, comm)
     run = RunDir(cfg.output.dir)
     agree(comm, lambda: check_comm_config(cfg))  # [comm] x [optim] combinations
+    agree(comm, lambda: _balanceable(cfg, source))
     grid = None
     if cfg.model.parallel == "tensor":  # a data x tensor grid; rows cut over the data groups
         agree(comm, lambda: check_grid(cfg, comm.size, source))
@@ -307,6 +308,15 @@ def prepare(
         stream=stream,
         grid=grid,
     )
+
+
+def _balanceable(cfg: Config, source) -> None:
+    if cfg.data.balance != "none" and source is not None:
+        raise ConfigError(
+            "data.balance",
+            f'"{cfg.data.balance}" reads the rows a rank gains from the training file: arrays '
+            'in memory are not supported; set data.balance = "none"',
+        )
 
 
 def _streamable(source) -> None:

@@ -113,18 +113,29 @@ class StepContext:
     reduction: Any = None
     l2_any: bool = field(init=False)
     buf: np.ndarray = field(init=False)  # the sync step's fused buffer, reused every step
+    slow: float = field(init=False)  # LEPTON_FAULT slow=F@RANK: this rank's factor (1.0: off)
 
     def __post_init__(self) -> None:
         self.l2_any = bool(self.l2_mask.any())
         self.buf = fused_buffer(self.n_params)
+        factor = getattr(self.hooks, "slow_factor", None)
+        self.slow = factor(self.comm.rank) if factor is not None else 1.0
 
     @property
     def n_params(self) -> int:
         return self.l2_mask.size
 
     def kernel(self, X, y, params: np.ndarray, out: np.ndarray) -> None:
-        """Summed loss gradient, loss and row count of the rows of X into ``out``."""
+        """Summed loss gradient, loss and row count of the rows of X into ``out``.
+
+        Under ``LEPTON_FAULT`` ``slow=F@RANK`` this rank then sleeps (F - 1) times the call's
+        seconds (inside the caller's timed compute): a node F times slower."""
+        if self.slow == 1.0:
+            self.device.gradient(X, y, params, self.sizes, self.act, self.head, out)
+            return
+        t0 = time.perf_counter()
         self.device.gradient(X, y, params, self.sizes, self.act, self.head, out)
+        time.sleep((self.slow - 1.0) * (time.perf_counter() - t0))
 
     def mark(self, buf: np.ndarray, step: int) -> None:
         """Stop flag and step counter in the last two slots (fault hooks may alter the step)."""

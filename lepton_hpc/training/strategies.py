@@ -155,6 +155,11 @@ class BlockOrderedReduction(FusedReduction):
         self._ids = np.zeros(0, dtype=np.int64)
         self._parts = np.zeros((0, 0))
 
+    def set_blocks(self, blocks: np.ndarray) -> None:
+        """The global block of each local training row, after the rows were re-partitioned
+        (``data.balance``)."""
+        self.block = blocks
+
     def arrange(self, rows: np.ndarray) -> np.ndarray:
         # A block's rows become contiguous, each block keeping the batch's (global) row order.
         return rows[np.argsort(self.block[rows], kind="stable")]

@@ -40,7 +40,11 @@ def test_fault_spec_is_parsed():
         ("delay=-1", "delay='-1' is not a number of seconds"),
         ("raise=1", "raise='1' is not raise=RANK@STEP"),
         ("skew=a@3", "skew='a@3' is not skew=RANK@STEP"),
-        ("slow=1", "unknown fault 'slow'"),
+        ("slowly=1", "unknown fault 'slowly'"),
+        ("slow=2", "slow='2' is not slow=F@RANK with a factor F >= 1"),
+        ("slow=0.5@1", "slow='0.5@1' is not slow=F@RANK with a factor F >= 1"),
+        ("slow=x@1", "slow='x@1' is not slow=F@RANK with a factor F >= 1"),
+        ("slow=2@r", "slow='2@r' is not slow=F@RANK with a factor F >= 1"),
     ],
 )
 def test_a_malformed_fault_names_the_variable_and_the_value(value, detail):

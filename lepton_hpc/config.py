@@ -68,8 +68,8 @@ class DataConfig:
     and the rows are re-cut into contiguous ranges in proportion to it (whole global blocks with
     comm.reproducible), when that predicts a step more than 10 % faster; a rank reads from the
     file only the rows it gains. Results equal the even split's (bitwise with
-    comm.reproducible). Full batch (train.batch_size = 0), comm.strategy = "sync", in-memory
-    rows from files only."""
+    comm.reproducible). Full batch or mini-batches, comm.strategy = "sync", in-memory rows
+    from files only."""
 
     def __post_init__(self) -> None:
         for key in ("train", "test"):
@@ -448,13 +448,6 @@ def _check_balance(cfg: Config) -> None:
     """``data.balance = "speed"``: the combinations it supports, each refusal naming the key."""
     if cfg.data.balance == "none":
         return
-    _check(
-        cfg.train.batch_size == 0,
-        "data.balance",
-        f'"speed" needs full batch (train.batch_size = 0, not {cfg.train.batch_size}): in the '
-        "default mode a mini-batch's rows depend on the partition (mini-batches are left for "
-        'later); set data.balance = "none"',
-    )
     _check(
         not cfg.data.stream,
         "data.balance",

@@ -95,6 +95,28 @@ def test_reproducible_balanced_run_is_bitwise_the_even_split(data_file, tmp_path
     assert balanced.tobytes() == even.tobytes() == one.tobytes()
 
 
+MINI = {**MLP, "train": {"epochs": 4, "batch_size": 500, "seed": 1}}
+
+
+def test_mini_batches_are_those_of_the_even_split(data_file, tmp_path):
+    """A mini-batch is a set of global training rows (``EpochBatches``: a seeded permutation of
+    the global row numbers, each rank taking the rows of each batch it holds), so moving rows
+    between ranks in file order changes who computes a row, never which batch it is in:
+    bitwise in reproducible mode (and the 1-rank run's bits), to rounding in the default mode."""
+    balanced, results, out = train(
+        tmp_path, 2, data_file, "bal", MINI, balance="speed", reproducible=True, env=SLOW
+    )
+    check_moved_off(out, results, 1, 2)
+    one, _, _ = train(tmp_path, 1, data_file, "one", MINI, balance="none", reproducible=True)
+    assert balanced.tobytes() == one.tobytes()
+    fast, results, out = train(
+        tmp_path, 2, data_file, "fast", MINI, balance="speed", reproducible=False, env=SLOW
+    )
+    check_moved_off(out, results, 1, 2)
+    even, _, _ = train(tmp_path, 2, data_file, "even", MINI, balance="none", reproducible=False)
+    np.testing.assert_allclose(fast, even, rtol=1e-12, atol=1e-14)
+
+
 def test_default_mode_balanced_run_agrees_to_rounding(data_file, tmp_path):
     balanced, results, out = train(
         tmp_path, 2, data_file, "bal", MLP, balance="speed", reproducible=False, env=SLOW
@@ -205,7 +227,6 @@ def test_resume_balances_again_and_is_bitwise(data_file, tmp_path):
 @pytest.mark.parametrize(
     ("sections", "detail"),
     [
-        ({"train": {"batch_size": 100}}, "mini-batches are left for later"),
         ({"data": {"stream": True}}, "data.stream is not supported"),
         ({"comm": {"strategy": "local_sgd"}}, 'needs comm.strategy = "sync"'),
         (
@@ -216,7 +237,7 @@ def test_resume_balances_again_and_is_bitwise(data_file, tmp_path):
             'model.parallel = "tensor"',
         ),
     ],
-    ids=["minibatch", "stream", "local_sgd", "tensor"],
+    ids=["stream", "local_sgd", "tensor"],
 )
 def test_unsupported_combinations_are_one_config_error(data_file, tmp_path, sections, detail):
     base = {

@@ -116,10 +116,10 @@ def _config(**sections) -> Config:
 def test_balance_config_values_and_refusals():
     assert _config().data.balance == "speed"
     assert _config(optim={"name": "lbfgs"}, model={"kind": "logistic"}).data.balance == "speed"
+    assert _config(train={"batch_size": 32}).data.balance == "speed"  # mini-batches too
     with pytest.raises(ConfigError, match=r"data\.balance"):
         _config(data={"balance": "fast"})
     refused = [
-        ({"train": {"batch_size": 32}}, "mini-batches are left for later"),
         ({"data": {"stream": True}}, "data.stream"),
         ({"comm": {"strategy": "overlap"}}, "sync"),
         (

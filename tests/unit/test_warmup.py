@@ -132,3 +132,16 @@ def test_timers_move_compilation_out_of_the_timed_work() -> None:
     with timers("compute"):  # compiled now: all of it is compute
         kernel(np.arange(4.0))
     assert timers.seconds["compile"] == pytest.approx(compiled)
+
+
+def test_every_warmup_job_is_a_valid_config(tmp_path: Path) -> None:
+    """``lepton warmup`` stops at its first refused job (and the install goes on with a cold
+    cache): every job's config passes the checks a real run makes."""
+    from lepton_hpc.config import check_config, config_from_dict
+    from lepton_hpc.warmup import _jobs
+
+    files = {t: tmp_path / f"{t}.h5" for t in ("linear", "binary", "binary_wide", "blobs")}
+    runs = _jobs(files)
+    assert runs
+    for run in runs:
+        check_config(config_from_dict({**run, "output": {**run["output"], "dir": "x"}}))

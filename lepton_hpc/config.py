@@ -205,8 +205,12 @@ class CommConfig:
     backend: str = "mpi"
     """"mpi" (mpi4py) or "horovod"."""
     strategy: str = "sync"
-    """"sync" (average gradients each step), "local_sgd" (average parameters), "overlap", or
-    "fedavg" (federated averaging: each rank a client with its own data file)."""
+    """"sync" (average gradients each step), "local_sgd" (average parameters), "overlap",
+    "fedavg" (federated averaging: each rank a client with its own data file) or "async"
+    (each rank updates a shared model on rank 0 without waiting for the others)."""
+    max_staleness: int = 8
+    """"async": a gradient computed on parameters more than this many updates old is dropped
+    (the rank computes again on the current ones)."""
     local_steps: int = 8
     """Local steps between parameter averages for "local_sgd"."""
     local_epochs: int = 1
@@ -227,7 +231,12 @@ class CommConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.backend, ("mpi", "horovod"), "comm.backend")
-        _one_of(self.strategy, ("sync", "local_sgd", "overlap", "fedavg"), "comm.strategy")
+        _one_of(self.strategy, ("sync", "local_sgd", "overlap", "fedavg", "async"), "comm.strategy")
+        _check(
+            self.max_staleness >= 0,
+            "comm.max_staleness",
+            f"{self.max_staleness} must be >= 0",
+        )
         _check(self.local_steps > 0, "comm.local_steps", f"{self.local_steps} must be > 0")
         _check(self.local_epochs >= 1, "comm.local_epochs", f"{self.local_epochs} must be >= 1")
         _check(

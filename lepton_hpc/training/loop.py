@@ -26,6 +26,7 @@ from ..errors import EXIT_FAILED, EXIT_STOPPED, LeptonError
 from ..faults import STRAGGLER_EPOCHS, Stragglers, Watchdog
 from ..inference import evaluate
 from ..metrics import headline
+from .async_sgd import SharedModel
 from .balance import Balancer
 from .setup import RunSetup
 from .step import StepContext
@@ -84,6 +85,8 @@ class Loop:
         if self.cfg.data.balance == "speed" and setup.stream is None and setup.grid is None:
             self.balancer = Balancer(setup, ctx)
         self._measured: tuple[list[float], list[int]] | None = None  # the last epoch's
+        self.pushes = [0, 0]  # comm.strategy = "async": gradients applied, dropped as too stale
+        self.max_staleness = 0  # and the largest staleness of an applied one
 
     def run(self) -> None:
         """Train to the end (epochs, max_steps, early stopping); raises Stopped on a signal.
@@ -98,6 +101,8 @@ class Loop:
         try:
             if self.opt.full_batch_line_search:
                 self._full_batch()
+            elif self.cfg.comm.strategy == "async":
+                self._async()
             else:
                 self._mini_batch()
         finally:  # however the loop ends, rank 0 waits (bounded) for the last mirror copy
@@ -236,6 +241,76 @@ class Loop:
             if st.epoch < cfg.train.epochs and not opt.converged:
                 self._balance()  # fg reads s.X and s.y at each call
 
+    def _async(self) -> None:
+        """``comm.strategy = "async"`` (``training/async_sgd.py``): each rank pushes its
+        gradients to the shared model on rank 0 without waiting for the others; an epoch ends
+        after as many applied updates as a sync epoch has steps x ranks, then every rank takes
+        the shared state and the epoch ends as any other (metrics, checkpoint, stop)."""
+        cfg, st, s, ctx = self.cfg, self.state, self.setup, self.ctx
+        train = s.data.train
+        gather = s.device.batch_gather(train.X, train.y, s.X, s.y)
+        index = range(train.offset, train.offset + train.n)  # this rank's training rows
+        plan = EpochBatches(index, train.n_global, cfg.train.batch_size, cfg.train.seed)
+        P, ranks = ctx.n_params, self.comm.size
+        shared = SharedModel(self.comm.mpi_comm, self.opt, st.params, st.step)
+        bound, max_steps = cfg.comm.max_staleness, cfg.train.max_steps
+        out = np.empty(P + 2)
+        laps, batches, at = st.epoch, plan(st.epoch), 0  # this rank's own pass over its rows
+        while st.epoch < cfg.train.epochs:
+            t_epoch = time.perf_counter()
+            mark = self._epoch_mark()
+            # the same on every rank; st.batch: updates a stopped attempt applied in the epoch
+            start = shared.version
+            target = start + plan.steps * ranks - st.batch
+            if max_steps:
+                target = min(target, max_steps)
+            while not shared.ended:
+                if at == len(batches):
+                    laps, at = laps + 1, 0
+                    batches = plan(laps)
+                rows = batches[at]
+                at += 1
+                if rows.size == 0 and train.n > 0:  # an empty share of a global batch
+                    continue
+                ctx.hooks.before_step(self.comm.rank, shared.version)
+                grad, loss, n = None, 0.0, 0.0
+                if rows.size:
+                    X, y = gather(rows)
+                    params = shared.params  # the copy the last push or read left here
+                    with ctx.timers("compute"):
+                        ctx.kernel(X, y, params, out)
+                    loss, n = float(out[P]), float(out[P + 1])
+                    grad = ctx.mean_gradient(out[:P], n, params)
+                else:  # no rows at all: wait for the others' epoch to end
+                    time.sleep(0.001)
+                with ctx.timers("comm"):
+                    applied, staleness = shared.push(
+                        grad, loss, n, shared.version, bound, target, ctx.stop.requested
+                    )
+                self.pushes[0 if applied else 1] += grad is not None
+                if applied:
+                    self.max_staleness = max(self.max_staleness, staleness)
+                self.watchdog.beat(shared.version)
+            loss_sum, rows_sum, stop = shared.end_epoch()
+            st.params[:] = shared.params
+            self.opt.load_state(shared.state())
+            st.optimizer = self.opt.state()
+            st.step = shared.version
+            st.batch += st.step - start
+            st.epoch_loss += loss_sum
+            st.epoch_rows += rows_sum
+            self.rows_seen += rows_sum
+            self._check_finite(st.epoch_loss, st.step)
+            if stop:  # mid-epoch: a resumed run applies the epoch's remaining updates
+                self.stop_now()
+            self._epoch_timing(mark)
+            done = self._end_epoch(
+                st.epoch_loss / max(st.epoch_rows, 1.0), time.perf_counter() - t_epoch
+            )
+            if done or (max_steps and st.step >= max_steps):
+                break
+        shared.free()
+
     # ---- epochs -------------------------------------------------------------------------
     def _end_epoch(self, loss: float, seconds: float) -> bool:
         """Metrics line, history, checkpoint, early stopping; True when training should end."""
@@ -320,6 +395,15 @@ class Loop:
             "comm_s": self.comm_s,
             "steps": self.state.step - self.first_step,
             **({"rows": self.setup.data.train.n} if self.balancer is not None else {}),
+            **(
+                {
+                    "updates_applied": self.pushes[0],
+                    "updates_dropped": self.pushes[1],
+                    "max_staleness": self.max_staleness,
+                }
+                if self.cfg.comm.strategy == "async"
+                else {}
+            ),
         }
 
     def split_metrics(self) -> tuple[dict, dict | None]:

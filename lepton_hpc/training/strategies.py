@@ -99,6 +99,18 @@ def check_comm_config(cfg) -> None:
             raise ConfigError(
                 "checkpoint.every_steps", "fedavg checkpoints between rounds only: set 0"
             )
+    if c.strategy == "async":
+        why = 'with comm.strategy = "async"'
+        if c.compression != "none":
+            raise ConfigError("comm.compression", f'must be "none" {why} (updates are exact)')
+        if c.backend != "mpi":
+            raise ConfigError(
+                "comm.backend", f'must be "mpi" {why} (the shared model is an MPI window)'
+            )
+        if cfg.checkpoint.every_steps:
+            raise ConfigError(
+                "checkpoint.every_steps", f"{why} checkpoints come between epochs only: set 0"
+            )
     name = cfg.optim.name
     if optimizer_class(name).full_batch_line_search:
         if c.strategy != "sync":

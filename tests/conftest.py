@@ -190,6 +190,16 @@ def kill_job(proc: subprocess.Popen, timeout: float = 30) -> Result:
     return done
 
 
+def wait_for_checkpoint(proc: subprocess.Popen, run: Path, timeout: float = 120) -> None:
+    """Wait until the started job ``proc`` has written a checkpoint in ``run`` (the moment a
+    signal test interrupts it); the test fails if the job ends first or ``timeout`` passes."""
+    t0 = time.monotonic()
+    while not list((Path(run) / "checkpoints").glob("ckpt-*.h5")):
+        if proc.poll() is not None or time.monotonic() - t0 > timeout:
+            pytest.fail(f"no checkpoint appeared: {finish(proc, timeout=10)}")
+        time.sleep(0.05)
+
+
 def rank_pids(launcher_pid: int) -> dict[int, int]:
     """{rank: pid} of the ranks mpiexec started on this node (from their environment)."""
     out = subprocess.run(

@@ -7,7 +7,6 @@ as many updates as a sync epoch has steps x ranks, and a stop checkpoints and re
 import json
 import os
 import signal
-import time
 
 import pytest
 
@@ -19,6 +18,7 @@ from tests.conftest import (
     ok,
     rank_pids,
     start_mpi,
+    wait_for_checkpoint,
     write_config,
 )
 from tests.resume_checks import check_resumed, newest_valid
@@ -101,11 +101,7 @@ def test_a_signal_stops_every_rank_and_resume_goes_on(data_file, tmp_path):
     run_dir = tmp_path / "sig"
     env = mpi_env(LEPTON_FAULT="delay=0.002")
     proc = start_mpi(2, ["-m", "lepton_hpc", "train", str(cfg)], env=env)
-    t0 = time.monotonic()
-    while not list((run_dir / "checkpoints").glob("ckpt-*.h5")):
-        if proc.poll() is not None or time.monotonic() - t0 > 120:
-            pytest.fail(f"no checkpoint: {proc.communicate()}")
-        time.sleep(0.05)
+    wait_for_checkpoint(proc, run_dir)
     pids = rank_pids(proc.pid)
     os.kill(pids[1], signal.SIGUSR1)
     res = finish(proc, timeout=60)

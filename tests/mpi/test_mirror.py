@@ -6,7 +6,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from tests.conftest import (
     read_params,
     small_mlp_config,
     start_mpi,
+    wait_for_checkpoint,
 )
 from tests.resume_checks import check_resumed, newest_valid
 
@@ -88,11 +88,7 @@ def test_a_stop_waits_for_the_mirror_copy_of_its_checkpoint(tmp_path, data):
     cfg = config(tmp_path, data, "stop", mirror=str(mirror))
     env = mpi_env(LEPTON_FAULT="delay=0.01")
     proc = start_mpi(RANKS, ["-m", "lepton_hpc", "train", str(cfg)], env=env)
-    t0 = time.monotonic()
-    while not list((run / "checkpoints").glob("ckpt-*.h5")):
-        if proc.poll() is not None or time.monotonic() - t0 > 120:
-            pytest.fail(f"no checkpoint appeared: {finish(proc, timeout=10)}")
-        time.sleep(0.1)
+    wait_for_checkpoint(proc, run)
     proc.send_signal(signal.SIGUSR1)
     assert finish(proc, timeout=60).returncode == EXIT_STOPPED
     (sub,) = [d for d in mirror.iterdir() if d.is_dir()]

@@ -32,6 +32,7 @@ from tests.conftest import (
     rank_pids,
     read_params,
     small_mlp_config,
+    wait_for_checkpoint,
 )
 from tests.resume_checks import RESUMED, check_continued, newest_valid
 
@@ -154,11 +155,7 @@ def test_sigterm_to_the_supervisor_stops_the_job_with_a_checkpoint(data, tmp_pat
     cfg = config(tmp_path, data, "stop")
     run = tmp_path / "stop"
     proc = start_launch("--np", RANKS, "--", "train", cfg, LEPTON_FAULT="delay=0.05")
-    t0 = time.monotonic()
-    while not list((run / "checkpoints").glob("ckpt-*.h5")):
-        if proc.poll() is not None or time.monotonic() - t0 > 120:
-            pytest.fail(f"no checkpoint appeared: {finish(proc, 10)}")
-        time.sleep(0.1)
+    wait_for_checkpoint(proc, run)
     proc.send_signal(signal.SIGTERM)
     res = finish(proc, timeout=60)
     assert res.returncode == EXIT_STOPPED, res.stdout + res.stderr

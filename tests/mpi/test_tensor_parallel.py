@@ -6,7 +6,6 @@ as the data-parallel one, and the unsupported combinations are one-line errors."
 import json
 import os
 import signal
-import time
 
 import h5py
 import numpy as np
@@ -21,6 +20,7 @@ from tests.conftest import (
     read_params,
     small_mlp_config,
     start_mpi,
+    wait_for_checkpoint,
     write_config,
     write_h5,
 )
@@ -231,11 +231,7 @@ def test_a_signal_to_one_rank_stops_the_whole_grid(longer_file, tmp_path):
     run = tmp_path / "sig"
     env = mpi_env(LEPTON_FAULT="delay=0.01", LEPTON_VERBOSE="1")
     proc = start_mpi(4, ["-m", "lepton_hpc", "train", str(cfg)], env=env)
-    t0 = time.monotonic()
-    while not list((run / "checkpoints").glob("ckpt-*.h5")):
-        if proc.poll() is not None or time.monotonic() - t0 > 120:
-            pytest.fail(f"no checkpoint: {proc.communicate()}")
-        time.sleep(0.1)
+    wait_for_checkpoint(proc, run)
     pids = rank_pids(proc.pid)
     assert sorted(pids) == [0, 1, 2, 3]
     os.kill(pids[3], signal.SIGUSR1)

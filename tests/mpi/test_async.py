@@ -128,6 +128,20 @@ def test_a_rank_that_fails_ends_the_job(data_file, tmp_path):
     assert status["status"] == "failed"
 
 
+def test_the_supervisor_restarts_a_failed_async_job(data_file, tmp_path):
+    """Under ``lepton launch`` a rank failing (once) makes the supervisor start the job again,
+    which then trains to its last epoch."""
+    from tests.mpi.test_supervisor import attempts, supervise
+
+    cfg = config(tmp_path, data_file, "sup", "async", epochs=2)
+    fault = f"raise=1@0,once={tmp_path / 'once'}"
+    res = supervise("--np", 2, "--backoff", 0, "--", "train", cfg, LEPTON_FAULT=fault)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert [a for a, _ in attempts(res.stdout)] == ["1", "2"], res.stdout
+    final = results(tmp_path, "sup")
+    assert final["epochs"] == 2 and final["steps"] == 2 * STEPS * 2
+
+
 @pytest.mark.parametrize(
     ("comm", "key"),
     [

@@ -127,16 +127,7 @@ class Loop:
         )
         fed = self.fed = strategy if getattr(strategy, "federated", False) else None
         if s.stream is None:
-
-            def rows_plan():  # again after data.balance moved rows
-                train = s.data.train
-                gather = s.device.batch_gather(train.X, train.y, s.X, s.y)
-                index = range(train.offset, train.offset + train.n)  # this rank's training rows
-                return gather, EpochBatches(
-                    index, train.n_global, cfg.train.batch_size, cfg.train.seed
-                )
-
-            gather, plan = rows_plan()
+            gather, plan = self._rows_plan()
         elif cfg.train.batch_size == 0:  # one step an epoch; the reduction reads the pieces
             gather, plan = None, _streamed_plan
         else:  # windows of the file read in turn, each shuffled into batches
@@ -205,7 +196,16 @@ class Loop:
             if done or (max_steps and st.step >= max_steps):
                 break
             if st.epoch < cfg.train.epochs and self._balance():
-                gather, plan = rows_plan()
+                gather, plan = self._rows_plan()  # the rows moved
+
+    def _rows_plan(self) -> tuple:
+        """The batch gather and the epochs' batch plan of this rank's training rows in memory
+        (made again after ``data.balance`` moved rows)."""
+        s, train = self.setup, self.setup.data.train
+        gather = s.device.batch_gather(train.X, train.y, s.X, s.y)
+        index = range(train.offset, train.offset + train.n)  # this rank's training rows
+        plan = EpochBatches(index, train.n_global, self.cfg.train.batch_size, self.cfg.train.seed)
+        return gather, plan
 
     def _full_batch(self) -> None:
         """Full-batch L-BFGS: an iteration is an "epoch"; each evaluation one pass and allreduce."""
@@ -246,11 +246,9 @@ class Loop:
         gradients to the shared model on rank 0 without waiting for the others; an epoch ends
         after as many applied updates as a sync epoch has steps x ranks, then every rank takes
         the shared state and the epoch ends as any other (metrics, checkpoint, stop)."""
-        cfg, st, s, ctx = self.cfg, self.state, self.setup, self.ctx
-        train = s.data.train
-        gather = s.device.batch_gather(train.X, train.y, s.X, s.y)
-        index = range(train.offset, train.offset + train.n)  # this rank's training rows
-        plan = EpochBatches(index, train.n_global, cfg.train.batch_size, cfg.train.seed)
+        cfg, st, ctx = self.cfg, self.state, self.ctx
+        train = self.setup.data.train
+        gather, plan = self._rows_plan()
         P, ranks = ctx.n_params, self.comm.size
         shared = SharedModel(self.comm.mpi_comm, self.opt, st.params, st.step)
         bound, max_steps = cfg.comm.max_staleness, cfg.train.max_steps

@@ -25,6 +25,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator, Mapping
+from glob import escape as glob_escape
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -129,7 +130,9 @@ def atomic_file(final: Path, tmp: Path | None = None) -> Iterator[Path]:
 
 # The final names whose temporaries a run may find left behind by a writer that died mid-write
 # (SIGKILL, a lost node): checkpoints, and the run directory's own files.
-LEFTOVER_NAMES = r"ckpt-\d+(?:-\d+)?\.h5|status\.json|metrics\.jsonl|results\.json|model\.h5"
+LEFTOVER_NAMES = (
+    r"ckpt-\d+(?:-\d+)?\.h5|status\.json|metrics\.jsonl|results\.json|model\.h5|\.lepton-run"
+)
 _TEMP = re.compile(rf"\.(?P<name>{LEFTOVER_NAMES})\.(?P<host>.+)\.(?P<pid>\d+)\.tmp")
 STALE_TEMP_S = 300.0  # a temporary written on another host is its writer's until this old
 
@@ -275,8 +278,21 @@ def check_no_input_inside(
 
 
 # ---- run directories ----------------------------------------------------------------------
+def _abandoned(entry: Path) -> bool:
+    """``entry`` is a temporary of the toolkit whose writer is gone (see ``_TEMP``)."""
+    m = _TEMP.fullmatch(entry.name)
+    return (
+        m is not None
+        and not entry.is_symlink()
+        and entry.is_file()
+        and _writer_gone(m["host"], int(m["pid"]), entry)
+    )
+
+
 def _nonempty(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
+    """``path`` is a directory holding something other than abandoned toolkit temporaries (a
+    marker half-written by a job killed as it created the directory leaves one)."""
+    return path.is_dir() and any(not _abandoned(e) for e in path.iterdir())
 
 
 def _check_clearable(path: Path, inputs: Mapping[str, str | Path]) -> None:
@@ -352,6 +368,50 @@ def _toolkit_files(path: Path) -> Iterator[Path]:
         yield from d.glob(".*.tmp")
 
 
+def _make_marked_dir(path: Path) -> None:
+    """Create ``path`` with its marker in one step, when it does not exist yet: the marker is
+    written into a temporary sibling directory that is then renamed onto ``path``. A job killed
+    at any point so leaves either no ``path`` or a marked one, never an unmarked directory that
+    a retry (``--overwrite``) would have to refuse. Sibling temporaries of dead writers (holding
+    only a marker) are removed first."""
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?P<host>.+)\.(?P<pid>\d+)\.tmp")
+    for old in parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        m = pattern.fullmatch(old.name)
+        if m is None or old.is_symlink() or not old.is_dir():
+            continue
+        entries = list(old.iterdir())
+        if _writer_gone(m["host"], int(m["pid"]), old) and all(
+            e.name == MARKER or _TEMP.fullmatch(e.name) for e in entries
+        ):
+            for e in entries:
+                with contextlib.suppress(OSError):
+                    e.unlink()
+            with contextlib.suppress(OSError):
+                old.rmdir()
+    if path.exists() or path.is_symlink():
+        return
+    tmp = temp_path(path)
+    tmp.mkdir()
+    try:
+        write_marker(tmp)
+        try:
+            os.rename(tmp, path)  # onto a missing or empty directory: atomic
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+                raise
+            return  # another process created it first: the caller marks it as before
+        fsync_dir(parent)
+        tmp = None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                (tmp / MARKER).unlink()
+            with contextlib.suppress(OSError):
+                tmp.rmdir()
+
+
 def create_run_dir(
     path: Path,
     *,
@@ -367,7 +427,7 @@ def create_run_dir(
     if overwrite:
         _check_clearable(path, inputs)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        _make_marked_dir(path)
         write_marker(path)
     except OSError as exc:
         raise LeptonError(f"cannot create run directory '{path}': {exc.strerror}") from None

@@ -383,3 +383,63 @@ def test_only_scratch_directories_of_the_toolkit_are_removed(tmp_path):
     assert (mine / "keep.txt").read_text() == "mine"
     safety.remove_scratch_dir(scratch)
     assert not scratch.exists() and link.is_symlink()
+
+
+# ---- a job killed while it creates its run directory ----------------------------------------
+def _dead_pid():
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_run_dir_is_created_with_its_marker_in_one_step(tmp_path, monkeypatch):
+    run = tmp_path / "sweep" / "task-0003"
+    seen = []
+    real_rename = os.rename
+
+    def watch(src, dst):  # the directory appears only once its marker is in it
+        seen.append(sorted(p.name for p in os.scandir(src)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(safety.os, "rename", watch)
+    create_run_dir(run, overwrite=False).release()
+    assert seen == [[MARKER]]
+    assert (run / MARKER).is_file()
+    assert sorted(p.name for p in run.parent.iterdir()) == ["task-0003"]  # no temporary left
+
+
+def test_a_kill_during_creation_leaves_nothing_a_retry_refuses(tmp_path):
+    """What a job killed at each point of the creation leaves, and the retry (--overwrite, as
+    the sweep does) that must take the directory."""
+    host, dead = socket.gethostname(), _dead_pid()
+    out = tmp_path / "out"
+    out.mkdir()
+    # killed after the temporary sibling got its marker, before the rename
+    half = out / f".task-0001.{host}.{dead}.tmp"
+    half.mkdir()
+    (half / MARKER).write_text("{}")
+    # killed while writing the marker into the temporary sibling
+    early = out / f".task-0002.{host}.{dead}.tmp"
+    early.mkdir()
+    (early / f".{MARKER}.{host}.{dead}.tmp").write_text("{")
+    # an existing empty directory, killed while its marker was written
+    empty = out / "task-0003"
+    empty.mkdir()
+    (empty / f".{MARKER}.{host}.{dead}.tmp").write_text("{")
+    for name in ("task-0001", "task-0002", "task-0003"):
+        check_run_dir(out / name, resume=False, overwrite=True)
+        create_run_dir(out / name, overwrite=True).release()
+        assert (out / name / MARKER).is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["task-0001", "task-0002", "task-0003"]
+    # a sibling that holds more than a marker is not the toolkit's leftover: it stays
+    user = out / f".task-0004.{host}.{dead}.tmp"
+    user.mkdir()
+    (user / "data.h5").write_text("the user's")
+    create_run_dir(out / "task-0004", overwrite=False).release()
+    assert (user / "data.h5").read_text() == "the user's"
+    # a live writer's temporary marker makes the directory in use, not empty
+    busy = out / "task-0005"
+    busy.mkdir()
+    (busy / f".{MARKER}.{host}.{os.getpid()}.tmp").write_text("{")
+    with pytest.raises(LeptonError, match="not a lepton run directory"):
+        check_run_dir(busy, resume=False, overwrite=True)

@@ -14,7 +14,7 @@ it is read; every product, sum and accumulator is float64 (agreement with a floa
 
 import numpy as np
 
-from . import BINARY, native, reference
+from . import BINARY, cpu_gemm, native, reference
 from .checks import check_gradient_out, check_model, targets
 from .cpu_layers import (
     _COMBINE_TILE,
@@ -33,6 +33,10 @@ MIN_CHUNKS = 16  # ...but never fewer than this (when there are enough blocks)
 MIN_CHUNK_BLOCKS = 8  # a chunk has at least this many blocks: small batches pay less per chunk
 TILE_WIDTH = 32  # one-output models up to this many features: rows held in registers
 TILE_AHEAD_BYTES = 2048  # software prefetch distance of the register-tile kernels
+# MLPs with a hidden layer at least this wide run their layers as BLAS GEMMs over blocks of
+# rows (``cpu_gemm``); narrower ones the loop nests of ``cpu_passes``, which win there. Tests
+# switch it.
+GEMM_MIN_WIDTH = 64
 
 # The register tiles need AVX-512's 32 vector registers: elsewhere their live vectors spill and
 # the pipelined kernel is faster. Tests switch it.
@@ -58,6 +62,11 @@ def _mlp_block(sizes: np.ndarray) -> int:
     return min(max(MLP_ROW_FLOATS // int(sizes[1:].sum()), 8), 512)
 
 
+def _gemm(sizes: np.ndarray) -> bool:
+    """This MLP's layers run as GEMMs (see ``GEMM_MIN_WIDTH``)."""
+    return sizes.size > 2 and int(sizes[1:-1].max()) >= GEMM_MIN_WIDTH
+
+
 def _transposed(params: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """params with every W (in x out) stored as W^T (out x in); biases unchanged.
 
@@ -75,8 +84,17 @@ def _transposed(params: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return pT
 
 
-def gradient(X, y, params, sizes, activation: int, head: int, out: np.ndarray) -> None:
-    """out[:P] = sum of per-row loss gradients, out[P] = sum of losses, out[P+1] = n."""
+PRODUCTS = {"float64": np.float64, "float32": np.float32}
+
+
+def gradient(
+    X, y, params, sizes, activation: int, head: int, out: np.ndarray, products: str = "float64"
+) -> None:
+    """out[:P] = sum of per-row loss gradients, out[P] = sum of losses, out[P+1] = n.
+
+    ``products = "float32"`` lets the GEMM path of wide MLPs multiply in float32 (activations
+    float32, each row block's sums added into float64); every other path stays float64.
+    """
     if not native.supported()[0]:
         reference.gradient(X, y, params, sizes, activation, head, out)
         return
@@ -87,6 +105,13 @@ def gradient(X, y, params, sizes, activation: int, head: int, out: np.ndarray) -
         out[:] = 0.0
         return
     Y = targets(y, n, int(sizes[-1]), head)
+    if _gemm(sizes):
+        partial = cpu_gemm.gradient_partials(
+            X, Y, params, sizes, activation, head, PRODUCTS[products]
+        )
+        _combine(partial, out[: P + 1])
+        out[P + 1] = n
+        return
     pT = _transposed(params, sizes)
     if USE_TILES and sizes.size == 2 and sizes[1] == 1 and X.shape[1] <= TILE_WIDTH:
         n_chunks, rows = _plan(n, _single_block(X), P + 1)
@@ -109,9 +134,12 @@ def gradient(X, y, params, sizes, activation: int, head: int, out: np.ndarray) -
     out[P + 1] = n
 
 
-def _run_forward(X, Y, params, sizes, activation, head, out):
+def _run_forward(X, Y, params, sizes, activation, head, out, products="float64"):
     """Shared driver of forward() and loss_sum(); returns the per-chunk losses."""
     n = X.shape[0]
+    if _gemm(sizes):
+        dtype = PRODUCTS[products]
+        return cpu_gemm.forward_losses(X, Y, params, sizes, activation, head, out, dtype)
     block = _single_block(X) if sizes.size == 2 else _mlp_block(sizes)
     n_chunks, rows = _plan(n, block, 1)
     pT = _transposed(params, sizes)
@@ -119,7 +147,9 @@ def _run_forward(X, Y, params, sizes, activation, head, out):
     return _mlp_forward(X, Y, pT, sizes, activation, head, want_loss, block, rows, n_chunks, out)
 
 
-def forward(X, params, sizes, activation: int, head: int, out: np.ndarray) -> None:
+def forward(
+    X, params, sizes, activation: int, head: int, out: np.ndarray, products: str = "float64"
+) -> None:
     """out (n, k) float64 = model output: value, P(class 1), or class probabilities."""
     if not native.supported()[0]:
         reference.forward(X, params, sizes, activation, head, out)
@@ -135,10 +165,10 @@ def forward(X, params, sizes, activation: int, head: int, out: np.ndarray) -> No
         ahead = max(1, TILE_AHEAD_BYTES // (X.shape[1] * X.itemsize))
         _one_output_forward8(X, params, head == BINARY, ahead, rows, n_chunks, out.reshape(-1))
         return
-    _run_forward(X, np.empty((0, 1)), params, sizes, activation, head, out)
+    _run_forward(X, np.empty((0, 1)), params, sizes, activation, head, out, products)
 
 
-def loss_sum(X, y, params, sizes, activation: int, head: int) -> float:
+def loss_sum(X, y, params, sizes, activation: int, head: int, products: str = "float64") -> float:
     """Sum over rows of the loss (forward pass only; for line searches and finite differences)."""
     if not native.supported()[0]:
         return reference.loss_sum(X, y, params, sizes, activation, head)
@@ -147,5 +177,6 @@ def loss_sum(X, y, params, sizes, activation: int, head: int) -> float:
     if n == 0:
         return 0.0
     Y = targets(y, n, int(sizes[-1]), head).astype(np.float64, copy=False)
-    losses = _run_forward(X, Y, params, sizes, activation, head, np.empty((0, int(sizes[-1]))))
+    empty = np.empty((0, int(sizes[-1])))
+    losses = _run_forward(X, Y, params, sizes, activation, head, empty, products)
     return float(losses.sum())

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 from numba import njit, prange
-from threadpoolctl import threadpool_limits
 
 from .checks import targets
+from .cpu_gemm import blas_threads
 from .reference import _activate, _head, _output, _slope
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
@@ -110,16 +110,10 @@ def make_plan(sizes, k: int, t: int) -> TensorPlan:
 # ---- kernels -----------------------------------------------------------------------------------
 # The dense products are float64 GEMMs (NumPy's BLAS: about 90 GFLOP/s a core here against 5-6
 # for a Numba loop nest; float32 rows are widened first), run on the rank's kernel threads.
-_blas_threads = [0]
-
-
 def _limit_blas() -> None:
     """BLAS uses as many threads as the Numba kernels (``train.threads``), so that ranks x
-    threads does not oversubscribe the node; set again only when that count changes."""
-    n = numba.get_num_threads()
-    if _blas_threads[0] != n:
-        threadpool_limits(limits=n, user_api="blas")
-        _blas_threads[0] = n
+    threads does not oversubscribe the node."""
+    blas_threads(numba.get_num_threads())
 
 
 def _wide(a):

@@ -61,6 +61,8 @@ class Device:
     kernels: ModuleType
     threads: int = 1
     gpu: int | None = None
+    products: str = "float64"
+    """``train.products``: "float32" lets the CPU's GEMM path of wide MLPs multiply in float32."""
 
     def place(self, array: np.ndarray):
         return array
@@ -71,10 +73,10 @@ class Device:
         return BatchGather(X_host, y_host)
 
     def gradient(self, X, y, params, sizes, activation, head, out) -> None:
-        self.kernels.gradient(X, y, params, sizes, activation, head, out)
+        self.kernels.gradient(X, y, params, sizes, activation, head, out, self.products)
 
     def forward(self, X, params, sizes, activation, head, out) -> None:
-        self.kernels.forward(X, params, sizes, activation, head, out)
+        self.kernels.forward(X, params, sizes, activation, head, out, self.products)
 
     def sliced_gradient(
         self, X, y, local, plan, activation, head, out, allreduce, flag=0.0
@@ -102,6 +104,12 @@ class CudaDevice(Device):
     def place(self, array: np.ndarray):
         return self.kernels.to_device(array)
 
+    def gradient(self, X, y, params, sizes, activation, head, out) -> None:
+        self.kernels.gradient(X, y, params, sizes, activation, head, out)  # float64 products
+
+    def forward(self, X, params, sizes, activation, head, out) -> None:
+        self.kernels.forward(X, params, sizes, activation, head, out)
+
     def batch_gather(self, X_host: np.ndarray, y_host: np.ndarray, X, y):  # noqa: ARG002
         kernels = self.kernels
         return lambda rows: kernels.gather_rows(X, y, rows)
@@ -121,8 +129,9 @@ def cuda_available() -> bool:
     return bool(cuda.is_available())
 
 
-def select_device(name: str, threads: int, comm: Communicator) -> Device:
-    """The device for ``train.device`` ("cpu", "cuda" or "auto") on this rank."""
+def select_device(name: str, threads: int, comm: Communicator, products: str = "float64") -> Device:
+    """The device for ``train.device`` ("cpu", "cuda" or "auto") on this rank; ``products``
+    is ``train.products`` (the GPU kernels keep float64)."""
     if name in ("cuda", "auto") and cuda_available():
         from .kernels import cuda
 
@@ -136,4 +145,4 @@ def select_device(name: str, threads: int, comm: Communicator) -> Device:
 
     n = threads or default_threads(comm)
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    return Device("cpu", cpu, threads=numba.get_num_threads())
+    return Device("cpu", cpu, threads=numba.get_num_threads(), products=products)

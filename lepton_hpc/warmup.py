@@ -89,6 +89,10 @@ def _jobs(files: dict[str, Path]) -> list[dict]:
         for act in ("relu", "tanh", "sigmoid")
     ]
     jobs.append(("blobs", {"kind": "mlp", "hidden": [5, 3]}, {}, {"epochs": 1}))  # full batch
+    # 64 hidden units and more: the layers run as BLAS GEMMs over row blocks (kernels.cpu_gemm)
+    jobs.append(("binary", {"kind": "mlp", "hidden": [64]}, {}, mini))
+    jobs.append(("binary", {"kind": "mlp", "hidden": [64]}, {}, {**mini, "products": "float32"}))
+    jobs.append(("blobs", {"kind": "mlp", "hidden": [64, 3]}, {}, {"epochs": 1}))
     jobs.append(("linear", {"kind": "mlp", "hidden": [4]}, {}, {**mini, "threads": 1}))
     # model.parallel = "tensor" on one rank (k = 1): the sliced kernels, with the types of any k
     jobs.append(("blobs", {"kind": "mlp", "hidden": [6, 4], "parallel": "tensor"}, {}, mini))
@@ -111,6 +115,7 @@ def _jobs(files: dict[str, Path]) -> list[dict]:
         ("binary_wide", {"kind": "logistic"}),
         ("blobs", {"kind": "softmax"}),
         ("blobs", {"kind": "mlp", "hidden": [5, 3]}),
+        ("blobs", {"kind": "mlp", "hidden": [64]}),
     ]
     runs += [
         {

@@ -24,6 +24,7 @@ with the same thread count, after checking that both compute the same loss and g
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import types
 
@@ -270,12 +271,20 @@ def _mlp_case(d: int, hidden, n_full: int, n_mini: int, dev, reps_full: int) -> 
     if agree["loss_rel_diff"] > AGREE_TOL or agree["grad_rel_diff"] > AGREE_TOL:
         raise RuntimeError(f"ours and torch disagree on {tag}: {agree}")
 
-    def ours_runner(n: int, batch: int):
+    dev32 = dataclasses.replace(dev, products="float32")  # train.products = "float32"
+    out32 = np.zeros(P + 2)
+    dev32.gradient(X[:n_full], y[:n_full], p0, sizes_a, RELU, BINARY, out32)
+    agree["grad32_rel_diff"] = float(
+        np.max(np.abs(out32[:P] / out32[P + 1] - ours_g)) / np.max(np.abs(ours_g))
+    )
+
+    def ours_runner(n: int, batch: int, device=dev):
         params, opt, buf = p0.copy(), Adam(P, adam_cfg), np.zeros(P + 2)
 
         def epoch():
             for s in range(0, n, batch):
-                dev.gradient(X[s : s + batch], y[s : s + batch], params, sizes_a, RELU, BINARY, buf)
+                xb, yb = X[s : s + batch], y[s : s + batch]
+                device.gradient(xb, yb, params, sizes_a, RELU, BINARY, buf)
                 opt.step(params, buf[:P] / buf[P + 1])
 
         return epoch
@@ -297,6 +306,10 @@ def _mlp_case(d: int, hidden, n_full: int, n_mini: int, dev, reps_full: int) -> 
         "ours_full": time_it(ours_runner(n_full, n_full), reps_full),
         "torch_full": time_it(torch_runner(n_full, n_full), reps_full),
         "ours_mini": _warm_epoch(ours_runner(n_mini, MLP_BATCH), ours_runner(256 * 8, 256)),
+        "ours32_full": time_it(ours_runner(n_full, n_full, dev32), reps_full),
+        "ours32_mini": _warm_epoch(
+            ours_runner(n_mini, MLP_BATCH, dev32), ours_runner(256 * 8, 256, dev32)
+        ),
         "torch_mini": _warm_epoch(torch_runner(n_mini, MLP_BATCH), torch_runner(256 * 8, 256)),
     }
     figures = {}

@@ -447,6 +447,16 @@ def kernel_ratio_specs() -> list[tuple]:
                     "higher",
                 )
             )
+            specs.append(
+                (
+                    f"mlp32_speedup_vs_torch_{kind}_{tag}",
+                    ("mlp", f"torch_{kind}_s_{tag}"),
+                    ("mlp", f"ours32_{kind}_s_{tag}"),
+                    'the same with train.products = "float32" (float32 GEMMs, float64 sums)',
+                    None,
+                    "higher",
+                )
+            )
     specs += [
         (
             "ours_speedup_vs_heat_k2",

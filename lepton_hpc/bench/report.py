@@ -225,6 +225,8 @@ def mlp_rows_md(parts: dict) -> list[dict]:
                 **t,
                 "speedup_full": t["torch_full"] / t["ours_full"],
                 "speedup_mini": t["torch_mini"] / t["ours_mini"],
+                "speedup32_full": _ratio(t["torch_full"], t.get("ours32_full")),
+                "speedup32_mini": _ratio(t["torch_mini"], t.get("ours32_mini")),
                 "loss_rel_diff": case["agreement"]["loss_rel_diff"],
             }
         )
@@ -291,17 +293,19 @@ def kernel_sections(parts: dict) -> list[str]:
             ),
             "",
             (
-                "| model | full-batch rows | ours step | torch step | speedup | epoch rows | "
-                "ours epoch | torch epoch | speedup | loss rel. diff |"
+                "| model | full-batch rows | ours step | torch step | speedup (float32 "
+                "products) | epoch rows | ours epoch | torch epoch | speedup (float32 "
+                "products) | loss rel. diff |"
             ),
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in mlp:
             lines.append(
                 f"| {r['model']} | {r['rows_full']:,} | {_fmt(r['ours_full'])} | "
-                f"{_fmt(r['torch_full'])} | {r['speedup_full']:.2f} | {r['rows_mini']:,} | "
-                f"{_fmt(r['ours_mini'])} | {_fmt(r['torch_mini'])} | {r['speedup_mini']:.2f} | "
-                f"{r['loss_rel_diff']:.1e} |"
+                f"{_fmt(r['torch_full'])} | {r['speedup_full']:.2f} "
+                f"({_opt(r['speedup32_full'])}) | {r['rows_mini']:,} | "
+                f"{_fmt(r['ours_mini'])} | {_fmt(r['torch_mini'])} | {r['speedup_mini']:.2f} "
+                f"({_opt(r['speedup32_mini'])}) | {r['loss_rel_diff']:.1e} |"
             )
     peers = []
     for part, key, label in (

@@ -281,7 +281,11 @@ def prepare(
         stats = target_stats(train.y, comm)  # on a grid every row k times: the same range
     where = f"'{train_name}:{cfg.data.y}'"
     model = agree(comm, lambda: build_model(cfg.model, data.info.n_features, y_dim, stats, where))
-    device = agree(comm, lambda: select_device(cfg.train.device, cfg.train.threads, comm))
+    train_cfg = cfg.train
+    device = agree(
+        comm,
+        lambda: select_device(train_cfg.device, train_cfg.threads, comm, train_cfg.products),
+    )
     if grid is not None:
         grid.set_model(model.sizes)
     if stream is not None:

@@ -176,6 +176,11 @@ REPRODUCIBLE = {
         "optim": {"name": "adam", "lr": 0.01},
         "train": {"epochs": 3, "batch_size": 256},
     },
+    "wide-mlp-float32-products": {  # the GEMM path, float32 products: bitwise as well
+        "model": {"kind": "mlp", "hidden": [64], "activation": "relu"},
+        "optim": {"name": "adam", "lr": 0.01},
+        "train": {"epochs": 2, "batch_size": 256, "products": "float32"},
+    },
     "logistic-fullbatch-momentum": {
         "model": {"kind": "logistic"},
         "optim": {"name": "momentum", "lr": 0.5},

@@ -121,8 +121,13 @@ def train_config(tmp_path, data_file, name, **sections):
             "optim": {"name": "sgd", "lr": 0.2},
             "train": {"batch_size": 50},
         },
+        {  # a hidden layer of 64: BLAS GEMMs over row blocks
+            "model": {"kind": "mlp", "hidden": [64, 8], "activation": "relu"},
+            "optim": {"name": "sgd", "lr": 0.1},
+            "train": {"batch_size": 50},
+        },
     ],
-    ids=["adam-minibatch", "momentum-fullbatch", "lbfgs", "mlp-sgd"],
+    ids=["adam-minibatch", "momentum-fullbatch", "lbfgs", "mlp-sgd", "mlp-gemm"],
 )
 def test_training_gives_the_same_parameters_for_1_2_3_ranks(logistic_file, tmp_path, variant):
     params, results = {}, {}

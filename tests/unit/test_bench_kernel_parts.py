@@ -51,6 +51,7 @@ def canned_parts() -> dict:
     for d, hidden in kernel_parts.MLP_CASES:
         tag = kernel_parts.mlp_tag(d, hidden)
         t = {"ours_full": 0.1, "torch_full": 0.3, "ours_mini": 2.0, "torch_mini": 1.0}
+        t.update({"ours32_full": 0.06, "ours32_mini": 0.5})
         mlp_figs.update({f"{k}_s_{tag}": figure(v, "s") for k, v in t.items()})
         cases.append(
             {
@@ -138,6 +139,8 @@ def test_new_ratios_from_canned_parts():
     tag = kernel_parts.mlp_tag(256, (256, 256))
     assert got[f"mlp_speedup_vs_torch_full_{tag}"]["value"] == pytest.approx(3.0)
     assert got[f"mlp_speedup_vs_torch_mini_{tag}"]["value"] == pytest.approx(0.5)
+    assert got[f"mlp32_speedup_vs_torch_full_{tag}"]["value"] == pytest.approx(5.0)
+    assert got[f"mlp32_speedup_vs_torch_mini_{tag}"]["value"] == pytest.approx(2.0)
     assert got["ours_speedup_vs_heat_k2"]["value"] == pytest.approx(3.0)
     assert got["ours_speedup_vs_heat_matmul_k2"]["value"] == pytest.approx(60.0)
     assert "ours_speedup_vs_onedal_k2" in skipped  # the part was skipped: no ratio
@@ -169,7 +172,7 @@ def test_report_rows_from_canned_parts():
     md = "\n".join(report.kernel_sections(parts))
     assert "## Feature sweep" in md and "| 1024 | " in md
     assert "supported()` there: False (named CPU)" in md
-    assert "| 32->64->32->1 | 1,000 | 100.0 ms | 300.0 ms | 3.00 |" in md
+    assert "| 32->64->32->1 | 1,000 | 100.0 ms | 300.0 ms | 3.00 (5.00) |" in md
     assert "| Heat ht.matmul(X.T, r) | 2 | 1,000 | 1200.0 ms |" in md
     assert "oneDAL" not in md.split("## Distributed")[1].split("- ")[0].replace("and oneDAL", "")
     assert "- torchvision stubbed" in md

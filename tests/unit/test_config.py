@@ -60,6 +60,7 @@ def test_overrides_keep_types(tmp_path):
         ("[optim]\nbeta2 = nan\n", [], "optim.beta2"),
         ("", ["train.seed=99999999999999999999999"], "train.seed"),  # beyond 64 bits
         ("", ["model.max_classes=1"], "model.max_classes"),
+        ("", ['train.products="float16"'], "train.products"),
         (
             '[model]\nkind = "logistic"\n[optim]\nname = "lbfgs"\n[train]\nbatch_size = 32\n',
             [],

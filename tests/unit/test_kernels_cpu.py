@@ -107,6 +107,13 @@ def reference(X, y, params, sizes, act, head):
     return np.concatenate(grads[::-1]), loss, out, pre
 
 
+@pytest.fixture(params=["loops", "gemm"])
+def mlp_path(request, monkeypatch):
+    """Both CPU paths of an MLP: the loop nests and the BLAS GEMMs over row blocks."""
+    monkeypatch.setattr(cpu, "GEMM_MIN_WIDTH", 10**9 if request.param == "loops" else 0)
+    return request.param
+
+
 # --------------------------------------------------------------------------------------- helpers
 
 
@@ -144,6 +151,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("n", [1, 7, 1001])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize(("sizes", "act", "head"), CASES, ids=CASE_IDS)
+@pytest.mark.usefixtures("mlp_path")
 def test_gradient_matches_reference(sizes, act, head, dtype, n):
     X, y, params, sizes = make_problem(sizes, head, n, dtype, seed=n)
     out = run_gradient(X, y, params, sizes, act, head)
@@ -158,6 +166,7 @@ def test_gradient_matches_reference(sizes, act, head, dtype, n):
 @pytest.mark.parametrize(
     ("sizes", "act", "head"), CASES[:2] + CASES[5:6], ids=CASE_IDS[:2] + CASE_IDS[5:6]
 )
+@pytest.mark.usefixtures("mlp_path")
 def test_zero_rows(sizes, act, head):
     X, y, params, sizes = make_problem(sizes, head, 0)
     out = run_gradient(X, y, params, sizes, act, head)
@@ -188,6 +197,7 @@ def test_integer_labels_and_float32_targets():
 
 
 @pytest.mark.parametrize("label", [3.0, -1.0, 1e9])
+@pytest.mark.usefixtures("mlp_path")
 def test_bad_softmax_label_gives_nan_loss(label):
     """Out-of-range class ids are not read out of bounds: the loss becomes NaN instead."""
     X, y, params, sizes = make_problem((5, 3), SOFTMAX, 10)
@@ -200,6 +210,7 @@ def test_bad_softmax_label_gives_nan_loss(label):
 
 
 @pytest.mark.parametrize(("sizes", "act", "head"), CASES, ids=CASE_IDS)
+@pytest.mark.usefixtures("mlp_path")
 def test_finite_differences(sizes, act, head):
     """Central differences of loss_sum (float64) against every backward pass: rel. err < 1e-6."""
     for seed in range(11, 111):  # ReLU: first data set whose hidden pre-activations are all
@@ -222,6 +233,7 @@ def test_finite_differences(sizes, act, head):
 
 
 @pytest.mark.parametrize(("sizes", "act", "head"), CASES, ids=CASE_IDS)
+@pytest.mark.usefixtures("mlp_path")
 def test_loss_sum_equals_gradient_loss(sizes, act, head):
     X, y, params, sizes = make_problem(sizes, head, 517, seed=5)
     out = run_gradient(X, y, params, sizes, act, head)
@@ -235,6 +247,7 @@ def test_loss_sum_equals_gradient_loss(sizes, act, head):
 @pytest.mark.parametrize(
     ("sizes", "act", "head"), CASES[:3] + CASES[6:7], ids=CASE_IDS[:3] + CASE_IDS[6:7]
 )
+@pytest.mark.usefixtures("mlp_path")
 def test_row_split_additivity(sizes, act, head, dtype):
     """grad[0, a) + grad[a, n) == grad[0, n): what makes the allreduce over uneven ranks exact."""
     n, a = 3001, 1234
@@ -246,6 +259,7 @@ def test_row_split_additivity(sizes, act, head, dtype):
     assert left[-1] + right[-1] == n
 
 
+@pytest.mark.usefixtures("mlp_path")
 def test_result_independent_of_thread_count():
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs 2 or more Numba threads")
@@ -273,6 +287,7 @@ def test_result_independent_of_thread_count():
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize(("sizes", "act", "head"), CASES, ids=CASE_IDS)
+@pytest.mark.usefixtures("mlp_path")
 def test_forward_matches_reference(sizes, act, head, dtype):
     X, y, params, sizes = make_problem(sizes, head, 1001, dtype, seed=9)
     out = np.full((1001, int(sizes[-1])), np.nan)
@@ -487,3 +502,123 @@ def test_tiles_same_bits_compiled_and_from_cache(tmp_path):
         assert run.returncode == 0, run.stderr
     assert any(tmp_path.rglob("*.nbc")), "the first run should have written the cache"
     assert runs[0].stdout == runs[1].stdout
+
+
+# ------------------------------------------------------------------ the GEMM path of wide MLPs
+
+WIDE_MLPS = [((32, 64, 32, 1), BINARY), ((24, 96, 5), SOFTMAX), ((9, 70, 2), SQUARED)]
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 257, 4097, 70_001])
+@pytest.mark.parametrize(("sizes", "head"), WIDE_MLPS, ids=["binary", "softmax", "squared"])
+def test_wide_mlps_take_the_gemm_path_and_match_reference(monkeypatch, sizes, head, n):
+    """Shapes across the block plan's edges (small batches cut finer, many chunks); float32
+    rows widened; every activation."""
+    assert cpu._gemm(np.asarray(sizes))  # the default rule sends these to the GEMMs
+    calls = []
+    real = cpu.cpu_gemm.gradient_partials
+    monkeypatch.setattr(cpu.cpu_gemm, "gradient_partials", lambda *a: calls.append(1) or real(*a))
+    for act, dtype in ((RELU, np.float32), (TANH, np.float64), (SIGMOID, np.float32)):
+        X, y, params, sizes_a = make_problem(sizes, head, n, dtype, seed=n)
+        params *= 0.3
+        out = run_gradient(X, y, params, sizes_a, act, head)
+        g_ref, loss_ref, expect, _ = reference(X, y, params, sizes_a, act, head)
+        P = len(params)
+        assert rel_err(out[:P], g_ref) < 1e-11
+        assert abs(out[P] - loss_ref) <= 1e-11 * abs(loss_ref)
+        assert out[P + 1] == n
+        got = np.full((n, int(sizes_a[-1])), np.nan)
+        cpu.forward(X, params, sizes_a, act, head, got)
+        np.testing.assert_allclose(got, expect, rtol=1e-12, atol=1e-14)
+        assert cpu.loss_sum(X, y, params, sizes_a, act, head) == pytest.approx(out[P], rel=1e-13)
+    assert len(calls) == 3
+
+
+def test_gemm_path_bits_do_not_depend_on_threads():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 or more Numba threads")
+    saved = numba.get_num_threads()
+    problems = [make_problem((33, 80, 40, 1), BINARY, n, np.float32, seed=n) for n in (200, 90_001)]
+    try:
+        results = []
+        for threads in (1, 2, 1):
+            numba.set_num_threads(threads)
+            results.append([run_gradient(X, y, p, s, RELU, BINARY) for X, y, p, s in problems])
+    finally:
+        numba.set_num_threads(saved)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_gemm_plan_depends_on_rows_and_model_only():
+    from lepton_hpc.kernels import cpu_gemm
+
+    sizes = [256, 256, 256, 1]
+    assert cpu_gemm.plan(256, sizes) == (64, 1, 4)  # a mini-batch is cut for the threads
+    block, per, chunks = cpu_gemm.plan(1_000_000, sizes)
+    assert block * per * chunks >= 1_000_000 and chunks <= cpu_gemm.MAX_CHUNKS
+    assert block * per * (chunks - 1) < 1_000_000
+
+
+# ------------------------------------------------------------ float32 products (train.products)
+
+
+@pytest.mark.parametrize("n", [1, 65, 5_000])
+@pytest.mark.parametrize(("sizes", "head"), WIDE_MLPS, ids=["binary", "softmax", "squared"])
+def test_float32_products_are_within_1e_6_of_the_float64_reference(sizes, head, n):
+    for act, dtype in ((RELU, np.float32), (TANH, np.float64), (SIGMOID, np.float32)):
+        X, y, params, sizes_a = make_problem(sizes, head, n, dtype, seed=n + 1)
+        params *= 0.3
+        out = np.full(len(params) + 2, np.nan)
+        cpu.gradient(X, y, params, sizes_a, act, head, out, "float32")
+        g_ref, loss_ref, expect, _ = reference(X, y, params, sizes_a, act, head)
+        P = len(params)
+        assert rel_err(out[:P], g_ref) < 1e-6
+        assert abs(out[P] - loss_ref) <= 1e-6 * abs(loss_ref)
+        assert out[P + 1] == n
+        got = np.full((n, int(sizes_a[-1])), np.nan)
+        cpu.forward(X, params, sizes_a, act, head, got, "float32")
+        np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
+        loss = cpu.loss_sum(X, y, params, sizes_a, act, head, "float32")
+        assert loss == pytest.approx(loss_ref, rel=1e-6)
+
+
+def test_float32_products_finite_differences_of_their_own_loss():
+    """The float32-product gradient against central differences of the float64 loss: the
+    products' rounding is the only difference (1e-5 with h = 1e-4)."""
+    X, y, params, sizes = make_problem((6, 64, 1), BINARY, 40, seed=4)
+    params *= 0.3
+    out = np.zeros(len(params) + 2)
+    cpu.gradient(X, y, params, sizes, TANH, BINARY, out, "float32")
+    h, fd = 1e-4, np.empty(len(params))
+    for i in range(len(params)):
+        step = np.zeros_like(params)
+        step[i] = h
+        up = cpu.loss_sum(X, y, params + step, sizes, TANH, BINARY)
+        down = cpu.loss_sum(X, y, params - step, sizes, TANH, BINARY)
+        fd[i] = (up - down) / (2 * h)
+    assert rel_err(out[: len(params)], fd) < 1e-5
+
+
+def test_float32_products_bits_do_not_depend_on_threads_and_leave_other_paths_alone():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 or more Numba threads")
+    saved = numba.get_num_threads()
+    wide = make_problem((33, 80, 40, 1), BINARY, 30_001, np.float32, seed=3)
+    try:
+        results = []
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            out = np.zeros(len(wide[2]) + 2)
+            cpu.gradient(*wide, RELU, BINARY, out, "float32")
+            results.append(out)
+    finally:
+        numba.set_num_threads(saved)
+    np.testing.assert_array_equal(results[0], results[1])
+    assert rel_err(results[0], run_gradient(*wide, RELU, BINARY)) > 1e-12  # float32 indeed
+    for widths, head in (((5, 7, 3, 1), BINARY), ((16, 1), BINARY), ((6, 4), SOFTMAX)):
+        X, y, params, sizes = make_problem(widths, head, 1001, np.float32, seed=5)
+        out = np.zeros(len(params) + 2)
+        cpu.gradient(X, y, params, sizes, TANH, head, out, "float32")
+        np.testing.assert_array_equal(out, run_gradient(X, y, params, sizes, TANH, head))

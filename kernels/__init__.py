@@ -32,6 +32,7 @@ Codes (small ints so that Numba and CUDA can take them):
 import functools
 import itertools
 
+from .. import OMP_SPINCOUNT  # noqa: F401 - set on the package's import (see there)
 from ..kernel_cache import install as _install_cache_locator
 
 SIGMOID, TANH, RELU = 0, 1, 2

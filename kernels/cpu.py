@@ -109,7 +109,7 @@ def gradient(
         partial = cpu_gemm.gradient_partials(
             X, Y, params, sizes, activation, head, PRODUCTS[products]
         )
-        _combine(partial, out[: P + 1])
+        cpu_gemm.combine(partial, out[: P + 1])
         out[P + 1] = n
         return
     pT = _transposed(params, sizes)

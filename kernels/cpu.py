@@ -134,12 +134,14 @@ def gradient(
     out[P + 1] = n
 
 
-def _run_forward(X, Y, params, sizes, activation, head, out, products="float64"):
-    """Shared driver of forward() and loss_sum(); returns the per-chunk losses."""
+def _run_forward(X, Y, params, sizes, activation, head, out):
+    """Shared driver of forward() and loss_sum(); returns the per-chunk losses.
+
+    Always the loop nests, also for the MLPs whose gradient runs as GEMMs: they compute each
+    row on its own, so a row's output has the same bits however the rows are split (between
+    ranks, or into batches); a BLAS product's rows depend on the block's row count.
+    """
     n = X.shape[0]
-    if _gemm(sizes):
-        dtype = PRODUCTS[products]
-        return cpu_gemm.forward_losses(X, Y, params, sizes, activation, head, out, dtype)
     block = _single_block(X) if sizes.size == 2 else _mlp_block(sizes)
     n_chunks, rows = _plan(n, block, 1)
     pT = _transposed(params, sizes)
@@ -147,10 +149,9 @@ def _run_forward(X, Y, params, sizes, activation, head, out, products="float64")
     return _mlp_forward(X, Y, pT, sizes, activation, head, want_loss, block, rows, n_chunks, out)
 
 
-def forward(
-    X, params, sizes, activation: int, head: int, out: np.ndarray, products: str = "float64"
-) -> None:
-    """out (n, k) float64 = model output: value, P(class 1), or class probabilities."""
+def forward(X, params, sizes, activation: int, head: int, out: np.ndarray) -> None:
+    """out (n, k) float64 = model output: value, P(class 1), or class probabilities (float64
+    products for every model: see ``_run_forward``)."""
     if not native.supported()[0]:
         reference.forward(X, params, sizes, activation, head, out)
         return
@@ -165,10 +166,10 @@ def forward(
         ahead = max(1, TILE_AHEAD_BYTES // (X.shape[1] * X.itemsize))
         _one_output_forward8(X, params, head == BINARY, ahead, rows, n_chunks, out.reshape(-1))
         return
-    _run_forward(X, np.empty((0, 1)), params, sizes, activation, head, out, products)
+    _run_forward(X, np.empty((0, 1)), params, sizes, activation, head, out)
 
 
-def loss_sum(X, y, params, sizes, activation: int, head: int, products: str = "float64") -> float:
+def loss_sum(X, y, params, sizes, activation: int, head: int) -> float:
     """Sum over rows of the loss (forward pass only; for line searches and finite differences)."""
     if not native.supported()[0]:
         return reference.loss_sum(X, y, params, sizes, activation, head)
@@ -177,6 +178,5 @@ def loss_sum(X, y, params, sizes, activation: int, head: int, products: str = "f
     if n == 0:
         return 0.0
     Y = targets(y, n, int(sizes[-1]), head).astype(np.float64, copy=False)
-    empty = np.empty((0, int(sizes[-1])))
-    losses = _run_forward(X, Y, params, sizes, activation, head, empty, products)
+    losses = _run_forward(X, Y, params, sizes, activation, head, np.empty((0, int(sizes[-1]))))
     return float(losses.sum())

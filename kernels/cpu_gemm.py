@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit
 from threadpoolctl import threadpool_limits
 
-from .reference import _activate, _head, _output, _slope
+from .reference import _activate, _head, _slope
 
 BLOCK_FLOATS = 1 << 16  # a block's activations (rows x sum of widths): 512 KiB of float64
 MIN_BLOCK, MAX_BLOCK = 64, 1024
@@ -197,29 +197,6 @@ def _chunk_gradient(X, Y, layers, sizes, activation, head, r0, r1, block, partia
 
 
 @njit(nogil=True, cache=True)
-def _outputs_rows(z, head, out, r0):
-    """out[r0 + i] = the model output of the block's logits row i."""
-    for i in range(z.shape[0]):
-        _output(z[i], 0, z.shape[1], head, out[r0 + i])
-
-
-def _chunk_forward(X, Y, layers, sizes, activation, head, r0, r1, block, out, losses, c):
-    """Outputs of rows r0..r1 into ``out`` or, when ``out`` has no rows, their loss sum into
-    losses[c] (blocks in order)."""
-    buf = _buffers(block, sizes, layers[0][0].dtype)
-    loss = 0.0
-    for s in range(r0, r1, block):
-        m = min(block, r1 - s)
-        _forward_block(X, s, m, layers, activation, buf)
-        z = buf.acts[-1][:m]
-        if out.shape[0]:
-            _outputs_rows(z, head, out, s)
-        else:
-            loss += _head_rows(z, Y, s, head, buf.delta[:m, : z.shape[1]])
-    losses[c] = loss
-
-
-@njit(nogil=True, cache=True)
 def _sum_columns(partial, out, lo, hi):
     """out[j] = sum over chunks c (in order) of partial[c, j], for columns lo..hi."""
     for j in range(lo, hi):
@@ -301,36 +278,3 @@ def gradient_partials(
 
     _run([task(c) for c in range(n_chunks)], numba.get_num_threads())
     return partial
-
-
-def forward_losses(
-    X, Y, params, sizes, activation: int, head: int, out, products=np.float64
-) -> np.ndarray:
-    """The model's outputs into ``out`` (n x k), or with an ``out`` of no rows the per-chunk
-    loss sums (to be added in chunk order)."""
-    n = X.shape[0]
-    widths = [int(s) for s in sizes]
-    block, per, n_chunks = plan(n, widths)
-    layers = _layers(params, widths, products)
-    losses = np.zeros(n_chunks)
-    rows = per * block
-    blas_threads(1)
-
-    def task(c):
-        return lambda: _chunk_forward(
-            X,
-            Y,
-            layers,
-            widths,
-            activation,
-            head,
-            c * rows,
-            min(n, (c + 1) * rows),
-            block,
-            out,
-            losses,
-            c,
-        )
-
-    _run([task(c) for c in range(n_chunks)], numba.get_num_threads())
-    return losses

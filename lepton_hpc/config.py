@@ -185,10 +185,10 @@ class TrainConfig:
     threads: int = 0
     """Numba threads per rank; 0 = the node's cores divided by the ranks on the node."""
     products: str = "float64"
-    """Precision of the dense layers' products: "float64", or "float32" for MLPs with a hidden
-    layer of 64 units or more on the CPU (float32 GEMMs and activations, each block of rows
-    summed into float64: about 1.5-1.8x faster, gradients within about 1e-6 of float64). Other
-    models and the GPU kernels compute in float64 either way."""
+    """Precision of the training passes' products: "float64", or "float32" for MLPs with a
+    hidden layer of 64 units or more on the CPU (float32 GEMMs and activations, each block of
+    rows summed into float64: about 1.2-1.8x faster, gradients within about 1e-6 of float64).
+    Predictions, metrics, other models and the GPU kernels compute in float64 either way."""
     patience: int = 0
     """Early stopping: epochs without validation improvement before stopping; 0 = off."""
     log_every: int = 1

@@ -76,7 +76,7 @@ class Device:
         self.kernels.gradient(X, y, params, sizes, activation, head, out, self.products)
 
     def forward(self, X, params, sizes, activation, head, out) -> None:
-        self.kernels.forward(X, params, sizes, activation, head, out, self.products)
+        self.kernels.forward(X, params, sizes, activation, head, out)  # always float64
 
     def sliced_gradient(
         self, X, y, local, plan, activation, head, out, allreduce, flag=0.0
@@ -106,9 +106,6 @@ class CudaDevice(Device):
 
     def gradient(self, X, y, params, sizes, activation, head, out) -> None:
         self.kernels.gradient(X, y, params, sizes, activation, head, out)  # float64 products
-
-    def forward(self, X, params, sizes, activation, head, out) -> None:
-        self.kernels.forward(X, params, sizes, activation, head, out)
 
     def batch_gather(self, X_host: np.ndarray, y_host: np.ndarray, X, y):  # noqa: ARG002
         kernels = self.kernels

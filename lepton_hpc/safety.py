@@ -53,6 +53,7 @@ __all__ = [
     "finite_json",
     "fsync_dir",
     "is_run_dir",
+    "make_marked_dir",
     "make_scratch_dir",
     "note_leftovers",
     "remove_leftover_temporaries",
@@ -368,7 +369,7 @@ def _toolkit_files(path: Path) -> Iterator[Path]:
         yield from d.glob(".*.tmp")
 
 
-def _make_marked_dir(path: Path) -> None:
+def make_marked_dir(path: Path) -> None:
     """Create ``path`` with its marker in one step, when it does not exist yet: the marker is
     written into a temporary sibling directory that is then renamed onto ``path``. A job killed
     at any point so leaves either no ``path`` or a marked one, never an unmarked directory that
@@ -427,7 +428,7 @@ def create_run_dir(
     if overwrite:
         _check_clearable(path, inputs)
     try:
-        _make_marked_dir(path)
+        make_marked_dir(path)
         write_marker(path)
     except OSError as exc:
         raise LeptonError(f"cannot create run directory '{path}': {exc.strerror}") from None

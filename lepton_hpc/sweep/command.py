@@ -124,17 +124,13 @@ def train_task(task: Task, comm: Communicator, log: Log) -> dict:  # noqa: ARG00
 
 
 def _make_task_dir(path: Path) -> None:
-    """Create a task's run directory with the run-directory marker; an existing one is left as
-    it is (marked: an earlier attempt of the sweep's; unmarked: not the sweep's, then refused)."""
-    from ..safety import write_marker
+    """Create a task's run directory with the run-directory marker, in one step (a sweep killed
+    meanwhile leaves no unmarked directory); an existing one is left as it is (marked: an
+    earlier attempt of the sweep's; unmarked: not the sweep's, then refused)."""
+    from ..safety import make_marked_dir
 
-    if path.exists():
-        return
     try:
-        path.mkdir(parents=True)
-        write_marker(path)
-    except FileExistsError:
-        return
+        make_marked_dir(path)
     except OSError as exc:
         raise LeptonError(f"cannot create run directory '{path}': {exc.strerror}") from None
 

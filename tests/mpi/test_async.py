@@ -69,7 +69,10 @@ def test_async_converges_like_sync_on_three_ranks(data_file, tmp_path):
     sync = run(tmp_path, 3, data_file, "sync", "sync")
     res = run(tmp_path, 3, data_file, "async", "async")
     timing = check_async(res, 3, 8)
-    assert all(t["updates_applied"] > 0 for t in timing), timing
+    # every rank offered gradients; on a loaded node one descheduled rank may find all of its
+    # own stale and dropped (that is the bound at work), so only two need to have landed some
+    assert all(t["updates_applied"] + t["updates_dropped"] > 0 for t in timing), timing
+    assert sum(t["updates_applied"] > 0 for t in timing) >= 2, timing
     want = sync["metrics"]["train"]["log_loss"]
     got = res["metrics"]["train"]["log_loss"]
     assert abs(got - want) <= 0.02 * want, (got, want)

@@ -443,3 +443,22 @@ def test_a_kill_during_creation_leaves_nothing_a_retry_refuses(tmp_path):
     (busy / f".{MARKER}.{host}.{os.getpid()}.tmp").write_text("{")
     with pytest.raises(LeptonError, match="not a lepton run directory"):
         check_run_dir(busy, resume=False, overwrite=True)
+
+
+def test_a_sweep_task_directory_appears_with_its_marker(tmp_path, monkeypatch):
+    """The sweep makes each task's run directory before the run starts: in one step too."""
+    from lepton_hpc.sweep import command
+
+    seen = []
+    real_rename = os.rename
+
+    def watch(src, dst):
+        seen.append(sorted(p.name for p in os.scandir(src)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(safety.os, "rename", watch)
+    task = tmp_path / "out" / "task-0003"
+    command._make_task_dir(task)
+    command._make_task_dir(task)  # an existing one is left as it is
+    assert seen == [[MARKER]] and (task / MARKER).is_file()
+    assert sorted(p.name for p in task.parent.iterdir()) == ["task-0003"]

@@ -24,6 +24,7 @@ import numpy as np
 from numba import njit
 from threadpoolctl import threadpool_limits
 
+from .cpu_layers import _combine_columns
 from .reference import _activate, _head, _slope
 
 BLOCK_FLOATS = 1 << 16  # a block's activations (rows x sum of widths): 512 KiB of float64
@@ -196,27 +197,17 @@ def _chunk_gradient(X, Y, layers, sizes, activation, head, r0, r1, block, partia
     partial[P] = loss
 
 
-@njit(nogil=True, cache=True)
-def _sum_columns(partial, out, lo, hi):
-    """out[j] = sum over chunks c (in order) of partial[c, j], for columns lo..hi."""
-    for j in range(lo, hi):
-        out[j] = 0.0
-    for c in range(partial.shape[0]):
-        for j in range(lo, hi):
-            out[j] += partial[c, j]
-
-
 def combine(partial: np.ndarray, out: np.ndarray) -> None:
     """out = the chunks' partial rows added in chunk order, column ranges on the worker threads
-    (the same bits as ``cpu._combine``; no Numba thread pool, whose workers would spin beside
-    the BLAS threads of the next call)."""
+    (``cpu._combine``'s loop and bits without Numba's thread pool, whose workers would spin
+    beside the BLAS threads of the next call)."""
     width = partial.shape[1]
     threads = numba.get_num_threads()
     pieces = threads if width >= 65536 else 1
     step = -(-width // pieces)
 
     def task(lo):
-        return lambda: _sum_columns(partial, out, lo, min(width, lo + step))
+        return lambda: _combine_columns(partial, out, lo, min(width, lo + step))
 
     _run([task(lo) for lo in range(0, width, step)], threads)
 

@@ -507,6 +507,26 @@ def test_tiles_same_bits_compiled_and_from_cache(tmp_path):
 # ------------------------------------------------------------------ the GEMM path of wide MLPs
 
 WIDE_MLPS = [((32, 64, 32, 1), BINARY), ((24, 96, 5), SOFTMAX), ((9, 70, 2), SQUARED)]
+WIDE_PATHS = ((RELU, np.float32), (TANH, np.float64), (SIGMOID, np.float32))  # act, X dtype
+
+
+def check_wide_mlp(sizes, head, n, act, dtype, products, tol, seed=None):
+    """The gradient with ``products`` against the float64 NumPy model (relative ``tol``), and
+    the outputs (float64 products whatever ``products``) to 1e-12; returns the problem and the
+    gradient's ``out``."""
+    X, y, params, sizes_a = make_problem(sizes, head, n, dtype, seed=n if seed is None else seed)
+    params *= 0.3
+    out = np.full(len(params) + 2, np.nan)
+    cpu.gradient(X, y, params, sizes_a, act, head, out, products)
+    g_ref, loss_ref, expect, _ = reference(X, y, params, sizes_a, act, head)
+    P = len(params)
+    assert rel_err(out[:P], g_ref) < tol
+    assert abs(out[P] - loss_ref) <= tol * abs(loss_ref)
+    assert out[P + 1] == n
+    got = np.full((n, int(sizes_a[-1])), np.nan)
+    cpu.forward(X, params, sizes_a, act, head, got)
+    np.testing.assert_allclose(got, expect, rtol=1e-12, atol=1e-14)
+    return X, y, params, sizes_a, out
 
 
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 257, 4097, 70_001])
@@ -518,19 +538,10 @@ def test_wide_mlps_take_the_gemm_path_and_match_reference(monkeypatch, sizes, he
     calls = []
     real = cpu.cpu_gemm.gradient_partials
     monkeypatch.setattr(cpu.cpu_gemm, "gradient_partials", lambda *a: calls.append(1) or real(*a))
-    for act, dtype in ((RELU, np.float32), (TANH, np.float64), (SIGMOID, np.float32)):
-        X, y, params, sizes_a = make_problem(sizes, head, n, dtype, seed=n)
-        params *= 0.3
-        out = run_gradient(X, y, params, sizes_a, act, head)
-        g_ref, loss_ref, expect, _ = reference(X, y, params, sizes_a, act, head)
-        P = len(params)
-        assert rel_err(out[:P], g_ref) < 1e-11
-        assert abs(out[P] - loss_ref) <= 1e-11 * abs(loss_ref)
-        assert out[P + 1] == n
-        got = np.full((n, int(sizes_a[-1])), np.nan)
-        cpu.forward(X, params, sizes_a, act, head, got)
-        np.testing.assert_allclose(got, expect, rtol=1e-12, atol=1e-14)
-        assert cpu.loss_sum(X, y, params, sizes_a, act, head) == pytest.approx(out[P], rel=1e-13)
+    for act, dtype in WIDE_PATHS:
+        X, y, params, sizes_a, out = check_wide_mlp(sizes, head, n, act, dtype, "float64", 1e-11)
+        loss = cpu.loss_sum(X, y, params, sizes_a, act, head)
+        assert loss == pytest.approx(out[len(params)], rel=1e-13)
     assert len(calls) == 3
 
 
@@ -567,19 +578,8 @@ def test_gemm_plan_depends_on_rows_and_model_only():
 @pytest.mark.parametrize("n", [1, 65, 5_000])
 @pytest.mark.parametrize(("sizes", "head"), WIDE_MLPS, ids=["binary", "softmax", "squared"])
 def test_float32_products_are_within_1e_6_of_the_float64_reference(sizes, head, n):
-    for act, dtype in ((RELU, np.float32), (TANH, np.float64), (SIGMOID, np.float32)):
-        X, y, params, sizes_a = make_problem(sizes, head, n, dtype, seed=n + 1)
-        params *= 0.3
-        out = np.full(len(params) + 2, np.nan)
-        cpu.gradient(X, y, params, sizes_a, act, head, out, "float32")
-        g_ref, loss_ref, expect, _ = reference(X, y, params, sizes_a, act, head)
-        P = len(params)
-        assert rel_err(out[:P], g_ref) < 1e-6
-        assert abs(out[P] - loss_ref) <= 1e-6 * abs(loss_ref)
-        assert out[P + 1] == n
-        got = np.full((n, int(sizes_a[-1])), np.nan)
-        cpu.forward(X, params, sizes_a, act, head, got)  # outputs: float64 products
-        np.testing.assert_allclose(got, expect, rtol=1e-12, atol=1e-14)
+    for act, dtype in WIDE_PATHS:
+        check_wide_mlp(sizes, head, n, act, dtype, "float32", 1e-6, seed=n + 1)
 
 
 def test_float32_products_finite_differences_of_their_own_loss():

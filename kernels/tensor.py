@@ -108,8 +108,9 @@ def make_plan(sizes, k: int, t: int) -> TensorPlan:
 
 
 # ---- kernels -----------------------------------------------------------------------------------
-# The dense products are float64 GEMMs (NumPy's BLAS: about 90 GFLOP/s a core here against 5-6
-# for a Numba loop nest; float32 rows are widened first), run on the rank's kernel threads.
+# The dense products are float64 GEMMs (NumPy's BLAS: 60-70 GFLOP/s a core here on 256-wide
+# products against 5-6 for a Numba loop nest on these slices; float32 rows are widened first),
+# run on the rank's kernel threads.
 def _limit_blas() -> None:
     """BLAS uses as many threads as the Numba kernels (``train.threads``), so that ranks x
     threads does not oversubscribe the node."""

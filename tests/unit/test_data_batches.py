@@ -1,5 +1,7 @@
 """Mini-batches and the validation split depend on (seed, epoch, global row) only, not on ranks."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -100,20 +102,50 @@ def test_batches_are_the_permutation_cut_in_order(batch):
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 7])
-def test_parallel_grouping_equals_the_serial_counting_sort(parts):
-    from lepton_hpc.data.batches import _group, _group_parallel
+@pytest.mark.parametrize("windows", [[0, 13], [0, 5, 6, 13], [0, 1, 2, 3, 12, 13]])
+def test_parallel_windowed_grouping_equals_the_serial_counting_sort(parts, windows):
+    """The order made window by window (batches [first, last) at a time) by ``parts`` slices
+    in parallel is the serial counting sort's, batch for batch."""
+    from lepton_hpc.data.batches import _group, _offsets, _window_order
 
     rng = np.random.default_rng(parts)
     steps = 13
-    batch = rng.integers(0, steps, size=10_007).astype(np.int32)
-    batch[:50] = 4  # one batch with a run at the start; batch 12 may be rare or empty
-    serial, parallel = np.empty(batch.size, np.int32), np.full(batch.size, -1, np.int32)
-    s_starts = _group(batch, steps, serial)
-    p_starts = _group_parallel(batch, steps, parallel, parts)
-    assert np.array_equal(s_starts, p_starts) and np.array_equal(serial, parallel)
-    for b in range(steps):  # each batch holds exactly its rows, ascending
-        rows = parallel[p_starts[b] : p_starts[b + 1]]
-        assert np.array_equal(rows, np.flatnonzero(batch == b))
+    for code in (np.int32, np.uint16):
+        batch = rng.integers(0, steps, size=10_007).astype(code)
+        batch[:50] = 4  # one batch with a run at the start; batch 12 may be rare or empty
+        serial = np.empty(batch.size, np.int32)
+        s_starts = _group(batch, steps, serial)
+        starts, offsets = _offsets(batch, steps, parts)
+        assert np.array_equal(s_starts, starts)
+        for first, last in itertools.pairwise(windows):
+            got = _window_order(batch, starts, offsets, first, last)
+            assert len(got) == last - first
+            for b, rows in enumerate(got, first):
+                assert np.array_equal(rows, serial[starts[b] : starts[b + 1]])
+        for b in range(steps):  # each batch holds exactly its rows, ascending
+            rows = serial[starts[b] : starts[b + 1]]
+            assert np.array_equal(rows, np.flatnonzero(batch == b))
+
+
+@pytest.mark.parametrize("window_rows", [1, 50, 333, 10**9])
+def test_windows_of_the_epoch_order_give_the_same_batches(window_rows):
+    """However few rows of order a window holds, every batch is the same (also when asked for
+    out of order, and after later windows were made), and the batch numbers are 2 bytes."""
+    n, batch = 20_011, 97
+    want = [b.copy() for b in EpochBatches(np.arange(3, 9_000), n, batch, 7)(2)]
+    plan = EpochBatches(range(3, 9_000), n, batch, 7)
+    assert plan.batch.dtype == np.uint16
+    plan.window_rows = window_rows
+    epoch = plan(2)
+    windows = len(epoch.bounds) - 1
+    assert windows == len(want) if window_rows == 1 else windows > 1 if window_rows < n else 1
+    assert len(epoch) == len(want) == -(-n // batch)
+    got = [epoch[k] for k in range(len(epoch))]
+    for k in (len(epoch) - 1, 0, len(epoch) // 2, -1):
+        assert np.array_equal(epoch[k], want[k])
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    with pytest.raises(IndexError):
+        epoch[len(epoch)]
 
 
 @pytest.mark.parametrize("parallel", [False, True])

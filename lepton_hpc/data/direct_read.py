@@ -8,6 +8,7 @@ offsets were taken (``file_identity``), else nothing is read.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import mmap
 import os
@@ -253,6 +254,60 @@ def map_rows(
             os.close(fd)
     _populate(m, hi - base)
     return np.frombuffer(m, dtype, (stop - start) * width, lo - base).reshape(stop - start, width)
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = (("off", ctypes.c_uint64), ("len", ctypes.c_uint64))
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = tuple(
+        (name, ctypes.c_uint64)
+        for name in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")
+    )
+
+
+_SYS_CACHESTAT = 451  # Linux 6.5, the same number on every architecture
+_LIBC: list = []  # libc, loaded when first needed
+
+
+def cached(fd: int, offset: int, length: int) -> bool:
+    """Whether every page of bytes ``[offset, offset + length)`` of ``fd`` is in the page cache
+    (Linux's ``cachestat``, which reads nothing: a probing read would start the kernel's
+    read-ahead, in small folios). False where the kernel lacks the call."""
+    if length <= 0:
+        return True
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    page = mmap.PAGESIZE
+    first, last = offset // page, (offset + length - 1) // page
+    stat = _Cachestat()
+    rng = _CachestatRange(first * page, (last - first + 1) * page)
+    if _LIBC[0].syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(stat), 0) != 0:
+        return False
+    return stat.nr_cache == last - first + 1
+
+
+WARM_SPAN = 4 * MAP_ALIGN  # bytes ``warm_rows`` maps at a time
+
+
+def warm_rows(offset: int, start: int, stop: int, width: int, dtype: np.dtype, fd: int) -> None:
+    """Bring rows ``start..stop`` (as ``map_rows`` maps them) into the page cache the way
+    mapping them does (``MADV_HUGEPAGE``, then populating: 2 MiB folios, read from the device
+    in large requests), through mappings of ``WARM_SPAN`` bytes, each let go at once: a read-
+    ahead thread then holds no more than that mapped (resident), and the caller maps the cached
+    pages itself when it needs them (cheap). Errors are left to that ``map_rows`` call."""
+    row_bytes = width * np.dtype(dtype).itemsize
+    lo, hi = offset + start * row_bytes, offset + stop * row_bytes
+    with contextlib.suppress(OSError, ValueError):
+        hi = min(hi, os.fstat(fd).st_size)
+        for at in range(lo // MAP_ALIGN * MAP_ALIGN, hi, WARM_SPAN):
+            length = min(WARM_SPAN, hi - at)
+            m = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=at)
+            try:
+                _populate(m, length)
+            finally:
+                m.close()
 
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14

@@ -22,12 +22,14 @@ from ..log import Log
 from . import chunk_read, shards
 from .direct_read import (
     MAP_ALIGN,
+    cached,
     compare_identity,
     file_identity,
     in_opened_file,
     map_rows,
     nonfinite_rows,
     pread_rows,
+    warm_rows,
 )
 from .h5 import collective, is_parallel, open_read
 
@@ -502,16 +504,62 @@ def map_range(
     s = _files(info)[i]
     if s.x_offset is None or np.dtype(s.x_dtype) != np.dtype(dtype):
         return None
-    fd = None
-    if fds is not None:
-        fd = fds.get(s.path)
-        if fd is None:
-            fd = fds[s.path] = os.open(s.path, os.O_RDONLY)
+    fd = None if fds is None else _mapped_file(info, start, stop, fds)[3]
     X = map_rows(s.path, s.x_offset, lo, hi, info.n_features, dtype, s.identity, fd)
     y = None
     if info.y is not None and s.y_offset is not None:
         y = map_rows(s.path, s.y_offset, lo, hi, y_width, np.float64, s.identity, fd)
     return X, y
+
+
+def _mapped_file(info: DataInfo, start: int, stop: int, fds: dict[str, int]):
+    """(file, first row, end row, descriptor) of rows ``[start, stop)`` as ``map_range`` maps
+    them (the descriptor opened into ``fds`` if missing), or None where they are not mapped."""
+    parts = _parts(info, start, stop)
+    if len(parts) != 1:
+        return None
+    i, lo, hi, _ = parts[0]
+    s = _files(info)[i]
+    if s.x_offset is None:
+        return None
+    fd = fds.get(s.path)
+    if fd is None:
+        fd = fds[s.path] = os.open(s.path, os.O_RDONLY)
+    return s, lo, hi, fd
+
+
+def warm_range(info: DataInfo, start: int, stop: int, dtype, y_width: int, fds: dict) -> None:
+    """Bring rows ``[start, stop)`` into the page cache as ``map_range`` would map them
+    (``direct_read.warm_rows``), for a read-ahead thread: nothing stays mapped. Their file's
+    descriptor must be in ``fds`` already (``mapped_cached`` opens it): nothing is done
+    otherwise, nor where the rows would not be mapped."""
+    parts = _parts(info, start, stop)
+    if len(parts) != 1:
+        return
+    i, lo, hi, _ = parts[0]
+    s = _files(info)[i]
+    fd = fds.get(s.path)
+    if fd is None or s.x_offset is None:
+        return
+    warm_rows(s.x_offset, lo, hi, info.n_features, dtype, fd)
+    if info.y is not None and s.y_offset is not None:
+        warm_rows(s.y_offset, lo, hi, y_width, np.float64, fd)
+
+
+def mapped_cached(
+    info: DataInfo, start: int, stop: int, dtype, y_width: int, fds: dict[str, int]
+) -> bool | None:
+    """Whether rows ``[start, stop)``, mapped with ``map_range``, are all in the page cache (X,
+    and y when it is mapped too; ``direct_read.cached``). None where the rows are not mapped
+    (they span files). Opens the file's descriptor into ``fds`` if missing."""
+    found = _mapped_file(info, start, stop, fds)
+    if found is None:
+        return None
+    s, lo, hi, fd = found
+    spans = [(s.x_offset, info.n_features * np.dtype(dtype).itemsize)]
+    if info.y is not None and s.y_offset is not None:
+        spans.append((s.y_offset, 8 * y_width))
+    return all(cached(fd, offset + lo * row, (hi - lo) * row) for offset, row in spans)
 
 
 def mapped_bounds(info: DataInfo, start: int, stop: int, unit: int, piece_bytes: int) -> list:

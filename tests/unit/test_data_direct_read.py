@@ -423,3 +423,78 @@ def test_mapped_pieces_cover_the_rows_from_2_mib_edges(offset, start, rows, row,
         at = offset + a * row
         edge = first + (at - first) // piece * piece  # the last edge at or before the piece
         assert offset + (a - unit) * row < edge <= at
+
+
+def _evict(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # clean pages only can be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _file_mappings(path) -> int:
+    """Mappings of ``path`` in this process (lines of /proc/self/maps)."""
+    with open("/proc/self/maps") as fh:
+        return sum(line.rstrip().endswith(str(path)) for line in fh)
+
+
+def test_cached_tells_cached_pages_and_warming_fills_the_cache_without_a_mapping(tmp_path):
+    """``cached`` (Linux's cachestat) sees the page cache without reading; ``warm_rows`` fills
+    it through mappings it lets go at once."""
+    path, X, _ = _mapped_file(tmp_path)
+    info = reader.inspect(str(path), "X", "y")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        nbytes = X.nbytes
+        path.read_bytes()
+        if not direct_read.cached(fd, info.x_offset, nbytes):
+            pytest.skip("this kernel has no cachestat (Linux 6.5)")
+        _evict(path)
+        if direct_read.cached(fd, info.x_offset, nbytes):
+            pytest.skip("the page cache of this file system cannot be dropped")
+        assert not direct_read.cached(fd, info.x_offset, nbytes)  # asking read nothing
+        direct_read.warm_rows(info.x_offset, 1000, 30_000, X.shape[1], np.float32, fd)
+        row = X.shape[1] * 4
+        assert direct_read.cached(fd, info.x_offset + 1000 * row, 29_000 * row)
+        assert _file_mappings(path) == 0
+        assert direct_read.cached(fd, 0, 0)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_a_streamed_pass_maps_at_most_two_pieces(tmp_path, monkeypatch, cold):
+    """The pieces of a mapped stream are a buffer each, mapped when the caller asks for them:
+    the one being mapped and the caller's last are all that is mapped at any time (X and y
+    each), whether the pages were cached or had to be read first (by the read-ahead thread,
+    which keeps nothing mapped). Counted as each piece is mapped."""
+    from lepton_hpc.config import DataConfig
+    from lepton_hpc.data import stream as stream_mod
+
+    path, X, _ = _mapped_file(tmp_path, rows=400_000, d=8)  # 12.8 MB
+    cfg = DataConfig(train=str(path), stream=True, buffer_mb=3)  # pieces of 2 MiB
+    stream = stream_mod.RowStream(cfg, 1, SerialComm())
+    stream.fit()
+    assert stream.map and len(stream.bounds) > 3
+    piece_bytes = stream.piece_rows * X.shape[1] * 4
+    assert piece_bytes >= reader.MAP_ALIGN  # 2 MiB of 3 MiB (rows, targets, flags)
+    seen = []
+
+    def counted(*args, **kwargs):
+        mapped = reader.map_range(*args, **kwargs)
+        seen.append(_file_mappings(path))
+        return mapped
+
+    monkeypatch.setattr(stream_mod, "map_range", counted)
+    for _ in range(2):
+        if cold:
+            _evict(path)
+        rows = 0
+        for part, _ in stream.passes():
+            assert np.array_equal(part.X, X[part.start : part.start + part.n])
+            rows += part.n
+        assert rows == X.shape[0]
+    assert len(seen) == 2 * len(stream.bounds)
+    assert max(seen) <= 4, seen  # two pieces of X and of y

@@ -37,7 +37,10 @@ TARGETS = {"chunked_vs_contiguous": 0.8, "decode_scaling": 1.6}
 
 def layouts() -> dict[str, dict]:
     """h5py ``create_dataset`` keywords per layout: the compressors the reader decodes itself
-    (zstd only where hdf5plugin and zstandard are installed)."""
+    (hdf5plugin's zstd, LZ4 and Blosc where hdf5plugin and the package decoding each are
+    installed)."""
+    from ..data import chunk_read
+
     out: dict[str, dict] = {
         "contiguous": {},
         "chunked": {},
@@ -46,11 +49,19 @@ def layouts() -> dict[str, dict]:
     }
     try:
         import hdf5plugin
-        import zstandard  # noqa: F401 - the reader's direct zstd decode needs it
     except ImportError:
         return out
-    out["zstd"] = {**hdf5plugin.Zstd(clevel=1), "shuffle": True}
+    if chunk_read.ZSTD in chunk_read.FILTERS:
+        out["zstd"] = {**hdf5plugin.Zstd(clevel=1), "shuffle": True}
+    if chunk_read.LZ4 in chunk_read.FILTERS:
+        out["lz4"] = {**hdf5plugin.LZ4(), "shuffle": True}
+    if chunk_read.BLOSC in chunk_read.FILTERS:
+        blosc = hdf5plugin.Blosc
+        out["blosc"] = dict(blosc(cname="lz4", clevel=5, shuffle=blosc.SHUFFLE))
     return out
+
+
+COMPRESSED = ("gzip", "lzf", "zstd", "lz4", "blosc")
 
 
 def make(root: Path, rows: int, features: int) -> dict[str, Path]:
@@ -207,7 +218,7 @@ def scaling_ratios(parts: dict) -> list[dict]:
                 }
             )
     direct = parts.get("layouts_k1", {}).get("results", {}).get("direct", {})
-    for name in ("gzip", "lzf", "zstd"):
+    for name in COMPRESSED:
         if not direct.get(name):
             continue
         one, two = fig("layouts_k1", f"{name}_t1_s"), fig("layouts_k1", f"{name}_t2_s")

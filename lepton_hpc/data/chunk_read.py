@@ -1,35 +1,38 @@
 """Direct reads of chunked HDF5 data sets: each chunk's bytes read with ``pread`` at the offset
-HDF5's chunk index gives, decoded (deflate, lzf, zstd, shuffle, fletcher32) and copied into the
-rank's rows, on the rank's threads.
+HDF5's chunk index gives, decoded (deflate, lzf, zstd, LZ4, Blosc, shuffle, fletcher32) and
+copied into the rank's rows, on the rank's threads.
 
 Why not h5py: h5py holds the GIL while HDF5 reads and decompresses, so one rank uses one core
 for the whole of its block. Here ``pread``, ``zlib.decompress``, the Numba LZF decoder
-(``lzf``), ``zstandard`` and NumPy's copies release it, so the rank's cores decode chunks in
-parallel.
+(``lzf``), ``zstandard``, ``lz4.block``, ``blosc`` (told to) and NumPy's copies release it, so
+the rank's cores decode chunks in parallel.
 
 Correct bytes come first. ``layout`` accepts a data set only when every chunk can be proved
 decodable: chunked storage in the opened file itself (no virtual, external or compact layout),
 little-endian stored types whose conversion to the read type is exact, and only the filters
-deflate (1), shuffle (2), fletcher32 (3), lzf (32000) and, when the ``zstandard`` package is
-installed, zstd (32015; hdf5plugin's filter: one zstd frame per chunk, its content size in the
-frame header), with at most one compressor. A chunk that still cannot be proved right when it
-is read goes through h5py alone (one chunk, not the data set): a chunk never written (HDF5 gives
-the fill value), a filter mask naming a filter the pipeline lacks, a stored size or decoded
-size that is not the chunk's, a fletcher32 checksum that does not match (h5py then also accepts
-the byte order of old writers, or gives the error), and partial edge chunks of a pipeline with
-nothing that checks its input (shuffle, lzf: a writer may store those unfiltered, which nothing
-in the bytes would reveal; deflate, zstd and fletcher32 refuse bytes they did not write).
+deflate (1), shuffle (2), fletcher32 (3), lzf (32000) and, when the package decoding each is
+installed, hdf5plugin's zstd (32015, ``zstandard``: one zstd frame per chunk, its content size
+in the frame header), LZ4 (32004, ``lz4``: sizes in a header and before each block) and Blosc
+(32001, ``blosc``: a Blosc buffer, which undoes its own shuffle), with at most one compressor.
+A chunk that still cannot be proved right when it is read goes through h5py alone (one chunk,
+not the data set): a chunk never written (HDF5 gives the fill value), a filter mask naming a
+filter the pipeline lacks, a stored size or decoded size that is not the chunk's, a fletcher32
+checksum that does not match (h5py then also accepts the byte order of old writers, or gives
+the error), and partial edge chunks of a pipeline with nothing that checks its input
+(shuffle, lzf: a writer may store those unfiltered, which nothing in the bytes would reveal;
+deflate, zstd, LZ4, Blosc and fletcher32 refuse bytes they did not write).
 
 A filter whose bit is set in a chunk's filter mask was skipped when the chunk was written (an
 optional filter that failed, as lzf and zstd do when a chunk does not shrink): it is skipped
 when decoding, exactly as HDF5 does.
 
 Filters from ``hdf5plugin`` (``plugins``) are registered when this module is imported, so the
-h5py reads of every reader can decode them; LZ4, Blosc, bitshuffle and the rest are read by h5py.
+h5py reads of every reader can decode them; Blosc2, bitshuffle and the rest are read by h5py.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -51,26 +54,33 @@ from .direct_read import (
     nonfinite_rows,
 )
 
-DEFLATE, SHUFFLE, FLETCHER32, LZF, ZSTD = 1, 2, 3, 32000, 32015
-COMPRESSORS = {DEFLATE, LZF, ZSTD}
-# Filters that refuse input they did not produce (zlib's and zstd's framing, the checksum): a
-# chunk stored unfiltered cannot pass for a filtered one through them.
-CHECKED = {DEFLATE, FLETCHER32, ZSTD}
+DEFLATE, SHUFFLE, FLETCHER32, LZF, ZSTD, LZ4, BLOSC = 1, 2, 3, 32000, 32015, 32004, 32001
+COMPRESSORS = {DEFLATE, LZF, ZSTD, LZ4, BLOSC}
+# Filters that refuse input they did not produce (zlib's and zstd's framing, the checksum, the
+# sizes in LZ4's and Blosc's headers): a chunk stored unfiltered cannot pass for a filtered one.
+CHECKED = {DEFLATE, FLETCHER32, ZSTD, LZ4, BLOSC}
 
 plugins.load()  # hdf5plugin's filters for every h5py read in this process, before any file opens
 
 
-def _zstandard():
-    """The ``zstandard`` module, or None when it is not installed (zstd then goes through h5py)."""
+def _optional(name: str):
+    """The module ``name``, or None when it is not installed (its filter then goes through
+    h5py)."""
     try:
-        import zstandard
+        return importlib.import_module(name)
     except ImportError:
         return None
-    return zstandard
 
 
-_ZSTD = _zstandard()
-FILTERS = {DEFLATE, SHUFFLE, FLETCHER32, LZF} | ({ZSTD} if _ZSTD is not None else set())
+_ZSTD = _optional("zstandard")
+_LZ4 = _optional("lz4.block")
+_BLOSC = _optional("blosc")
+if _BLOSC is not None:  # one thread per call, the GIL let go: chunks decode on the rank's threads
+    _BLOSC.set_nthreads(1)
+    _BLOSC.set_releasegil(True)
+FILTERS = {DEFLATE, SHUFFLE, FLETCHER32, LZF} | {
+    fid for fid, module in ((ZSTD, _ZSTD), (LZ4, _LZ4), (BLOSC, _BLOSC)) if module is not None
+}
 
 # Stored types read directly, per read type. Features (float32) only where the conversion is
 # exact (every stored value is a float32), so NumPy's cast equals HDF5's, which the h5py path
@@ -222,6 +232,61 @@ def _zstd_decode(buf: bytes | np.ndarray, nbytes: int) -> bytes | None:
     return out if len(out) == nbytes else None
 
 
+def _lz4_decode(buf: bytes, nbytes: int) -> bytes | None:
+    """The LZ4 filter's chunk (hdf5plugin's, HDF5 filter 32004) holding exactly ``nbytes``
+    bytes, or None: a big-endian 8-byte size and 4-byte block size, then per block a big-endian
+    4-byte stored size and the block, raw where that size is the block's own (as H5Zlz4.c
+    reads it). Every size is checked against the chunk's and the stored bytes."""
+    if len(buf) < 12:
+        return None
+    size, block = int.from_bytes(buf[:8], "big"), int.from_bytes(buf[8:12], "big")
+    if size != nbytes or block <= 0:
+        return None
+    block = min(block, size)
+    parts, pos, done = [], 12, 0
+    view = memoryview(buf)  # blocks are sliced without a copy
+    while done < size:
+        want = min(block, size - done)
+        if pos + 4 > len(buf):
+            return None
+        stored = int.from_bytes(buf[pos : pos + 4], "big")
+        pos += 4
+        if stored <= 0 or pos + stored > len(buf):
+            return None
+        if stored == want:
+            parts.append(view[pos : pos + stored])
+        else:
+            try:
+                part = _LZ4.decompress(view[pos : pos + stored], uncompressed_size=want)
+            except _LZ4.LZ4BlockError:
+                return None
+            if len(part) != want:
+                return None
+            parts.append(part)
+        pos += stored
+        done += want
+    if pos != len(buf):
+        return None
+    return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+
+
+def _blosc_decode(buf: bytes, nbytes: int) -> bytes | None:
+    """One Blosc buffer (hdf5plugin's Blosc filter, 32001) holding exactly ``nbytes`` bytes, or
+    None: its header's sizes (little-endian at bytes 4 and 12) must be the chunk's and the
+    stored bytes'. Blosc undoes its own shuffle."""
+    if len(buf) < 16:
+        return None
+    if int.from_bytes(buf[4:8], "little") != nbytes or int.from_bytes(buf[12:16], "little") != len(
+        buf
+    ):
+        return None
+    try:
+        out = _BLOSC.decompress(buf)
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    return out if len(out) == nbytes else None
+
+
 def decode(raw: bytes, filters, nbytes: int, itemsize: int, mask: int = 0) -> np.ndarray | None:
     """The ``nbytes`` bytes (uint8) of one chunk stored as ``raw`` through ``filters`` (pipeline
     order; undone in reverse), or None when they cannot be proved right (h5py then reads it).
@@ -258,6 +323,14 @@ def decode(raw: bytes, filters, nbytes: int, itemsize: int, mask: int = 0) -> np
                 return None
         elif fid == ZSTD and _ZSTD is not None:
             buf = _zstd_decode(buf, nbytes)
+            if buf is None:
+                return None
+        elif fid == LZ4 and _LZ4 is not None:
+            buf = _lz4_decode(bytes(buf), nbytes)
+            if buf is None:
+                return None
+        elif fid == BLOSC and _BLOSC is not None:
+            buf = _blosc_decode(bytes(buf), nbytes)
             if buf is None:
                 return None
         elif fid == SHUFFLE:

@@ -97,15 +97,33 @@ PIPELINES = {
 STORED = {"f4": "f4", "f8": "f8", "f2": "f4", "i2": "f4", "u1": "f4", "i8": "f8"}
 
 
-def _zstd_pipelines() -> dict:
+def _plugin_pipelines() -> dict:
+    """hdf5plugin's filters that are decoded on the rank's threads when their package is
+    installed: zstd (zstandard), LZ4 (lz4), Blosc (blosc) with its compressors and shuffles."""
     try:
         import hdf5plugin
     except ImportError:
         return {}
-    return {
-        "zstd": dict(hdf5plugin.Zstd(clevel=3)),
-        "shuffle+zstd+fletcher32": {**hdf5plugin.Zstd(), "shuffle": True, "fletcher32": True},
-    }
+    found = {}
+    if chunk_read.ZSTD in chunk_read.FILTERS:
+        found["zstd"] = dict(hdf5plugin.Zstd(clevel=3))
+        found["shuffle+zstd+fletcher32"] = {
+            **hdf5plugin.Zstd(),
+            "shuffle": True,
+            "fletcher32": True,
+        }
+    if chunk_read.LZ4 in chunk_read.FILTERS:
+        found["lz4"] = dict(hdf5plugin.LZ4())
+        found["lz4 (blocks of 1000 bytes)+fletcher32"] = {
+            **hdf5plugin.LZ4(nbytes=1000),
+            "fletcher32": True,
+        }
+    if chunk_read.BLOSC in chunk_read.FILTERS:
+        blosc = hdf5plugin.Blosc
+        found["blosc lz4+shuffle"] = dict(blosc(cname="lz4", clevel=5, shuffle=blosc.SHUFFLE))
+        found["blosc zstd+bitshuffle"] = dict(blosc(cname="zstd", shuffle=blosc.BITSHUFFLE))
+        found["blosc blosclz"] = dict(blosc(cname="blosclz", shuffle=blosc.NOSHUFFLE))
+    return found
 
 
 def _values(rng, dtype: np.dtype, shape, noise: bool):
@@ -136,7 +154,7 @@ def _read(path, want_type, a, b, threads):
     return out, ref.astype(want_type).reshape(b - a, width), [t[:2] for c in calls for t in c]
 
 
-@pytest.mark.parametrize("pipeline", [*PIPELINES, *_zstd_pipelines()])
+@pytest.mark.parametrize("pipeline", [*PIPELINES, *_plugin_pipelines()])
 @pytest.mark.parametrize("dtype", list(STORED))
 def test_compressed_chunks_equal_h5py_bitwise(tmp_path, pipeline, dtype):
     rng = np.random.default_rng(abs(hash((pipeline, dtype))) % 2**32)
@@ -144,7 +162,7 @@ def test_compressed_chunks_equal_h5py_bitwise(tmp_path, pipeline, dtype):
     n, d, cr, cc = 1_003, 7, 128, 4  # partial edge chunks in both directions
     X = _values(rng, stored, (n, d), noise=False)
     X[256:384] = _values(rng, stored, (128, d), noise=True)  # these chunks stay unfiltered
-    kw = PIPELINES.get(pipeline) or _zstd_pipelines()[pipeline]
+    kw = PIPELINES.get(pipeline) or _plugin_pipelines()[pipeline]
     path = tmp_path / "c.h5"
     with h5py.File(path, "w") as fh:
         fh.create_dataset("X", data=X, chunks=(cr, cc), **kw)
@@ -152,7 +170,8 @@ def test_compressed_chunks_equal_h5py_bitwise(tmp_path, pipeline, dtype):
         masks = {
             fh["X"].id.get_chunk_info(i).filter_mask for i in range(fh["X"].id.get_num_chunks())
         }
-    if "fletcher32" not in pipeline and "zstd" not in pipeline:
+    checked = pipeline not in PIPELINES or "fletcher32" in pipeline
+    if "lzf" in pipeline and not checked:
         assert masks == {0, 0b10 if "shuffle" in pipeline else 0b1}  # some chunks stored raw
     want_type = np.dtype(STORED[dtype])
     for a, b, threads in ((0, n, 3), (77, 900, 1), (1_000, 1_003, 2)):
@@ -160,7 +179,7 @@ def test_compressed_chunks_equal_h5py_bitwise(tmp_path, pipeline, dtype):
         assert out.tobytes() == want.tobytes(), (a, b)
         edge = {(r0, c0) for r0, c0 in slow if r0 + cr > n or c0 + cc > d}
         assert set(slow) == edge  # only partial edge chunks go through h5py...
-        if "zstd" in pipeline or "fletcher32" in pipeline:
+        if checked:
             assert not slow  # ...and none where the pipeline checks its input
 
 
@@ -229,7 +248,7 @@ def test_zstd_and_lz4_files_read_with_hdf5plugin(tmp_path):
     X = _zstd_file(tmp_path / "z.h5")
     pytest.importorskip("zstandard")
     info = reader.inspect(str(tmp_path / "z.h5"), "g/X", "y")
-    assert info.x_chunks is not None and info.y_chunks is None  # lz4: through h5py
+    assert info.x_chunks is not None and info.y_chunks is None  # booleans: through h5py
     block = reader.read_block(str(tmp_path / "z.h5"), "g/X", "y", SerialComm(), Log())
     assert block.X.tobytes() == X.tobytes()
     assert np.array_equal(block.y, (X[:, 0] > 0).astype(np.float64))
@@ -265,3 +284,31 @@ def test_without_hdf5plugin_a_zstd_file_is_one_error_line(tmp_path):
     msg = run.stdout.strip()
     assert "z.h5:g/X' is compressed with zstd (HDF5 filter 32015)" in msg
     assert "pip install hdf5plugin" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("name", ["lz4", "blosc lz4+shuffle"])
+def test_damaged_lz4_and_blosc_chunks_are_refused(tmp_path, name):
+    """A chunk cut short, or with a size in its header that is not the chunk's, decodes to None
+    (h5py then reads it, and names the data set if HDF5 fails too), never to other bytes."""
+    pipelines = _plugin_pipelines()
+    if name not in pipelines:
+        pytest.skip(f"{name}: its package is not installed")
+    X = np.round(np.random.default_rng(9).normal(size=(500, 4)), 1).astype(np.float32)
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=X, chunks=(500, 4), **pipelines[name])
+    with h5py.File(path, "r") as fh:
+        lay = chunk_read.layout(fh["X"], np.dtype(np.float32), os.stat(path))
+        _, raw = fh["X"].id.read_direct_chunk((0, 0))
+    nbytes = X.nbytes
+    good = chunk_read.decode(raw, lay.filters, nbytes, 4)
+    assert good is not None and good.tobytes() == X.tobytes()
+    for cut in (0, 3, 12, 16, len(raw) // 2, len(raw) - 1):
+        assert chunk_read.decode(raw[:cut], lay.filters, nbytes, 4) is None, cut
+    assert chunk_read.decode(raw + b"\0", lay.filters, nbytes, 4) is None  # bytes left over
+    assert chunk_read.decode(raw, lay.filters, nbytes - 4, 4) is None  # not this chunk's size
+    if name == "lz4":
+        bad = (nbytes + 1).to_bytes(8, "big") + raw[8:]
+    else:
+        bad = raw[:4] + (nbytes + 1).to_bytes(4, "little") + raw[8:]
+    assert chunk_read.decode(bad, lay.filters, nbytes, 4) is None

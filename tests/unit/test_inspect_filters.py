@@ -19,19 +19,28 @@ def _file(path):
         fh.create_dataset("zstd", data=X, chunks=(100, 3), **hdf5plugin.Zstd())
         fh.create_dataset("lz4", data=X, chunks=(100, 3), **hdf5plugin.LZ4())
         fh.create_dataset("y", data=X[:, 0], chunks=(100,), **hdf5plugin.Blosc())
+        fh.create_dataset("blosc2", data=X, chunks=(100, 3), **hdf5plugin.Blosc2())
     return path
 
 
-def test_lzf_and_zstd_are_compressed_other_plugins_through_hdf5(tmp_path):
+def test_filters_the_reader_decodes_are_compressed_other_plugins_through_hdf5(tmp_path):
+    from lepton_hpc.data import chunk_read
+
     report = inspect_file(_file(tmp_path / "f.h5"), "X", "y")
     sets = {d["path"]: d for d in report["datasets"]}
+
+    def ours(fid: int) -> str:
+        return "compressed" if fid in chunk_read.FILTERS else "through HDF5"
+
     assert {p: d["load"] for p, d in sets.items()} == {
         "/X": "compressed",
         "/zstd": "compressed",
-        "/lz4": "through HDF5",
-        "/y": "through HDF5",
+        "/lz4": ours(chunk_read.LZ4),  # with the lz4 package
+        "/y": ours(chunk_read.BLOSC),  # with the blosc package
+        "/blosc2": "through HDF5",
     }
     assert "lz4" in sets["/lz4"]["why"] and "zstd" in sets["/zstd"]["why"]
+    assert "blosc2" in sets["/blosc2"]["why"]
     assert not any("cannot decode" in n for d in sets.values() for n in d["notes"])
 
 

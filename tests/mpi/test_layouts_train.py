@@ -1,7 +1,8 @@
 """Training on chunked and compressed copies of a contiguous file gives the contiguous file's bits.
 
 ``lepton train`` under real ``mpiexec`` on 1, 2 and 3 ranks (reproducible mode, whose bits do not
-depend on the rank count) and on 2 ranks in the default mode (gzip and shuffle+lzf): the copies
+depend on the rank count; gzip, plain chunks, and hdf5plugin's LZ4 and Blosc) and on 2 ranks in
+the default mode (gzip and shuffle+lzf): the copies
 are read chunk by chunk with ``pread`` and decoded on the ranks' threads (chunks splitting
 columns, row blocks starting and ending mid-chunk, partial edge chunks, a (n, 1) target column
 stored chunked with a checksum, a contiguous target next to compressed features), and must give
@@ -41,6 +42,19 @@ def files(tmp_path_factory):
         fh.create_dataset("X", data=X, chunks=(128, D), compression="lzf", shuffle=True)
         fh.create_dataset("y", data=y, chunks=(300,), compression="lzf")
     out["lzf"] = root / "lzf.h5"
+    try:  # hdf5plugin's LZ4 and Blosc, decoded on the ranks' threads when lz4 and blosc are
+        import hdf5plugin  # installed (``make install`` installs all three)
+    except ImportError:
+        return out
+    with h5py.File(root / "lz4.h5", "w") as fh:  # blocks of 1,000 bytes inside each chunk
+        fh.create_dataset("X", data=X, chunks=(128, D), shuffle=True, **hdf5plugin.LZ4(1000))
+        fh["y"] = y
+    out["lz4"] = root / "lz4.h5"
+    with h5py.File(root / "blosc.h5", "w") as fh:
+        blosc = hdf5plugin.Blosc
+        fh.create_dataset("X", data=X, chunks=(97, 4), **blosc("zstd", 5, blosc.BITSHUFFLE))
+        fh.create_dataset("y", data=y, chunks=(300,), **blosc("lz4", 5, blosc.SHUFFLE))
+    out["blosc"] = root / "blosc.h5"
     return out
 
 
@@ -65,8 +79,10 @@ def test_chunked_and_compressed_copies_train_to_the_contiguous_bits(tmp_path, fi
     # Reproducible mode gives the same bits at every rank count, so one run on the plain file is
     # the reference for every copy at 1, 2 and 3 ranks.
     want = _train(tmp_path, files["plain"], 1, True)
-    for layout, ranks in (("gzip", 1), ("chunked", 2), ("gzip", 3)):
-        assert _train(tmp_path, files[layout], ranks, True) == want, (layout, ranks)
+    runs = [("gzip", 1), ("chunked", 2), ("gzip", 3), ("lz4", 2), ("blosc", 3)]
+    for layout, ranks in runs:
+        if layout in files:
+            assert _train(tmp_path, files[layout], ranks, True) == want, (layout, ranks)
 
 
 def test_default_mode_on_a_compressed_copy_gives_the_contiguous_bits(tmp_path, files):

@@ -288,28 +288,6 @@ def cached(fd: int, offset: int, length: int) -> bool:
     return stat.nr_cache == last - first + 1
 
 
-WARM_SPAN = 4 * MAP_ALIGN  # bytes ``warm_rows`` maps at a time
-
-
-def warm_rows(offset: int, start: int, stop: int, width: int, dtype: np.dtype, fd: int) -> None:
-    """Bring rows ``start..stop`` (as ``map_rows`` maps them) into the page cache the way
-    mapping them does (``MADV_HUGEPAGE``, then populating: 2 MiB folios, read from the device
-    in large requests), through mappings of ``WARM_SPAN`` bytes, each let go at once: a read-
-    ahead thread then holds no more than that mapped (resident), and the caller maps the cached
-    pages itself when it needs them (cheap). Errors are left to that ``map_rows`` call."""
-    row_bytes = width * np.dtype(dtype).itemsize
-    lo, hi = offset + start * row_bytes, offset + stop * row_bytes
-    with contextlib.suppress(OSError, ValueError):
-        hi = min(hi, os.fstat(fd).st_size)
-        for at in range(lo // MAP_ALIGN * MAP_ALIGN, hi, WARM_SPAN):
-            length = min(WARM_SPAN, hi - at)
-            m = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=at)
-            try:
-                _populate(m, length)
-            finally:
-                m.close()
-
-
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14
 
 

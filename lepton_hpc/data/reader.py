@@ -29,7 +29,6 @@ from .direct_read import (
     map_rows,
     nonfinite_rows,
     pread_rows,
-    warm_rows,
 )
 from .h5 import collective, is_parallel, open_read
 
@@ -526,24 +525,6 @@ def _mapped_file(info: DataInfo, start: int, stop: int, fds: dict[str, int]):
     if fd is None:
         fd = fds[s.path] = os.open(s.path, os.O_RDONLY)
     return s, lo, hi, fd
-
-
-def warm_range(info: DataInfo, start: int, stop: int, dtype, y_width: int, fds: dict) -> None:
-    """Bring rows ``[start, stop)`` into the page cache as ``map_range`` would map them
-    (``direct_read.warm_rows``), for a read-ahead thread: nothing stays mapped. Their file's
-    descriptor must be in ``fds`` already (``mapped_cached`` opens it): nothing is done
-    otherwise, nor where the rows would not be mapped."""
-    parts = _parts(info, start, stop)
-    if len(parts) != 1:
-        return
-    i, lo, hi, _ = parts[0]
-    s = _files(info)[i]
-    fd = fds.get(s.path)
-    if fd is None or s.x_offset is None:
-        return
-    warm_rows(s.x_offset, lo, hi, info.n_features, dtype, fd)
-    if info.y is not None and s.y_offset is not None:
-        warm_rows(s.y_offset, lo, hi, y_width, np.float64, fd)
 
 
 def mapped_cached(

@@ -20,13 +20,13 @@ float64 gradients are added in piece order: equal to in-memory results to roundi
 
 Rows used as stored (no scaler, no hold-out; X contiguous in its file, in the training dtype)
 are mapped instead of read: each piece is a read-only view of the file's pages
-(``reader.map_range``), and the kernel reads the page cache itself. A piece is mapped (and, in
-the first pass, screened) by the caller's thread when it asks for it; if its pages are not
-cached yet (``direct_read.cached``), the background thread has read them into the page cache
-meanwhile (``reader.warm_range``), holding nothing mapped. So at most two pieces are mapped at
-once (the one asked for and the caller's last), and a piece is a buffer. Those pieces start on
-2 MiB boundaries of the file (``reader.mapped_bounds``). Pieces where the first pass found
-NaN/Inf rows, and pieces spanning two shards, are read into the buffers as before.
+(``reader.map_range``), and the kernel reads the page cache itself. Pieces whose pages are
+cached (``direct_read.cached``) are mapped by the caller's thread when it asks for them; others
+are mapped (and screened in the first pass) ahead by the background thread. A mapping waits
+until the caller has let go of the piece two before, so at most two pieces are mapped at once,
+and a piece is a buffer. Those pieces start on 2 MiB boundaries of the file
+(``reader.mapped_bounds``). Pieces where the first pass found NaN/Inf rows, and pieces spanning
+two shards, are read into the buffers as before.
 
 Memory: two pieces of ``buffer_mb`` (rows, targets, flags), plus the validation rows of one
 piece while metrics are computed, plus the model. ``results.json`` reports each rank's peak.
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -67,8 +68,22 @@ from .reader import (
     nonfinite_error,
     rank_rows,
     read_range,
-    warm_range,
 )
+
+# How long a mapping waits for the caller to let go of the piece two before (a caller that
+# holds every piece would otherwise stop the pass): then it maps anyway.
+RELEASE_WAIT_S = 10.0
+
+
+def _on_unmap(view: np.ndarray) -> threading.Event:
+    """An event set when the file mapping under ``view`` is let go by every array using it
+    (each view of a mapped piece keeps its ``mmap`` through a memoryview)."""
+    base = view
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    gone = threading.Event()
+    weakref.finalize(base.obj if isinstance(base, memoryview) else base, gone.set)
+    return gone
 
 
 @dataclass(slots=True)
@@ -198,6 +213,7 @@ class RowStream:
         # Mapped pieces: one descriptor per file for the run (its read-ahead state grows to
         # huge-page folios), closed with the stream
         self._fds: dict[str, int] = {}
+        self._unmapped: dict[int, threading.Event] = {}  # mapped piece -> set once let go
         weakref.finalize(self, _close_all, self._fds)
 
     def describe(self) -> str:
@@ -248,15 +264,19 @@ class RowStream:
         first pass: it finds which pieces hold any, and those are read from then on)."""
         a, b = self.bounds[k]
         buf = self._buffer(k)
-        for held in self._buffers:  # the last pieces are let go (the caller's stays until it
-            held.view = held.y_view = None  # takes this one) before this one is mapped
+        buf.view = buf.y_view = None  # the buffer's last piece (k - 2) is let go
         m = b - a
         bad = buf.bad[:m]
         bad[:] = False
         y = None if buf.y is None else buf.y[:m]
         mapped = None
         if self.map and not self._bad_pieces[k]:
+            gone = self._unmapped.pop(k - 2, None)
+            if gone is not None:  # at most two mapped: wait for the caller to let k - 2 go
+                gone.wait(RELEASE_WAIT_S)
             mapped = map_range(self.info, a, b, self.direct, self.dtype, self.y_width, self._fds)
+            if mapped is not None:
+                self._unmapped[k] = _on_unmap(mapped[0])
         if mapped is None:
             X = self._rows_buffer(buf)[:m]
             read_range(self.info, a, b, self.threads, self.direct, X, y, bad)
@@ -279,6 +299,10 @@ class RowStream:
         read-only when mapped from the file."""
         if not self.bounds:
             return
+        n = len(self.bounds)  # the last pass's last two pieces: to be let go as k - 2 is
+        self._unmapped = {k - n: self._unmapped[k] for k in (n - 2, n - 1) if k in self._unmapped}
+        for held in self._buffers:
+            held.view = held.y_view = None
         with ThreadPoolExecutor(1, thread_name_prefix="lepton-read") as pool:
             ahead = self._ahead(pool, 0)
             for k in range(len(self.bounds)):
@@ -288,27 +312,24 @@ class RowStream:
                 yield piece
 
     def _ahead(self, pool: ThreadPoolExecutor, k: int) -> Callable[[], tuple]:
-        """Piece k's read, to be waited for with the returned call.
+        """Piece k's read, to be waited for with the returned call: on ``pool``'s thread, while
+        the caller works on the piece before, unless the piece is mapped from pages already
+        cached (``reader.mapped_cached``). Those are mapped by the caller's thread when it asks
+        for them: mapping cached pages is cheap (0.1-0.5 ms a piece), and done on the read-ahead
+        thread it takes a core from the kernel's threads, which then wait for it. Pages that
+        must come from the device are read (mapped, and screened in the first pass) ahead on
+        the thread, as the reads into buffers are. Either way at most two pieces are mapped at
+        once: a mapping waits until the caller has let go of the piece two before (``_read``).
 
-        Pieces read into a buffer are read on ``pool``'s thread. Mapped pieces are mapped by
-        the caller's thread when asked for, so that at most two are mapped at once (this one
-        and the caller's last); where their pages must come from the device, the thread first
-        brings them into the page cache (``reader.warm_range``, holding nothing mapped) while
-        the caller works on the piece before. Mapping cached pages is cheap (0.1-0.5 ms a
-        piece); done on the read-ahead thread, it took a core from the kernel's threads, which
-        then waited for it. With pieces of two thirds of a buffer (three mapped at once) that
-        way, the streamed epoch was 1.28-1.31x (1 rank) and 1.30-1.42x (2 ranks) the in-memory
-        one in two ``lepton bench`` runs; 1.19-1.25x and 1.08-1.13x this way."""
+        Measured (4M x 32 float32, the streamed epoch from the page cache against the in-memory
+        one): 1.28-1.31x at 1 rank and 1.30-1.42x at 2 ranks in two ``lepton bench`` runs with
+        every piece mapped on the thread and pieces of two thirds of a buffer (three mapped at
+        once); 1.19-1.25x and 1.08-1.13x with cached pieces mapped by the caller, a buffer
+        each."""
         if self.map and not self._bad_pieces[k]:
             a, b = self.bounds[k]
-            cached = mapped_cached(self.info, a, b, self.dtype, self.y_width, self._fds)
-            if cached:
+            if mapped_cached(self.info, a, b, self.dtype, self.y_width, self._fds):
                 return functools.partial(self._read, k)
-            if cached is not None:  # mapped, but not cached yet
-                warming = pool.submit(
-                    warm_range, self.info, a, b, self.dtype, self.y_width, self._fds
-                )
-                return lambda: (warming.result(), self._read(k))[1]
         return pool.submit(self._read, k).result
 
     def _masks(self, a: int, b: int, buf: _Buffer) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -428,6 +449,7 @@ class RowStream:
         error: LeptonError | None = None
         try:
             for k, (a, b, buf) in enumerate(self.pieces()):
+                train = val = None  # the last piece is let go: the next can be mapped
                 m = b - a
                 bad = buf.bad[:m]
                 if bad.any():

@@ -75,15 +75,20 @@ from .reader import (
 RELEASE_WAIT_S = 10.0
 
 
-def _on_unmap(view: np.ndarray) -> threading.Event:
-    """An event set when the file mapping under ``view`` is let go by every array using it
+def _on_unmap(*views: np.ndarray | None) -> list[threading.Event]:
+    """An event per view, set when the file mapping under it is let go by every array using it
     (each view of a mapped piece keeps its ``mmap`` through a memoryview)."""
-    base = view
-    while isinstance(base, np.ndarray) and base.base is not None:
-        base = base.base
-    gone = threading.Event()
-    weakref.finalize(base.obj if isinstance(base, memoryview) else base, gone.set)
-    return gone
+    events = []
+    for view in views:
+        if view is None:
+            continue
+        base = view
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        gone = threading.Event()
+        weakref.finalize(base.obj if isinstance(base, memoryview) else base, gone.set)
+        events.append(gone)
+    return events
 
 
 @dataclass(slots=True)
@@ -213,7 +218,7 @@ class RowStream:
         # Mapped pieces: one descriptor per file for the run (its read-ahead state grows to
         # huge-page folios), closed with the stream
         self._fds: dict[str, int] = {}
-        self._unmapped: dict[int, threading.Event] = {}  # mapped piece -> set once let go
+        self._unmapped: dict[int, list] = {}  # mapped piece -> events set once it is let go
         weakref.finalize(self, _close_all, self._fds)
 
     def describe(self) -> str:
@@ -271,12 +276,11 @@ class RowStream:
         y = None if buf.y is None else buf.y[:m]
         mapped = None
         if self.map and not self._bad_pieces[k]:
-            gone = self._unmapped.pop(k - 2, None)
-            if gone is not None:  # at most two mapped: wait for the caller to let k - 2 go
-                gone.wait(RELEASE_WAIT_S)
+            for gone in self._unmapped.pop(k - 2, ()):  # at most two mapped: wait for the
+                gone.wait(RELEASE_WAIT_S)  # caller to let go of k - 2 (its rows and targets)
             mapped = map_range(self.info, a, b, self.direct, self.dtype, self.y_width, self._fds)
             if mapped is not None:
-                self._unmapped[k] = _on_unmap(mapped[0])
+                self._unmapped[k] = _on_unmap(*mapped)
         if mapped is None:
             X = self._rows_buffer(buf)[:m]
             read_range(self.info, a, b, self.threads, self.direct, X, y, bad)
@@ -449,7 +453,7 @@ class RowStream:
         error: LeptonError | None = None
         try:
             for k, (a, b, buf) in enumerate(self.pieces()):
-                train = val = None  # the last piece is let go: the next can be mapped
+                train = val = y = None  # the last piece is let go: the next can be mapped
                 m = b - a
                 bad = buf.bad[:m]
                 if bad.any():

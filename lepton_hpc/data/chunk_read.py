@@ -12,24 +12,22 @@ decodable: chunked storage in the opened file itself (no virtual, external or co
 little-endian stored types whose conversion to the read type is exact, and only the filters
 deflate (1), shuffle (2), fletcher32 (3), lzf (32000) and, when the package decoding each is
 installed, hdf5plugin's zstd (32015, ``zstandard``: one zstd frame per chunk, its content size
-in the frame header), LZ4 (32004, ``lz4``: sizes in a header and before each block), Blosc
-(32001, ``blosc``: a Blosc buffer, which undoes its own shuffle) and bitshuffle (32008: a Numba
-bit transpose, alone or after ``lz4`` or ``zstandard``), with at most one compressor.
+in the frame header), LZ4 (32004, ``lz4``: sizes in a header and before each block) and Blosc
+(32001, ``blosc``: a Blosc buffer, which undoes its own shuffle), with at most one compressor.
 A chunk that still cannot be proved right when it is read goes through h5py alone (one chunk,
 not the data set): a chunk never written (HDF5 gives the fill value), a filter mask naming a
 filter the pipeline lacks, a stored size or decoded size that is not the chunk's, a fletcher32
 checksum that does not match (h5py then also accepts the byte order of old writers, or gives
 the error), and partial edge chunks of a pipeline with nothing that checks its input
-(shuffle, lzf, bitshuffle alone: a writer may store those unfiltered, which nothing in the
-bytes would reveal; deflate, zstd, LZ4, Blosc, compressing bitshuffle and fletcher32 refuse
-bytes they did not write).
+(shuffle, lzf: a writer may store those unfiltered, which nothing in the bytes would reveal;
+deflate, zstd, LZ4, Blosc and fletcher32 refuse bytes they did not write).
 
 A filter whose bit is set in a chunk's filter mask was skipped when the chunk was written (an
 optional filter that failed, as lzf and zstd do when a chunk does not shrink): it is skipped
 when decoding, exactly as HDF5 does.
 
 Filters from ``hdf5plugin`` (``plugins``) are registered when this module is imported, so the
-h5py reads of every reader can decode them; Blosc2 and the rest are read by h5py.
+h5py reads of every reader can decode them; Blosc2, bitshuffle and the rest are read by h5py.
 """
 
 from __future__ import annotations
@@ -57,15 +55,10 @@ from .direct_read import (
 )
 
 DEFLATE, SHUFFLE, FLETCHER32, LZF, ZSTD, LZ4, BLOSC = 1, 2, 3, 32000, 32015, 32004, 32001
-BITSHUFFLE = 32008
-COMPRESSORS = {DEFLATE, LZF, ZSTD, LZ4, BLOSC, BITSHUFFLE}
+COMPRESSORS = {DEFLATE, LZF, ZSTD, LZ4, BLOSC}
 # Filters that refuse input they did not produce (zlib's and zstd's framing, the checksum, the
-# sizes in LZ4's, Blosc's and compressing bitshuffle's headers): a chunk stored unfiltered
-# cannot pass for a filtered one. (Bitshuffle without compression checks nothing: ``_checked``.)
-CHECKED = {DEFLATE, FLETCHER32, ZSTD, LZ4, BLOSC, BITSHUFFLE}
-# Bitshuffle's client values: (major, minor, element size, block size in elements (0: its
-# default), compression: 0 none, 2 LZ4, 3 zstd[, level])
-BSHUF_NONE, BSHUF_LZ4, BSHUF_ZSTD = 0, 2, 3
+# sizes in LZ4's and Blosc's headers): a chunk stored unfiltered cannot pass for a filtered one.
+CHECKED = {DEFLATE, FLETCHER32, ZSTD, LZ4, BLOSC}
 
 plugins.load()  # hdf5plugin's filters for every h5py read in this process, before any file opens
 
@@ -85,12 +78,8 @@ _BLOSC = _optional("blosc")
 if _BLOSC is not None:  # one thread per call, the GIL let go: chunks decode on the rank's threads
     _BLOSC.set_nthreads(1)
     _BLOSC.set_releasegil(True)
-FILTERS = {DEFLATE, SHUFFLE, FLETCHER32, LZF, BITSHUFFLE} | {
+FILTERS = {DEFLATE, SHUFFLE, FLETCHER32, LZF} | {
     fid for fid, module in ((ZSTD, _ZSTD), (LZ4, _LZ4), (BLOSC, _BLOSC)) if module is not None
-}
-# Bitshuffle's compressions decoded here (with the package each needs)
-BSHUF_CODECS = {BSHUF_NONE} | {
-    c for c, module in ((BSHUF_LZ4, _LZ4), (BSHUF_ZSTD, _ZSTD)) if module is not None
 }
 
 # Stored types read directly, per read type. Features (float32) only where the conversion is
@@ -146,11 +135,6 @@ def layout(dset: h5py.Dataset, want: np.dtype, st: os.stat_result) -> ChunkLayou
             return None
         filters.append((int(fid), tuple(int(v) for v in values)))
     if any(f == SHUFFLE and v and v[0] != stored.itemsize for f, v in filters):
-        return None
-    if any(
-        f == BITSHUFFLE and (len(v) < 5 or v[2] != stored.itemsize or v[4] not in BSHUF_CODECS)
-        for f, v in filters
-    ):
         return None
     if sum(f in COMPRESSORS for f, _ in filters) > 1:
         return None  # the inner compressor's output size is not known: h5py decodes those
@@ -272,8 +256,11 @@ def _lz4_decode(buf: bytes, nbytes: int) -> bytes | None:
         if stored == want:
             parts.append(view[pos : pos + stored])
         else:
-            part = _lz4_block(view[pos : pos + stored], want)
-            if part is None:
+            try:
+                part = _LZ4.decompress(view[pos : pos + stored], uncompressed_size=want)
+            except _LZ4.LZ4BlockError:
+                return None
+            if len(part) != want:
                 return None
             parts.append(part)
         pos += stored
@@ -298,94 +285,6 @@ def _blosc_decode(buf: bytes, nbytes: int) -> bytes | None:
     except (RuntimeError, ValueError, TypeError):
         return None
     return out if len(out) == nbytes else None
-
-
-@njit(nogil=True, cache=True)
-def _bit_unshuffle(src, n, size, out):
-    """Bitshuffle's transpose undone for ``n`` elements (a multiple of 8) of ``size`` bytes:
-    bit k of byte j of element i is bit i % 8 of byte ``(8 j + k) n / 8 + i // 8`` of ``src``.
-    Each 8 x 8 block of bits (8 elements' byte j) is transposed in a 64-bit word."""
-    row = n // 8
-    for j in range(size):
-        base = j * 8 * row
-        for q in range(row):
-            x = np.uint64(0)
-            for k in range(8):
-                x |= np.uint64(src[base + k * row + q]) << np.uint64(8 * k)
-            t = (x ^ (x >> np.uint64(7))) & np.uint64(0x00AA00AA00AA00AA)
-            x = x ^ t ^ (t << np.uint64(7))
-            t = (x ^ (x >> np.uint64(14))) & np.uint64(0x0000CCCC0000CCCC)
-            x = x ^ t ^ (t << np.uint64(14))
-            t = (x ^ (x >> np.uint64(28))) & np.uint64(0x00000000F0F0F0F0)
-            x = x ^ t ^ (t << np.uint64(28))
-            for e in range(8):
-                out[(q * 8 + e) * size + j] = np.uint8((x >> np.uint64(8 * e)) & np.uint64(255))
-
-
-def _bitshuffle_decode(buf: bytes, nbytes: int, values) -> np.ndarray | None:
-    """A bitshuffle chunk (HDF5 filter 32008, as hdf5plugin's H5Zbitshuffle.c writes it)
-    holding exactly ``nbytes`` bytes, or None. The elements go in blocks (a multiple of 8 each,
-    the last cut down to one), each bit-transposed and, with compression, stored as a big-endian
-    4-byte size and an LZ4 block or a zstd frame after a header (big-endian 8-byte size, 4-byte
-    block bytes); the few elements after the last block are stored as they are."""
-    size, codec = values[2], values[4]
-    n = nbytes // size
-    if n * size != nbytes:
-        return None
-    out = np.empty(nbytes, dtype=np.uint8)
-    src = np.frombuffer(buf, dtype=np.uint8)
-    if codec == BSHUF_NONE:
-        block = values[3] or max(128, 8192 // size // 8 * 8)  # bitshuffle's default
-        pos = 0
-    else:
-        if len(buf) < 12 or int.from_bytes(buf[:8], "big") != nbytes:
-            return None
-        block_bytes = int.from_bytes(buf[8:12], "big")
-        block = block_bytes // size
-        if block <= 0 or block % 8 or block * size != block_bytes:
-            return None
-        pos = 12
-    done = 0
-    while n - done >= 8:
-        m = min(block, n - done)
-        m -= m % 8
-        want = m * size
-        if codec == BSHUF_NONE:
-            if pos + want > len(buf):
-                return None
-            part = src[pos : pos + want]
-            pos += want
-        else:
-            if pos + 4 > len(buf):
-                return None
-            stored = int.from_bytes(buf[pos : pos + 4], "big")
-            pos += 4
-            if stored <= 0 or pos + stored > len(buf):
-                return None
-            data = memoryview(buf)[pos : pos + stored]
-            pos += stored
-            decoded = (
-                _lz4_block(data, want) if codec == BSHUF_LZ4 else _zstd_decode(bytes(data), want)
-            )
-            if decoded is None:
-                return None
-            part = np.frombuffer(decoded, dtype=np.uint8)
-        _bit_unshuffle(part, m, size, out[done * size : (done + m) * size])
-        done += m
-    rest = (n - done) * size
-    if pos + rest != len(buf):
-        return None
-    out[done * size :] = src[pos:]
-    return out
-
-
-def _lz4_block(data, want: int) -> bytes | None:
-    """One raw LZ4 block decompressing to exactly ``want`` bytes, or None."""
-    try:
-        out = _LZ4.decompress(data, uncompressed_size=want)
-    except _LZ4.LZ4BlockError:
-        return None
-    return out if len(out) == want else None
 
 
 def decode(raw: bytes, filters, nbytes: int, itemsize: int, mask: int = 0) -> np.ndarray | None:
@@ -428,10 +327,6 @@ def decode(raw: bytes, filters, nbytes: int, itemsize: int, mask: int = 0) -> np
                 return None
         elif fid == LZ4 and _LZ4 is not None:
             buf = _lz4_decode(bytes(buf), nbytes)
-            if buf is None:
-                return None
-        elif fid == BITSHUFFLE and filters[i][1][4] in BSHUF_CODECS:
-            buf = _bitshuffle_decode(bytes(buf), nbytes, filters[i][1])
             if buf is None:
                 return None
         elif fid == BLOSC and _BLOSC is not None:
@@ -489,7 +384,6 @@ def read_rows(
     if out.shape != (m, w) or not out.flags.c_contiguous:
         raise ValueError(f"read_rows: out has shape {out.shape}, needs ({m}, {w}) C order")
     ids = [f for f, _ in lay.filters]
-    checked = {f for f, v in lay.filters if f in CHECKED and not (f == BITSHUFFLE and not v[4])}
     direct_rows = not lay.filters and cc == w and stored == out.dtype
     screen_tasks = flags is not None and cc == w  # a task's rows are then complete
     screened_reads = direct_rows and screen_tasks and native.supported()[0]
@@ -515,7 +409,7 @@ def read_rows(
                             info.byte_offset is None
                             or mask >> len(ids)
                             or (not lay.filters and info.size != nbytes)
-                            or (partial and applied and not applied & checked)
+                            or (partial and applied and not applied & CHECKED)
                         ):
                             slow.append(task)
                         else:

@@ -99,8 +99,7 @@ STORED = {"f4": "f4", "f8": "f8", "f2": "f4", "i2": "f4", "u1": "f4", "i8": "f8"
 
 def _plugin_pipelines() -> dict:
     """hdf5plugin's filters that are decoded on the rank's threads when their package is
-    installed: zstd (zstandard), LZ4 (lz4), Blosc (blosc) with its compressors and shuffles,
-    and bitshuffle (alone, or with LZ4 or zstd)."""
+    installed: zstd (zstandard), LZ4 (lz4), Blosc (blosc) with its compressors and shuffles."""
     try:
         import hdf5plugin
     except ImportError:
@@ -119,16 +118,6 @@ def _plugin_pipelines() -> dict:
             **hdf5plugin.LZ4(nbytes=1000),
             "fletcher32": True,
         }
-    bitshuffle = hdf5plugin.Bitshuffle
-    found["bitshuffle"] = dict(bitshuffle(cname="none"))  # checks nothing, as shuffle
-    found["bitshuffle (blocks of 64)+fletcher32"] = {
-        **bitshuffle(nelems=64, cname="none"),
-        "fletcher32": True,
-    }
-    if chunk_read.BSHUF_LZ4 in chunk_read.BSHUF_CODECS:
-        found["bitshuffle+lz4"] = dict(bitshuffle(cname="lz4"))
-    if chunk_read.BSHUF_ZSTD in chunk_read.BSHUF_CODECS:
-        found["bitshuffle+zstd (blocks of 256)"] = dict(bitshuffle(nelems=256, cname="zstd"))
     if chunk_read.BLOSC in chunk_read.FILTERS:
         blosc = hdf5plugin.Blosc
         found["blosc lz4+shuffle"] = dict(blosc(cname="lz4", clevel=5, shuffle=blosc.SHUFFLE))
@@ -181,7 +170,7 @@ def test_compressed_chunks_equal_h5py_bitwise(tmp_path, pipeline, dtype):
         masks = {
             fh["X"].id.get_chunk_info(i).filter_mask for i in range(fh["X"].id.get_num_chunks())
         }
-    checked = (pipeline not in PIPELINES and pipeline != "bitshuffle") or "fletcher32" in pipeline
+    checked = pipeline not in PIPELINES or "fletcher32" in pipeline
     if "lzf" in pipeline and not checked:
         assert masks == {0, 0b10 if "shuffle" in pipeline else 0b1}  # some chunks stored raw
     want_type = np.dtype(STORED[dtype])
@@ -323,41 +312,3 @@ def test_damaged_lz4_and_blosc_chunks_are_refused(tmp_path, name):
     else:
         bad = raw[:4] + (nbytes + 1).to_bytes(4, "little") + raw[8:]
     assert chunk_read.decode(bad, lay.filters, nbytes, 4) is None
-
-
-def test_damaged_bitshuffle_chunks_are_refused(tmp_path):
-    """Bitshuffle with LZ4: a chunk cut short, padded, or whose header size or block size is
-    not this chunk's decodes to None, never to other bytes."""
-    pipelines = _plugin_pipelines()
-    if "bitshuffle+lz4" not in pipelines:
-        pytest.skip("lz4 is not installed")
-    X = np.round(np.random.default_rng(8).normal(size=(501, 4)), 1).astype(np.float32)
-    path = tmp_path / "b.h5"
-    with h5py.File(path, "w") as fh:
-        fh.create_dataset("X", data=X, chunks=(501, 4), **pipelines["bitshuffle+lz4"])
-    with h5py.File(path, "r") as fh:
-        lay = chunk_read.layout(fh["X"], np.dtype(np.float32), os.stat(path))
-        _, raw = fh["X"].id.read_direct_chunk((0, 0))
-    nbytes = X.nbytes
-    assert chunk_read.decode(raw, lay.filters, nbytes, 4).tobytes() == X.tobytes()
-    for cut in (0, 8, 12, 16, len(raw) // 2, len(raw) - 1):
-        assert chunk_read.decode(raw[:cut], lay.filters, nbytes, 4) is None, cut
-    assert chunk_read.decode(raw + b"\0", lay.filters, nbytes, 4) is None
-    assert chunk_read.decode(raw, lay.filters, nbytes - 4, 4) is None
-    for block in (0, 12, 4 * 7):  # none, not whole elements, not a multiple of 8 elements
-        bad = raw[:8] + block.to_bytes(4, "big") + raw[12:]
-        assert chunk_read.decode(bad, lay.filters, nbytes, 4) is None, block
-
-
-def test_bit_unshuffle_undoes_the_bit_transpose():
-    """Bit k of byte j of element i is bit i % 8 of byte (8 j + k) n / 8 + i // 8, for element
-    sizes 1 to 8 and a few block lengths (the definition the decoder implements)."""
-    rng = np.random.default_rng(2)
-    for size in (1, 2, 3, 4, 8):
-        for n in (8, 16, 136):
-            data = rng.integers(0, 256, size=n * size, dtype=np.uint8)
-            bits = np.unpackbits(data.reshape(n, size), axis=1, bitorder="little")  # (n, 8 size)
-            shuffled = np.packbits(bits.T.reshape(8 * size, n // 8, 8), axis=2, bitorder="little")
-            out = np.empty_like(data)
-            chunk_read._bit_unshuffle(shuffled.reshape(-1), n, size, out)
-            assert np.array_equal(out, data), (size, n)

@@ -325,11 +325,10 @@ class RowStream:
         the thread, as the reads into buffers are. Either way at most two pieces are mapped at
         once: a mapping waits until the caller has let go of the piece two before (``_read``).
 
-        Measured (4M x 32 float32, the streamed epoch from the page cache against the in-memory
-        one): 1.28-1.31x at 1 rank and 1.30-1.42x at 2 ranks in two ``lepton bench`` runs with
-        every piece mapped on the thread and pieces of two thirds of a buffer (three mapped at
-        once); 1.19-1.25x and 1.08-1.13x with cached pieces mapped by the caller, a buffer
-        each."""
+        Measured (4M x 32 float32, 1 rank, the streamed epoch from the page cache against the
+        in-memory one, alternating runs): 1.23-1.30x, against 1.34-1.37x with pieces of two
+        thirds of a buffer (three mapped at once) and 1.33-1.44x with every piece mapped on
+        the thread."""
         if self.map and not self._bad_pieces[k]:
             a, b = self.bounds[k]
             if mapped_cached(self.info, a, b, self.dtype, self.y_width, self._fds):

@@ -496,14 +496,11 @@ def map_range(
     for the caller's later pieces: see ``map_rows``)."""
     if not (direct and MAP_READ):
         return None
-    parts = _parts(info, start, stop)
-    if len(parts) != 1:
+    found = _mapped_file(info, start, stop)
+    if found is None or np.dtype(found[0].x_dtype) != np.dtype(dtype):
         return None
-    i, lo, hi, _ = parts[0]
-    s = _files(info)[i]
-    if s.x_offset is None or np.dtype(s.x_dtype) != np.dtype(dtype):
-        return None
-    fd = None if fds is None else _mapped_file(info, start, stop, fds)[3]
+    s, lo, hi = found
+    fd = None if fds is None else _descriptor(fds, s.path)
     X = map_rows(s.path, s.x_offset, lo, hi, info.n_features, dtype, s.identity, fd)
     y = None
     if info.y is not None and s.y_offset is not None:
@@ -511,20 +508,23 @@ def map_range(
     return X, y
 
 
-def _mapped_file(info: DataInfo, start: int, stop: int, fds: dict[str, int]):
-    """(file, first row, end row, descriptor) of rows ``[start, stop)`` as ``map_range`` maps
-    them (the descriptor opened into ``fds`` if missing), or None where they are not mapped."""
+def _mapped_file(info: DataInfo, start: int, stop: int):
+    """(file, first row, end row) of rows ``[start, stop)`` as ``map_range`` maps them, or None
+    where they are not mapped (they span files, or X is not contiguous in its file)."""
     parts = _parts(info, start, stop)
     if len(parts) != 1:
         return None
     i, lo, hi, _ = parts[0]
     s = _files(info)[i]
-    if s.x_offset is None:
-        return None
-    fd = fds.get(s.path)
+    return None if s.x_offset is None else (s, lo, hi)
+
+
+def _descriptor(fds: dict[str, int], path: str) -> int:
+    """The read-only descriptor of ``path`` in ``fds``, opened into it when missing."""
+    fd = fds.get(path)
     if fd is None:
-        fd = fds[s.path] = os.open(s.path, os.O_RDONLY)
-    return s, lo, hi, fd
+        fd = fds[path] = os.open(path, os.O_RDONLY)
+    return fd
 
 
 def mapped_cached(
@@ -533,10 +533,11 @@ def mapped_cached(
     """Whether rows ``[start, stop)``, mapped with ``map_range``, are all in the page cache (X,
     and y when it is mapped too; ``direct_read.cached``). None where the rows are not mapped
     (they span files). Opens the file's descriptor into ``fds`` if missing."""
-    found = _mapped_file(info, start, stop, fds)
+    found = _mapped_file(info, start, stop)
     if found is None:
         return None
-    s, lo, hi, fd = found
+    s, lo, hi = found
+    fd = _descriptor(fds, s.path)
     spans = [(s.x_offset, info.n_features * np.dtype(dtype).itemsize)]
     if info.y is not None and s.y_offset is not None:
         spans.append((s.y_offset, 8 * y_width))

@@ -22,11 +22,11 @@ from ..log import Log
 from . import chunk_read, shards
 from .direct_read import (
     MAP_ALIGN,
+    FileMap,
     cached,
     compare_identity,
     file_identity,
     in_opened_file,
-    map_rows,
     nonfinite_rows,
     pread_rows,
 )
@@ -479,6 +479,21 @@ def read_range(
             Xl[at : at + k] = buf
 
 
+@dataclass(slots=True)
+class MappedPiece:
+    """Rows mapped from their file (``map_range``): X, y (None: not mapped), and the byte
+    ranges to let go of once done with them (``drop``)."""
+
+    X: np.ndarray
+    y: np.ndarray | None
+    spans: tuple[tuple[FileMap, int, int], ...]
+
+    def drop(self) -> None:
+        """Let go of the process's mapping of the rows' pages (the views stay valid)."""
+        for fmap, lo, hi in self.spans:
+            fmap.drop(lo, hi)
+
+
 def map_range(
     info: DataInfo,
     start: int,
@@ -486,26 +501,29 @@ def map_range(
     direct: bool,
     dtype,
     y_width: int,
-    fds: dict[str, int] | None = None,
-) -> tuple[np.ndarray, np.ndarray | None] | None:
+    maps: dict[str, FileMap] | None = None,
+) -> MappedPiece | None:
     """Global rows ``[start, stop)`` as read-only views of the file's pages
-    (``direct_read.map_rows``): X, and y when it is stored as contiguous float64 (else None:
+    (``direct_read.FileMap``): X, and y when it is stored as contiguous float64 (else None:
     read it with ``read_range``). None when X cannot be mapped: the rows span files, or X is
     not contiguous in its file or not stored in ``dtype`` itself. ``LEPTON_READ=pread`` turns
-    mapping off. ``fds``: the caller's open descriptors by path (opened here when missing, kept
-    for the caller's later pieces: see ``map_rows``)."""
+    mapping off. ``maps``: the caller's file mappings by path (made here when missing, kept for
+    the caller's later pieces)."""
     if not (direct and MAP_READ):
         return None
     found = _mapped_file(info, start, stop)
     if found is None or np.dtype(found[0].x_dtype) != np.dtype(dtype):
         return None
     s, lo, hi = found
-    fd = None if fds is None else _descriptor(fds, s.path)
-    X = map_rows(s.path, s.x_offset, lo, hi, info.n_features, dtype, s.identity, fd)
+    fmap = _file_map({} if maps is None else maps, s)
+    X = fmap.rows(s.x_offset, lo, hi, info.n_features, dtype)
+    row = info.n_features * np.dtype(dtype).itemsize
+    spans = [(fmap, s.x_offset + lo * row, s.x_offset + hi * row)]
     y = None
     if info.y is not None and s.y_offset is not None:
-        y = map_rows(s.path, s.y_offset, lo, hi, y_width, np.float64, s.identity, fd)
-    return X, y
+        y = fmap.rows(s.y_offset, lo, hi, y_width, np.float64)
+        spans.append((fmap, s.y_offset + lo * 8 * y_width, s.y_offset + hi * 8 * y_width))
+    return MappedPiece(X, y, tuple(spans))
 
 
 def _mapped_file(info: DataInfo, start: int, stop: int):
@@ -519,25 +537,25 @@ def _mapped_file(info: DataInfo, start: int, stop: int):
     return None if s.x_offset is None else (s, lo, hi)
 
 
-def _descriptor(fds: dict[str, int], path: str) -> int:
-    """The read-only descriptor of ``path`` in ``fds``, opened into it when missing."""
-    fd = fds.get(path)
-    if fd is None:
-        fd = fds[path] = os.open(path, os.O_RDONLY)
-    return fd
+def _file_map(maps: dict[str, FileMap], s) -> FileMap:
+    """The mapping of file ``s`` in ``maps``, made into it when missing."""
+    fmap = maps.get(s.path)
+    if fmap is None:
+        fmap = maps[s.path] = FileMap(s.path, s.identity)
+    return fmap
 
 
 def mapped_cached(
-    info: DataInfo, start: int, stop: int, dtype, y_width: int, fds: dict[str, int]
+    info: DataInfo, start: int, stop: int, dtype, y_width: int, maps: dict[str, FileMap]
 ) -> bool | None:
     """Whether rows ``[start, stop)``, mapped with ``map_range``, are all in the page cache (X,
     and y when it is mapped too; ``direct_read.cached``). None where the rows are not mapped
-    (they span files). Opens the file's descriptor into ``fds`` if missing."""
+    (they span files). Makes the file's mapping in ``maps`` if missing."""
     found = _mapped_file(info, start, stop)
     if found is None:
         return None
     s, lo, hi = found
-    fd = _descriptor(fds, s.path)
+    fd = _file_map(maps, s).fd
     spans = [(s.x_offset, info.n_features * np.dtype(dtype).itemsize)]
     if info.y is not None and s.y_offset is not None:
         spans.append((s.y_offset, 8 * y_width))

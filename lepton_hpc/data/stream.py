@@ -22,8 +22,9 @@ Rows used as stored (no scaler, no hold-out; X contiguous in its file, in the tr
 are mapped instead of read: each piece is a read-only view of the file's pages
 (``reader.map_range``), and the kernel reads the page cache itself. Pieces whose pages are
 cached (``direct_read.cached``) are mapped by the caller's thread when it asks for them; others
-are mapped (and screened in the first pass) ahead by the background thread. A mapping waits
-until the caller has let go of the piece two before, so at most two pieces are mapped at once,
+are mapped (and screened in the first pass) ahead by the background thread. Each file is
+mapped once (``direct_read.FileMap``); mapping a piece maps its pages into the process, and
+the pages of the piece two before are let go then, so at most two pieces are mapped at once,
 and a piece is a buffer. Those pieces start on 2 MiB boundaries of the file
 (``reader.mapped_bounds``). Pieces where the first pass found NaN/Inf rows, and pieces spanning
 two shards, are read into the buffers as before.
@@ -35,8 +36,6 @@ piece while metrics are computed, plus the model. ``results.json`` reports each 
 from __future__ import annotations
 
 import functools
-import os
-import threading
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -49,13 +48,14 @@ from ..errors import DataError, LeptonError
 from ..exact import ExactSums
 from .batches import BatchGather, EpochBatches, permute
 from .dataset import _ids_where, compact_rows, gather_rows, held_out, validation_mask
-from .direct_read import nonfinite_rows
+from .direct_read import FileMap, nonfinite_rows
 from .preprocess import Scaler, block_moments, local_moments, merge_moments
 from .reader import (
     DIRECT_READ,
     MAP_ALIGN,
     MAP_READ,
     Block,
+    MappedPiece,
     _feature_dtype,
     _reader_threads,
     aligned_empty,
@@ -69,26 +69,6 @@ from .reader import (
     rank_rows,
     read_range,
 )
-
-# How long a mapping waits for the caller to let go of the piece two before (a caller that
-# holds every piece would otherwise stop the pass): then it maps anyway.
-RELEASE_WAIT_S = 10.0
-
-
-def _on_unmap(*views: np.ndarray | None) -> list[threading.Event]:
-    """An event per view, set when the file mapping under it is let go by every array using it
-    (each view of a mapped piece keeps its ``mmap`` through a memoryview)."""
-    events = []
-    for view in views:
-        if view is None:
-            continue
-        base = view
-        while isinstance(base, np.ndarray) and base.base is not None:
-            base = base.base
-        gone = threading.Event()
-        weakref.finalize(base.obj if isinstance(base, memoryview) else base, gone.set)
-        events.append(gone)
-    return events
 
 
 @dataclass(slots=True)
@@ -130,6 +110,13 @@ class _Buffer:
     bad: np.ndarray
     view: np.ndarray | None = None  # the piece's rows mapped from the file (read-only)
     y_view: np.ndarray | None = None  # and its targets, when stored as float64
+    mapped: MappedPiece | None = None  # their pages, to be let go with the next piece here
+
+    def let_go(self) -> None:
+        """Let go of the mapped piece's pages (and of the views, which stay valid elsewhere)."""
+        if self.mapped is not None:
+            self.mapped.drop()
+        self.view = self.y_view = self.mapped = None
 
     def rows(self, m: int) -> np.ndarray:
         return self.view if self.view is not None else self.X[:m]
@@ -215,11 +202,11 @@ class RowStream:
         # Pieces holding NaN/Inf rows (found by the first pass): read into a buffer, not mapped
         self._bad_pieces = np.zeros(len(self.bounds), dtype=bool)
         self._screened = False  # whether the first pass has screened every piece
-        # Mapped pieces: one descriptor per file for the run (its read-ahead state grows to
-        # huge-page folios), closed with the stream
-        self._fds: dict[str, int] = {}
-        self._unmapped: dict[int, list] = {}  # mapped piece -> events set once it is let go
-        weakref.finalize(self, _close_all, self._fds)
+        # Mapped pieces: one mapping and descriptor per file for the run (its read-ahead
+        # state grows to huge-page folios), closed with the stream
+        self._maps: dict[str, FileMap] = {}
+        self._all_cached = False  # every mapped piece of this pass was in the page cache
+        weakref.finalize(self, _close_all, self._maps)
 
     def describe(self) -> str:
         """One line for the run's log: how later passes read the rows."""
@@ -247,9 +234,11 @@ class RowStream:
         return held if self._screened else 0
 
     def release(self) -> None:
-        """Let go of the buffers and the files' descriptors (a later pass allocates again)."""
+        """Let go of the buffers, mapped pages and the files (a later pass makes them again)."""
+        for buf in self._buffers:
+            buf.let_go()
         self._buffers.clear()
-        _close_all(self._fds)
+        _close_all(self._maps)
 
     def _buffer(self, k: int) -> _Buffer:
         while len(self._buffers) < 2:
@@ -269,23 +258,20 @@ class RowStream:
         first pass: it finds which pieces hold any, and those are read from then on)."""
         a, b = self.bounds[k]
         buf = self._buffer(k)
-        buf.view = buf.y_view = None  # the buffer's last piece (k - 2) is let go
+        buf.let_go()  # the buffer's last piece (k - 2): at most two pieces are mapped
         m = b - a
         bad = buf.bad[:m]
         bad[:] = False
         y = None if buf.y is None else buf.y[:m]
         mapped = None
         if self.map and not self._bad_pieces[k]:
-            for gone in self._unmapped.pop(k - 2, ()):  # at most two mapped: wait for the
-                gone.wait(RELEASE_WAIT_S)  # caller to let go of k - 2 (its rows and targets)
-            mapped = map_range(self.info, a, b, self.direct, self.dtype, self.y_width, self._fds)
-            if mapped is not None:
-                self._unmapped[k] = _on_unmap(*mapped)
+            self._forget_others()
+            mapped = map_range(self.info, a, b, self.direct, self.dtype, self.y_width, self._maps)
         if mapped is None:
             X = self._rows_buffer(buf)[:m]
             read_range(self.info, a, b, self.threads, self.direct, X, y, bad)
             return a, b, buf
-        buf.view, y_view = mapped
+        buf.mapped, buf.view, y_view = mapped, mapped.X, mapped.y
         if y_view is not None:
             buf.y_view = y_view.reshape(m, *self.y_tail)
         elif y is not None:
@@ -296,6 +282,16 @@ class RowStream:
                 nonfinite_rows(y_view, out=bad)
         return a, b, buf
 
+    def _forget_others(self) -> None:
+        """Shards: the mappings of files no held piece is in are let go (a mapping a file
+        would otherwise stay for the run; their descriptors do)."""
+        if len(self._maps) <= 2:
+            return
+        held = {fmap.path for buf in self._buffers if buf.mapped for fmap, _, _ in buf.mapped.spans}
+        for path, fmap in self._maps.items():
+            if path not in held:
+                fmap.forget()
+
     def pieces(self) -> Iterator[tuple[int, int, _Buffer]]:
         """(first row, end row, buffer) of each piece in order; the next piece is read on a
         background thread while the caller works on this one. A piece is valid until the
@@ -303,10 +299,9 @@ class RowStream:
         read-only when mapped from the file."""
         if not self.bounds:
             return
-        n = len(self.bounds)  # the last pass's last two pieces: to be let go as k - 2 is
-        self._unmapped = {k - n: self._unmapped[k] for k in (n - 2, n - 1) if k in self._unmapped}
-        for held in self._buffers:
-            held.view = held.y_view = None
+        self._all_cached = bool(self.map) and bool(
+            mapped_cached(self.info, self.start, self.stop, self.dtype, self.y_width, self._maps)
+        )
         with ThreadPoolExecutor(1, thread_name_prefix="lepton-read") as pool:
             ahead = self._ahead(pool, 0)
             for k in range(len(self.bounds)):
@@ -322,16 +317,19 @@ class RowStream:
         for them: mapping cached pages is cheap (0.1-0.5 ms a piece), and done on the read-ahead
         thread it takes a core from the kernel's threads, which then wait for it. Pages that
         must come from the device are read (mapped, and screened in the first pass) ahead on
-        the thread, as the reads into buffers are. Either way at most two pieces are mapped at
-        once: a mapping waits until the caller has let go of the piece two before (``_read``).
+        the thread, as the reads into buffers are. One ``cachestat`` call for the rank's rows
+        at the pass's start spares one a piece when all of them are cached. Either way at most
+        two pieces are mapped at once: mapping a piece lets go of the piece two before.
 
         Measured (4M x 32 float32, 1 rank, the streamed epoch from the page cache against the
-        in-memory one, alternating runs): 1.23-1.30x, against 1.34-1.37x with pieces of two
-        thirds of a buffer (three mapped at once) and 1.33-1.44x with every piece mapped on
-        the thread."""
+        in-memory one, alternating runs): 1.19-1.24x with one mapping of the file for the run,
+        against 1.26-1.34x with a mapping a piece, 1.34-1.37x with pieces of two thirds of a
+        buffer (three mapped at once) and 1.33-1.44x with every piece mapped on the thread."""
         if self.map and not self._bad_pieces[k]:
             a, b = self.bounds[k]
-            if mapped_cached(self.info, a, b, self.dtype, self.y_width, self._fds):
+            if self._all_cached or mapped_cached(
+                self.info, a, b, self.dtype, self.y_width, self._maps
+            ):
                 return functools.partial(self._read, k)
         return pool.submit(self._read, k).result
 
@@ -452,7 +450,6 @@ class RowStream:
         error: LeptonError | None = None
         try:
             for k, (a, b, buf) in enumerate(self.pieces()):
-                train = val = y = None  # the last piece is let go: the next can be mapped
                 m = b - a
                 bad = buf.bad[:m]
                 if bad.any():
@@ -534,10 +531,10 @@ class RowStream:
         return Scaler(kind, lo, np.where(span > 0, span, 1.0))
 
 
-def _close_all(fds: dict[str, int]) -> None:
-    for fd in fds.values():
-        os.close(fd)
-    fds.clear()
+def _close_all(maps: dict[str, FileMap]) -> None:
+    for fmap in maps.values():
+        fmap.close()
+    maps.clear()
 
 
 WINDOW_STREAM = 0x5EED  # keys the epoch's assignment of blocks to windows apart from batches

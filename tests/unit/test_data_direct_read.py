@@ -375,14 +375,20 @@ def test_mapped_rows_are_the_stored_rows_and_read_only(tmp_path):
     path, X, y = _mapped_file(tmp_path)
     before = path.read_bytes()
     info = reader.inspect(str(path), "X", "y")
+    maps = {}
     for a, b in ((0, 1), (5, 40_000), (12_345, 23_456), (39_999, 40_000)):
-        Xv, yv = reader.map_range(info, a, b, True, np.float32, 1)
+        piece = reader.map_range(info, a, b, True, np.float32, 1, maps)
+        Xv, yv = piece.X, piece.y
         assert np.array_equal(Xv, X[a:b]) and np.array_equal(yv.reshape(-1), y[a:b])
         with pytest.raises(ValueError, match="read-only"):
             Xv[0, 0] = 1.0
         with pytest.raises(ValueError, match="read-only"):
             yv[0] = 1.0
-        del Xv, yv
+        piece.drop()  # its pages are let go; the views read the file's bytes again
+        assert np.array_equal(Xv, X[a:b]) and np.array_equal(yv.reshape(-1), y[a:b])
+        del Xv, yv, piece
+    assert len(maps) == 1 and _file_mappings(path) == 1  # one mapping of the file for all
+    maps[str(path)].close()
     assert path.read_bytes() == before
     assert reader.map_range(info, 0, 10, True, np.float64, 1) is None  # stored as float32
     assert reader.map_range(info, 0, 10, False, np.float32, 1) is None  # not read directly
@@ -465,37 +471,55 @@ def test_cached_tells_cached_pages_without_reading_them(tmp_path):
         os.close(fd)
 
 
+def _file_rss(path) -> int:
+    """Bytes of ``path``'s pages mapped into this process (the Rss of its mappings)."""
+    total, mine = 0, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+                mine = line.rstrip().endswith(str(path))
+            elif mine and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
 @pytest.mark.parametrize("cold", [False, True])
-def test_a_streamed_pass_maps_at_most_two_pieces(tmp_path, monkeypatch, cold):
+def test_a_streamed_pass_maps_at_most_two_pieces(tmp_path, cold):
     """The pieces of a mapped stream are a buffer each, mapped when the caller asks for them:
-    the one being mapped and the caller's last are all that is mapped at any time (X and y
-    each), whether the pages were cached (mapped by the caller's thread) or had to be read
-    first (mapped ahead by the read-ahead thread). Counted as each piece is mapped."""
+    the one just mapped and the caller's last are all the process maps of the file at any time
+    (X and y each, measured as the resident pages of the file's mapping), whether the pages
+    were cached (mapped by the caller's thread) or had to be read first (mapped ahead by the
+    read-ahead thread). The file is mapped once. A piece kept past its time still holds the
+    stored rows (its pages are mapped again when read)."""
     from lepton_hpc.config import DataConfig
     from lepton_hpc.data import stream as stream_mod
 
-    path, X, _ = _mapped_file(tmp_path, rows=400_000, d=8)  # 12.8 MB
+    path, X, y = _mapped_file(tmp_path, rows=1_600_000, d=8)  # 51 MB of rows, 13 MB of targets
     cfg = DataConfig(train=str(path), stream=True, buffer_mb=3)  # pieces of 2 MiB
     stream = stream_mod.RowStream(cfg, 1, SerialComm())
     stream.fit()
-    assert stream.map and len(stream.bounds) > 3
-    piece_bytes = stream.piece_rows * X.shape[1] * 4
-    assert piece_bytes >= reader.MAP_ALIGN  # 2 MiB of 3 MiB (rows, targets, flags)
-    seen = []
-
-    def counted(*args, **kwargs):
-        mapped = reader.map_range(*args, **kwargs)
-        seen.append(_file_mappings(path))
-        return mapped
-
-    monkeypatch.setattr(stream_mod, "map_range", counted)
+    assert stream.map and len(stream.bounds) > 20
+    x_piece = stream.piece_rows * X.shape[1] * 4
+    assert x_piece >= reader.MAP_ALIGN  # 2 MiB of 3 MiB (rows, targets, flags)
+    # two pieces, and the 2 MiB spans at their ends that a piece maps whole (three an array)
+    bound = 2 * stream.piece_rows * (X.shape[1] * 4 + 8) + 6 * reader.MAP_ALIGN
+    assert bound < (X.nbytes + y.nbytes) / 3
     for _ in range(2):
         if cold:
             _evict(path)
-        rows = 0
+        rows, kept, resident = 0, [], []
         for part, _ in stream.passes():
+            resident.append(_file_rss(path))
+            assert _file_mappings(path) == 1
             assert np.array_equal(part.X, X[part.start : part.start + part.n])
             rows += part.n
+            kept.append(part)
         assert rows == X.shape[0]
-    assert len(seen) == 2 * len(stream.bounds)
-    assert max(seen) <= 4, seen  # two pieces of X and of y
+        assert 0 < max(resident) <= bound, (max(resident), bound)
+    for part in kept:  # every piece's pages were let go but the last two's
+        assert np.array_equal(part.X, X[part.start : part.start + part.n])
+        assert np.array_equal(part.y.reshape(-1), y[part.start : part.start + part.n])
+    assert _file_rss(path) > bound  # reading them mapped their pages again
+    stream.release()
+    assert _file_rss(path) == 0

@@ -37,8 +37,8 @@ TARGETS = {"chunked_vs_contiguous": 0.8, "decode_scaling": 1.6}
 
 def layouts() -> dict[str, dict]:
     """h5py ``create_dataset`` keywords per layout: the compressors the reader decodes itself
-    (hdf5plugin's zstd, LZ4 and Blosc where hdf5plugin and the package decoding each are
-    installed)."""
+    (hdf5plugin's zstd, LZ4, Blosc and bitshuffle+LZ4 where hdf5plugin and the package decoding
+    each are installed)."""
     from ..data import chunk_read
 
     out: dict[str, dict] = {
@@ -55,13 +55,15 @@ def layouts() -> dict[str, dict]:
         out["zstd"] = {**hdf5plugin.Zstd(clevel=1), "shuffle": True}
     if chunk_read.LZ4 in chunk_read.FILTERS:
         out["lz4"] = {**hdf5plugin.LZ4(), "shuffle": True}
+    if chunk_read.BSHUF_LZ4 in chunk_read.BSHUF_CODECS:
+        out["bitshuffle"] = dict(hdf5plugin.Bitshuffle(cname="lz4"))
     if chunk_read.BLOSC in chunk_read.FILTERS:
         blosc = hdf5plugin.Blosc
         out["blosc"] = dict(blosc(cname="lz4", clevel=5, shuffle=blosc.SHUFFLE))
     return out
 
 
-COMPRESSED = ("gzip", "lzf", "zstd", "lz4", "blosc")
+COMPRESSED = ("gzip", "lzf", "zstd", "lz4", "blosc", "bitshuffle")
 
 
 def make(root: Path, rows: int, features: int) -> dict[str, Path]:

@@ -12,22 +12,25 @@ decodable: chunked storage in the opened file itself (no virtual, external or co
 little-endian stored types whose conversion to the read type is exact, and only the filters
 deflate (1), shuffle (2), fletcher32 (3), lzf (32000) and, when the package decoding each is
 installed, hdf5plugin's zstd (32015, ``zstandard``: one zstd frame per chunk, its content size
-in the frame header), LZ4 (32004, ``lz4``: sizes in a header and before each block) and Blosc
-(32001, ``blosc``: a Blosc buffer, which undoes its own shuffle), with at most one compressor.
+in the frame header), LZ4 (32004, ``lz4``: sizes in a header and before each block), Blosc
+(32001, ``blosc``: a Blosc buffer, which undoes its own shuffle) and bitshuffle (32008, alone
+or with LZ4: its LZ4 blocks and bit transpose in one Numba call a chunk, without the GIL), with
+at most one compressor.
 A chunk that still cannot be proved right when it is read goes through h5py alone (one chunk,
 not the data set): a chunk never written (HDF5 gives the fill value), a filter mask naming a
 filter the pipeline lacks, a stored size or decoded size that is not the chunk's, a fletcher32
 checksum that does not match (h5py then also accepts the byte order of old writers, or gives
 the error), and partial edge chunks of a pipeline with nothing that checks its input
-(shuffle, lzf: a writer may store those unfiltered, which nothing in the bytes would reveal;
-deflate, zstd, LZ4, Blosc and fletcher32 refuse bytes they did not write).
+(shuffle, lzf, bitshuffle alone: a writer may store those unfiltered, which nothing in the
+bytes would reveal; deflate, zstd, LZ4, Blosc, compressing bitshuffle and fletcher32 refuse
+bytes they did not write).
 
 A filter whose bit is set in a chunk's filter mask was skipped when the chunk was written (an
 optional filter that failed, as lzf and zstd do when a chunk does not shrink): it is skipped
 when decoding, exactly as HDF5 does.
 
 Filters from ``hdf5plugin`` (``plugins``) are registered when this module is imported, so the
-h5py reads of every reader can decode them; Blosc2, bitshuffle and the rest are read by h5py.
+h5py reads of every reader can decode them; Blosc2 and the rest are read by h5py.
 """
 
 from __future__ import annotations
@@ -55,10 +58,15 @@ from .direct_read import (
 )
 
 DEFLATE, SHUFFLE, FLETCHER32, LZF, ZSTD, LZ4, BLOSC = 1, 2, 3, 32000, 32015, 32004, 32001
-COMPRESSORS = {DEFLATE, LZF, ZSTD, LZ4, BLOSC}
+BITSHUFFLE = 32008
+COMPRESSORS = {DEFLATE, LZF, ZSTD, LZ4, BLOSC, BITSHUFFLE}
 # Filters that refuse input they did not produce (zlib's and zstd's framing, the checksum, the
-# sizes in LZ4's and Blosc's headers): a chunk stored unfiltered cannot pass for a filtered one.
-CHECKED = {DEFLATE, FLETCHER32, ZSTD, LZ4, BLOSC}
+# sizes in LZ4's, Blosc's and compressing bitshuffle's headers): a chunk stored unfiltered
+# cannot pass for a filtered one. (Bitshuffle without compression checks nothing: ``_checked``.)
+CHECKED = {DEFLATE, FLETCHER32, ZSTD, LZ4, BLOSC, BITSHUFFLE}
+# Bitshuffle's client values: (major, minor, element size, block size in elements (0: its
+# default), compression: 0 none, 2 LZ4, 3 zstd[, level])
+BSHUF_NONE, BSHUF_LZ4, BSHUF_ZSTD = 0, 2, 3
 
 plugins.load()  # hdf5plugin's filters for every h5py read in this process, before any file opens
 
@@ -78,9 +86,12 @@ _BLOSC = _optional("blosc")
 if _BLOSC is not None:  # one thread per call, the GIL let go: chunks decode on the rank's threads
     _BLOSC.set_nthreads(1)
     _BLOSC.set_releasegil(True)
-FILTERS = {DEFLATE, SHUFFLE, FLETCHER32, LZF} | {
+FILTERS = {DEFLATE, SHUFFLE, FLETCHER32, LZF, BITSHUFFLE} | {
     fid for fid, module in ((ZSTD, _ZSTD), (LZ4, _LZ4), (BLOSC, _BLOSC)) if module is not None
 }
+# Bitshuffle's compressions decoded here, each chunk in one Numba call without the GIL (its
+# LZ4 blocks too: no package needed). Bitshuffle with zstd goes through h5py.
+BSHUF_CODECS = {BSHUF_NONE, BSHUF_LZ4}
 
 # Stored types read directly, per read type. Features (float32) only where the conversion is
 # exact (every stored value is a float32), so NumPy's cast equals HDF5's, which the h5py path
@@ -135,6 +146,11 @@ def layout(dset: h5py.Dataset, want: np.dtype, st: os.stat_result) -> ChunkLayou
             return None
         filters.append((int(fid), tuple(int(v) for v in values)))
     if any(f == SHUFFLE and v and v[0] != stored.itemsize for f, v in filters):
+        return None
+    if any(
+        f == BITSHUFFLE and (len(v) < 5 or v[2] != stored.itemsize or v[4] not in BSHUF_CODECS)
+        for f, v in filters
+    ):
         return None
     if sum(f in COMPRESSORS for f, _ in filters) > 1:
         return None  # the inner compressor's output size is not known: h5py decodes those
@@ -256,11 +272,8 @@ def _lz4_decode(buf: bytes, nbytes: int) -> bytes | None:
         if stored == want:
             parts.append(view[pos : pos + stored])
         else:
-            try:
-                part = _LZ4.decompress(view[pos : pos + stored], uncompressed_size=want)
-            except _LZ4.LZ4BlockError:
-                return None
-            if len(part) != want:
+            part = _lz4_block(view[pos : pos + stored], want)
+            if part is None:
                 return None
             parts.append(part)
         pos += stored
@@ -287,17 +300,225 @@ def _blosc_decode(buf: bytes, nbytes: int) -> bytes | None:
     return out if len(out) == nbytes else None
 
 
-def decode(raw: bytes, filters, nbytes: int, itemsize: int, mask: int = 0) -> np.ndarray | None:
+@njit(nogil=True, cache=True, inline="always")
+def _transpose8(x):
+    """The 8 x 8 bit matrix in ``x`` (byte k = row k) transposed."""
+    t = (x ^ (x >> np.uint64(7))) & np.uint64(0x00AA00AA00AA00AA)
+    x = x ^ t ^ (t << np.uint64(7))
+    t = (x ^ (x >> np.uint64(14))) & np.uint64(0x0000CCCC0000CCCC)
+    x = x ^ t ^ (t << np.uint64(14))
+    t = (x ^ (x >> np.uint64(28))) & np.uint64(0x00000000F0F0F0F0)
+    return x ^ t ^ (t << np.uint64(28))
+
+
+@njit(nogil=True, cache=True)
+def _bit_unshuffle(src, n, size, out):
+    """Bitshuffle's transpose undone for ``n`` elements (a multiple of 8) of ``size`` bytes:
+    bit k of byte j of element i is bit i % 8 of byte ``(8 j + k) n / 8 + i // 8`` of ``src``.
+
+    First each byte plane j (byte j of every element) is made whole: the 8 bytes of 8 bit rows
+    at one place are one 64-bit word, transposed as an 8 x 8 bit matrix. Then the planes are
+    interleaved into elements. Every loop reads and writes slices at a running index from 0,
+    which LLVM vectorises (6.3 GB/s for 4-byte elements here; indexing the whole arrays at
+    computed offsets kept it scalar, at 1.3 GB/s)."""
+    row = n // 8
+    planes = np.empty(size * row, np.uint64)
+    for j in range(size):
+        b = j * n
+        s0, s1 = src[b : b + row], src[b + row : b + 2 * row]
+        s2, s3 = src[b + 2 * row : b + 3 * row], src[b + 3 * row : b + 4 * row]
+        s4, s5 = src[b + 4 * row : b + 5 * row], src[b + 5 * row : b + 6 * row]
+        s6, s7 = src[b + 6 * row : b + 7 * row], src[b + 7 * row : b + 8 * row]
+        plane = planes[j * row : (j + 1) * row]
+        for q in range(row):
+            x = (
+                np.uint64(s0[q])
+                | (np.uint64(s1[q]) << np.uint64(8))
+                | (np.uint64(s2[q]) << np.uint64(16))
+                | (np.uint64(s3[q]) << np.uint64(24))
+                | (np.uint64(s4[q]) << np.uint64(32))
+                | (np.uint64(s5[q]) << np.uint64(40))
+                | (np.uint64(s6[q]) << np.uint64(48))
+                | (np.uint64(s7[q]) << np.uint64(56))
+            )
+            plane[q] = _transpose8(x)
+    pb = planes.view(np.uint8)  # byte j of element i at j * n + i
+    if size == 1:
+        for i in range(n):
+            out[i] = pb[i]
+    elif size == 4:
+        o = out.view(np.uint32)
+        p0, p1, p2, p3 = pb[:n], pb[n : 2 * n], pb[2 * n : 3 * n], pb[3 * n : 4 * n]
+        for i in range(n):
+            o[i] = (
+                np.uint32(p0[i])
+                | (np.uint32(p1[i]) << np.uint32(8))
+                | (np.uint32(p2[i]) << np.uint32(16))
+                | (np.uint32(p3[i]) << np.uint32(24))
+            )
+    else:
+        for j in range(size):
+            pj = pb[j * n : (j + 1) * n]
+            oj = out[j:]
+            for i in range(n):
+                oj[i * size] = pj[i]
+
+
+@njit(nogil=True, cache=True)
+def _lz4_block_into(src, i, e, dst, o, end):
+    """One raw LZ4 block ``src[i:e]`` decoded into exactly ``dst[o:end]``: False if it is
+    damaged or does not fill it exactly (no byte outside either range is read or written).
+    Copies loop over slices from 0, which LLVM turns into memcpy-like code (slice assignment
+    was 10x slower); an overlapping match copies forward byte by byte, repeating its pattern
+    as LZ4 means it to."""
+    start = o
+    while True:
+        if i >= e:
+            return False
+        token = np.int64(src[i])
+        i += 1
+        lit = token >> 4
+        if lit == 15:
+            while True:
+                if i >= e:
+                    return False
+                b = np.int64(src[i])
+                i += 1
+                lit += b
+                if b != 255:
+                    break
+        if lit > e - i or lit > end - o:
+            return False
+        d, s = dst[o : o + lit], src[i : i + lit]
+        for j in range(lit):
+            d[j] = s[j]
+        i += lit
+        o += lit
+        if i == e:  # the last sequence holds literals only
+            return o == end
+        if e - i < 2:
+            return False
+        off = np.int64(src[i]) | (np.int64(src[i + 1]) << 8)
+        i += 2
+        if off == 0 or off > o - start:
+            return False
+        ml = token & 15
+        if ml == 15:
+            while True:
+                if i >= e:
+                    return False
+                b = np.int64(src[i])
+                i += 1
+                ml += b
+                if b != 255:
+                    break
+        ml += 4
+        if ml > end - o:
+            return False
+        d, s = dst[o : o + ml], dst[o - off : o - off + ml]
+        for j in range(ml):
+            d[j] = s[j]
+        o += ml
+
+
+@njit(nogil=True, cache=True)
+def _big_endian(src, i, k):
+    v = np.int64(0)
+    for j in range(k):
+        v = (v << 8) | np.int64(src[i + j])
+    return v
+
+
+@njit(nogil=True, cache=True)
+def _bitshuffle_into(src, size, lz4, block, out):
+    """``out`` (uint8: the chunk's bytes) from the bitshuffle chunk ``src``; False when it
+    cannot be proved right. See ``_bitshuffle_decode``."""
+    nbytes = out.size
+    n = nbytes // size
+    if n * size != nbytes:
+        return False
+    pos = 0
+    if lz4:
+        if src.size < 12 or _big_endian(src, 0, 8) != nbytes:
+            return False
+        block_bytes = _big_endian(src, 8, 4)
+        block = block_bytes // size
+        if block <= 0 or block % 8 != 0 or block * size != block_bytes:
+            return False
+        pos = 12
+    scratch = np.empty(block * size if lz4 else 0, np.uint8)
+    done = 0
+    while n - done >= 8:
+        m = min(block, n - done)
+        m -= m % 8
+        want = m * size
+        part = out[done * size : (done + m) * size]
+        if lz4:
+            if pos + 4 > src.size:
+                return False
+            stored = _big_endian(src, pos, 4)
+            pos += 4
+            if stored <= 0 or pos + stored > src.size:
+                return False
+            if not _lz4_block_into(src, pos, pos + stored, scratch, 0, want):
+                return False
+            pos += stored
+            _bit_unshuffle(scratch, m, size, part)
+        else:
+            if pos + want > src.size:
+                return False
+            _bit_unshuffle(src[pos : pos + want], m, size, part)
+            pos += want
+        done += m
+    if pos + (n - done) * size != src.size:
+        return False
+    out[done * size :] = src[pos:]
+    return True
+
+
+def _bitshuffle_decode(
+    buf, nbytes: int, values, into: np.ndarray | None = None
+) -> np.ndarray | None:
+    """A bitshuffle chunk (HDF5 filter 32008, as hdf5plugin's H5Zbitshuffle.c writes it)
+    holding exactly ``nbytes`` bytes, or None. The elements go in blocks (a multiple of 8 each,
+    the last cut down to one), each bit-transposed and, with LZ4, stored as a big-endian 4-byte
+    size and an LZ4 block after a header (big-endian 8-byte size, 4-byte block bytes); the few
+    elements after the last block are stored as they are. One Numba call decodes the chunk
+    without the GIL, into ``into`` when given."""
+    size, codec = values[2], values[4]
+    block = values[3] or max(128, 8192 // size // 8 * 8)  # bitshuffle's default
+    out = np.empty(nbytes, dtype=np.uint8) if into is None else into
+    src = np.frombuffer(buf, dtype=np.uint8)
+    return out if _bitshuffle_into(src, size, codec == BSHUF_LZ4, block, out) else None
+
+
+def _lz4_block(data, want: int) -> bytes | None:
+    """One raw LZ4 block decompressing to exactly ``want`` bytes, or None."""
+    try:
+        out = _LZ4.decompress(data, uncompressed_size=want)
+    except _LZ4.LZ4BlockError:
+        return None
+    return out if len(out) == want else None
+
+
+def decode(
+    raw: bytes, filters, nbytes: int, itemsize: int, mask: int = 0, into: np.ndarray | None = None
+) -> np.ndarray | None:
     """The ``nbytes`` bytes (uint8) of one chunk stored as ``raw`` through ``filters`` (pipeline
     order; undone in reverse), or None when they cannot be proved right (h5py then reads it).
 
     ``mask``: the chunk's filter mask; bit i set means filter i was skipped when it was written
     (HDF5 skips it when reading too). Every compressor's output is exactly ``nbytes``, as
     ``layout`` admits one compressor at most and the other filters keep sizes.
+
+    ``into``: ``nbytes`` bytes (uint8) where the chunk's rows go. A last stage that can write
+    there (bitshuffle) does, and ``into`` is returned: no copy. Its bytes are undefined when
+    None is returned.
     """
     if mask >> len(filters):
         return None  # a bit for a filter the pipeline does not have
     buf: bytes | np.ndarray = raw
+    last = min((i for i in range(len(filters)) if not mask >> i & 1), default=-1)
     for i in range(len(filters) - 1, -1, -1):
         fid = filters[i][0]
         if mask >> i & 1:
@@ -327,6 +548,10 @@ def decode(raw: bytes, filters, nbytes: int, itemsize: int, mask: int = 0) -> np
                 return None
         elif fid == LZ4 and _LZ4 is not None:
             buf = _lz4_decode(bytes(buf), nbytes)
+            if buf is None:
+                return None
+        elif fid == BITSHUFFLE and filters[i][1][4] in BSHUF_CODECS:
+            buf = _bitshuffle_decode(buf, nbytes, filters[i][1], into if i == last else None)
             if buf is None:
                 return None
         elif fid == BLOSC and _BLOSC is not None:
@@ -384,6 +609,7 @@ def read_rows(
     if out.shape != (m, w) or not out.flags.c_contiguous:
         raise ValueError(f"read_rows: out has shape {out.shape}, needs ({m}, {w}) C order")
     ids = [f for f, _ in lay.filters]
+    checked = {f for f, v in lay.filters if f in CHECKED and not (f == BITSHUFFLE and not v[4])}
     direct_rows = not lay.filters and cc == w and stored == out.dtype
     screen_tasks = flags is not None and cc == w  # a task's rows are then complete
     screened_reads = direct_rows and screen_tasks and native.supported()[0]
@@ -409,7 +635,7 @@ def read_rows(
                             info.byte_offset is None
                             or mask >> len(ids)
                             or (not lay.filters and info.size != nbytes)
-                            or (partial and applied and not applied & CHECKED)
+                            or (partial and applied and not applied & checked)
                         ):
                             slow.append(task)
                         else:
@@ -449,9 +675,15 @@ def read_rows(
             raw = os.pread(fd, size, offset)
             if len(raw) != size:
                 raise DataError(f"'{path}' ends before the data it describes (truncated file?)")
-            data = decode(raw, lay.filters, nbytes, isz, mask)
+            # whole rows of a whole chunk, stored in the read type: decoded in place if it can
+            into = None
+            if cc == w and stored == out.dtype and start <= r0 and r0 + cr <= min(stop, n):
+                into = out[r0 - start : r0 + cr - start].reshape(-1).view(np.uint8)
+            data = decode(raw, lay.filters, nbytes, isz, mask, into)
             if data is None:
                 return task
+            if data is into:
+                return None
             part = data.view(stored).reshape(cr, cc)
             out[lo - start : hi - start, c0:c1] = part[lo - r0 : hi - r0, : c1 - c0]
             return None

@@ -1,7 +1,8 @@
 """Training on chunked and compressed copies of a contiguous file gives the contiguous file's bits.
 
 ``lepton train`` under real ``mpiexec`` on 1, 2 and 3 ranks (reproducible mode, whose bits do not
-depend on the rank count; gzip, plain chunks, and hdf5plugin's LZ4 and Blosc) and on 2 ranks in
+depend on the rank count; gzip, plain chunks, and hdf5plugin's LZ4, Blosc and bitshuffle) and on
+2 ranks in
 the default mode (gzip and shuffle+lzf): the copies
 are read chunk by chunk with ``pread`` and decoded on the ranks' threads (chunks splitting
 columns, row blocks starting and ending mid-chunk, partial edge chunks, a (n, 1) target column
@@ -55,6 +56,10 @@ def files(tmp_path_factory):
         fh.create_dataset("X", data=X, chunks=(97, 4), **blosc("zstd", 5, blosc.BITSHUFFLE))
         fh.create_dataset("y", data=y, chunks=(300,), **blosc("lz4", 5, blosc.SHUFFLE))
     out["blosc"] = root / "blosc.h5"
+    with h5py.File(root / "bitshuffle.h5", "w") as fh:  # with LZ4 (blocks of 64), and alone
+        fh.create_dataset("X", data=X, chunks=(200, D), **hdf5plugin.Bitshuffle(64, "lz4"))
+        fh.create_dataset("y", data=y, chunks=(300,), **hdf5plugin.Bitshuffle(cname="none"))
+    out["bitshuffle"] = root / "bitshuffle.h5"
     return out
 
 
@@ -79,7 +84,7 @@ def test_chunked_and_compressed_copies_train_to_the_contiguous_bits(tmp_path, fi
     # Reproducible mode gives the same bits at every rank count, so one run on the plain file is
     # the reference for every copy at 1, 2 and 3 ranks.
     want = _train(tmp_path, files["plain"], 1, True)
-    runs = [("gzip", 1), ("chunked", 2), ("gzip", 3), ("lz4", 2), ("blosc", 3)]
+    runs = [("gzip", 1), ("chunked", 2), ("gzip", 3), ("lz4", 2), ("blosc", 3), ("bitshuffle", 2)]
     for layout, ranks in runs:
         if layout in files:
             assert _train(tmp_path, files[layout], ranks, True) == want, (layout, ranks)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import h5py
 import numpy as np
@@ -99,7 +100,8 @@ STORED = {"f4": "f4", "f8": "f8", "f2": "f4", "i2": "f4", "u1": "f4", "i8": "f8"
 
 def _plugin_pipelines() -> dict:
     """hdf5plugin's filters that are decoded on the rank's threads when their package is
-    installed: zstd (zstandard), LZ4 (lz4), Blosc (blosc) with its compressors and shuffles."""
+    installed: zstd (zstandard), LZ4 (lz4), Blosc (blosc) with its compressors and shuffles,
+    and bitshuffle (alone, or with LZ4 or zstd)."""
     try:
         import hdf5plugin
     except ImportError:
@@ -118,6 +120,16 @@ def _plugin_pipelines() -> dict:
             **hdf5plugin.LZ4(nbytes=1000),
             "fletcher32": True,
         }
+    bitshuffle = hdf5plugin.Bitshuffle
+    found["bitshuffle"] = dict(bitshuffle(cname="none"))  # checks nothing, as shuffle
+    found["bitshuffle (blocks of 64)+fletcher32"] = {
+        **bitshuffle(nelems=64, cname="none"),
+        "fletcher32": True,
+    }
+    if chunk_read.BSHUF_LZ4 in chunk_read.BSHUF_CODECS:
+        found["bitshuffle+lz4"] = dict(bitshuffle(cname="lz4"))
+    if chunk_read.BSHUF_ZSTD in chunk_read.BSHUF_CODECS:
+        found["bitshuffle+zstd (blocks of 256)"] = dict(bitshuffle(nelems=256, cname="zstd"))
     if chunk_read.BLOSC in chunk_read.FILTERS:
         blosc = hdf5plugin.Blosc
         found["blosc lz4+shuffle"] = dict(blosc(cname="lz4", clevel=5, shuffle=blosc.SHUFFLE))
@@ -170,7 +182,7 @@ def test_compressed_chunks_equal_h5py_bitwise(tmp_path, pipeline, dtype):
         masks = {
             fh["X"].id.get_chunk_info(i).filter_mask for i in range(fh["X"].id.get_num_chunks())
         }
-    checked = pipeline not in PIPELINES or "fletcher32" in pipeline
+    checked = (pipeline not in PIPELINES and pipeline != "bitshuffle") or "fletcher32" in pipeline
     if "lzf" in pipeline and not checked:
         assert masks == {0, 0b10 if "shuffle" in pipeline else 0b1}  # some chunks stored raw
     want_type = np.dtype(STORED[dtype])
@@ -312,3 +324,129 @@ def test_damaged_lz4_and_blosc_chunks_are_refused(tmp_path, name):
     else:
         bad = raw[:4] + (nbytes + 1).to_bytes(4, "little") + raw[8:]
     assert chunk_read.decode(bad, lay.filters, nbytes, 4) is None
+
+
+def test_damaged_bitshuffle_chunks_are_refused(tmp_path):
+    """Bitshuffle with LZ4: a chunk cut short, padded, or whose header size or block size is
+    not this chunk's decodes to None, never to other bytes."""
+    pipelines = _plugin_pipelines()
+    if "bitshuffle+lz4" not in pipelines:
+        pytest.skip("hdf5plugin is not installed")
+    X = np.round(np.random.default_rng(8).normal(size=(501, 4)), 1).astype(np.float32)
+    path = tmp_path / "b.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=X, chunks=(501, 4), **pipelines["bitshuffle+lz4"])
+    with h5py.File(path, "r") as fh:
+        lay = chunk_read.layout(fh["X"], np.dtype(np.float32), os.stat(path))
+        _, raw = fh["X"].id.read_direct_chunk((0, 0))
+    nbytes = X.nbytes
+    assert chunk_read.decode(raw, lay.filters, nbytes, 4).tobytes() == X.tobytes()
+    for cut in (0, 8, 12, 16, len(raw) // 2, len(raw) - 1):
+        assert chunk_read.decode(raw[:cut], lay.filters, nbytes, 4) is None, cut
+    assert chunk_read.decode(raw + b"\0", lay.filters, nbytes, 4) is None
+    assert chunk_read.decode(raw, lay.filters, nbytes - 4, 4) is None
+    for block in (0, 12, 4 * 7):  # none, not whole elements, not a multiple of 8 elements
+        bad = raw[:8] + block.to_bytes(4, "big") + raw[12:]
+        assert chunk_read.decode(bad, lay.filters, nbytes, 4) is None, block
+
+
+def test_bit_unshuffle_undoes_the_bit_transpose():
+    """Bit k of byte j of element i is bit i % 8 of byte (8 j + k) n / 8 + i // 8, for element
+    sizes 1 to 8 and a few block lengths (the definition the decoder implements)."""
+    rng = np.random.default_rng(2)
+    for size in (1, 2, 3, 4, 8):
+        for n in (8, 16, 136):
+            data = rng.integers(0, 256, size=n * size, dtype=np.uint8)
+            bits = np.unpackbits(data.reshape(n, size), axis=1, bitorder="little")  # (n, 8 size)
+            shuffled = np.packbits(bits.T.reshape(8 * size, n // 8, 8), axis=2, bitorder="little")
+            out = np.empty_like(data)
+            chunk_read._bit_unshuffle(shuffled.reshape(-1), n, size, out)
+            assert np.array_equal(out, data), (size, n)
+
+
+def _lz4_payloads():
+    """Byte strings LZ4 compresses in every way: literals only, short and long matches, matches
+    overlapping what they copy (runs), lengths past 15 and 270 (extra length bytes)."""
+    pattern = st.binary(min_size=1, max_size=40)
+    return st.lists(
+        st.one_of(
+            st.binary(max_size=300),
+            st.builds(lambda p, k: p * k, pattern, st.integers(1, 400)),
+        ),
+        min_size=1,
+        max_size=8,
+    ).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=_lz4_payloads(), damage=st.lists(st.tuples(st.integers(0), st.integers(0, 255))))
+def test_the_numba_lz4_block_decoder_agrees_with_lz4(data, damage):
+    """``_lz4_block_into`` (bitshuffle's blocks) decodes what ``lz4.block`` writes. A block with
+    bytes changed is refused whenever the lz4 library refuses it, and where it is decoded both
+    give the same bytes; it may refuse more (a match at offset 0, which the format calls
+    corrupt and the library copies anyway: h5py then reads that chunk). It never reads or
+    writes outside its ranges."""
+    lz4_block = pytest.importorskip("lz4.block")
+    want = len(data)
+    block = bytearray(lz4_block.compress(data, store_size=False))
+    for at, value in damage:
+        block[at % len(block)] = value
+    src = np.frombuffer(bytes(block), dtype=np.uint8)
+    pad = 16  # guard bytes around both ranges: never touched
+    dst = np.full(want + 2 * pad, 7, dtype=np.uint8)
+    ok = chunk_read._lz4_block_into(
+        np.concatenate([np.full(pad, 9, np.uint8), src, np.full(pad, 9, np.uint8)]),
+        pad,
+        pad + src.size,
+        dst,
+        pad,
+        pad + want,
+    )
+    assert (dst[:pad] == 7).all() and (dst[pad + want :] == 7).all()
+    try:
+        ref = lz4_block.decompress(bytes(block), uncompressed_size=want)
+    except lz4_block.LZ4BlockError:
+        ref = None
+    if ok:
+        assert ref is not None and dst[pad : pad + want].tobytes() == ref
+    if not damage:
+        assert ok and dst[pad : pad + want].tobytes() == data
+
+
+@pytest.mark.parametrize("cname", ["lz4", "none"])
+def test_bitshuffle_chunks_of_whole_rows_decode_in_place(tmp_path, monkeypatch, cname):
+    """Chunks holding whole rows in the read type are decoded straight into the rows read (no
+    copy); a chunk whose decoding fails after writing there is then read by h5py over it."""
+    hdf5plugin = pytest.importorskip("hdf5plugin")
+    rng = np.random.default_rng(11)
+    n, d, cr = 1_003, 6, 128
+    X = np.round(rng.normal(size=(n, d)), 2).astype(np.float32)
+    path = tmp_path / "w.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=X, chunks=(cr, d), **hdf5plugin.Bitshuffle(cname=cname))
+    real, seen, lock = chunk_read._bitshuffle_into, [], threading.Lock()
+
+    def failing_once(src, size, lz4, block, out):
+        with lock:  # the rank's threads decode at once: the second call fails, whichever it is
+            second = len(seen) == 1
+            seen.append(out.size)
+        ok = real(src, size, lz4, block, out)
+        if second:
+            out[:] = 0xFF  # the rows it was given are garbage, and it says so
+            return False
+        return ok
+
+    monkeypatch.setattr(chunk_read, "_bitshuffle_into", failing_once)
+    for a, b, threads in ((0, n, 1), (77, 900, 2), (128, 384, 1)):
+        seen.clear()
+        out, want, slow = _read(path, np.dtype(np.float32), a, b, threads)
+        assert out.tobytes() == want.tobytes(), (a, b)
+        # the failed chunk, and the partial edge chunk where nothing checks it (no LZ4)
+        assert len(slow) == 1 + (cname == "none" and (n // cr) * cr < b)
+    with h5py.File(path, "r") as fh:  # in place: writes went into ``out`` itself
+        lay = chunk_read.layout(fh["X"], np.dtype(np.float32), os.stat(path))
+        _, raw = fh["X"].id.read_direct_chunk((0, 0))
+    into = np.zeros(cr * d * 4, dtype=np.uint8)
+    monkeypatch.setattr(chunk_read, "_bitshuffle_into", real)
+    assert chunk_read.decode(raw, lay.filters, into.size, 4, 0, into) is into
+    assert into.tobytes() == X[:cr].tobytes()

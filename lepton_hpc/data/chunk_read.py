@@ -195,15 +195,16 @@ def _fletcher32(data):
 
 
 @njit(nogil=True, cache=True)
-def _unshuffle(src, itemsize):
-    """HDF5's shuffle undone: byte b of element i is at ``src[b * n + i]`` (no GIL held).
+def _unshuffle(src, itemsize, out):
+    """HDF5's shuffle undone into ``out`` (uint8, ``src``'s size), returned: byte b of element i
+    is at ``src[b * n + i]`` (no GIL held).
 
     Sizes 2, 4 and 8 assemble each little-endian element from its planes in one pass (SIMD);
     a byte-by-byte scatter is a third as fast.
     """
     n = src.size // itemsize
     if itemsize == 4:
-        out4 = np.empty(n, dtype=np.uint32)
+        out4 = out.view(np.uint32)
         p0, p1, p2, p3 = src[:n], src[n : 2 * n], src[2 * n : 3 * n], src[3 * n : 4 * n]
         for i in range(n):
             out4[i] = (
@@ -212,22 +213,21 @@ def _unshuffle(src, itemsize):
                 | (np.uint32(p2[i]) << np.uint32(16))
                 | (np.uint32(p3[i]) << np.uint32(24))
             )
-        return out4.view(np.uint8)
+        return out
     if itemsize == 8:
-        out8 = np.empty(n, dtype=np.uint64)
+        out8 = out.view(np.uint64)
         for i in range(n):
             v = np.uint64(0)
             for b in range(8):
                 v |= np.uint64(src[b * n + i]) << np.uint64(8 * b)
             out8[i] = v
-        return out8.view(np.uint8)
+        return out
     if itemsize == 2:
-        out2 = np.empty(n, dtype=np.uint16)
+        out2 = out.view(np.uint16)
         q0, q1 = src[:n], src[n : 2 * n]
         for i in range(n):
             out2[i] = np.uint16(q0[i]) | (np.uint16(q1[i]) << np.uint16(8))
-        return out2.view(np.uint8)
-    out = np.empty(src.size, dtype=np.uint8)
+        return out
     for b in range(itemsize):
         plane = src[b * n : (b + 1) * n]
         for i in range(n):
@@ -283,10 +283,13 @@ def _lz4_decode(buf: bytes, nbytes: int) -> bytes | None:
     return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
 
 
-def _blosc_decode(buf: bytes, nbytes: int) -> bytes | None:
+def _blosc_decode(
+    buf: bytes, nbytes: int, into: np.ndarray | None = None
+) -> bytes | np.ndarray | None:
     """One Blosc buffer (hdf5plugin's Blosc filter, 32001) holding exactly ``nbytes`` bytes, or
     None: its header's sizes (little-endian at bytes 4 and 12) must be the chunk's and the
-    stored bytes'. Blosc undoes its own shuffle."""
+    stored bytes'. Blosc undoes its own shuffle. ``into``: ``nbytes`` bytes (uint8) to decode
+    into, returned (Blosc writes the size in the header checked here, no more)."""
     if len(buf) < 16:
         return None
     if int.from_bytes(buf[4:8], "little") != nbytes or int.from_bytes(buf[12:16], "little") != len(
@@ -294,6 +297,8 @@ def _blosc_decode(buf: bytes, nbytes: int) -> bytes | None:
     ):
         return None
     try:
+        if into is not None and into.size == nbytes and into.flags.c_contiguous:
+            return into if _BLOSC.decompress_ptr(buf, into.ctypes.data) == nbytes else None
         out = _BLOSC.decompress(buf)
     except (RuntimeError, ValueError, TypeError):
         return None
@@ -512,8 +517,8 @@ def decode(
     ``layout`` admits one compressor at most and the other filters keep sizes.
 
     ``into``: ``nbytes`` bytes (uint8) where the chunk's rows go. A last stage that can write
-    there (bitshuffle) does, and ``into`` is returned: no copy. Its bytes are undefined when
-    None is returned.
+    there (shuffle, bitshuffle, Blosc) does, and ``into`` is returned: no copy. Its bytes are
+    undefined when None is returned.
     """
     if mask >> len(filters):
         return None  # a bit for a filter the pipeline does not have
@@ -555,14 +560,16 @@ def decode(
             if buf is None:
                 return None
         elif fid == BLOSC and _BLOSC is not None:
-            buf = _blosc_decode(bytes(buf), nbytes)
+            buf = _blosc_decode(bytes(buf), nbytes, into if i == last else None)
             if buf is None:
                 return None
         elif fid == SHUFFLE:
             if len(buf) != nbytes:
                 return None
             if itemsize > 1 and nbytes > itemsize:
-                buf = _unshuffle(np.frombuffer(buf, dtype=np.uint8), itemsize)
+                mine = i == last and into is not None and into.size == nbytes
+                to = into if mine else np.empty(nbytes, dtype=np.uint8)
+                buf = _unshuffle(np.frombuffer(buf, dtype=np.uint8), itemsize, to)
         else:  # pragma: no cover - ``layout`` admits no other filter
             return None
     if len(buf) != nbytes:

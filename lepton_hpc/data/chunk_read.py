@@ -322,10 +322,10 @@ def _bit_unshuffle(src, n, size, out):
     bit k of byte j of element i is bit i % 8 of byte ``(8 j + k) n / 8 + i // 8`` of ``src``.
 
     First each byte plane j (byte j of every element) is made whole: the 8 bytes of 8 bit rows
-    at one place are one 64-bit word, transposed as an 8 x 8 bit matrix. Then the planes are
-    interleaved into elements. Every loop reads and writes slices at a running index from 0,
-    which LLVM vectorises (6.3 GB/s for 4-byte elements here; indexing the whole arrays at
-    computed offsets kept it scalar, at 1.3 GB/s)."""
+    at one place are one 64-bit word, transposed as an 8 x 8 bit matrix. The planes are then
+    HDF5's shuffle of the elements, undone by ``_unshuffle``. Every loop reads and writes slices
+    at a running index from 0, which LLVM vectorises (6.3 GB/s for 4-byte elements here;
+    indexing the whole arrays at computed offsets kept it scalar, at 1.3 GB/s)."""
     row = n // 8
     planes = np.empty(size * row, np.uint64)
     for j in range(size):
@@ -347,26 +347,7 @@ def _bit_unshuffle(src, n, size, out):
                 | (np.uint64(s7[q]) << np.uint64(56))
             )
             plane[q] = _transpose8(x)
-    pb = planes.view(np.uint8)  # byte j of element i at j * n + i
-    if size == 1:
-        for i in range(n):
-            out[i] = pb[i]
-    elif size == 4:
-        o = out.view(np.uint32)
-        p0, p1, p2, p3 = pb[:n], pb[n : 2 * n], pb[2 * n : 3 * n], pb[3 * n : 4 * n]
-        for i in range(n):
-            o[i] = (
-                np.uint32(p0[i])
-                | (np.uint32(p1[i]) << np.uint32(8))
-                | (np.uint32(p2[i]) << np.uint32(16))
-                | (np.uint32(p3[i]) << np.uint32(24))
-            )
-    else:
-        for j in range(size):
-            pj = pb[j * n : (j + 1) * n]
-            oj = out[j:]
-            for i in range(n):
-                oj[i * size] = pj[i]
+    _unshuffle(planes.view(np.uint8), size, out)  # byte j of element i is at j * n + i
 
 
 @njit(nogil=True, cache=True)

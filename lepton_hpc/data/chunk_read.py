@@ -351,6 +351,20 @@ def _bit_unshuffle(src, n, size, out):
 
 
 @njit(nogil=True, cache=True)
+def _lz4_more(src, i, e, n):
+    """An LZ4 length ``n`` of 15 continues in the bytes at ``i`` (each adds itself, until one
+    below 255): (the length, the position after it), or (-1, i) when the block ends first."""
+    while True:
+        if i >= e:
+            return -1, i
+        b = np.int64(src[i])
+        i += 1
+        n += b
+        if b != 255:
+            return n, i
+
+
+@njit(nogil=True, cache=True)
 def _lz4_block_into(src, i, e, dst, o, end):
     """One raw LZ4 block ``src[i:e]`` decoded into exactly ``dst[o:end]``: False if it is
     damaged or does not fill it exactly (no byte outside either range is read or written).
@@ -365,15 +379,8 @@ def _lz4_block_into(src, i, e, dst, o, end):
         i += 1
         lit = token >> 4
         if lit == 15:
-            while True:
-                if i >= e:
-                    return False
-                b = np.int64(src[i])
-                i += 1
-                lit += b
-                if b != 255:
-                    break
-        if lit > e - i or lit > end - o:
+            lit, i = _lz4_more(src, i, e, lit)
+        if lit < 0 or lit > e - i or lit > end - o:
             return False
         d, s = dst[o : o + lit], src[i : i + lit]
         for j in range(lit):
@@ -390,14 +397,9 @@ def _lz4_block_into(src, i, e, dst, o, end):
             return False
         ml = token & 15
         if ml == 15:
-            while True:
-                if i >= e:
-                    return False
-                b = np.int64(src[i])
-                i += 1
-                ml += b
-                if b != 255:
-                    break
+            ml, i = _lz4_more(src, i, e, ml)
+            if ml < 0:
+                return False
         ml += 4
         if ml > end - o:
             return False

@@ -1,16 +1,17 @@
 """Direct reads of chunked HDF5 data sets: each chunk's bytes read with ``pread`` at the offset
-HDF5's chunk index gives, decoded (deflate, lzf, zstd, LZ4, Blosc, shuffle, fletcher32) and
-copied into the rank's rows, on the rank's threads.
+HDF5's chunk index gives, decoded (deflate, lzf, bzip2, zstd, LZ4, Blosc, bitshuffle, shuffle,
+fletcher32) and copied into the rank's rows, on the rank's threads.
 
 Why not h5py: h5py holds the GIL while HDF5 reads and decompresses, so one rank uses one core
-for the whole of its block. Here ``pread``, ``zlib.decompress``, the Numba LZF decoder
-(``lzf``), ``zstandard``, ``lz4.block``, ``blosc`` (told to) and NumPy's copies release it, so
-the rank's cores decode chunks in parallel.
+for the whole of its block. Here ``pread``, ``zlib.decompress``, ``bz2``, the Numba LZF, LZ4
+and bitshuffle decoders, ``zstandard``, ``lz4.block``, ``blosc`` (told to) and NumPy's copies
+release it, so the rank's cores decode chunks in parallel.
 
 Correct bytes come first. ``layout`` accepts a data set only when every chunk can be proved
 decodable: chunked storage in the opened file itself (no virtual, external or compact layout),
 little-endian stored types whose conversion to the read type is exact, and only the filters
-deflate (1), shuffle (2), fletcher32 (3), lzf (32000) and, when the package decoding each is
+deflate (1), shuffle (2), fletcher32 (3), lzf (32000), hdf5plugin's and PyTables' bzip2 (307:
+one bzip2 stream a chunk, checked by its CRCs) and, when the package decoding each is
 installed, hdf5plugin's zstd (32015, ``zstandard``: one zstd frame per chunk, its content size
 in the frame header), LZ4 (32004, ``lz4``: sizes in a header and before each block), Blosc
 (32001, ``blosc``: a Blosc buffer, which undoes its own shuffle) and bitshuffle (32008, alone
@@ -22,8 +23,8 @@ filter the pipeline lacks, a stored size or decoded size that is not the chunk's
 checksum that does not match (h5py then also accepts the byte order of old writers, or gives
 the error), and partial edge chunks of a pipeline with nothing that checks its input
 (shuffle, lzf, bitshuffle alone: a writer may store those unfiltered, which nothing in the
-bytes would reveal; deflate, zstd, LZ4, Blosc, compressing bitshuffle and fletcher32 refuse
-bytes they did not write).
+bytes would reveal; deflate, bzip2, zstd, LZ4, Blosc, compressing bitshuffle and fletcher32
+refuse bytes they did not write).
 
 A filter whose bit is set in a chunk's filter mask was skipped when the chunk was written (an
 optional filter that failed, as lzf and zstd do when a chunk does not shrink): it is skipped
@@ -35,6 +36,7 @@ h5py reads of every reader can decode them; Blosc2 and the rest are read by h5py
 
 from __future__ import annotations
 
+import bz2
 import importlib
 import os
 import zlib
@@ -58,12 +60,12 @@ from .direct_read import (
 )
 
 DEFLATE, SHUFFLE, FLETCHER32, LZF, ZSTD, LZ4, BLOSC = 1, 2, 3, 32000, 32015, 32004, 32001
-BITSHUFFLE = 32008
-COMPRESSORS = {DEFLATE, LZF, ZSTD, LZ4, BLOSC, BITSHUFFLE}
-# Filters that refuse input they did not produce (zlib's and zstd's framing, the checksum, the
-# sizes in LZ4's, Blosc's and compressing bitshuffle's headers): a chunk stored unfiltered
-# cannot pass for a filtered one. (Bitshuffle without compression checks nothing: ``_checked``.)
-CHECKED = {DEFLATE, FLETCHER32, ZSTD, LZ4, BLOSC, BITSHUFFLE}
+BITSHUFFLE, BZIP2 = 32008, 307
+COMPRESSORS = {DEFLATE, LZF, ZSTD, LZ4, BLOSC, BITSHUFFLE, BZIP2}
+# Filters that refuse input they did not produce (zlib's and zstd's framing, bzip2's CRCs, the
+# checksum, the sizes in LZ4's, Blosc's and compressing bitshuffle's headers): a chunk stored
+# unfiltered cannot pass for a filtered one. (Bitshuffle without compression checks nothing.)
+CHECKED = {DEFLATE, FLETCHER32, ZSTD, LZ4, BLOSC, BITSHUFFLE, BZIP2}
 # Bitshuffle's client values: (major, minor, element size, block size in elements (0: its
 # default), compression: 0 none, 2 LZ4, 3 zstd[, level])
 BSHUF_NONE, BSHUF_LZ4, BSHUF_ZSTD = 0, 2, 3
@@ -86,7 +88,7 @@ _BLOSC = _optional("blosc")
 if _BLOSC is not None:  # one thread per call, the GIL let go: chunks decode on the rank's threads
     _BLOSC.set_nthreads(1)
     _BLOSC.set_releasegil(True)
-FILTERS = {DEFLATE, SHUFFLE, FLETCHER32, LZF, BITSHUFFLE} | {
+FILTERS = {DEFLATE, SHUFFLE, FLETCHER32, LZF, BITSHUFFLE, BZIP2} | {
     fid for fid, module in ((ZSTD, _ZSTD), (LZ4, _LZ4), (BLOSC, _BLOSC)) if module is not None
 }
 # Bitshuffle's compressions decoded here, each chunk in one Numba call without the GIL (its
@@ -233,6 +235,18 @@ def _unshuffle(src, itemsize, out):
         for i in range(n):
             out[i * itemsize + b] = plane[i]
     return out
+
+
+def _bz2_decode(buf, nbytes: int) -> bytes | None:
+    """One bzip2 stream (hdf5plugin's and PyTables' filter 307) holding exactly ``nbytes``
+    bytes, or None: damaged data fails bzip2's block and stream CRCs. ``bz2`` lets go of the
+    GIL while it decompresses; at most ``nbytes + 1`` bytes are ever made."""
+    dec = bz2.BZ2Decompressor()
+    try:
+        out = dec.decompress(buf, max_length=nbytes + 1)
+    except (OSError, ValueError, EOFError):
+        return None
+    return out if dec.eof and not dec.unused_data and len(out) == nbytes else None
 
 
 def _zstd_decode(buf: bytes | np.ndarray, nbytes: int) -> bytes | None:
@@ -524,6 +538,10 @@ def decode(
             try:
                 buf = zlib.decompress(buf, bufsize=nbytes)
             except zlib.error:
+                return None
+        elif fid == BZIP2:
+            buf = _bz2_decode(buf, nbytes)
+            if buf is None:
                 return None
         elif fid == LZF:
             src = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, bytes) else buf

@@ -1,10 +1,9 @@
 """Training on chunked and compressed copies of a contiguous file gives the contiguous file's bits.
 
 ``lepton train`` under real ``mpiexec`` on 1, 2 and 3 ranks (reproducible mode, whose bits do not
-depend on the rank count; gzip, plain chunks, and hdf5plugin's LZ4, Blosc and bitshuffle) and on
-2 ranks in
-the default mode (gzip and shuffle+lzf): the copies
-are read chunk by chunk with ``pread`` and decoded on the ranks' threads (chunks splitting
+depend on the rank count; gzip, plain chunks, and hdf5plugin's LZ4, Blosc, bitshuffle and
+bzip2) and on 2 ranks in the default mode (gzip and shuffle+lzf): the copies are read chunk by
+chunk with ``pread`` and decoded on the ranks' threads (chunks splitting
 columns, row blocks starting and ending mid-chunk, partial edge chunks, a (n, 1) target column
 stored chunked with a checksum, a contiguous target next to compressed features), and must give
 the same final parameters bit for bit.
@@ -60,6 +59,10 @@ def files(tmp_path_factory):
         fh.create_dataset("X", data=X, chunks=(200, D), **hdf5plugin.Bitshuffle(64, "lz4"))
         fh.create_dataset("y", data=y, chunks=(300,), **hdf5plugin.Bitshuffle(cname="none"))
     out["bitshuffle"] = root / "bitshuffle.h5"
+    with h5py.File(root / "bzip2.h5", "w") as fh:  # chunks splitting columns; with shuffle
+        fh.create_dataset("X", data=X, chunks=(150, 3), **hdf5plugin.BZip2(), shuffle=True)
+        fh.create_dataset("y", data=y, chunks=(300,), **hdf5plugin.BZip2(blocksize=1))
+    out["bzip2"] = root / "bzip2.h5"
     return out
 
 
@@ -84,7 +87,15 @@ def test_chunked_and_compressed_copies_train_to_the_contiguous_bits(tmp_path, fi
     # Reproducible mode gives the same bits at every rank count, so one run on the plain file is
     # the reference for every copy at 1, 2 and 3 ranks.
     want = _train(tmp_path, files["plain"], 1, True)
-    runs = [("gzip", 1), ("chunked", 2), ("gzip", 3), ("lz4", 2), ("blosc", 3), ("bitshuffle", 2)]
+    runs = [
+        ("gzip", 1),
+        ("chunked", 2),
+        ("gzip", 3),
+        ("lz4", 2),
+        ("blosc", 3),
+        ("bitshuffle", 2),
+        ("bzip2", 3),
+    ]
     for layout, ranks in runs:
         if layout in files:
             assert _train(tmp_path, files[layout], ranks, True) == want, (layout, ranks)

@@ -101,12 +101,15 @@ STORED = {"f4": "f4", "f8": "f8", "f2": "f4", "i2": "f4", "u1": "f4", "i8": "f8"
 def _plugin_pipelines() -> dict:
     """hdf5plugin's filters that are decoded on the rank's threads when their package is
     installed: zstd (zstandard), LZ4 (lz4), Blosc (blosc) with its compressors and shuffles,
-    and bitshuffle (alone, or with LZ4 or zstd)."""
+    bitshuffle (alone, or with LZ4 or zstd), and bzip2 (the standard library's ``bz2``)."""
     try:
         import hdf5plugin
     except ImportError:
         return {}
-    found = {}
+    found = {
+        "bzip2": dict(hdf5plugin.BZip2(blocksize=1)),
+        "shuffle+bzip2+fletcher32": {**hdf5plugin.BZip2(), "shuffle": True, "fletcher32": True},
+    }
     if chunk_read.ZSTD in chunk_read.FILTERS:
         found["zstd"] = dict(hdf5plugin.Zstd(clevel=3))
         found["shuffle+zstd+fletcher32"] = {
@@ -324,6 +327,31 @@ def test_damaged_lz4_and_blosc_chunks_are_refused(tmp_path, name):
     else:
         bad = raw[:4] + (nbytes + 1).to_bytes(4, "little") + raw[8:]
     assert chunk_read.decode(bad, lay.filters, nbytes, 4) is None
+
+
+def test_damaged_bzip2_chunks_are_refused(tmp_path):
+    """bzip2: a chunk cut short, padded, of another size, or with any one byte changed (its
+    CRCs) decodes to None, never to other bytes."""
+    if "bzip2" not in _plugin_pipelines():
+        pytest.skip("hdf5plugin is not installed")
+    X = np.round(np.random.default_rng(10).normal(size=(500, 4)), 1).astype(np.float32)
+    path = tmp_path / "z.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=X, chunks=(500, 4), **_plugin_pipelines()["bzip2"])
+    with h5py.File(path, "r") as fh:
+        lay = chunk_read.layout(fh["X"], np.dtype(np.float32), os.stat(path))
+        _, raw = fh["X"].id.read_direct_chunk((0, 0))
+    nbytes = X.nbytes
+    assert chunk_read.decode(raw, lay.filters, nbytes, 4).tobytes() == X.tobytes()
+    for cut in (0, 4, 10, len(raw) // 2, len(raw) - 1):
+        assert chunk_read.decode(raw[:cut], lay.filters, nbytes, 4) is None, cut
+    assert chunk_read.decode(raw + b"\0", lay.filters, nbytes, 4) is None
+    assert chunk_read.decode(raw, lay.filters, nbytes - 4, 4) is None
+    assert chunk_read.decode(raw, lay.filters, nbytes + 4, 4) is None
+    for at in range(4, len(raw), max(1, len(raw) // 60)):
+        bad = raw[:at] + bytes([raw[at] ^ 0x10]) + raw[at + 1 :]
+        got = chunk_read.decode(bad, lay.filters, nbytes, 4)
+        assert got is None or got.tobytes() == X.tobytes(), at
 
 
 def test_damaged_bitshuffle_chunks_are_refused(tmp_path):

@@ -37,8 +37,8 @@ TARGETS = {"chunked_vs_contiguous": 0.8, "decode_scaling": 1.6}
 
 def layouts() -> dict[str, dict]:
     """h5py ``create_dataset`` keywords per layout: the compressors the reader decodes itself
-    (hdf5plugin's zstd, LZ4, Blosc and bitshuffle+LZ4 where hdf5plugin and the package decoding
-    each are installed)."""
+    (hdf5plugin's zstd, LZ4, Blosc, bitshuffle+LZ4 and Blosc2 where hdf5plugin and the package
+    decoding each are installed)."""
     from ..data import chunk_read
 
     out: dict[str, dict] = {
@@ -60,10 +60,13 @@ def layouts() -> dict[str, dict]:
     if chunk_read.BLOSC in chunk_read.FILTERS:
         blosc = hdf5plugin.Blosc
         out["blosc"] = dict(blosc(cname="lz4", clevel=5, shuffle=blosc.SHUFFLE))
+    if chunk_read.BLOSC2 in chunk_read.FILTERS:
+        blosc2 = hdf5plugin.Blosc2
+        out["blosc2"] = dict(blosc2(cname="lz4", clevel=5, filters=blosc2.SHUFFLE))
     return out
 
 
-COMPRESSED = ("gzip", "lzf", "zstd", "lz4", "blosc", "bitshuffle")
+COMPRESSED = ("gzip", "lzf", "zstd", "lz4", "blosc", "bitshuffle", "blosc2")
 
 
 def make(root: Path, rows: int, features: int) -> dict[str, Path]:

@@ -1,6 +1,6 @@
 """Direct reads of chunked HDF5 data sets: each chunk's bytes read with ``pread`` at the offset
-HDF5's chunk index gives, decoded (deflate, lzf, bzip2, zstd, LZ4, Blosc, bitshuffle, shuffle,
-fletcher32) and copied into the rank's rows, on the rank's threads.
+HDF5's chunk index gives, decoded (deflate, lzf, bzip2, zstd, LZ4, Blosc, Blosc2, bitshuffle,
+shuffle, fletcher32) and copied into the rank's rows, on the rank's threads.
 
 Why not h5py: h5py holds the GIL while HDF5 reads and decompresses, so one rank uses one core
 for the whole of its block. Here ``pread``, ``zlib.decompress``, ``bz2``, the Numba LZF, LZ4
@@ -14,9 +14,10 @@ deflate (1), shuffle (2), fletcher32 (3), lzf (32000), hdf5plugin's and PyTables
 one bzip2 stream a chunk, checked by its CRCs) and, when the package decoding each is
 installed, hdf5plugin's zstd (32015, ``zstandard``: one zstd frame per chunk, its content size
 in the frame header), LZ4 (32004, ``lz4``: sizes in a header and before each block), Blosc
-(32001, ``blosc``: a Blosc buffer, which undoes its own shuffle) and bitshuffle (32008, alone
-or with LZ4: its LZ4 blocks and bit transpose in one Numba call a chunk, without the GIL), with
-at most one compressor.
+(32001, ``blosc``: a Blosc buffer, which undoes its own shuffle), Blosc2 (32026, ``blosc2``: a
+frame a chunk; it holds the GIL, so a chunk is decoded by Blosc2's own threads) and bitshuffle
+(32008, alone or with LZ4: its LZ4 blocks and bit transpose in one Numba call a chunk, without
+the GIL), with at most one compressor.
 A chunk that still cannot be proved right when it is read goes through h5py alone (one chunk,
 not the data set): a chunk never written (HDF5 gives the fill value), a filter mask naming a
 filter the pipeline lacks, a stored size or decoded size that is not the chunk's, a fletcher32
@@ -31,7 +32,8 @@ optional filter that failed, as lzf and zstd do when a chunk does not shrink): i
 when decoding, exactly as HDF5 does.
 
 Filters from ``hdf5plugin`` (``plugins``) are registered when this module is imported, so the
-h5py reads of every reader can decode them; Blosc2 and the rest are read by h5py.
+h5py reads of every reader can decode them; the rest (SZ, ZFP, bitshuffle with zstd, ...) are
+read by h5py.
 """
 
 from __future__ import annotations
@@ -60,12 +62,12 @@ from .direct_read import (
 )
 
 DEFLATE, SHUFFLE, FLETCHER32, LZF, ZSTD, LZ4, BLOSC = 1, 2, 3, 32000, 32015, 32004, 32001
-BITSHUFFLE, BZIP2 = 32008, 307
-COMPRESSORS = {DEFLATE, LZF, ZSTD, LZ4, BLOSC, BITSHUFFLE, BZIP2}
+BITSHUFFLE, BZIP2, BLOSC2 = 32008, 307, 32026
+COMPRESSORS = {DEFLATE, LZF, ZSTD, LZ4, BLOSC, BITSHUFFLE, BZIP2, BLOSC2}
 # Filters that refuse input they did not produce (zlib's and zstd's framing, bzip2's CRCs, the
-# checksum, the sizes in LZ4's, Blosc's and compressing bitshuffle's headers): a chunk stored
-# unfiltered cannot pass for a filtered one. (Bitshuffle without compression checks nothing.)
-CHECKED = {DEFLATE, FLETCHER32, ZSTD, LZ4, BLOSC, BITSHUFFLE, BZIP2}
+# checksum, the sizes in LZ4's, Blosc's, Blosc2 frames' and compressing bitshuffle's headers): a
+# chunk stored unfiltered cannot pass for a filtered one. (Bitshuffle alone checks nothing.)
+CHECKED = {DEFLATE, FLETCHER32, ZSTD, LZ4, BLOSC, BITSHUFFLE, BZIP2, BLOSC2}
 # Bitshuffle's client values: (major, minor, element size, block size in elements (0: its
 # default), compression: 0 none, 2 LZ4, 3 zstd[, level])
 BSHUF_NONE, BSHUF_LZ4, BSHUF_ZSTD = 0, 2, 3
@@ -85,11 +87,14 @@ def _optional(name: str):
 _ZSTD = _optional("zstandard")
 _LZ4 = _optional("lz4.block")
 _BLOSC = _optional("blosc")
+_BLOSC2 = _optional("blosc2")
 if _BLOSC is not None:  # one thread per call, the GIL let go: chunks decode on the rank's threads
     _BLOSC.set_nthreads(1)
     _BLOSC.set_releasegil(True)
 FILTERS = {DEFLATE, SHUFFLE, FLETCHER32, LZF, BITSHUFFLE, BZIP2} | {
-    fid for fid, module in ((ZSTD, _ZSTD), (LZ4, _LZ4), (BLOSC, _BLOSC)) if module is not None
+    fid
+    for fid, module in ((ZSTD, _ZSTD), (LZ4, _LZ4), (BLOSC, _BLOSC), (BLOSC2, _BLOSC2))
+    if module is not None
 }
 # Bitshuffle's compressions decoded here, each chunk in one Numba call without the GIL (its
 # LZ4 blocks too: no package needed). Bitshuffle with zstd goes through h5py.
@@ -235,6 +240,41 @@ def _unshuffle(src, itemsize, out):
         for i in range(n):
             out[i * itemsize + b] = plane[i]
     return out
+
+
+def _blosc2_decode(
+    buf: bytes, nbytes: int, into: np.ndarray | None = None, threads: int = 1
+) -> bytes | np.ndarray | None:
+    """One Blosc2 frame (hdf5plugin's Blosc2 filter, 32026: a super-chunk frame a chunk, with
+    b2nd metadata for its shape) holding exactly ``nbytes`` bytes, or None. ``blosc2`` holds the
+    GIL, so the chunk is decoded by ``threads`` of Blosc2's own threads.
+
+    A b2nd array stores its blocks one after another: where they are whole rows and fill the
+    one chunk exactly (the usual case), that is C order and the chunk is decoded straight into
+    ``into``; else b2nd assembles the C-order array (a copy)."""
+    try:
+        schunk = _BLOSC2.schunk_from_cframe(buf, copy=False)
+        if schunk.nbytes < nbytes:
+            return None
+        dparams = _BLOSC2.DParams(nthreads=max(1, threads))
+        if "b2nd" not in schunk.meta:
+            schunk.dparams = dparams
+            out = schunk[:]
+            return out if len(out) == nbytes else None
+        arr = _BLOSC2.ndarray_from_cframe(buf, copy=False)
+        shape, chunks, blocks = arr.shape, arr.chunks, arr.blocks
+        if int(np.prod(shape, dtype=np.int64)) * arr.dtype.itemsize != nbytes:
+            return None
+        arr.schunk.dparams = dparams
+        whole_rows = shape == chunks and blocks[1:] == shape[1:] and shape[0] % blocks[0] == 0
+        if whole_rows and arr.schunk.nchunks == 1 and arr.schunk.nbytes == nbytes:
+            out = into if into is not None else np.empty(nbytes, dtype=np.uint8)
+            arr.schunk.decompress_chunk(0, out)
+            return out
+        out = np.ascontiguousarray(arr[...]).reshape(-1).view(np.uint8)
+        return out if out.size == nbytes else None
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError):
+        return None
 
 
 def _bz2_decode(buf, nbytes: int) -> bytes | None:
@@ -504,7 +544,13 @@ def _lz4_block(data, want: int) -> bytes | None:
 
 
 def decode(
-    raw: bytes, filters, nbytes: int, itemsize: int, mask: int = 0, into: np.ndarray | None = None
+    raw: bytes,
+    filters,
+    nbytes: int,
+    itemsize: int,
+    mask: int = 0,
+    into: np.ndarray | None = None,
+    threads: int = 1,
 ) -> np.ndarray | None:
     """The ``nbytes`` bytes (uint8) of one chunk stored as ``raw`` through ``filters`` (pipeline
     order; undone in reverse), or None when they cannot be proved right (h5py then reads it).
@@ -515,7 +561,8 @@ def decode(
 
     ``into``: ``nbytes`` bytes (uint8) where the chunk's rows go. A last stage that can write
     there (shuffle, bitshuffle, Blosc) does, and ``into`` is returned: no copy. Its bytes are
-    undefined when None is returned.
+    undefined when None is returned. ``threads``: Blosc2's own threads for the chunk (it holds
+    the GIL, so the rank's threads cannot share its work out).
     """
     if mask >> len(filters):
         return None  # a bit for a filter the pipeline does not have
@@ -558,6 +605,10 @@ def decode(
                 return None
         elif fid == BITSHUFFLE and filters[i][1][4] in BSHUF_CODECS:
             buf = _bitshuffle_decode(buf, nbytes, filters[i][1], into if i == last else None)
+            if buf is None:
+                return None
+        elif fid == BLOSC2 and _BLOSC2 is not None:
+            buf = _blosc2_decode(bytes(buf), nbytes, into if i == last else None, threads)
             if buf is None:
                 return None
         elif fid == BLOSC and _BLOSC is not None:
@@ -687,7 +738,7 @@ def read_rows(
             into = None
             if cc == w and stored == out.dtype and start <= r0 and r0 + cr <= min(stop, n):
                 into = out[r0 - start : r0 + cr - start].reshape(-1).view(np.uint8)
-            data = decode(raw, lay.filters, nbytes, isz, mask, into)
+            data = decode(raw, lay.filters, nbytes, isz, mask, into, threads)
             if data is None:
                 return task
             if data is into:

@@ -1,9 +1,9 @@
 """Training on chunked and compressed copies of a contiguous file gives the contiguous file's bits.
 
 ``lepton train`` under real ``mpiexec`` on 1, 2 and 3 ranks (reproducible mode, whose bits do not
-depend on the rank count; gzip, plain chunks, and hdf5plugin's LZ4, Blosc, bitshuffle and
-bzip2) and on 2 ranks in the default mode (gzip and shuffle+lzf): the copies are read chunk by
-chunk with ``pread`` and decoded on the ranks' threads (chunks splitting
+depend on the rank count; gzip, plain chunks, and hdf5plugin's LZ4, Blosc, bitshuffle, bzip2
+and Blosc2) and on 2 ranks in the default mode (gzip and shuffle+lzf): the copies are read chunk
+by chunk with ``pread`` and decoded on the ranks' threads (chunks splitting
 columns, row blocks starting and ending mid-chunk, partial edge chunks, a (n, 1) target column
 stored chunked with a checksum, a contiguous target next to compressed features), and must give
 the same final parameters bit for bit.
@@ -42,8 +42,8 @@ def files(tmp_path_factory):
         fh.create_dataset("X", data=X, chunks=(128, D), compression="lzf", shuffle=True)
         fh.create_dataset("y", data=y, chunks=(300,), compression="lzf")
     out["lzf"] = root / "lzf.h5"
-    try:  # hdf5plugin's LZ4 and Blosc, decoded on the ranks' threads when lz4 and blosc are
-        import hdf5plugin  # installed (``make install`` installs all three)
+    try:  # hdf5plugin's filters, decoded on the ranks' threads when their packages are
+        import hdf5plugin  # installed (``make install`` installs them)
     except ImportError:
         return out
     with h5py.File(root / "lz4.h5", "w") as fh:  # blocks of 1,000 bytes inside each chunk
@@ -63,6 +63,11 @@ def files(tmp_path_factory):
         fh.create_dataset("X", data=X, chunks=(150, 3), **hdf5plugin.BZip2(), shuffle=True)
         fh.create_dataset("y", data=y, chunks=(300,), **hdf5plugin.BZip2(blocksize=1))
     out["bzip2"] = root / "bzip2.h5"
+    with h5py.File(root / "blosc2.h5", "w") as fh:  # chunks splitting columns
+        blosc2 = hdf5plugin.Blosc2
+        fh.create_dataset("X", data=X, chunks=(101, 4), **blosc2(filters=blosc2.BITSHUFFLE))
+        fh.create_dataset("y", data=y, chunks=(300,), **blosc2(cname="lz4"))
+    out["blosc2"] = root / "blosc2.h5"
     return out
 
 
@@ -95,6 +100,7 @@ def test_chunked_and_compressed_copies_train_to_the_contiguous_bits(tmp_path, fi
         ("blosc", 3),
         ("bitshuffle", 2),
         ("bzip2", 3),
+        ("blosc2", 2),
     ]
     for layout, ranks in runs:
         if layout in files:

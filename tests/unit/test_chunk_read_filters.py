@@ -101,7 +101,8 @@ STORED = {"f4": "f4", "f8": "f8", "f2": "f4", "i2": "f4", "u1": "f4", "i8": "f8"
 def _plugin_pipelines() -> dict:
     """hdf5plugin's filters that are decoded on the rank's threads when their package is
     installed: zstd (zstandard), LZ4 (lz4), Blosc (blosc) with its compressors and shuffles,
-    bitshuffle (alone, or with LZ4 or zstd), and bzip2 (the standard library's ``bz2``)."""
+    bitshuffle (alone, or with LZ4 or zstd), bzip2 (the standard library's ``bz2``) and Blosc2
+    (blosc2)."""
     try:
         import hdf5plugin
     except ImportError:
@@ -133,6 +134,10 @@ def _plugin_pipelines() -> dict:
         found["bitshuffle+lz4"] = dict(bitshuffle(cname="lz4"))
     if chunk_read.BSHUF_ZSTD in chunk_read.BSHUF_CODECS:
         found["bitshuffle+zstd (blocks of 256)"] = dict(bitshuffle(nelems=256, cname="zstd"))
+    if chunk_read.BLOSC2 in chunk_read.FILTERS:
+        blosc2 = hdf5plugin.Blosc2
+        found["blosc2 lz4+shuffle"] = dict(blosc2(cname="lz4", clevel=5, filters=blosc2.SHUFFLE))
+        found["blosc2 zstd+bitshuffle"] = dict(blosc2(cname="zstd", filters=blosc2.BITSHUFFLE))
     if chunk_read.BLOSC in chunk_read.FILTERS:
         blosc = hdf5plugin.Blosc
         found["blosc lz4+shuffle"] = dict(blosc(cname="lz4", clevel=5, shuffle=blosc.SHUFFLE))
@@ -447,6 +452,7 @@ IN_PLACE = {  # hdf5plugin filters whose chunks of whole rows are decoded into t
     "blosc lz4+shuffle": lambda p: dict(p.Blosc(cname="lz4", clevel=5, shuffle=p.Blosc.SHUFFLE)),
     "gzip+shuffle": lambda p: {"compression": "gzip", "shuffle": True},  # (the shuffle's output)
     "lz4+shuffle": lambda p: {**p.LZ4(), "shuffle": True},
+    "blosc2 lz4+shuffle": lambda p: dict(p.Blosc2(cname="lz4", filters=p.Blosc2.SHUFFLE)),
 }
 
 
@@ -455,7 +461,11 @@ def test_chunks_of_whole_rows_decode_in_place(tmp_path, monkeypatch, pipeline):
     """Chunks holding whole rows in the read type are decoded straight into the rows read (no
     copy); a chunk whose decoding fails after writing there is then read by h5py over it."""
     hdf5plugin = pytest.importorskip("hdf5plugin")
-    for name, fid in (("blosc", chunk_read.BLOSC), ("lz4+", chunk_read.LZ4)):
+    for name, fid in (
+        ("blosc ", chunk_read.BLOSC),
+        ("blosc2", chunk_read.BLOSC2),
+        ("lz4+", chunk_read.LZ4),
+    ):
         if pipeline.startswith(name) and fid not in chunk_read.FILTERS:
             pytest.skip(f"{name} is not installed")
     rng = np.random.default_rng(11)
@@ -466,11 +476,11 @@ def test_chunks_of_whole_rows_decode_in_place(tmp_path, monkeypatch, pipeline):
         fh.create_dataset("X", data=X, chunks=(cr, d), **IN_PLACE[pipeline](hdf5plugin))
     real, seen, placed, lock = chunk_read.decode, [], [], threading.Lock()
 
-    def failing_once(raw, filters, nbytes, itemsize, mask=0, into=None):
+    def failing_once(raw, filters, nbytes, itemsize, mask=0, into=None, threads=1):
         with lock:  # the rank's threads decode at once: the second call fails, whichever it is
             second = len(seen) == 1
             seen.append(into is not None)
-        got = real(raw, filters, nbytes, itemsize, mask, into)
+        got = real(raw, filters, nbytes, itemsize, mask, into, threads)
         placed.append(got is not None and got is into)
         if second:
             if got is into:
@@ -488,3 +498,20 @@ def test_chunks_of_whole_rows_decode_in_place(tmp_path, monkeypatch, pipeline):
         # the failed chunk, and the partial edge chunk where nothing checks it (bitshuffle alone)
         assert len(slow) == 1 + (pipeline == "bitshuffle" and (n // cr) * cr < b)
     assert sum(placed) >= 15  # and decoded there
+
+
+@pytest.mark.parametrize("blocks", [(16, 6), (16, 2), (7, 6)])
+def test_blosc2_arrays_decode_in_c_order(blocks):
+    """A Blosc2 frame's b2nd array stores its blocks one after another: blocks of whole rows
+    that fill the chunk decode straight into the rows; blocks splitting columns, or padded at
+    the end, are put in C order by b2nd. Either way the bytes are the array's."""
+    blosc2 = pytest.importorskip("blosc2")
+    X = np.arange(64 * 6, dtype=np.float32).reshape(64, 6) / 7
+    frame = blosc2.asarray(X, chunks=(64, 6), blocks=blocks).to_cframe()
+    into = np.zeros(X.nbytes, dtype=np.uint8)
+    got = chunk_read._blosc2_decode(frame, X.nbytes, into, threads=2)
+    assert got is not None and got.tobytes() == X.tobytes()
+    assert (got is into) == (blocks == (16, 6))
+    assert chunk_read._blosc2_decode(frame, X.nbytes - 4) is None  # not this chunk's size
+    assert chunk_read._blosc2_decode(frame[: len(frame) // 2], X.nbytes) is None  # cut short
+    assert chunk_read._blosc2_decode(X.tobytes(), X.nbytes) is None  # stored unfiltered

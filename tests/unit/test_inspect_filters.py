@@ -20,6 +20,7 @@ def _file(path):
         fh.create_dataset("lz4", data=X, chunks=(100, 3), **hdf5plugin.LZ4())
         fh.create_dataset("y", data=X[:, 0], chunks=(100,), **hdf5plugin.Blosc())
         fh.create_dataset("blosc2", data=X, chunks=(100, 3), **hdf5plugin.Blosc2())
+        fh.create_dataset("zfp", data=X, chunks=(100, 3), **hdf5plugin.Zfp(reversible=True))
     return path
 
 
@@ -37,10 +38,11 @@ def test_filters_the_reader_decodes_are_compressed_other_plugins_through_hdf5(tm
         "/zstd": "compressed",
         "/lz4": ours(chunk_read.LZ4),  # with the lz4 package
         "/y": ours(chunk_read.BLOSC),  # with the blosc package
-        "/blosc2": "through HDF5",
+        "/blosc2": ours(chunk_read.BLOSC2),  # with the blosc2 package
+        "/zfp": "through HDF5",
     }
     assert "lz4" in sets["/lz4"]["why"] and "zstd" in sets["/zstd"]["why"]
-    assert "blosc2" in sets["/blosc2"]["why"]
+    assert "blosc2" in sets["/blosc2"]["why"] and "zfp" in sets["/zfp"]["why"]
     assert not any("cannot decode" in n for d in sets.values() for n in d["notes"])
 
 

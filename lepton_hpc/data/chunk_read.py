@@ -39,6 +39,7 @@ read by h5py.
 from __future__ import annotations
 
 import bz2
+import functools
 import importlib
 import os
 import zlib
@@ -251,30 +252,40 @@ def _blosc2_decode(
 
     A b2nd array stores its blocks one after another: where they are whole rows and fill the
     one chunk exactly (the usual case), that is C order and the chunk is decoded straight into
-    ``into``; else b2nd assembles the C-order array (a copy)."""
+    ``into``; else b2nd assembles the C-order array (a copy). The frame's metadata is read from
+    the super-chunk (3 us) rather than through a b2nd array object (23 us a chunk)."""
     try:
         schunk = _BLOSC2.schunk_from_cframe(buf, copy=False)
         if schunk.nbytes < nbytes:
             return None
-        dparams = _BLOSC2.DParams(nthreads=max(1, threads))
+        schunk.dparams = _blosc2_dparams(max(1, threads))
         if "b2nd" not in schunk.meta:
-            schunk.dparams = dparams
             out = schunk[:]
             return out if len(out) == nbytes else None
-        arr = _BLOSC2.ndarray_from_cframe(buf, copy=False)
-        shape, chunks, blocks = arr.shape, arr.chunks, arr.blocks
-        if int(np.prod(shape, dtype=np.int64)) * arr.dtype.itemsize != nbytes:
-            return None
-        arr.schunk.dparams = dparams
-        whole_rows = shape == chunks and blocks[1:] == shape[1:] and shape[0] % blocks[0] == 0
-        if whole_rows and arr.schunk.nchunks == 1 and arr.schunk.nbytes == nbytes:
+        meta = schunk.meta["b2nd"]  # [version, ndim, shape, chunk shape, block shape, ...]
+        if (
+            isinstance(meta, list)
+            and len(meta) >= 5
+            and meta[2] == meta[3]
+            and meta[4][1:] == meta[2][1:]
+            and meta[2][0] % meta[4][0] == 0
+            and schunk.nchunks == 1
+            and schunk.nbytes == nbytes
+        ):
             out = into if into is not None else np.empty(nbytes, dtype=np.uint8)
-            arr.schunk.decompress_chunk(0, out)
+            schunk.decompress_chunk(0, out)
             return out
+        arr = _BLOSC2.ndarray_from_cframe(buf, copy=False)
+        arr.schunk.dparams = schunk.dparams
         out = np.ascontiguousarray(arr[...]).reshape(-1).view(np.uint8)
         return out if out.size == nbytes else None
-    except (RuntimeError, ValueError, TypeError, KeyError, IndexError):
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, ZeroDivisionError):
         return None
+
+
+@functools.cache
+def _blosc2_dparams(threads: int):
+    return _BLOSC2.DParams(nthreads=threads)
 
 
 def _bz2_decode(buf, nbytes: int) -> bytes | None:

@@ -353,8 +353,8 @@ def _blosc_decode(
 ) -> bytes | np.ndarray | None:
     """One Blosc buffer (hdf5plugin's Blosc filter, 32001) holding exactly ``nbytes`` bytes, or
     None: its header's sizes (little-endian at bytes 4 and 12) must be the chunk's and the
-    stored bytes'. Blosc undoes its own shuffle. ``into``: ``nbytes`` bytes (uint8) to decode
-    into, returned (Blosc writes the size in the header checked here, no more)."""
+    stored bytes'. Blosc undoes its own shuffle. ``into``: ``nbytes`` contiguous bytes (uint8)
+    to decode into, returned (Blosc writes the size in the header checked here, no more)."""
     if len(buf) < 16:
         return None
     if int.from_bytes(buf[4:8], "little") != nbytes or int.from_bytes(buf[12:16], "little") != len(
@@ -362,7 +362,7 @@ def _blosc_decode(
     ):
         return None
     try:
-        if into is not None and into.size == nbytes and into.flags.c_contiguous:
+        if into is not None:
             return into if _BLOSC.decompress_ptr(buf, into.ctypes.data) == nbytes else None
         out = _BLOSC.decompress(buf)
     except (RuntimeError, ValueError, TypeError):
@@ -570,19 +570,22 @@ def decode(
     (HDF5 skips it when reading too). Every compressor's output is exactly ``nbytes``, as
     ``layout`` admits one compressor at most and the other filters keep sizes.
 
-    ``into``: ``nbytes`` bytes (uint8) where the chunk's rows go. A last stage that can write
-    there (shuffle, bitshuffle, Blosc) does, and ``into`` is returned: no copy. Its bytes are
-    undefined when None is returned. ``threads``: Blosc2's own threads for the chunk (it holds
-    the GIL, so the rank's threads cannot share its work out).
+    ``into``: ``nbytes`` bytes (uint8) where the chunk's rows go (ignored at any other size). A
+    last stage that can write there (shuffle, bitshuffle, Blosc, Blosc2) does, and ``into`` is
+    returned: no copy. Its bytes are undefined when None is returned. ``threads``: Blosc2's own
+    threads for the chunk (it holds the GIL, so the rank's threads cannot share its work out).
     """
     if mask >> len(filters):
         return None  # a bit for a filter the pipeline does not have
     buf: bytes | np.ndarray = raw
+    if into is not None and (into.size != nbytes or not into.flags.c_contiguous):
+        into = None
     last = min((i for i in range(len(filters)) if not mask >> i & 1), default=-1)
     for i in range(len(filters) - 1, -1, -1):
         fid = filters[i][0]
         if mask >> i & 1:
             continue
+        dst = into if i == last else None  # the last stage may write the rows themselves
         if fid == FLETCHER32:
             if len(buf) < 4:
                 return None
@@ -615,23 +618,22 @@ def decode(
             if buf is None:
                 return None
         elif fid == BITSHUFFLE and filters[i][1][4] in BSHUF_CODECS:
-            buf = _bitshuffle_decode(buf, nbytes, filters[i][1], into if i == last else None)
+            buf = _bitshuffle_decode(buf, nbytes, filters[i][1], dst)
             if buf is None:
                 return None
         elif fid == BLOSC2 and _BLOSC2 is not None:
-            buf = _blosc2_decode(bytes(buf), nbytes, into if i == last else None, threads)
+            buf = _blosc2_decode(bytes(buf), nbytes, dst, threads)
             if buf is None:
                 return None
         elif fid == BLOSC and _BLOSC is not None:
-            buf = _blosc_decode(bytes(buf), nbytes, into if i == last else None)
+            buf = _blosc_decode(bytes(buf), nbytes, dst)
             if buf is None:
                 return None
         elif fid == SHUFFLE:
             if len(buf) != nbytes:
                 return None
             if itemsize > 1 and nbytes > itemsize:
-                mine = i == last and into is not None and into.size == nbytes
-                to = into if mine else np.empty(nbytes, dtype=np.uint8)
+                to = dst if dst is not None else np.empty(nbytes, dtype=np.uint8)
                 buf = _unshuffle(np.frombuffer(buf, dtype=np.uint8), itemsize, to)
         else:  # pragma: no cover - ``layout`` admits no other filter
             return None

@@ -517,13 +517,11 @@ def map_range(
     s, lo, hi = found
     fmap = _file_map({} if maps is None else maps, s)
     X = fmap.rows(s.x_offset, lo, hi, info.n_features, dtype)
-    row = info.n_features * np.dtype(dtype).itemsize
-    spans = [(fmap, s.x_offset + lo * row, s.x_offset + hi * row)]
     y = None
     if info.y is not None and s.y_offset is not None:
         y = fmap.rows(s.y_offset, lo, hi, y_width, np.float64)
-        spans.append((fmap, s.y_offset + lo * 8 * y_width, s.y_offset + hi * 8 * y_width))
-    return MappedPiece(X, y, tuple(spans))
+    spans = tuple((fmap, a, b) for a, b in _byte_spans(info, s, lo, hi, dtype, y_width))
+    return MappedPiece(X, y, spans)
 
 
 def _mapped_file(info: DataInfo, start: int, stop: int):
@@ -535,6 +533,15 @@ def _mapped_file(info: DataInfo, start: int, stop: int):
     i, lo, hi, _ = parts[0]
     s = _files(info)[i]
     return None if s.x_offset is None else (s, lo, hi)
+
+
+def _byte_spans(info: DataInfo, s, lo: int, hi: int, dtype, y_width: int) -> list:
+    """The file's byte ranges ``[a, b)`` of rows ``lo..hi`` as ``map_range`` maps them: X's, and
+    y's when it is mapped too."""
+    spans = [(s.x_offset, info.n_features * np.dtype(dtype).itemsize)]
+    if info.y is not None and s.y_offset is not None:
+        spans.append((s.y_offset, 8 * y_width))
+    return [(offset + lo * row, offset + hi * row) for offset, row in spans]
 
 
 def _file_map(maps: dict[str, FileMap], s) -> FileMap:
@@ -556,10 +563,7 @@ def mapped_cached(
         return None
     s, lo, hi = found
     fd = _file_map(maps, s).fd
-    spans = [(s.x_offset, info.n_features * np.dtype(dtype).itemsize)]
-    if info.y is not None and s.y_offset is not None:
-        spans.append((s.y_offset, 8 * y_width))
-    return all(cached(fd, offset + lo * row, (hi - lo) * row) for offset, row in spans)
+    return all(cached(fd, a, b - a) for a, b in _byte_spans(info, s, lo, hi, dtype, y_width))
 
 
 def mapped_bounds(info: DataInfo, start: int, stop: int, unit: int, piece_bytes: int) -> list:

@@ -23,7 +23,7 @@ from .cpu_layers import (
     _head_loss,  # noqa: F401 - tests reach the scalar head as cpu._head_loss
 )
 from .cpu_passes import _mlp_forward, _mlp_gradient, _single_layer_gradient
-from .cpu_tiles import _one_output_forward8, _one_output_tiles, _one_output_tiles8
+from .cpu_tiles import _one_output_forward8, tiles_kernel
 
 SINGLE_BLOCK_BYTES = 4096  # one-layer models: rows of X per block
 MLP_ROW_FLOATS = 16384  # MLP blocks: rows x (sum of layer widths) <= this (128 KiB of float64)
@@ -116,8 +116,9 @@ def gradient(
     if USE_TILES and sizes.size == 2 and sizes[1] == 1 and X.shape[1] <= TILE_WIDTH:
         n_chunks, rows = _plan(n, _single_block(X), P + 1)
         ahead = max(1, TILE_AHEAD_BYTES // (X.shape[1] * X.itemsize))
-        # The logistic head pays for eight-row groups, the cheap squared head does not.
-        tiles = _one_output_tiles8 if head == BINARY else _one_output_tiles
+        # Narrow rows take one or two registers; up to 32 features, the logistic head pays for
+        # eight-row groups, the cheap squared head does not.
+        tiles = tiles_kernel(X.shape[1], head == BINARY)
         partial = tiles(X, Y, pT, head == BINARY, ahead, rows, n_chunks)
     elif sizes.size == 2:
         block = _single_block(X)

@@ -18,14 +18,22 @@ from .native.simd import (
     hsum,
     hsum4,
     hsum8,
+    join8,
+    join16,
     lane8,
     load4,
     load8,
+    load16,
+    load32,
     splat4,
     splat8,
+    splat16,
+    splat32,
     store8,
     zero4,
     zero8,
+    zero16,
+    zero32,
 )
 
 
@@ -135,8 +143,129 @@ def _tile_group8(xf, o, d, live, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2
     return g0, g1, g2, g3, q, loss
 
 
-def _tiles_kernel(group: int):
-    """The one-output kernel for groups of ``group`` (4 or 8) rows: k == 1 and d <= 32.
+@njit(inline="always", error_model="numpy")
+def _rows8_one_tile(xf, o, d, live, w0):
+    """Rows i .. i + live - 1 (live <= 8) of a model with d <= 8 (one vec8 each, widened; rows
+    past live read as 0) and their logits without the bias."""
+    x0 = load8(xf, o, d if live > 0 else 0)
+    x1 = load8(xf, o + d, d if live > 1 else 0)
+    x2 = load8(xf, o + 2 * d, d if live > 2 else 0)
+    x3 = load8(xf, o + 3 * d, d if live > 3 else 0)
+    x4 = load8(xf, o + 4 * d, d if live > 4 else 0)
+    x5 = load8(xf, o + 5 * d, d if live > 5 else 0)
+    x6 = load8(xf, o + 6 * d, d if live > 6 else 0)
+    x7 = load8(xf, o + 7 * d, d if live > 7 else 0)
+    z = hsum8(x0 * w0, x1 * w0, x2 * w0, x3 * w0, x4 * w0, x5 * w0, x6 * w0, x7 * w0)
+    return x0, x1, x2, x3, x4, x5, x6, x7, z
+
+
+@njit(inline="always", error_model="numpy")
+def _row2(xf, o, count, w0, w1):
+    """One row of up to 16 features as two vec8 (widened; lanes past count 0) and the lanes of
+    its dot product."""
+    x0 = load8(xf, o, count)
+    x1 = load8(xf, o + 8, count - 8)
+    return x0, x1, fma(x1, w1, x0 * w0)
+
+
+@njit(inline="always", error_model="numpy")
+def _rows8_two_tiles(xf, o, d, live, w0, w1):
+    """Rows i .. i + live - 1 (live <= 8) of a model with 8 < d <= 16 (two vec8 each) and their
+    logits without the bias."""
+    x00, x01, z0 = _row2(xf, o, d if live > 0 else 0, w0, w1)
+    x10, x11, z1 = _row2(xf, o + d, d if live > 1 else 0, w0, w1)
+    x20, x21, z2 = _row2(xf, o + 2 * d, d if live > 2 else 0, w0, w1)
+    x30, x31, z3 = _row2(xf, o + 3 * d, d if live > 3 else 0, w0, w1)
+    x40, x41, z4 = _row2(xf, o + 4 * d, d if live > 4 else 0, w0, w1)
+    x50, x51, z5 = _row2(xf, o + 5 * d, d if live > 5 else 0, w0, w1)
+    x60, x61, z6 = _row2(xf, o + 6 * d, d if live > 6 else 0, w0, w1)
+    x70, x71, z7 = _row2(xf, o + 7 * d, d if live > 7 else 0, w0, w1)
+    z = hsum8(z0, z1, z2, z3, z4, z5, z6, z7)
+    return x00, x10, x20, x30, x40, x50, x60, x70, x01, x11, x21, x31, x41, x51, x61, x71, z
+
+
+@njit(inline="always", error_model="numpy")
+def _group32_one_tile(xf, o, d, live, w0, bias, yf, i, binary, ga, gb, gc, gd):
+    """Thirty-two rows (live <= 32) of a model with d <= 8, one register a row, their head on
+    one vec32.
+
+    With a row in one register the pass is bound by the head, not by the rows: exp, log1p and
+    a division in a chain of about 200 cycles. In groups of eight, one group's head was in
+    flight at a time (27 cycles a row at d = 8); as one vec32, LLVM splits every operation of
+    the head into four adjacent ones, so four groups' chains run interleaved (7.5 cycles a row;
+    a vec16 gave 8). The gradient goes into four accumulators (rows 0 and 4, 1 and 5, ... of
+    each eight), summed in a fixed order at the end of the chunk.
+    """
+    x0, x1, x2, x3, x4, x5, x6, x7, za = _rows8_one_tile(xf, o, d, live, w0)
+    x8, x9, x10, x11, x12, x13, x14, x15, zb = _rows8_one_tile(xf, o + 8 * d, d, live - 8, w0)
+    u0, u1, u2, u3, u4, u5, u6, u7, zc = _rows8_one_tile(xf, o + 16 * d, d, live - 16, w0)
+    v0, v1, v2, v3, v4, v5, v6, v7, zd = _rows8_one_tile(xf, o + 24 * d, d, live - 24, w0)
+    y = load32(yf, i, live)
+    z = join16(join8(za, zb), join8(zc, zd)) + bias
+    if binary:
+        q, loss = head_lanes(z, y, live, True)
+    else:
+        q, loss = head_lanes(z, y, live, False)
+    ga = fma(x4, lane8(q, 4), fma(x0, lane8(q, 0), ga))
+    gb = fma(x5, lane8(q, 5), fma(x1, lane8(q, 1), gb))
+    gc = fma(x6, lane8(q, 6), fma(x2, lane8(q, 2), gc))
+    gd = fma(x7, lane8(q, 7), fma(x3, lane8(q, 3), gd))
+    ga = fma(x12, lane8(q, 12), fma(x8, lane8(q, 8), ga))
+    gb = fma(x13, lane8(q, 13), fma(x9, lane8(q, 9), gb))
+    gc = fma(x14, lane8(q, 14), fma(x10, lane8(q, 10), gc))
+    gd = fma(x15, lane8(q, 15), fma(x11, lane8(q, 11), gd))
+    ga = fma(u4, lane8(q, 20), fma(u0, lane8(q, 16), ga))
+    gb = fma(u5, lane8(q, 21), fma(u1, lane8(q, 17), gb))
+    gc = fma(u6, lane8(q, 22), fma(u2, lane8(q, 18), gc))
+    gd = fma(u7, lane8(q, 23), fma(u3, lane8(q, 19), gd))
+    ga = fma(v4, lane8(q, 28), fma(v0, lane8(q, 24), ga))
+    gb = fma(v5, lane8(q, 29), fma(v1, lane8(q, 25), gb))
+    gc = fma(v6, lane8(q, 30), fma(v2, lane8(q, 26), gc))
+    gd = fma(v7, lane8(q, 31), fma(v3, lane8(q, 27), gd))
+    return ga, gb, gc, gd, q, loss
+
+
+@njit(inline="always", error_model="numpy")
+def _group16_two_tiles(xf, o, d, live, w0, w1, bias, yf, i, binary, g0, g1, h0, h1):
+    """Sixteen rows (live <= 16) of a model with 8 < d <= 16, two registers a row, their head
+    on one vec16 (two groups' heads interleaved, as in ``_group32_one_tile``; at d = 16 0.66 of
+    the read ceiling against 0.53 in groups of eight). The gradient of rows 0-7 goes into g0,
+    g1 and of rows 8-15 into h0, h1 (summed at the end of the chunk). The 32 row registers do
+    not all fit beside the rest: the compiler keeps some on the stack until the gradient."""
+    a0, a1, a2, a3, a4, a5, a6, a7, c0, c1, c2, c3, c4, c5, c6, c7, za = _rows8_two_tiles(
+        xf, o, d, live, w0, w1
+    )
+    b0, b1, b2, b3, b4, b5, b6, b7, e0, e1, e2, e3, e4, e5, e6, e7, zb = _rows8_two_tiles(
+        xf, o + 8 * d, d, live - 8, w0, w1
+    )
+    y = load16(yf, i, live)
+    z = join8(za, zb) + bias
+    if binary:
+        q, loss = head_lanes(z, y, live, True)
+    else:
+        q, loss = head_lanes(z, y, live, False)
+    s0, s1, s2, s3 = lane8(q, 0), lane8(q, 1), lane8(q, 2), lane8(q, 3)
+    s4, s5, s6, s7 = lane8(q, 4), lane8(q, 5), lane8(q, 6), lane8(q, 7)
+    g0 = _add_rows(g0, s0, s1, s2, s3, a0, a1, a2, a3)
+    g0 = _add_rows(g0, s4, s5, s6, s7, a4, a5, a6, a7)
+    g1 = _add_rows(g1, s0, s1, s2, s3, c0, c1, c2, c3)
+    g1 = _add_rows(g1, s4, s5, s6, s7, c4, c5, c6, c7)
+    s0, s1, s2, s3 = lane8(q, 8), lane8(q, 9), lane8(q, 10), lane8(q, 11)
+    s4, s5, s6, s7 = lane8(q, 12), lane8(q, 13), lane8(q, 14), lane8(q, 15)
+    h0 = _add_rows(h0, s0, s1, s2, s3, b0, b1, b2, b3)
+    h0 = _add_rows(h0, s4, s5, s6, s7, b4, b5, b6, b7)
+    h1 = _add_rows(h1, s0, s1, s2, s3, e0, e1, e2, e3)
+    h1 = _add_rows(h1, s4, s5, s6, s7, e4, e5, e6, e7)
+    return g0, g1, h0, h1, q, loss
+
+
+def _tiles_kernel(group: int, tiles: int = 4):
+    """The one-output kernel for groups of ``group`` rows: k == 1 and d <= 8 * tiles.
+
+    ``tiles`` is the number of vec8 registers a row takes: 4 (d <= 32, groups of 4 or 8 rows),
+    2 (d <= 16, groups of 16) or 1 (d <= 8, groups of 32). Narrow rows take a half or a quarter
+    of the loads, products and gradient FMAs, and their larger groups keep several heads in
+    flight; they run for both heads.
 
     Per group: one load of the rows (widened to float64), their dot products reduced together
     (hsum4 / hsum8), the head on the group's logits as one vector, and FMAs into the gradient,
@@ -163,10 +292,21 @@ def _tiles_kernel(group: int):
         row_bytes = d * X.itemsize
         partial = np.empty((n_chunks, d + 2))
         w0, w1, w2, w3 = _row_tiles(w, 0, d)
-        bias = splat8(w[d]) if group == 8 else splat4(w[d])
+        if group == 32:
+            bias = splat32(w[d])
+        elif group == 16:
+            bias = splat16(w[d])
+        elif group == 8:
+            bias = splat8(w[d])
+        else:
+            bias = splat4(w[d])
         for c in prange(n_chunks):
             g0, g1, g2, g3 = zero8(), zero8(), zero8(), zero8()
-            if group == 8:
+            if group == 32:
+                q_sum, loss_sum = zero32(), zero32()
+            elif group == 16:
+                q_sum, loss_sum = zero16(), zero16()
+            elif group == 8:
                 q_sum, loss_sum = zero8(), zero8()
             else:
                 q_sum, loss_sum = zero4(), zero4()
@@ -176,7 +316,25 @@ def _tiles_kernel(group: int):
                 at = (i + ahead) * row_bytes
                 for t in range(0, group * row_bytes, 64):
                     prefetch_at(X, at + t)
-                if group == 8:
+                if tiles == 1:
+                    if live == 32:
+                        g0, g1, g2, g3, q, loss = _group32_one_tile(
+                            xf, i * d, d, 32, w0, bias, yf, i, binary, g0, g1, g2, g3
+                        )
+                    else:
+                        g0, g1, g2, g3, q, loss = _group32_one_tile(
+                            xf, i * d, d, live, w0, bias, yf, i, binary, g0, g1, g2, g3
+                        )
+                elif tiles == 2:
+                    if live == 16:
+                        g0, g1, g2, g3, q, loss = _group16_two_tiles(
+                            xf, i * d, d, 16, w0, w1, bias, yf, i, binary, g0, g1, g2, g3
+                        )
+                    else:
+                        g0, g1, g2, g3, q, loss = _group16_two_tiles(
+                            xf, i * d, d, live, w0, w1, bias, yf, i, binary, g0, g1, g2, g3
+                        )
+                elif group == 8:
                     if live == 8:  # the common case, with its masks known to be the full rows
                         g0, g1, g2, g3, q, loss = _tile_group8(
                             xf, i * d, d, 8, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2, g3
@@ -195,10 +353,19 @@ def _tiles_kernel(group: int):
                     )
                 q_sum = q_sum + q
                 loss_sum = loss_sum + loss
+            if tiles == 1:  # four accumulators of the one tile
+                g0, g1, g2, g3 = (g0 + g1) + (g2 + g3), zero8(), zero8(), zero8()
+            elif tiles == 2:  # rows 0-7 and 8-15 of each group, for both tiles
+                g0, g1, g2, g3 = g0 + g2, g1 + g3, zero8(), zero8()
             _store_partial(partial[c], d, g0, g1, g2, g3, hsum(q_sum), hsum(loss_sum))
         return partial
 
-    kernel.__name__ = kernel.__qualname__ = "_one_output_tiles" + ("8" if group == 8 else "")
+    name = (
+        "_one_output_tiles"
+        + ("" if group == 4 else str(group))
+        + ("" if tiles == 4 else f"_{tiles}")
+    )
+    kernel.__name__ = kernel.__qualname__ = name
     return njit(parallel=True, error_model="numpy", cache=True)(kernel)
 
 
@@ -215,12 +382,40 @@ def _store_partial(row, d, g0, g1, g2, g3, q_sum, loss_sum):
 
 _one_output_tiles = _tiles_kernel(4)  # the squared head: cheap, so rows stay in registers
 _one_output_tiles8 = _tiles_kernel(8)  # the logistic head: runs once per eight rows
+_one_output_tiles16_2 = _tiles_kernel(16, 2)  # d <= 16, both heads
+_one_output_tiles32_1 = _tiles_kernel(32, 1)  # d <= 8, both heads
+
+
+def tiles_kernel(d: int, binary: bool):
+    """The register-tile gradient kernel for d <= 32 features and this head."""
+    if d <= 8:
+        return _one_output_tiles32_1
+    if d <= 16:
+        return _one_output_tiles16_2
+    return _one_output_tiles8 if binary else _one_output_tiles
 
 
 @njit(inline="always", error_model="numpy")
 def _logits8(xf, o, d, live, w0, w1, w2, w3, bias):
     """The logits (a vec8) of rows i .. i + live - 1 (live <= 8) of a one-output model with
-    d <= 32 whose first value is ``xf[o]``: the dot products of ``_tile_group8``."""
+    d <= 32 whose first value is ``xf[o]``: the dot products of the gradient kernel for that d
+    (``_group32_one_tile``, ``_group16_two_tiles`` or ``_tile_group8``), so the same bits."""
+    if d <= 8:
+        return _rows8_one_tile(xf, o, d, live, w0)[8] + bias
+    if d <= 16:
+        return (
+            hsum8(
+                _row2(xf, o, d if live > 0 else 0, w0, w1)[2],
+                _row2(xf, o + d, d if live > 1 else 0, w0, w1)[2],
+                _row2(xf, o + 2 * d, d if live > 2 else 0, w0, w1)[2],
+                _row2(xf, o + 3 * d, d if live > 3 else 0, w0, w1)[2],
+                _row2(xf, o + 4 * d, d if live > 4 else 0, w0, w1)[2],
+                _row2(xf, o + 5 * d, d if live > 5 else 0, w0, w1)[2],
+                _row2(xf, o + 6 * d, d if live > 6 else 0, w0, w1)[2],
+                _row2(xf, o + 7 * d, d if live > 7 else 0, w0, w1)[2],
+            )
+            + bias
+        )
     x00, x01, x02, x03 = _row_tiles(xf, o, d if live > 0 else 0)
     z0 = _dot_tiles(x00, x01, x02, x03, w0, w1, w2, w3)
     x10, x11, x12, x13 = _row_tiles(xf, o + d, d if live > 1 else 0)

@@ -12,9 +12,9 @@ through ``engine.train`` and ``lepton predict`` reaches every one of them with t
 run passes, and stays right when those paths change. The matrix covers: float32 and float64
 data; linear, logistic, softmax and MLP models (every activation); full-batch L-BFGS and
 mini-batches; one and several threads (serial and parallel batch gathers); one-output models
-narrow enough for the register-tile kernels and wider ones; tensor parallelism's sliced kernels
-(one rank, ``comm.tensor_ranks = 1``); streamed full-batch runs on rows mapped from the file
-(read-only arrays); evaluation on a test file; predict.
+for each register-tile kernel (rows of one, two and four registers) and wider ones; tensor
+parallelism's sliced kernels (one rank, ``comm.tensor_ranks = 1``); streamed full-batch runs
+on rows mapped from the file (read-only arrays); evaluation on a test file; predict.
 Activations and heads are run-time codes, not types, so they share compiled code; they are run
 anyway because it costs milliseconds once compiled.
 
@@ -40,8 +40,19 @@ from .errors import LeptonError
 from .log import Log
 
 ROWS = 1100  # tiny, but room for one batch of 1,024 (the parallel batch gather)
-NARROW, WIDE = 6, 40  # one-output models: register tiles (<= 32 features) and pipelined passes
+# One-output models: register tiles of one, two and four registers a row (<= 8, 16 and 32
+# features) and pipelined passes (wider).
+NARROW, MID, TILED, WIDE = 6, 12, 24, 40
 CLASSES = 3
+TASKS = (  # the data files (task, features)
+    ("binary", NARROW),
+    ("binary_mid", MID),
+    ("binary_tiled", TILED),
+    ("binary_wide", WIDE),
+    ("linear", NARROW),
+    ("linear_tiled", TILED),
+    ("blobs", 5),
+)
 
 
 def _datasets(folder: Path, dtype: np.dtype) -> dict[str, Path]:
@@ -50,9 +61,9 @@ def _datasets(folder: Path, dtype: np.dtype) -> dict[str, Path]:
 
     rng = np.random.default_rng(0)
     files = {}
-    for task, d in (("binary", NARROW), ("binary_wide", WIDE), ("linear", NARROW), ("blobs", 5)):
+    for task, d in TASKS:
         X = rng.standard_normal((ROWS, d)).astype(dtype)
-        if task == "linear":
+        if task.startswith("linear"):
             y = X.astype(np.float64) @ np.linspace(-1.0, 1.0, d) + 0.1 * rng.standard_normal(ROWS)
         elif task == "blobs":
             y = (np.arange(ROWS) % CLASSES).astype(np.float64)
@@ -76,6 +87,12 @@ def _jobs(files: dict[str, Path]) -> list[dict]:
         ("linear", {"kind": "linear"}, {"name": "lbfgs"}, {"epochs": 2}),
         ("binary", {"kind": "logistic"}, {"name": "adam"}, mini),
         ("binary", {"kind": "logistic"}, {"name": "lbfgs"}, {"epochs": 2}),
+        ("binary_mid", {"kind": "logistic"}, {"name": "adam"}, mini),
+        ("binary_mid", {"kind": "logistic"}, {"name": "lbfgs"}, {"epochs": 2}),
+        ("binary_tiled", {"kind": "logistic"}, {"name": "adam"}, mini),
+        ("binary_tiled", {"kind": "logistic"}, {"name": "lbfgs"}, {"epochs": 2}),
+        ("linear_tiled", {"kind": "linear"}, {"name": "sgd", "lr": 0.01}, mini),
+        ("linear_tiled", {"kind": "linear"}, {"name": "lbfgs"}, {"epochs": 2}),
         ("binary_wide", {"kind": "logistic"}, {"name": "momentum"}, mini),
         ("binary_wide", {"kind": "logistic"}, {"name": "lbfgs"}, {"epochs": 2}),
         ("blobs", {"kind": "softmax"}, {"name": "adam"}, mini),
@@ -112,6 +129,9 @@ def _jobs(files: dict[str, Path]) -> list[dict]:
     streamed = [
         ("linear", {"kind": "linear"}),
         ("binary", {"kind": "logistic"}),
+        ("binary_mid", {"kind": "logistic"}),
+        ("binary_tiled", {"kind": "logistic"}),
+        ("linear_tiled", {"kind": "linear"}),
         ("binary_wide", {"kind": "logistic"}),
         ("blobs", {"kind": "softmax"}),
         ("blobs", {"kind": "mlp", "hidden": [5, 3]}),

@@ -1,4 +1,4 @@
-"""Explicit SIMD vectors for Numba kernels: 8 and 4 lanes of float64 as LLVM vector values.
+"""Explicit SIMD vectors for Numba kernels: 4 to 32 lanes of float64 as LLVM vector values.
 
 LLVM's loop vectoriser only vectorises innermost loops, so a row of X that is needed twice (for
 its dot product, then, once the head has turned the logit into d loss / d z, for the gradient)
@@ -11,6 +11,8 @@ Values of type ``vec8`` / ``vec4`` are plain LLVM ``<8 x double>`` / ``<4 x doub
 live in registers and never touch memory unless stored. On AVX-512 one ``vec8`` is one zmm
 register; elsewhere LLVM splits it into narrower registers (correct, but the register budget
 of the one-output kernel then no longer fits: the CPU backend uses it only with AVX-512).
+A ``vec16`` / ``vec32`` is two / four such registers, every operation on it one per register
+(``join8``: for heads of several row groups at once).
 """
 
 import operator
@@ -33,8 +35,11 @@ class VecType(types.Type):
         super().__init__(name=f"vec{lanes}")
 
 
+vec32 = VecType(32)
+vec16 = VecType(16)
 vec8 = VecType(8)
 vec4 = VecType(4)
+_VEC = {32: vec32, 16: vec16, 8: vec8, 4: vec4}
 
 
 @register_model(VecType)
@@ -45,6 +50,11 @@ class _VecModel(models.PrimitiveModel):
 
 def _vty(lanes, elem=_F64):
     return ir.VectorType(elem, lanes)
+
+
+def _counting(lanes):
+    """The shuffle mask 0, 1, ..., lanes - 1 (two vectors joined into one)."""
+    return ir.Constant(_vty(lanes, _I32), list(range(lanes)))
 
 
 def _splat(builder, value, lanes):
@@ -107,7 +117,7 @@ def _loader(lanes):
             and isinstance(count, types.Integer)
         ):
             return None
-        vtype = vec8 if lanes == 8 else vec4
+        vtype = _VEC[lanes]
 
         def codegen(context, builder, sig, args):
             o = context.cast(builder, args[1], sig.args[1], types.int64)
@@ -119,6 +129,8 @@ def _loader(lanes):
     return load
 
 
+load16 = intrinsic(_loader(16))
+load32 = intrinsic(_loader(32))
 load8 = intrinsic(_loader(8))
 load4 = intrinsic(_loader(4))
 
@@ -147,7 +159,7 @@ def _splatter(lanes):
         """A vector with all lanes = x."""
         if not isinstance(x, (types.Float, types.Integer)):
             return None
-        vtype = vec8 if lanes == 8 else vec4
+        vtype = _VEC[lanes]
 
         def codegen(context, builder, sig, args):
             value = context.cast(builder, args[0], sig.args[0], types.float64)
@@ -160,11 +172,36 @@ def _splatter(lanes):
 
 splat4 = intrinsic(_splatter(4))
 splat8 = intrinsic(_splatter(8))
+splat16 = intrinsic(_splatter(16))
+splat32 = intrinsic(_splatter(32))
+
+
+def _joiner(lanes):
+    def join(_typingctx, a, b):
+        """The vector [a | b] of twice the lanes of two equal vectors.
+
+        LLVM keeps a vec16 (vec32) as two (four) registers and splits each operation on it into
+        one per register, adjacent in the code: independent chains, such as the loss head of
+        several groups of rows, then run interleaved instead of one after the other.
+        """
+        if not (a == b == _VEC[lanes]):
+            return None
+
+        def codegen(_context, builder, _sig, args):
+            return builder.shuffle_vector(args[0], args[1], _counting(2 * lanes))
+
+        return _VEC[2 * lanes](a, b), codegen
+
+    return join
+
+
+join8 = intrinsic(_joiner(8))  # two vec8 -> vec16
+join16 = intrinsic(_joiner(16))  # two vec16 -> vec32
 
 
 @intrinsic
 def lane8(_typingctx, v, k):
-    """A vec8 with every lane = lane k (a constant) of the vec4 or vec8 v."""
+    """A vec8 with every lane = lane k (a constant) of the vector v (any number of lanes)."""
     if not (isinstance(v, VecType) and isinstance(k, types.IntegerLiteral)):
         return None
     lane = k.literal_value
@@ -298,6 +335,26 @@ def zero8(_typingctx):
         return ir.Constant(_vty(8), None)
 
     return vec8(), codegen
+
+
+@intrinsic
+def zero16(_typingctx):
+    """A vec16 of zeros."""
+
+    def codegen(_context, _builder, _sig, _args):
+        return ir.Constant(_vty(16), None)
+
+    return vec16(), codegen
+
+
+@intrinsic
+def zero32(_typingctx):
+    """A vec32 of zeros."""
+
+    def codegen(_context, _builder, _sig, _args):
+        return ir.Constant(_vty(32), None)
+
+    return vec32(), codegen
 
 
 @intrinsic

@@ -18,6 +18,7 @@ from lepton_hpc.kernels import (
     SQUARED,
     TANH,
     cpu,
+    cpu_tiles,
     fastmath,
     param_count,
 )
@@ -416,23 +417,50 @@ def test_one_output_paths_match_reference(monkeypatch, tiles, head, dtype, d):
         np.testing.assert_allclose(fwd, want, rtol=1e-12, atol=1e-14, err_msg=f"{n} rows, d {d}")
 
 
-@pytest.mark.parametrize("group", [4, 8])
+TILE_KERNELS = {  # name: (kernel, the widest rows it takes)
+    "4 rows": (cpu_tiles._one_output_tiles, 32),
+    "8 rows": (cpu_tiles._one_output_tiles8, 32),
+    "16 rows, 2 tiles": (cpu_tiles._one_output_tiles16_2, 16),
+    "32 rows, 1 tile": (cpu_tiles._one_output_tiles32_1, 8),
+}
+
+
+@pytest.mark.parametrize("kernel", list(TILE_KERNELS))
 @pytest.mark.parametrize("head", [SQUARED, BINARY])
-def test_tile_group_sizes_match_reference_for_both_heads(monkeypatch, group, head):
-    """gradient() runs the logistic head in groups of 8 rows and the squared head in groups of
-    4; each kernel is exact for either head (every row tail of its group, float32 and 64)."""
+def test_every_tile_kernel_matches_reference_for_both_heads(monkeypatch, kernel, head):
+    """gradient() picks a tile kernel by d and head (``cpu_tiles.tiles_kernel``); each kernel is
+    exact for either head on every d it takes (each tail of its feature tiles), every row tail
+    of its group, float32 and float64."""
     monkeypatch.setattr(cpu, "USE_TILES", True)
-    kernel = cpu._one_output_tiles8 if group == 8 else cpu._one_output_tiles
-    monkeypatch.setattr(cpu, "_one_output_tiles", kernel)
-    monkeypatch.setattr(cpu, "_one_output_tiles8", kernel)
+    chosen, widest = TILE_KERNELS[kernel]
+    monkeypatch.setattr(cpu, "tiles_kernel", lambda d, binary: chosen)
+    cases = [(d, n) for d in (1, 5, 8, 9, 15, 16, 17, 31, 32) if d <= widest for n in (1, 9, 31, 33)]
     for dtype in (np.float32, np.float64):
-        for d, n in ((5, 1), (32, 7), (9, 9), (17, 23), (32, 1003)):
+        for d, n in [*cases, (widest, 1003), (widest - 3, 23)]:
             X, y, params, sizes = make_problem((d, 1), head, n, dtype, seed=7 * d + n)
             out = run_gradient(X, y, params, sizes, SIGMOID, head)
             g_ref, loss_ref, _, _ = reference(X, y, params, sizes, SIGMOID, head)
             P = len(params)
             assert rel_err(out[:P], g_ref) < 1e-12, (d, n)
             assert abs(out[P] - loss_ref) <= 1e-12 * abs(loss_ref), (d, n)
+
+
+def test_narrow_tile_kernels_are_chosen_and_forward_has_their_logits(monkeypatch):
+    """d <= 8 and d <= 16 run the one- and two-register kernels; the forward pass computes each
+    row's logit as the gradient kernel does (a row's loss from the gradient's sum equals the
+    loss from the outputs to the last bit when a single row is summed)."""
+    assert cpu_tiles.tiles_kernel(8, True) is cpu_tiles._one_output_tiles32_1
+    assert cpu_tiles.tiles_kernel(9, False) is cpu_tiles._one_output_tiles16_2
+    assert cpu_tiles.tiles_kernel(17, False) is cpu_tiles._one_output_tiles
+    assert cpu_tiles.tiles_kernel(32, True) is cpu_tiles._one_output_tiles8
+    monkeypatch.setattr(cpu, "USE_TILES", True)
+    for d in (3, 8, 12, 16):
+        X, y, params, sizes = make_problem((d, 1), SQUARED, 1, np.float32, seed=d)
+        out = run_gradient(X, y, params, sizes, SIGMOID, SQUARED)
+        fwd = np.empty((1, 1))
+        cpu.forward(X, params, sizes, SIGMOID, SQUARED, fwd)
+        # the squared head's gradient is 2 (z - y): z recovered from it exactly
+        assert out[len(params) - 1] == 2.0 * (fwd[0, 0] - float(y.reshape(-1)[0])), d
 
 
 def test_tiles_float32_targets_and_thread_count(monkeypatch):

@@ -138,9 +138,9 @@ def test_every_warmup_job_is_a_valid_config(tmp_path: Path) -> None:
     """``lepton warmup`` stops at its first refused job (and the install goes on with a cold
     cache): every job's config passes the checks a real run makes."""
     from lepton_hpc.config import check_config, config_from_dict
-    from lepton_hpc.warmup import _jobs
+    from lepton_hpc.warmup import TASKS, _jobs
 
-    files = {t: tmp_path / f"{t}.h5" for t in ("linear", "binary", "binary_wide", "blobs")}
+    files = {t: tmp_path / f"{t}.h5" for t, _ in TASKS}
     runs = _jobs(files)
     assert runs
     for run in runs:

@@ -8,8 +8,9 @@ Work split of the tuned kernels: rows are cut into blocks (about 4 KiB of X for 
 models, about 128 KiB of activations for MLPs) grouped into chunks that depend only on n and the
 model, so results are bitwise identical for any thread count. Precision: float32 X is widened as
 it is read; every product, sum and accumulator is float64 (agreement with a float64 reference to
-~1e-13). One-output models with up to ``TILE_WIDTH`` features run the register tiles of
-``cpu_tiles`` where the CPU has AVX-512; wider ones, and CPUs without it, the pipelined passes.
+~1e-13). One-output models run the register tiles of ``cpu_tiles`` where the CPU has AVX-512
+(up to ``TILE_WIDTH`` features; wider rows its feature panels); CPUs without it, and models with
+several outputs, the pipelined passes.
 """
 
 import numpy as np
@@ -23,7 +24,7 @@ from .cpu_layers import (
     _head_loss,  # noqa: F401 - tests reach the scalar head as cpu._head_loss
 )
 from .cpu_passes import _mlp_forward, _mlp_gradient, _single_layer_gradient
-from .cpu_tiles import _one_output_forward8, tiles_kernel
+from .cpu_tiles import _one_output_forward8, _one_output_panels, tiles_kernel
 
 SINGLE_BLOCK_BYTES = 4096  # one-layer models: rows of X per block
 MLP_ROW_FLOATS = 16384  # MLP blocks: rows x (sum of layer widths) <= this (128 KiB of float64)
@@ -33,6 +34,7 @@ MIN_CHUNKS = 16  # ...but never fewer than this (when there are enough blocks)
 MIN_CHUNK_BLOCKS = 8  # a chunk has at least this many blocks: small batches pay less per chunk
 TILE_WIDTH = 32  # one-output models up to this many features: rows held in registers
 TILE_AHEAD_BYTES = 2048  # software prefetch distance of the register-tile kernels
+PANEL_AHEAD_ROWS = 8  # ... and of the feature-panel kernel (d > 32): the next group of rows
 # MLPs with a hidden layer at least this wide run their layers as BLAS GEMMs over blocks of
 # rows (``cpu_gemm``); narrower ones the loop nests of ``cpu_passes``, which win there. Tests
 # switch it.
@@ -120,6 +122,9 @@ def gradient(
         # eight-row groups, the cheap squared head does not.
         tiles = tiles_kernel(X.shape[1], head == BINARY)
         partial = tiles(X, Y, pT, head == BINARY, ahead, rows, n_chunks)
+    elif USE_TILES and sizes.size == 2 and sizes[1] == 1:  # wider rows: feature panels
+        n_chunks, rows = _plan(n, _single_block(X), P + 1)
+        partial = _one_output_panels(X, Y, pT, head == BINARY, PANEL_AHEAD_ROWS, rows, n_chunks)
     elif sizes.size == 2:
         block = _single_block(X)
         n_chunks, rows = _plan(n, block, P + 1)

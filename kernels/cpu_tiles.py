@@ -468,3 +468,115 @@ def _one_output_forward8(X, w, binary, ahead, chunk_rows, n_chunks, out):
         for i in range(start, stop, 8):
             live = min(8, stop - i)
             store8(out, i, live, outputs8(X, xf, i, live, ahead, w0, w1, w2, w3, bias, binary))
+
+
+# ---------------------------------------------------------------- wide rows: feature panels
+
+
+@njit(inline="always", error_model="numpy")
+def _x8(xf, i, r, d, o, count, live):
+    """Features o .. o + 7 of row i + r (lanes >= count, and rows past live, read as 0)."""
+    return load8(xf, (i + r) * d + o, count if live > r else 0)
+
+
+@njit(inline="always", error_model="numpy")
+def _dot_panel(xf, i, d, o, count, live, wp, a):
+    """The 8 rows' dot-product lanes ``a`` (a tuple of 8 vec8) plus features o .. o + 7."""
+    return (
+        fma(_x8(xf, i, 0, d, o, count, live), wp, a[0]),
+        fma(_x8(xf, i, 1, d, o, count, live), wp, a[1]),
+        fma(_x8(xf, i, 2, d, o, count, live), wp, a[2]),
+        fma(_x8(xf, i, 3, d, o, count, live), wp, a[3]),
+        fma(_x8(xf, i, 4, d, o, count, live), wp, a[4]),
+        fma(_x8(xf, i, 5, d, o, count, live), wp, a[5]),
+        fma(_x8(xf, i, 6, d, o, count, live), wp, a[6]),
+        fma(_x8(xf, i, 7, d, o, count, live), wp, a[7]),
+    )
+
+
+@njit(inline="always", error_model="numpy")
+def _grad_panel(xf, i, d, o, count, live, q, g):
+    """g[o : o + 8] += the 8 rows' features o .. o + 7 times their lanes of q (d loss / d z):
+    rows 0-3 and 4-7 in two chains, added at the end."""
+    lo = load8(g, o, 8)
+    lo = fma(_x8(xf, i, 0, d, o, count, live), lane8(q, 0), lo)
+    lo = fma(_x8(xf, i, 1, d, o, count, live), lane8(q, 1), lo)
+    lo = fma(_x8(xf, i, 2, d, o, count, live), lane8(q, 2), lo)
+    lo = fma(_x8(xf, i, 3, d, o, count, live), lane8(q, 3), lo)
+    hi = _x8(xf, i, 4, d, o, count, live) * lane8(q, 4)
+    hi = fma(_x8(xf, i, 5, d, o, count, live), lane8(q, 5), hi)
+    hi = fma(_x8(xf, i, 6, d, o, count, live), lane8(q, 6), hi)
+    hi = fma(_x8(xf, i, 7, d, o, count, live), lane8(q, 7), hi)
+    store8(g, o, 8, lo + hi)
+
+
+@njit(inline="always", error_model="numpy")
+def _panel_group(X, xf, w, i, d, live, bias, yf, binary, g, ahead):
+    """Logits, head and gradient of rows i .. i + live - 1 (live <= 8) of a model with d > 32.
+
+    Every other panel, the same 64 bytes of the 8 rows ``ahead`` rows on are prefetched, so the
+    prefetches spread over the pass instead of coming in one burst per group.
+    """
+    full = d // 8
+    z0 = zero8()
+    a = (z0, z0, z0, z0, z0, z0, z0, z0)
+    rb = d * X.itemsize
+    for p in range(full):
+        if p % 2 == 0:
+            at = (i + ahead) * rb + 32 * p
+            for r in range(8):
+                prefetch_at(X, at + r * rb)
+        a = _dot_panel(xf, i, d, 8 * p, 8, live, load8(w, 8 * p, 8), a)
+    if d > 8 * full:
+        o = 8 * full
+        a = _dot_panel(xf, i, d, o, d - o, live, load8(w, o, d - o), a)
+    z = hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]) + bias
+    y = load8(yf, i, live)
+    if binary:
+        q, loss = head_lanes(z, y, live, True)
+    else:
+        q, loss = head_lanes(z, y, live, False)
+    for p in range(full):
+        _grad_panel(xf, i, d, 8 * p, 8, live, q, g)
+    if d > 8 * full:
+        _grad_panel(xf, i, d, 8 * full, d - 8 * full, live, q, g)
+    return q, loss
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _one_output_panels(X, Y, w, binary, ahead, chunk_rows, n_chunks):
+    """The one-output gradient for rows wider than the register tiles (d > 32), AVX-512.
+
+    Eight rows at a time: their dot products panel by panel of 8 features (8 accumulators in
+    registers, each weight panel loaded once for the 8 rows), the head on the 8 logits as one
+    vec8, then the gradient panel by panel (the rows read again from L1 and widened again; the
+    gradient, d float64 per chunk, stays in L1). Rows this wide make a group's work long enough
+    to hide the head's latency; 16-row groups (16 rows read at once, a stride of a row apart)
+    were slower from memory, and LLVM's own vectorisation of the pipelined passes
+    (``cpu_passes``) reached 0.35-0.6 of the read ceiling for d = 64-1024. Chunks are as in the
+    other kernels: results do not depend on the thread count. ``ahead``: prefetch distance in
+    rows (a multiple of 8).
+    """
+    n, d = X.shape
+    xf = X.reshape(-1)
+    yf = Y.reshape(-1)
+    partial = np.empty((n_chunks, d + 2))
+    bias = splat8(w[d])
+    padded = (d + 7) // 8 * 8
+    for c in prange(n_chunks):
+        g = np.zeros(padded)
+        q_sum, loss_sum = zero8(), zero8()
+        start, stop = c * chunk_rows, min(n, (c + 1) * chunk_rows)
+        for i in range(start, stop, 8):
+            live = min(8, stop - i)
+            if live == 8:
+                q, loss = _panel_group(X, xf, w, i, d, 8, bias, yf, binary, g, ahead)
+            else:
+                q, loss = _panel_group(X, xf, w, i, d, live, bias, yf, binary, g, ahead)
+            q_sum = q_sum + q
+            loss_sum = loss_sum + loss
+        for j in range(d):
+            partial[c, j] = g[j]
+        partial[c, d] = hsum(q_sum)
+        partial[c, d + 1] = hsum(loss_sum)
+    return partial

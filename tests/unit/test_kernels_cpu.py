@@ -423,6 +423,36 @@ TILE_KERNELS = {  # name: (kernel, the widest rows it takes)
     "16 rows, 2 tiles": (cpu_tiles._one_output_tiles16_2, 16),
     "32 rows, 1 tile": (cpu_tiles._one_output_tiles32_1, 8),
 }
+PANEL_D = (33, 39, 40, 64, 65, 127, 257)  # every tail of a panel of 8 features
+
+
+@pytest.mark.parametrize("head", [SQUARED, BINARY])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_feature_panels_match_reference(monkeypatch, head, dtype):
+    """d > 32 on AVX-512 runs the feature-panel kernel: gradient and loss against the float64
+    reference for every tail of its panels of 8 features and of its groups of 8 rows, and the
+    same bits for 1 and 2 threads."""
+    monkeypatch.setattr(cpu, "USE_TILES", True)
+    for d in PANEL_D:
+        for n in (1, 7, 8, 9, 17, 203):
+            X, y, params, sizes = make_problem((d, 1), head, n, dtype, seed=3 * d + n)
+            out = run_gradient(X, y, params, sizes, SIGMOID, head)
+            g_ref, loss_ref, _, _ = reference(X, y, params, sizes, SIGMOID, head)
+            P = len(params)
+            assert rel_err(out[:P], g_ref) < 1e-12, (d, n)
+            assert abs(out[P] - loss_ref) <= 1e-12 * abs(loss_ref), (d, n)
+    X, y, params, sizes = make_problem((70, 1), head, 30_011, dtype, seed=9)
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        return
+    saved = numba.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            runs.append(run_gradient(X, y, params, sizes, SIGMOID, head))
+    finally:
+        numba.set_num_threads(saved)
+    np.testing.assert_array_equal(runs[0], runs[1])
 
 
 @pytest.mark.parametrize("kernel", list(TILE_KERNELS))
@@ -434,7 +464,9 @@ def test_every_tile_kernel_matches_reference_for_both_heads(monkeypatch, kernel,
     monkeypatch.setattr(cpu, "USE_TILES", True)
     chosen, widest = TILE_KERNELS[kernel]
     monkeypatch.setattr(cpu, "tiles_kernel", lambda d, binary: chosen)
-    cases = [(d, n) for d in (1, 5, 8, 9, 15, 16, 17, 31, 32) if d <= widest for n in (1, 9, 31, 33)]
+    cases = [
+        (d, n) for d in (1, 5, 8, 9, 15, 16, 17, 31, 32) if d <= widest for n in (1, 9, 31, 33)
+    ]
     for dtype in (np.float32, np.float64):
         for d, n in [*cases, (widest, 1003), (widest - 3, 23)]:
             X, y, params, sizes = make_problem((d, 1), head, n, dtype, seed=7 * d + n)

@@ -9,8 +9,8 @@ models, about 128 KiB of activations for MLPs) grouped into chunks that depend o
 model, so results are bitwise identical for any thread count. Precision: float32 X is widened as
 it is read; every product, sum and accumulator is float64 (agreement with a float64 reference to
 ~1e-13). One-output models run the register tiles of ``cpu_tiles`` where the CPU has AVX-512
-(up to ``TILE_WIDTH`` features; wider rows its feature panels); CPUs without it, and models with
-several outputs, the pipelined passes.
+(up to ``TILE_WIDTH`` features) and its feature panels elsewhere (wider rows; any row on AVX2);
+models with several outputs the pipelined passes.
 """
 
 import numpy as np
@@ -24,7 +24,13 @@ from .cpu_layers import (
     _head_loss,  # noqa: F401 - tests reach the scalar head as cpu._head_loss
 )
 from .cpu_passes import _mlp_forward, _mlp_gradient, _single_layer_gradient
-from .cpu_tiles import _one_output_forward8, _one_output_panels, tiles_kernel
+from .cpu_tiles import (
+    _one_output_forward8,
+    _one_output_panels,
+    _one_output_panels4,
+    _one_output_panels4x16,
+    tiles_kernel,
+)
 
 SINGLE_BLOCK_BYTES = 4096  # one-layer models: rows of X per block
 MLP_ROW_FLOATS = 16384  # MLP blocks: rows x (sum of layer widths) <= this (128 KiB of float64)
@@ -43,6 +49,9 @@ GEMM_MIN_WIDTH = 64
 # The register tiles need AVX-512's 32 vector registers: elsewhere their live vectors spill and
 # the pipelined kernel is faster. Tests switch it.
 USE_TILES = native.has_avx512()
+# One-output models the tiles do not take (d > 32, or no AVX-512) run feature panels of 8 (with
+# AVX-512) or 4 features (AVX2), faster than the pipelined pass on both. Tests switch it.
+USE_PANELS = True
 
 
 def _plan(n: int, block: int, width: int) -> tuple[int, int]:
@@ -62,6 +71,18 @@ def _single_block(X: np.ndarray) -> int:
 def _mlp_block(sizes: np.ndarray) -> int:
     """Rows per MLP block so that the block's activations stay around 128 KiB."""
     return min(max(MLP_ROW_FLOATS // int(sizes[1:].sum()), 8), 512)
+
+
+def _panels(X: np.ndarray):
+    """(feature-panel kernel, prefetch distance in rows) for one-output rows of X: panels of 8
+    features with AVX-512 (rows wider than the tiles); on AVX2 panels of 4, in groups of 16 rows
+    up to TILE_WIDTH features (there the head is most of the work: two groups' heads run
+    interleaved) and of 8 rows above."""
+    if USE_TILES:
+        return _one_output_panels, PANEL_AHEAD_ROWS
+    if X.shape[1] <= TILE_WIDTH:
+        return _one_output_panels4x16, max(16, TILE_AHEAD_BYTES // (X.shape[1] * X.itemsize))
+    return _one_output_panels4, PANEL_AHEAD_ROWS
 
 
 def _gemm(sizes: np.ndarray) -> bool:
@@ -115,16 +136,18 @@ def gradient(
         out[P + 1] = n
         return
     pT = _transposed(params, sizes)
-    if USE_TILES and sizes.size == 2 and sizes[1] == 1 and X.shape[1] <= TILE_WIDTH:
+    one_output = sizes.size == 2 and sizes[1] == 1
+    if USE_TILES and one_output and X.shape[1] <= TILE_WIDTH:
         n_chunks, rows = _plan(n, _single_block(X), P + 1)
         ahead = max(1, TILE_AHEAD_BYTES // (X.shape[1] * X.itemsize))
         # Narrow rows take one or two registers; up to 32 features, the logistic head pays for
         # eight-row groups, the cheap squared head does not.
         tiles = tiles_kernel(X.shape[1], head == BINARY)
         partial = tiles(X, Y, pT, head == BINARY, ahead, rows, n_chunks)
-    elif USE_TILES and sizes.size == 2 and sizes[1] == 1:  # wider rows: feature panels
+    elif USE_PANELS and one_output:  # wider rows, or no AVX-512: feature panels
         n_chunks, rows = _plan(n, _single_block(X), P + 1)
-        partial = _one_output_panels(X, Y, pT, head == BINARY, PANEL_AHEAD_ROWS, rows, n_chunks)
+        panels, ahead = _panels(X)
+        partial = panels(X, Y, pT, head == BINARY, ahead, rows, n_chunks)
     elif sizes.size == 2:
         block = _single_block(X)
         n_chunks, rows = _plan(n, block, P + 1)

@@ -18,17 +18,21 @@ from .native.simd import (
     hsum,
     hsum4,
     hsum8,
+    hsum8x4,
     join8,
     join16,
+    lane4,
     lane8,
     load4,
     load8,
     load16,
     load32,
+    part8,
     splat4,
     splat8,
     splat16,
     splat32,
+    store4,
     store8,
     zero4,
     zero8,
@@ -514,16 +518,17 @@ def _grad_panel(xf, i, d, o, count, live, q, g):
 def _panel_group(X, xf, w, i, d, live, bias, yf, binary, g, ahead):
     """Logits, head and gradient of rows i .. i + live - 1 (live <= 8) of a model with d > 32.
 
-    Every other panel, the same 64 bytes of the 8 rows ``ahead`` rows on are prefetched, so the
-    prefetches spread over the pass instead of coming in one burst per group.
+    At each new cache line of the panels, the same line of the 8 rows ``ahead`` rows on is
+    prefetched, so the prefetches spread over the pass instead of coming in one burst a group.
     """
     full = d // 8
     z0 = zero8()
     a = (z0, z0, z0, z0, z0, z0, z0, z0)
     rb = d * X.itemsize
+    every = max(1, 64 // (8 * X.itemsize))  # panels to a cache line
     for p in range(full):
-        if p % 2 == 0:
-            at = (i + ahead) * rb + 32 * p
+        if p % every == 0:
+            at = (i + ahead) * rb + 8 * p * X.itemsize
             for r in range(8):
                 prefetch_at(X, at + r * rb)
         a = _dot_panel(xf, i, d, 8 * p, 8, live, load8(w, 8 * p, 8), a)
@@ -543,40 +548,167 @@ def _panel_group(X, xf, w, i, d, live, bias, yf, binary, g, ahead):
     return q, loss
 
 
-@njit(parallel=True, error_model="numpy", cache=True)
-def _one_output_panels(X, Y, w, binary, ahead, chunk_rows, n_chunks):
-    """The one-output gradient for rows wider than the register tiles (d > 32), AVX-512.
+@njit(inline="always", error_model="numpy")
+def _x4(xf, i, r, d, o, count, live):
+    """Features o .. o + 3 of row i + r (lanes >= count, and rows past live, read as 0)."""
+    return load4(xf, (i + r) * d + o, count if live > r else 0)
 
-    Eight rows at a time: their dot products panel by panel of 8 features (8 accumulators in
-    registers, each weight panel loaded once for the 8 rows), the head on the 8 logits as one
-    vec8, then the gradient panel by panel (the rows read again from L1 and widened again; the
-    gradient, d float64 per chunk, stays in L1). Rows this wide make a group's work long enough
-    to hide the head's latency; 16-row groups (16 rows read at once, a stride of a row apart)
-    were slower from memory, and LLVM's own vectorisation of the pipelined passes
-    (``cpu_passes``) reached 0.35-0.6 of the read ceiling for d = 64-1024. Chunks are as in the
-    other kernels: results do not depend on the thread count. ``ahead``: prefetch distance in
-    rows (a multiple of 8).
+
+@njit(inline="always", error_model="numpy")
+def _dot_panel4(xf, i, d, o, count, live, wp, a):
+    """``_dot_panel`` with panels of 4 features (vec4: one 256-bit register on AVX2)."""
+    return (
+        fma(_x4(xf, i, 0, d, o, count, live), wp, a[0]),
+        fma(_x4(xf, i, 1, d, o, count, live), wp, a[1]),
+        fma(_x4(xf, i, 2, d, o, count, live), wp, a[2]),
+        fma(_x4(xf, i, 3, d, o, count, live), wp, a[3]),
+        fma(_x4(xf, i, 4, d, o, count, live), wp, a[4]),
+        fma(_x4(xf, i, 5, d, o, count, live), wp, a[5]),
+        fma(_x4(xf, i, 6, d, o, count, live), wp, a[6]),
+        fma(_x4(xf, i, 7, d, o, count, live), wp, a[7]),
+    )
+
+
+@njit(inline="always", error_model="numpy")
+def _grad_panel4(xf, i, d, o, count, live, q, g):
+    """``_grad_panel`` with panels of 4 features."""
+    lo = load4(g, o, 4)
+    lo = fma(_x4(xf, i, 0, d, o, count, live), lane4(q, 0), lo)
+    lo = fma(_x4(xf, i, 1, d, o, count, live), lane4(q, 1), lo)
+    lo = fma(_x4(xf, i, 2, d, o, count, live), lane4(q, 2), lo)
+    lo = fma(_x4(xf, i, 3, d, o, count, live), lane4(q, 3), lo)
+    hi = _x4(xf, i, 4, d, o, count, live) * lane4(q, 4)
+    hi = fma(_x4(xf, i, 5, d, o, count, live), lane4(q, 5), hi)
+    hi = fma(_x4(xf, i, 6, d, o, count, live), lane4(q, 6), hi)
+    hi = fma(_x4(xf, i, 7, d, o, count, live), lane4(q, 7), hi)
+    store4(g, o, 4, lo + hi)
+
+
+@njit(inline="always", error_model="numpy")
+def _dots4(X, xf, w, i, d, live, ahead):
+    """The logits (no bias) of rows i .. i + live - 1 (live <= 8), panels of 4 features. With
+    ``ahead`` > 0, at each new cache line of the panels the same line of the 8 rows ``ahead``
+    rows on is prefetched (spread over the pass, not one burst a group)."""
+    full = d // 4
+    z0 = zero4()
+    a = (z0, z0, z0, z0, z0, z0, z0, z0)
+    rb = d * X.itemsize
+    every = max(1, 64 // (4 * X.itemsize))
+    for p in range(full):
+        if ahead > 0 and p % every == 0:
+            at = (i + ahead) * rb + 4 * p * X.itemsize
+            for r in range(8):
+                prefetch_at(X, at + r * rb)
+        a = _dot_panel4(xf, i, d, 4 * p, 4, live, load4(w, 4 * p, 4), a)
+    if d > 4 * full:
+        o = 4 * full
+        a = _dot_panel4(xf, i, d, o, d - o, live, load4(w, o, d - o), a)
+    return hsum8x4(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7])
+
+
+@njit(inline="always", error_model="numpy")
+def _grads4(xf, i, d, live, q, g):
+    full = d // 4
+    for p in range(full):
+        _grad_panel4(xf, i, d, 4 * p, 4, live, q, g)
+    if d > 4 * full:
+        _grad_panel4(xf, i, d, 4 * full, d - 4 * full, live, q, g)
+
+
+@njit(inline="always", error_model="numpy")
+def _panel_group4(X, xf, w, i, d, live, bias, yf, binary, g, ahead):
+    """``_panel_group`` with panels of 4 features: 8 accumulators of one 256-bit register each,
+    so the group fits AVX2's 16 registers (the head is still one vec8: two registers there)."""
+    z = _dots4(X, xf, w, i, d, live, ahead) + bias
+    y = load8(yf, i, live)
+    if binary:
+        q, loss = head_lanes(z, y, live, True)
+    else:
+        q, loss = head_lanes(z, y, live, False)
+    _grads4(xf, i, d, live, q, g)
+    return q, loss
+
+
+@njit(inline="always", error_model="numpy")
+def _panel_group4x16(X, xf, w, i, d, live, bias, yf, binary, g, ahead):
+    """Sixteen rows (live <= 16) in 4-feature panels, for narrow rows on AVX2 (d <= 16): the
+    logits of rows 0-7 and 8-15 one after the other (8 accumulators each), their head on one
+    vec16 so that the two groups' heads run interleaved (the head is most of the work there)."""
+    rb = d * X.itemsize
+    at = (i + ahead) * rb
+    for t in range(0, 16 * rb, 64):
+        prefetch_at(X, at + t)
+    za = _dots4(X, xf, w, i, d, live, 0)
+    zb = _dots4(X, xf, w, i + 8, d, live - 8, 0)
+    y = load16(yf, i, live)
+    z = join8(za, zb) + bias
+    if binary:
+        q, loss = head_lanes(z, y, live, True)
+    else:
+        q, loss = head_lanes(z, y, live, False)
+    _grads4(xf, i, d, live, part8(q, 0), g)
+    _grads4(xf, i + 8, d, live - 8, part8(q, 1), g)
+    return q, loss
+
+
+def _panels_kernel(lanes: int, group: int = 8):
+    """The one-output gradient in feature panels of ``lanes`` (8: AVX-512, 4: AVX2) features.
+
+    Eight rows at a time: their dot products panel by panel (8 accumulators in registers, each
+    weight panel loaded once for the eight rows), the head on the 8 logits as one vec8, then the
+    gradient panel by panel (the rows read again from L1 and widened again; the gradient, d
+    float64 per chunk, stays in L1). For AVX-512 this runs rows wider than the register tiles
+    (d > 32): with rows this wide a group's work is long enough to hide the head's latency.
+    16-row groups (16 rows a stride apart read together) were slower from memory, and LLVM's
+    own vectorisation of the pipelined passes (``cpu_passes``) reached 0.35-0.6 of the read
+    ceiling for d = 64-1024. Chunks are as in the other kernels: results do not depend on the
+    thread count. ``ahead``: prefetch distance in rows. ``lanes`` is a constant of the closure,
+    each size a kernel (and cache index) of its own, as for ``_tiles_kernel``.
     """
-    n, d = X.shape
-    xf = X.reshape(-1)
-    yf = Y.reshape(-1)
-    partial = np.empty((n_chunks, d + 2))
-    bias = splat8(w[d])
-    padded = (d + 7) // 8 * 8
-    for c in prange(n_chunks):
-        g = np.zeros(padded)
-        q_sum, loss_sum = zero8(), zero8()
-        start, stop = c * chunk_rows, min(n, (c + 1) * chunk_rows)
-        for i in range(start, stop, 8):
-            live = min(8, stop - i)
-            if live == 8:
-                q, loss = _panel_group(X, xf, w, i, d, 8, bias, yf, binary, g, ahead)
+
+    def kernel(X, Y, w, binary, ahead, chunk_rows, n_chunks):
+        n, d = X.shape
+        xf = X.reshape(-1)
+        yf = Y.reshape(-1)
+        partial = np.empty((n_chunks, d + 2))
+        bias = splat16(w[d]) if group == 16 else splat8(w[d])
+        padded = (d + lanes - 1) // lanes * lanes
+        for c in prange(n_chunks):
+            g = np.zeros(padded)
+            if group == 16:
+                q_sum, loss_sum = zero16(), zero16()
             else:
-                q, loss = _panel_group(X, xf, w, i, d, live, bias, yf, binary, g, ahead)
-            q_sum = q_sum + q
-            loss_sum = loss_sum + loss
-        for j in range(d):
-            partial[c, j] = g[j]
-        partial[c, d] = hsum(q_sum)
-        partial[c, d + 1] = hsum(loss_sum)
-    return partial
+                q_sum, loss_sum = zero8(), zero8()
+            start, stop = c * chunk_rows, min(n, (c + 1) * chunk_rows)
+            for i in range(start, stop, group):
+                live = min(group, stop - i)
+                if group == 16:
+                    if live == 16:
+                        q, loss = _panel_group4x16(X, xf, w, i, d, 16, bias, yf, binary, g, ahead)
+                    else:
+                        q, loss = _panel_group4x16(X, xf, w, i, d, live, bias, yf, binary, g, ahead)
+                elif lanes == 8:
+                    if live == 8:
+                        q, loss = _panel_group(X, xf, w, i, d, 8, bias, yf, binary, g, ahead)
+                    else:
+                        q, loss = _panel_group(X, xf, w, i, d, live, bias, yf, binary, g, ahead)
+                elif live == 8:
+                    q, loss = _panel_group4(X, xf, w, i, d, 8, bias, yf, binary, g, ahead)
+                else:
+                    q, loss = _panel_group4(X, xf, w, i, d, live, bias, yf, binary, g, ahead)
+                q_sum = q_sum + q
+                loss_sum = loss_sum + loss
+            for j in range(d):
+                partial[c, j] = g[j]
+            partial[c, d] = hsum(q_sum)
+            partial[c, d + 1] = hsum(loss_sum)
+        return partial
+
+    name = "_one_output_panels" + ("" if lanes == 8 else "4") + ("" if group == 8 else "x16")
+    kernel.__name__ = kernel.__qualname__ = name
+    return njit(parallel=True, error_model="numpy", cache=True)(kernel)
+
+
+_one_output_panels = _panels_kernel(8)  # AVX-512, d > 32
+_one_output_panels4 = _panels_kernel(4)  # AVX2, d > 16
+_one_output_panels4x16 = _panels_kernel(4, 16)  # AVX2, d <= 16

@@ -135,23 +135,30 @@ load8 = intrinsic(_loader(8))
 load4 = intrinsic(_loader(4))
 
 
-@intrinsic
-def store8(_typingctx, ary, off, count, v):
-    """ary[off + l] = v[l] for lanes l < count (ary: 1-D contiguous float64)."""
-    if not (_is_float_array(ary) and ary.dtype == types.float64 and v == vec8):
-        return None
+def _storer(lanes):
+    def store(_typingctx, ary, off, count, v):
+        """ary[off + l] = v[l] for lanes l < count (ary: 1-D contiguous float64)."""
+        if not (_is_float_array(ary) and ary.dtype == types.float64 and v == _VEC[lanes]):
+            return None
 
-    def codegen(context, builder, sig, args):
-        arr = context.make_array(sig.args[0])(context, builder, args[0])
-        o = context.cast(builder, args[1], sig.args[1], types.int64)
-        n = context.cast(builder, args[2], sig.args[2], types.int64)
-        vt = _vty(8)
-        ptr = builder.bitcast(builder.gep(arr.data, [o]), vt.as_pointer())
-        mask = _lane_mask(builder, n, 8)
-        _call(builder, "llvm.masked.store.v8f64.p0", ir.VoidType(), [args[3], ptr, _I32(8), mask])
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            arr = context.make_array(sig.args[0])(context, builder, args[0])
+            o = context.cast(builder, args[1], sig.args[1], types.int64)
+            n = context.cast(builder, args[2], sig.args[2], types.int64)
+            vt = _vty(lanes)
+            ptr = builder.bitcast(builder.gep(arr.data, [o]), vt.as_pointer())
+            mask = _lane_mask(builder, n, lanes)
+            name = f"llvm.masked.store.v{lanes}f64.p0"
+            _call(builder, name, ir.VoidType(), [args[3], ptr, _I32(8), mask])
+            return context.get_dummy_value()
 
-    return types.none(ary, off, count, v), codegen
+        return types.none(ary, off, count, v), codegen
+
+    return store
+
+
+store8 = intrinsic(_storer(8))
+store4 = intrinsic(_storer(4))
 
 
 def _splatter(lanes):
@@ -208,6 +215,33 @@ def lane8(_typingctx, v, k):
 
     def codegen(_context, builder, _sig, args):
         return builder.shuffle_vector(args[0], args[0], ir.Constant(_vty(8, _I32), [lane] * 8))
+
+    return vec8(v, k), codegen
+
+
+@intrinsic
+def lane4(_typingctx, v, k):
+    """A vec4 with every lane = lane k (a constant) of the vector v (any number of lanes)."""
+    if not (isinstance(v, VecType) and isinstance(k, types.IntegerLiteral)):
+        return None
+    lane = k.literal_value
+
+    def codegen(_context, builder, _sig, args):
+        return builder.shuffle_vector(args[0], args[0], ir.Constant(_vty(4, _I32), [lane] * 4))
+
+    return vec4(v, k), codegen
+
+
+@intrinsic
+def part8(_typingctx, v, k):
+    """Lanes 8k .. 8k + 7 (k a constant) of a vec16 or vec32, as a vec8."""
+    if not (isinstance(v, VecType) and v.lanes > 8 and isinstance(k, types.IntegerLiteral)):
+        return None
+    first = 8 * k.literal_value
+
+    def codegen(_context, builder, _sig, args):
+        lanes = ir.Constant(_vty(8, _I32), list(range(first, first + 8)))
+        return builder.shuffle_vector(args[0], args[0], lanes)
 
     return vec8(v, k), codegen
 
@@ -294,6 +328,25 @@ def hsum8(_typingctx, a, b, c, d, e, f, g, h):
 
     def codegen(_context, builder, _sig, args):
         return _transposed_sums(builder, list(args))
+
+    return vec8(a, b, c, d, e, f, g, h), codegen
+
+
+@intrinsic
+def hsum8x4(_typingctx, a, b, c, d, e, f, g, h):
+    """vec8 (sum of a, ..., sum of h) from eight vec4, by a transposing tree in fixed order
+    (folded to 2 partial sums and paired, then to 1), the two halves joined."""
+    if not (a == b == c == d == e == f == g == h == vec4):
+        return None
+
+    def codegen(_context, builder, _sig, args):
+        vectors, keep = list(args), 2
+        while keep:
+            vectors = [
+                _fold(builder, x, y, keep) for x, y in zip(vectors[::2], vectors[1::2], strict=True)
+            ]
+            keep //= 2
+        return builder.shuffle_vector(vectors[0], vectors[1], _counting(8))
 
     return vec8(a, b, c, d, e, f, g, h), codegen
 

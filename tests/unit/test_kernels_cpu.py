@@ -396,14 +396,15 @@ def test_fast_softplus_loop_is_vectorised():
 # ---------------------------------------------- one-output models: register tiles and pipeline
 
 
-@pytest.mark.parametrize("tiles", [True, False], ids=["tiles", "pipeline"])
+@pytest.mark.parametrize("path", ["tiles", "panels", "pipeline"])
 @pytest.mark.parametrize("head", [SQUARED, BINARY])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("d", [1, 7, 8, 9, 24, 31, 32, 33])
-def test_one_output_paths_match_reference(monkeypatch, tiles, head, dtype, d):
-    """Both one-output paths, every feature-tile boundary, every tail of a group of 4 or 8 rows:
-    the gradient, and the forward pass (outputs) that evaluation runs."""
-    monkeypatch.setattr(cpu, "USE_TILES", tiles)
+def test_one_output_paths_match_reference(monkeypatch, path, head, dtype, d):
+    """Every one-output path (tiles, panels, pipeline), every feature-tile boundary, every tail
+    of a group of rows: the gradient, and the forward pass (outputs) that evaluation runs."""
+    monkeypatch.setattr(cpu, "USE_TILES", path == "tiles")  # else 4-feature panels (AVX2's)
+    monkeypatch.setattr(cpu, "USE_PANELS", path != "pipeline")
     for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 17, 130, 1001):
         X, y, params, sizes = make_problem((d, 1), head, n, dtype, seed=d * 1000 + n)
         out = run_gradient(X, y, params, sizes, SIGMOID, head)
@@ -423,25 +424,33 @@ TILE_KERNELS = {  # name: (kernel, the widest rows it takes)
     "16 rows, 2 tiles": (cpu_tiles._one_output_tiles16_2, 16),
     "32 rows, 1 tile": (cpu_tiles._one_output_tiles32_1, 8),
 }
-PANEL_D = (33, 39, 40, 64, 65, 127, 257)  # every tail of a panel of 8 features
+PANELS = {  # kernel: feature counts (every panel tail)
+    "8 features": (cpu_tiles._one_output_panels, (33, 39, 40, 64, 65, 127, 257)),
+    "4 features": (cpu_tiles._one_output_panels4, (1, 3, 4, 5, 8, 31, 33, 70)),
+    "4 features, 16 rows": (cpu_tiles._one_output_panels4x16, (1, 3, 4, 5, 8, 13, 16, 31, 32)),
+}
 
 
+@pytest.mark.parametrize("kernel", list(PANELS))
 @pytest.mark.parametrize("head", [SQUARED, BINARY])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_feature_panels_match_reference(monkeypatch, head, dtype):
-    """d > 32 on AVX-512 runs the feature-panel kernel: gradient and loss against the float64
-    reference for every tail of its panels of 8 features and of its groups of 8 rows, and the
-    same bits for 1 and 2 threads."""
-    monkeypatch.setattr(cpu, "USE_TILES", True)
-    for d in PANEL_D:
-        for n in (1, 7, 8, 9, 17, 203):
+def test_feature_panels_match_reference(monkeypatch, kernel, head, dtype):
+    """The feature-panel kernels (8 features a panel: d > 32 on AVX-512; 4: AVX2, in groups
+    of 16 rows up to 32 features): gradient and loss against the float64 reference for every
+    tail of their panels and of their row groups, and the same bits for 1 and 2 threads."""
+    chosen, feature_counts = PANELS[kernel]
+    monkeypatch.setattr(cpu, "USE_TILES", False)
+    monkeypatch.setattr(cpu, "USE_PANELS", True)
+    monkeypatch.setattr(cpu, "_panels", lambda X: (chosen, 8))
+    for d in feature_counts:
+        for n in (1, 7, 8, 9, 15, 16, 17, 203):
             X, y, params, sizes = make_problem((d, 1), head, n, dtype, seed=3 * d + n)
             out = run_gradient(X, y, params, sizes, SIGMOID, head)
             g_ref, loss_ref, _, _ = reference(X, y, params, sizes, SIGMOID, head)
             P = len(params)
             assert rel_err(out[:P], g_ref) < 1e-12, (d, n)
             assert abs(out[P] - loss_ref) <= 1e-12 * abs(loss_ref), (d, n)
-    X, y, params, sizes = make_problem((70, 1), head, 30_011, dtype, seed=9)
+    X, y, params, sizes = make_problem((feature_counts[-1], 1), head, 30_011, dtype, seed=9)
     if numba.config.NUMBA_NUM_THREADS < 2:
         return
     saved = numba.get_num_threads()

@@ -146,13 +146,15 @@ def test_tuned_kernels_match_reference(tuned, head, k, act, hidden, dtype):
         assert_agree(X, y, params, sizes, act, head)
 
 
-@pytest.mark.parametrize("tiles", [True, False], ids=["tiles", "pipeline"])
+@pytest.mark.parametrize("path", ["tiles", "panels", "pipeline"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("head", [SQUARED, BINARY])
 @pytest.mark.parametrize("d", [1, 7, 8, 32, 33, 100, 256])
-def test_tuned_one_output_paths_match_reference(tuned, monkeypatch, tiles, dtype, head, d):
-    """Linear and logistic through the register tiles (AVX-512, d <= 32) and the pipeline."""
-    monkeypatch.setattr(cpu, "USE_TILES", tiles)
+def test_tuned_one_output_paths_match_reference(tuned, monkeypatch, path, dtype, head, d):
+    """Linear and logistic through the register tiles (AVX-512, d <= 32; wider rows: 8-feature
+    panels), the 4-feature panels (AVX2) and the pipelined pass."""
+    monkeypatch.setattr(cpu, "USE_TILES", path == "tiles")  # else 4-feature panels (AVX2's)
+    monkeypatch.setattr(cpu, "USE_PANELS", path != "pipeline")
     for n in (1, 5, 9, 131, 4099):
         X, y, params, sizes = problem((d, 1), head, n, dtype, seed=d * 7 + n, scale=0.3)
         assert_agree(X, y, params, sizes, SIGMOID, head)

@@ -402,8 +402,9 @@ def tiles_kernel(d: int, binary: bool):
 @njit(inline="always", error_model="numpy")
 def _logits8(xf, o, d, live, w0, w1, w2, w3, bias):
     """The logits (a vec8) of rows i .. i + live - 1 (live <= 8) of a one-output model with
-    d <= 32 whose first value is ``xf[o]``: the dot products of the gradient kernel for that d
-    (``_group32_one_tile``, ``_group16_two_tiles`` or ``_tile_group8``), so the same bits."""
+    d <= 32 whose first value is ``xf[o]``: the dot products of the register-tile gradient
+    kernel for that d (``_group32_one_tile``, ``_group16_two_tiles`` or ``_tile_group8``), so the
+    same bits where the gradient runs them (``cpu._tiled``)."""
     if d <= 8:
         return _rows8_one_tile(xf, o, d, live, w0)[8] + bias
     if d <= 16:

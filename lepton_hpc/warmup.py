@@ -12,7 +12,7 @@ through ``engine.train`` and ``lepton predict`` reaches every one of them with t
 run passes, and stays right when those paths change. The matrix covers: float32 and float64
 data; linear, logistic, softmax and MLP models (every activation); full-batch L-BFGS and
 mini-batches; one and several threads (serial and parallel batch gathers); one-output models
-for each register-tile kernel (rows of one, two and four registers) and wider ones; tensor
+for each register-tile and feature-panel kernel (feature counts 6, 12, 20, 30, 40); tensor
 parallelism's sliced kernels (one rank, ``comm.tensor_ranks = 1``); streamed full-batch runs
 on rows mapped from the file (read-only arrays); evaluation on a test file; predict.
 Activations and heads are run-time codes, not types, so they share compiled code; they are run
@@ -40,13 +40,14 @@ from .errors import LeptonError
 from .log import Log
 
 ROWS = 1100  # tiny, but room for one batch of 1,024 (the parallel batch gather)
-# One-output models: register tiles of one, two and four registers a row (<= 8, 16 and 32
-# features) and pipelined passes (wider).
-NARROW, MID, TILED, WIDE = 6, 12, 24, 40
+# One-output models: register tiles of one, two and four registers a row (<= 8, <= 16 and 29-32
+# features), 4-feature panels (17-28) and 8-feature panels (wider); AVX2 runs panels for all.
+NARROW, MID, PANEL, TILED, WIDE = 6, 12, 20, 30, 40
 CLASSES = 3
 TASKS = (  # the data files (task, features)
     ("binary", NARROW),
     ("binary_mid", MID),
+    ("binary_panel", PANEL),
     ("binary_tiled", TILED),
     ("binary_wide", WIDE),
     ("linear", NARROW),
@@ -89,6 +90,8 @@ def _jobs(files: dict[str, Path]) -> list[dict]:
         ("binary", {"kind": "logistic"}, {"name": "lbfgs"}, {"epochs": 2}),
         ("binary_mid", {"kind": "logistic"}, {"name": "adam"}, mini),
         ("binary_mid", {"kind": "logistic"}, {"name": "lbfgs"}, {"epochs": 2}),
+        ("binary_panel", {"kind": "logistic"}, {"name": "adam"}, mini),
+        ("binary_panel", {"kind": "logistic"}, {"name": "lbfgs"}, {"epochs": 2}),
         ("binary_tiled", {"kind": "logistic"}, {"name": "adam"}, mini),
         ("binary_tiled", {"kind": "logistic"}, {"name": "lbfgs"}, {"epochs": 2}),
         ("linear_tiled", {"kind": "linear"}, {"name": "sgd", "lr": 0.01}, mini),
@@ -130,6 +133,7 @@ def _jobs(files: dict[str, Path]) -> list[dict]:
         ("linear", {"kind": "linear"}),
         ("binary", {"kind": "logistic"}),
         ("binary_mid", {"kind": "logistic"}),
+        ("binary_panel", {"kind": "logistic"}),
         ("binary_tiled", {"kind": "logistic"}),
         ("linear_tiled", {"kind": "linear"}),
         ("binary_wide", {"kind": "logistic"}),

@@ -473,6 +473,7 @@ def test_every_tile_kernel_matches_reference_for_both_heads(monkeypatch, kernel,
     monkeypatch.setattr(cpu, "USE_TILES", True)
     chosen, widest = TILE_KERNELS[kernel]
     monkeypatch.setattr(cpu, "tiles_kernel", lambda d, binary: chosen)
+    monkeypatch.setattr(cpu, "_tiled", lambda d: True)
     cases = [
         (d, n) for d in (1, 5, 8, 9, 15, 16, 17, 31, 32) if d <= widest for n in (1, 9, 31, 33)
     ]
@@ -494,6 +495,8 @@ def test_narrow_tile_kernels_are_chosen_and_forward_has_their_logits(monkeypatch
     assert cpu_tiles.tiles_kernel(9, False) is cpu_tiles._one_output_tiles16_2
     assert cpu_tiles.tiles_kernel(17, False) is cpu_tiles._one_output_tiles
     assert cpu_tiles.tiles_kernel(32, True) is cpu_tiles._one_output_tiles8
+    # with AVX-512, 17-28 features run the 4-feature panels (16-row groups) instead
+    assert [d for d in range(1, 40) if cpu._tiled(d)] == [*range(1, 17), 29, 30, 31, 32]
     monkeypatch.setattr(cpu, "USE_TILES", True)
     for d in (3, 8, 12, 16):
         X, y, params, sizes = make_problem((d, 1), SQUARED, 1, np.float32, seed=d)

@@ -50,8 +50,8 @@ GEMM_MIN_WIDTH = 64
 # The register tiles need AVX-512's 32 vector registers: elsewhere their live vectors spill and
 # the pipelined kernel is faster. Tests switch it.
 USE_TILES = native.has_avx512()
-# One-output models the tiles do not take (d > 32, or no AVX-512) run feature panels of 8 (with
-# AVX-512) or 4 features (AVX2), faster than the pipelined pass on both. Tests switch it.
+# One-output models the tiles do not take (``_tiled``; any d without AVX-512) run feature
+# panels of 8 or 4 features (``_panels``), faster than the pipelined pass. Tests switch it.
 USE_PANELS = True
 
 

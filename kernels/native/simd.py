@@ -206,30 +206,25 @@ join8 = intrinsic(_joiner(8))  # two vec8 -> vec16
 join16 = intrinsic(_joiner(16))  # two vec16 -> vec32
 
 
-@intrinsic
-def lane8(_typingctx, v, k):
-    """A vec8 with every lane = lane k (a constant) of the vector v (any number of lanes)."""
-    if not (isinstance(v, VecType) and isinstance(k, types.IntegerLiteral)):
-        return None
-    lane = k.literal_value
+def _broadcaster(lanes):
+    def lane(_typingctx, v, k):
+        """A vector of ``lanes`` lanes, every lane = lane k (a constant) of the vector v (any
+        number of lanes)."""
+        if not (isinstance(v, VecType) and isinstance(k, types.IntegerLiteral)):
+            return None
+        which = k.literal_value
 
-    def codegen(_context, builder, _sig, args):
-        return builder.shuffle_vector(args[0], args[0], ir.Constant(_vty(8, _I32), [lane] * 8))
+        def codegen(_context, builder, _sig, args):
+            mask = ir.Constant(_vty(lanes, _I32), [which] * lanes)
+            return builder.shuffle_vector(args[0], args[0], mask)
 
-    return vec8(v, k), codegen
+        return _VEC[lanes](v, k), codegen
+
+    return lane
 
 
-@intrinsic
-def lane4(_typingctx, v, k):
-    """A vec4 with every lane = lane k (a constant) of the vector v (any number of lanes)."""
-    if not (isinstance(v, VecType) and isinstance(k, types.IntegerLiteral)):
-        return None
-    lane = k.literal_value
-
-    def codegen(_context, builder, _sig, args):
-        return builder.shuffle_vector(args[0], args[0], ir.Constant(_vty(4, _I32), [lane] * 4))
-
-    return vec4(v, k), codegen
+lane8 = intrinsic(_broadcaster(8))
+lane4 = intrinsic(_broadcaster(4))
 
 
 @intrinsic
@@ -380,44 +375,22 @@ _arithmetic(operator.sub, "fsub")
 _arithmetic(operator.mul, "fmul")
 
 
-@intrinsic
-def zero8(_typingctx):
-    """A vec8 of zeros."""
+def _zeros(lanes):
+    def zero(_typingctx):
+        """A vector of ``lanes`` zeros."""
 
-    def codegen(_context, _builder, _sig, _args):
-        return ir.Constant(_vty(8), None)
+        def codegen(_context, _builder, _sig, _args):
+            return ir.Constant(_vty(lanes), None)
 
-    return vec8(), codegen
+        return _VEC[lanes](), codegen
 
-
-@intrinsic
-def zero16(_typingctx):
-    """A vec16 of zeros."""
-
-    def codegen(_context, _builder, _sig, _args):
-        return ir.Constant(_vty(16), None)
-
-    return vec16(), codegen
+    return zero
 
 
-@intrinsic
-def zero32(_typingctx):
-    """A vec32 of zeros."""
-
-    def codegen(_context, _builder, _sig, _args):
-        return ir.Constant(_vty(32), None)
-
-    return vec32(), codegen
-
-
-@intrinsic
-def zero4(_typingctx):
-    """A vec4 of zeros."""
-
-    def codegen(_context, _builder, _sig, _args):
-        return ir.Constant(_vty(4), None)
-
-    return vec4(), codegen
+zero4 = intrinsic(_zeros(4))
+zero8 = intrinsic(_zeros(8))
+zero16 = intrinsic(_zeros(16))
+zero32 = intrinsic(_zeros(32))
 
 
 @intrinsic

@@ -418,6 +418,21 @@ def test_one_output_paths_match_reference(monkeypatch, path, head, dtype, d):
         np.testing.assert_allclose(fwd, want, rtol=1e-12, atol=1e-14, err_msg=f"{n} rows, d {d}")
 
 
+def assert_same_bits_on_1_and_2_threads(X, y, params, sizes, head):
+    """The gradient on 1 and on 2 Numba threads has the same bits (skipped with one thread)."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        return
+    saved = numba.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            runs.append(run_gradient(X, y, params, sizes, SIGMOID, head))
+    finally:
+        numba.set_num_threads(saved)
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
 TILE_KERNELS = {  # name: (kernel, the widest rows it takes)
     "4 rows": (cpu_tiles._one_output_tiles, 32),
     "8 rows": (cpu_tiles._one_output_tiles8, 32),
@@ -451,17 +466,7 @@ def test_feature_panels_match_reference(monkeypatch, kernel, head, dtype):
             assert rel_err(out[:P], g_ref) < 1e-12, (d, n)
             assert abs(out[P] - loss_ref) <= 1e-12 * abs(loss_ref), (d, n)
     X, y, params, sizes = make_problem((feature_counts[-1], 1), head, 30_011, dtype, seed=9)
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        return
-    saved = numba.get_num_threads()
-    try:
-        runs = []
-        for threads in (1, 2):
-            numba.set_num_threads(threads)
-            runs.append(run_gradient(X, y, params, sizes, SIGMOID, head))
-    finally:
-        numba.set_num_threads(saved)
-    np.testing.assert_array_equal(runs[0], runs[1])
+    assert_same_bits_on_1_and_2_threads(X, y, params, sizes, head)
 
 
 @pytest.mark.parametrize("kernel", list(TILE_KERNELS))
@@ -513,17 +518,7 @@ def test_tiles_float32_targets_and_thread_count(monkeypatch):
     X, y, params, sizes = make_problem((13, 1), BINARY, 50_003, np.float32, seed=5)
     out32 = run_gradient(X, y.astype(np.float32), params, sizes, SIGMOID, BINARY)
     np.testing.assert_array_equal(out32, run_gradient(X, y, params, sizes, SIGMOID, BINARY))
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        return
-    saved = numba.get_num_threads()
-    try:
-        runs = []
-        for threads in (1, 2):
-            numba.set_num_threads(threads)
-            runs.append(run_gradient(X, y, params, sizes, SIGMOID, BINARY))
-    finally:
-        numba.set_num_threads(saved)
-    np.testing.assert_array_equal(runs[0], runs[1])
+    assert_same_bits_on_1_and_2_threads(X, y, params, sizes, BINARY)
 
 
 def test_tiles_nonfinite_logits_propagate(monkeypatch):

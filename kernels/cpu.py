@@ -8,15 +8,17 @@ Work split of the tuned kernels: rows are cut into blocks (about 4 KiB of X for 
 models, about 128 KiB of activations for MLPs) grouped into chunks that depend only on n and the
 model, so results are bitwise identical for any thread count. Precision: float32 X is widened as
 it is read; every product, sum and accumulator is float64 (agreement with a float64 reference to
-~1e-13). One-output models run the register tiles of ``cpu_tiles`` where the CPU has AVX-512
-(up to ``TILE_WIDTH`` features) and its feature panels elsewhere (wider rows; any row on AVX2);
-models with several outputs the pipelined passes.
+~1e-13), unless ``train.products = "float32"`` (see ``gradient``). One-output models run the
+register tiles of ``cpu_tiles`` where the CPU has AVX-512 (up to ``TILE_WIDTH`` features) and
+its feature panels elsewhere (wider rows; any row on AVX2); models with several outputs the
+pipelined passes.
 """
 
 import numpy as np
 
 from . import BINARY, cpu_gemm, native, reference
 from .checks import check_gradient_out, check_model, targets
+from .cpu_float32 import one_output_float32
 from .cpu_layers import (
     _COMBINE_TILE,
     _combine,
@@ -94,6 +96,14 @@ def _panels(X: np.ndarray):
     return _one_output_panels4, PANEL_AHEAD_ROWS
 
 
+def _float32_rows(X: np.ndarray) -> bool:
+    """One-output rows that ``train.products = "float32"`` runs with float32 products: float32
+    rows wider than the register tiles. Narrower rows keep the float64 tiles and panels, which
+    are as fast there (their per-row head is the larger part of the work; d = 32: 10.2 against
+    11.0 ms for 256 MiB)."""
+    return X.dtype == np.float32 and X.shape[1] > TILE_WIDTH
+
+
 def _gemm(sizes: np.ndarray) -> bool:
     """This MLP's layers run as GEMMs (see ``GEMM_MIN_WIDTH``)."""
     return sizes.size > 2 and int(sizes[1:-1].max()) >= GEMM_MIN_WIDTH
@@ -125,7 +135,9 @@ def gradient(
     """out[:P] = sum of per-row loss gradients, out[P] = sum of losses, out[P+1] = n.
 
     ``products = "float32"`` lets the GEMM path of wide MLPs multiply in float32 (activations
-    float32, each row block's sums added into float64); every other path stays float64.
+    float32, each row block's sums added into float64), and one-output models on float32 rows
+    wider than ``TILE_WIDTH`` run ``cpu_float32`` (float32 products, each row's and each 8-row
+    group's sums in float32, everything across groups float64); every other path stays float64.
     """
     if not native.supported()[0]:
         reference.gradient(X, y, params, sizes, activation, head, out)
@@ -146,7 +158,10 @@ def gradient(
         return
     pT = _transposed(params, sizes)
     one_output = sizes.size == 2 and sizes[1] == 1
-    if USE_TILES and one_output and _tiled(X.shape[1]):
+    if products == "float32" and one_output and _float32_rows(X):
+        n_chunks, rows = _plan(n, _single_block(X), P + 1)
+        partial = one_output_float32(X, Y, pT, head == BINARY, rows, n_chunks)
+    elif USE_TILES and one_output and _tiled(X.shape[1]):
         n_chunks, rows = _plan(n, _single_block(X), P + 1)
         ahead = max(1, TILE_AHEAD_BYTES // (X.shape[1] * X.itemsize))
         # Narrow rows take one or two registers; up to 32 features, the logistic head pays for

@@ -185,10 +185,13 @@ class TrainConfig:
     threads: int = 0
     """Numba threads per rank; 0 = the node's cores divided by the ranks on the node."""
     products: str = "float64"
-    """Precision of the training passes' products: "float64", or "float32" for MLPs with a
-    hidden layer of 64 units or more on the CPU (float32 GEMMs and activations, each block of
-    rows summed into float64: about 1.2-1.8x faster, gradients within about 1e-6 of float64).
-    Predictions, metrics, other models and the GPU kernels compute in float64 either way."""
+    """Precision of the training passes' products: "float64", or "float32" on the CPU for MLPs
+    with a hidden layer of 64 units or more (float32 GEMMs and activations, each block of rows
+    summed into float64: about 1.2-1.8x faster) and for one-output models (linear, logistic) on
+    float32 data of more than 32 features (float32 products, each row's and each 8-row group's
+    sums in float32, the rest in float64: up to 2x faster); gradients within about 1e-6 of
+    float64. Predictions, metrics, other models and the GPU kernels compute in float64 either
+    way."""
     patience: int = 0
     """Early stopping: epochs without validation improvement before stopping; 0 = off."""
     log_every: int = 1

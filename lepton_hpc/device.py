@@ -62,7 +62,8 @@ class Device:
     threads: int = 1
     gpu: int | None = None
     products: str = "float64"
-    """``train.products``: "float32" lets the CPU's GEMM path of wide MLPs multiply in float32."""
+    """``train.products``: "float32" lets the CPU's GEMM path of wide MLPs and the one-output
+    kernel of wide float32 rows multiply in float32."""
 
     def place(self, array: np.ndarray):
         return array

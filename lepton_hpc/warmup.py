@@ -12,7 +12,8 @@ through ``engine.train`` and ``lepton predict`` reaches every one of them with t
 run passes, and stays right when those paths change. The matrix covers: float32 and float64
 data; linear, logistic, softmax and MLP models (every activation); full-batch L-BFGS and
 mini-batches; one and several threads (serial and parallel batch gathers); one-output models
-for each register-tile and feature-panel kernel (feature counts 6, 12, 20, 30, 40); tensor
+for each register-tile and feature-panel kernel (feature counts 6, 12, 20, 30, 40) and the
+float32-product kernel (40 features, ``train.products = "float32"``); tensor
 parallelism's sliced kernels (one rank, ``comm.tensor_ranks = 1``); streamed full-batch runs
 on rows mapped from the file (read-only arrays); evaluation on a test file; predict.
 Activations and heads are run-time codes, not types, so they share compiled code; they are run
@@ -83,6 +84,7 @@ def _jobs(files: dict[str, Path]) -> list[dict]:
     """(model, optim, train) sections of the warm-up runs on one dtype's files."""
     mini = {"epochs": 1, "batch_size": 32}
     big = {"epochs": 1, "batch_size": 1024}  # with 2 threads: the parallel batch gather
+    f32 = {"products": "float32"}
     jobs = [
         ("linear", {"kind": "linear"}, {"name": "sgd", "lr": 0.01}, mini),
         ("linear", {"kind": "linear"}, {"name": "lbfgs"}, {"epochs": 2}),
@@ -98,6 +100,9 @@ def _jobs(files: dict[str, Path]) -> list[dict]:
         ("linear_tiled", {"kind": "linear"}, {"name": "lbfgs"}, {"epochs": 2}),
         ("binary_wide", {"kind": "logistic"}, {"name": "momentum"}, mini),
         ("binary_wide", {"kind": "logistic"}, {"name": "lbfgs"}, {"epochs": 2}),
+        # train.products = "float32": one-output rows wider than the tiles (float32 data)
+        ("binary_wide", {"kind": "logistic"}, {"name": "lbfgs"}, {"epochs": 2, **f32}),
+        ("binary_wide", {"kind": "logistic"}, {"name": "adam"}, {**mini, **f32}),
         ("blobs", {"kind": "softmax"}, {"name": "adam"}, mini),
         ("blobs", {"kind": "softmax"}, {"name": "lbfgs"}, {"epochs": 2}),
         ("linear", {"kind": "linear"}, {"name": "adam"}, {**mini, "threads": 1}),
@@ -111,7 +116,7 @@ def _jobs(files: dict[str, Path]) -> list[dict]:
     jobs.append(("blobs", {"kind": "mlp", "hidden": [5, 3]}, {}, {"epochs": 1}))  # full batch
     # 64 hidden units and more: the layers run as BLAS GEMMs over row blocks (kernels.cpu_gemm)
     jobs.append(("binary", {"kind": "mlp", "hidden": [64]}, {}, mini))
-    jobs.append(("binary", {"kind": "mlp", "hidden": [64]}, {}, {**mini, "products": "float32"}))
+    jobs.append(("binary", {"kind": "mlp", "hidden": [64]}, {}, {**mini, **f32}))
     jobs.append(("blobs", {"kind": "mlp", "hidden": [64, 3]}, {}, {"epochs": 1}))
     jobs.append(("linear", {"kind": "mlp", "hidden": [4]}, {}, {**mini, "threads": 1}))
     # model.parallel = "tensor" on one rank (k = 1): the sliced kernels, with the types of any k
@@ -140,6 +145,7 @@ def _jobs(files: dict[str, Path]) -> list[dict]:
         ("blobs", {"kind": "softmax"}),
         ("blobs", {"kind": "mlp", "hidden": [5, 3]}),
         ("blobs", {"kind": "mlp", "hidden": [64]}),
+        ("binary_wide", {"kind": "logistic"}, f32),
     ]
     runs += [
         {
@@ -147,11 +153,11 @@ def _jobs(files: dict[str, Path]) -> list[dict]:
             "model": model,
             # L-BFGS is for the convex models; an MLP's full-batch pass runs under Adam
             "optim": {"name": "adam" if model["kind"] == "mlp" else "lbfgs"},
-            "train": {"seed": 1, "epochs": 2, "batch_size": 0},
+            "train": {"seed": 1, "epochs": 2, "batch_size": 0, **(more[0] if more else {})},
             "checkpoint": {"every_steps": 0, "keep": 1},
             "output": {"plot": False},
         }
-        for task, model in streamed
+        for task, model, *more in streamed
     ]
     return runs
 

@@ -7,7 +7,8 @@ the read ceiling, the same on AVX2-only code, and MLP training steps against PyT
 
 ``dsweep``/``avx2`` make, for each feature count d, a float32 X of about ``--bytes`` bytes (rows =
 bytes / 4d) and time in rotation the slice-based all-core read of X (``micro.read_sum``, the
-ceiling) and ``kernels.cpu.gradient`` on it, as the ``memory`` part does for the data set. Under
+ceiling) and ``kernels.cpu.gradient`` on it, as the ``memory`` part does for the data set; for
+rows wider than the register tiles also with ``train.products = "float32"`` (``ours32``). Under
 ``NUMBA_CPU_NAME`` the toolkit's own check (``kernels.native.supported``) decides whether the tuned
 kernels run (``ours``); ``avx2`` records its answer and the features of the code, times the tuned
 kernels (``tuned``: ours where the check chose them, else forced on) and the generic reference
@@ -35,6 +36,10 @@ from .common import cores, figure, part_parser, summary, time_it, time_rotating,
 SWEEP_D = (8, 16, 32, 64, 128, 256, 512, 1024)
 AVX2_D = (8, 32, 256)
 SWEEP_TRAIN_D = (8, 32, 256)  # feature counts also timed as lepton train epochs at 2 ranks
+# kernels.cpu.TILE_WIDTH (a test checks): wider rows are also timed with float32 products
+TILE_WIDTH = 32
+SWEEP32_D = tuple(d for d in SWEEP_D if d > TILE_WIDTH)
+SWEEP_TRAIN32_D = tuple(d for d in SWEEP_TRAIN_D if d > TILE_WIDTH)
 MLP_ROWS, MLP_QUICK_ROWS = 1_000_000, 100_000  # full-batch rows at most (fewer for big nets)
 SWEEP_BYTES = 256 << 20  # X of about 256 MB per feature count
 QUICK_SWEEP_BYTES = 64 << 20  # above a 32 MiB L3: still a read from memory
@@ -93,6 +98,10 @@ def kernel_sweep(args) -> dict:
                 X, y, p, s, SIGMOID, BINARY, o
             ),
         }
+        if d > TILE_WIDTH:  # train.products = "float32": float32 products on wide rows
+            fns["ours32"] = lambda X=X, y=y, p=params, s=sizes, o=out: cpu.gradient(
+                X, y, p, s, SIGMOID, BINARY, o, "float32"
+            )
         if forced:  # the tuned kernels, compiled for the named CPU, whatever the check says
             native_supported = native.supported
 
@@ -145,7 +154,7 @@ def _agreement(fns: dict, out: np.ndarray, X, y, params) -> dict[str, float]:
 
     g_ref, _ = reference_gradient(X.astype(np.float64), y, params)
     found = {}
-    for name in ("ours", "tuned", "generic"):
+    for name in ("ours", "ours32", "tuned", "generic"):
         if name in fns:
             fns[name]()
             g = out[:-2] / out[-1]

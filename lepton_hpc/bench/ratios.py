@@ -359,7 +359,15 @@ def ratio_specs(ks: list[int], kc: int) -> list[tuple]:
 
 def kernel_ratio_specs() -> list[tuple]:
     """Ratios of the feature sweep, the AVX2 code, the MLP and the distributed peers."""
-    from .kernel_parts import AVX2_D, MLP_CASES, SWEEP_D, SWEEP_TRAIN_D, mlp_tag
+    from .kernel_parts import (
+        AVX2_D,
+        MLP_CASES,
+        SWEEP32_D,
+        SWEEP_D,
+        SWEEP_TRAIN32_D,
+        SWEEP_TRAIN_D,
+        mlp_tag,
+    )
 
     specs: list[tuple] = [
         (
@@ -382,6 +390,40 @@ def kernel_ratio_specs() -> list[tuple]:
             "higher",
         )
         for d in SWEEP_D
+    ]
+    specs += [
+        (
+            f"dsweep_ours32_vs_read_ceiling_d{d}",
+            ("dsweep", f"ceiling_s_d{d}"),
+            ("dsweep", f"ours32_s_d{d}"),
+            f'the same with train.products = "float32" (float32 products), {d} features',
+            ">= 0.80",
+            "higher",
+        )
+        for d in SWEEP32_D
+    ]
+    specs += [
+        (
+            f"dsweep_train32_epoch_vs_read_ceiling_d{d}_k2",
+            ("dsweep", f"ceiling_s_d{d}"),
+            (f"dsweep_train32_d{d}", "epoch_s"),
+            f"read ceiling / lepton train epoch at 2 ranks with float32 products, {d} features",
+            ">= 0.80",
+            "higher",
+        )
+        for d in SWEEP_TRAIN32_D
+    ]
+    specs += [
+        (
+            f"avx2_ours32_vs_read_ceiling_d{d}",
+            ("avx2", f"ceiling_s_d{d}"),
+            ("avx2", f"ours32_s_d{d}"),
+            f"AVX2 code (NUMBA_CPU_NAME=haswell) with float32 products, {d} features",
+            ">= 0.80",
+            "higher",
+        )
+        for d in AVX2_D
+        if d in SWEEP32_D
     ]
     for d in SWEEP_TRAIN_D:
         specs.append(

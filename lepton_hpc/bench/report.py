@@ -188,6 +188,7 @@ def sweep_rows_md(parts: dict) -> list[dict]:
             value(parts, "avx2", f"generic_s_d{d}"),
         )
         epoch = value(parts, f"dsweep_train_d{d}", "epoch_s")
+        epoch32 = value(parts, f"dsweep_train32_d{d}", "epoch_s")
         rows.append(
             {
                 "d": d,
@@ -204,6 +205,9 @@ def sweep_rows_md(parts: dict) -> list[dict]:
                 "avx2_generic_fraction": _ratio(a_ceil, a_generic),
                 "train_epoch": epoch,
                 "train_fraction": _ratio(ceiling, epoch),
+                "fraction32": _ratio(ceiling, value(parts, "dsweep", f"ours32_s_d{d}")),
+                "avx2_fraction32": _ratio(a_ceil, value(parts, "avx2", f"ours32_s_d{d}")),
+                "train_fraction32": _ratio(ceiling, epoch32),
             }
         )
     return rows
@@ -270,9 +274,10 @@ def kernel_sections(parts: dict) -> list[str]:
         lines += [
             (
                 "| d | rows | ceiling | ours | fraction | fraction (best) | AVX2 fraction | "
-                "AVX2 tuned | AVX2 generic | train epoch (2 ranks) | train fraction |"
+                "AVX2 tuned | AVX2 generic | train epoch (2 ranks) | train fraction | "
+                "float32 products: fraction | AVX2 | train |"
             ),
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in sweep:
             lines.append(
@@ -280,7 +285,8 @@ def kernel_sections(parts: dict) -> list[str]:
                 f"{r['fraction']:.2f} | {_opt(r['fraction_best'])} | {_opt(r['avx2_fraction'])} | "
                 f"{_opt(r['avx2_tuned_fraction'])} | {_opt(r['avx2_generic_fraction'])} | "
                 f"{_fmt(r['train_epoch'])} | "
-                f"{_opt(r['train_fraction'])} |"
+                f"{_opt(r['train_fraction'])} | {_opt(r['fraction32'])} | "
+                f"{_opt(r['avx2_fraction32'])} | {_opt(r['train_fraction32'])} |"
             )
     mlp = mlp_rows_md(parts)
     if mlp:

@@ -25,6 +25,7 @@ from .kernel_parts import (
     MLP_ROWS,
     QUICK_SWEEP_BYTES,
     SWEEP_BYTES,
+    SWEEP_TRAIN32_D,
     SWEEP_TRAIN_D,
     sweep_rows,
 )
@@ -367,6 +368,8 @@ class Bench:
         self.launch("dsweep", [*sweep, *flags(repeats=p.repeats)])
         for d in SWEEP_TRAIN_D:
             self.sweep_train(d, sweep_rows(d, nbytes))
+            if d in SWEEP_TRAIN32_D:
+                self.sweep_train(d, sweep_rows(d, nbytes), "float32")
         # at most 3 repeats: where the check refuses the tuned kernels, the fallback is slow
         avx2 = ["lepton_hpc.bench.kernel_parts", "avx2"]
         avx2 += flags(bytes=nbytes, repeats=min(3, p.repeats))
@@ -393,9 +396,10 @@ class Bench:
             threads = str(max(1, p.cores // k))
             self.micro(name, "mpi_peers", name, k, OMP_NUM_THREADS=threads)
 
-    def sweep_train(self, d: int, rows: int) -> dict:
-        """``lepton train`` full-batch epochs at 2 ranks on a ``rows`` x ``d`` data set."""
-        name = f"dsweep_train_d{d}"
+    def sweep_train(self, d: int, rows: int, products: str = "float64") -> dict:
+        """``lepton train`` full-batch epochs at 2 ranks on a ``rows`` x ``d`` data set, with
+        ``train.products`` = ``products``."""
+        name = f"dsweep_train{'32' if products == 'float32' else ''}_d{d}"
         if any(name.startswith(s) for s in self.plan.skip):
             return self.skipped(name, "--skip")
         try:
@@ -405,7 +409,8 @@ class Bench:
             self.parts[name] = entry
             return entry
         epochs = 3 if self.plan.quick else 5
-        return self._train(name, 2, path, (f"train.epochs={epochs}", "train.batch_size=0"))
+        overrides = (f"train.epochs={epochs}", "train.batch_size=0", f"train.products={products}")
+        return self._train(name, 2, path, overrides)
 
 
 def _has_shape(path: Path, rows: int, features: int) -> bool:

@@ -42,11 +42,15 @@ def canned_parts() -> dict:
         sweep[f"ours_s_d{d}"] = figure(0.04 if d == 8 else 0.025, "s", rows=sweep_rows(d))
         sweep[f"ceiling_best_s_d{d}"] = figure(0.018, "s")
         sweep[f"ours_best_s_d{d}"] = figure(0.02, "s")
+    for d in kernel_parts.SWEEP32_D:
+        sweep[f"ours32_s_d{d}"] = figure(0.0225, "s")
     avx2 = {}
     for d in kernel_parts.AVX2_D:
         avx2[f"ceiling_s_d{d}"] = figure(0.02, "s")
         avx2[f"ours_s_d{d}"] = figure(0.5, "s")
         avx2[f"tuned_s_d{d}"] = figure(0.025, "s")
+        if d in kernel_parts.SWEEP32_D:
+            avx2[f"ours32_s_d{d}"] = figure(0.04, "s")
     mlp_figs, cases = {}, []
     for d, hidden in kernel_parts.MLP_CASES:
         tag = kernel_parts.mlp_tag(d, hidden)
@@ -101,7 +105,17 @@ def canned_parts() -> dict:
     }
     for d in kernel_parts.SWEEP_TRAIN_D:
         parts[f"dsweep_train_d{d}"] = _ok({"figures": {"epoch_s": figure(0.05, "s")}})
+    for d in kernel_parts.SWEEP_TRAIN32_D:
+        parts[f"dsweep_train32_d{d}"] = _ok({"figures": {"epoch_s": figure(0.025, "s")}})
     return parts
+
+
+def test_sweep_float32_rows_are_those_of_the_float32_kernel():
+    from lepton_hpc.kernels import cpu
+
+    assert kernel_parts.TILE_WIDTH == cpu.TILE_WIDTH
+    assert kernel_parts.SWEEP32_D == (64, 128, 256, 512, 1024)
+    assert kernel_parts.SWEEP_TRAIN32_D == (256,)
 
 
 def sweep_rows(d: int) -> int:
@@ -136,6 +150,12 @@ def test_new_ratios_from_canned_parts():
     assert got["dsweep_train_epoch_vs_read_ceiling_d32_k2"]["value"] == pytest.approx(0.4)
     assert got["avx2_ours_vs_read_ceiling_d32"]["value"] == pytest.approx(0.04)
     assert got["avx2_tuned_vs_read_ceiling_d256"]["value"] == pytest.approx(0.8)
+    assert got["dsweep_ours32_vs_read_ceiling_d64"]["value"] == pytest.approx(0.02 / 0.0225)
+    assert got["dsweep_ours32_vs_read_ceiling_d64"]["meets_target"] is True
+    assert got["dsweep_train32_epoch_vs_read_ceiling_d256_k2"]["value"] == pytest.approx(0.8)
+    assert got["avx2_ours32_vs_read_ceiling_d256"]["value"] == pytest.approx(0.5)
+    assert got["avx2_ours32_vs_read_ceiling_d256"]["meets_target"] is False
+    assert "dsweep_ours32_vs_read_ceiling_d32" not in got
     tag = kernel_parts.mlp_tag(256, (256, 256))
     assert got[f"mlp_speedup_vs_torch_full_{tag}"]["value"] == pytest.approx(3.0)
     assert got[f"mlp_speedup_vs_torch_mini_{tag}"]["value"] == pytest.approx(0.5)
@@ -165,6 +185,9 @@ def test_report_rows_from_canned_parts():
     assert rows[256]["avx2_tuned_fraction"] == pytest.approx(0.8)
     assert rows[256]["train_fraction"] == pytest.approx(0.4)
     assert rows[16]["avx2_fraction"] is None and rows[16]["train_epoch"] is None
+    assert rows[32]["fraction32"] is None and rows[64]["fraction32"] == pytest.approx(0.02 / 0.0225)
+    assert rows[256]["avx2_fraction32"] == pytest.approx(0.5)
+    assert rows[256]["train_fraction32"] == pytest.approx(0.8)
     mlp = report.mlp_rows_md(parts)
     assert [r["model"] for r in mlp][-1] == "256->256->256->1"
     assert mlp[0]["speedup_full"] == pytest.approx(3.0)
@@ -247,6 +270,8 @@ def test_kernel_sweep_in_process_agrees_with_numpy():
         assert res["figures"][f"ceiling_s_d{d}"]["value"] > 0
         assert res["figures"][f"ours_s_d{d}"]["rows"] == kernel_parts.sweep_rows(d, 64 * 1024)
         assert res["gradient_vs_numpy_f64"][str(d)]["ours"] < 1e-6
+    assert 1e-12 < res["gradient_vs_numpy_f64"]["33"]["ours32"] < 1e-6  # float32 products
+    assert "ours32_s_d8" not in res["figures"]
     assert "tuned_s_d8" not in res["figures"]  # forced tuned kernels only in the avx2 part
 
 

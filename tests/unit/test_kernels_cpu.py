@@ -134,9 +134,9 @@ def make_problem(sizes, head, n, dtype=np.float64, seed=0):
     return X, y, params, sizes
 
 
-def run_gradient(X, y, params, sizes, act, head):
+def run_gradient(X, y, params, sizes, act, head, products="float64"):
     out = np.full(len(params) + 2, np.nan)
-    cpu.gradient(X, y, params, sizes, act, head, out)
+    cpu.gradient(X, y, params, sizes, act, head, out, products)
     return out
 
 
@@ -418,7 +418,7 @@ def test_one_output_paths_match_reference(monkeypatch, path, head, dtype, d):
         np.testing.assert_allclose(fwd, want, rtol=1e-12, atol=1e-14, err_msg=f"{n} rows, d {d}")
 
 
-def assert_same_bits_on_1_and_2_threads(X, y, params, sizes, head):
+def assert_same_bits_on_1_and_2_threads(X, y, params, sizes, head, products="float64"):
     """The gradient on 1 and on 2 Numba threads has the same bits (skipped with one thread)."""
     if numba.config.NUMBA_NUM_THREADS < 2:
         return
@@ -427,7 +427,7 @@ def assert_same_bits_on_1_and_2_threads(X, y, params, sizes, head):
         runs = []
         for threads in (1, 2):
             numba.set_num_threads(threads)
-            runs.append(run_gradient(X, y, params, sizes, SIGMOID, head))
+            runs.append(run_gradient(X, y, params, sizes, SIGMOID, head, products))
     finally:
         numba.set_num_threads(saved)
     np.testing.assert_array_equal(runs[0], runs[1])
@@ -687,6 +687,61 @@ def test_float32_products_bits_do_not_depend_on_threads_and_leave_other_paths_al
         out = np.zeros(len(params) + 2)
         cpu.gradient(X, y, params, sizes, TANH, head, out, "float32")
         np.testing.assert_array_equal(out, run_gradient(X, y, params, sizes, TANH, head))
+
+
+@pytest.mark.parametrize("head", [SQUARED, BINARY])
+def test_float32_products_one_output_wide_rows_match_reference(monkeypatch, head):
+    """One-output models on float32 rows wider than the tiles (``cpu_float32``): every tail of
+    the 8-row groups and of the vectorised feature loops, against the float64 reference to 1e-6;
+    the kernel is the one that ran, and its results differ from the float64 path's."""
+    calls = []
+    real = cpu.one_output_float32
+    monkeypatch.setattr(cpu, "one_output_float32", lambda *a: calls.append(1) or real(*a))
+    for d in (33, 39, 40, 64, 65, 127, 257, 1024):
+        for n in (1, 7, 8, 9, 15, 16, 17, 203, 4099):
+            X, y, params, sizes = make_problem((d, 1), head, n, np.float32, seed=7 * d + n)
+            out = run_gradient(X, y, params, sizes, SIGMOID, head, "float32")
+            g_ref, loss_ref, _, _ = reference(X, y, params, sizes, SIGMOID, head)
+            P = len(params)
+            assert rel_err(out[:P], g_ref) < 1e-6, (d, n)
+            assert abs(out[P] - loss_ref) <= 1e-6 * abs(loss_ref), (d, n)
+            assert out[P + 1] == n
+        assert rel_err(out, run_gradient(X, y, params, sizes, SIGMOID, head)) > 1e-12
+    assert len(calls) == 8 * 9
+    X, y, params, sizes = make_problem((129, 1), head, 30_011, np.float32, seed=9)
+    assert_same_bits_on_1_and_2_threads(X, y, params, sizes, head, "float32")
+
+
+def test_float32_products_one_output_only_on_wide_float32_rows(monkeypatch):
+    """float64 rows, and rows up to the tiles' width, keep the float64 kernels (same bits)."""
+    monkeypatch.setattr(cpu, "one_output_float32", lambda *a: pytest.fail("float32 kernel ran"))
+    for d, dtype in ((32, np.float32), (8, np.float32), (33, np.float64), (300, np.float64)):
+        X, y, params, sizes = make_problem((d, 1), BINARY, 1001, dtype, seed=d)
+        np.testing.assert_array_equal(
+            run_gradient(X, y, params, sizes, SIGMOID, BINARY, "float32"),
+            run_gradient(X, y, params, sizes, SIGMOID, BINARY),
+        )
+
+
+def test_float32_products_one_output_finite_differences_and_nonfinite_rows():
+    """The float32-product gradient of a logistic model on 100 features against central
+    differences of the float64 loss (1e-5 with h = 1e-4); a NaN or inf in a row reaches the
+    gradient and the loss instead of being lost in the float32 sums."""
+    X, y, params, sizes = make_problem((100, 1), BINARY, 61, np.float32, seed=4)
+    out = run_gradient(X, y, params, sizes, SIGMOID, BINARY, "float32")
+    h, fd = 1e-4, np.empty(len(params))
+    for i in range(len(params)):
+        step = np.zeros_like(params)
+        step[i] = h
+        up = cpu.loss_sum(X, y, params + step, sizes, SIGMOID, BINARY)
+        down = cpu.loss_sum(X, y, params - step, sizes, SIGMOID, BINARY)
+        fd[i] = (up - down) / (2 * h)
+    assert rel_err(out[: len(params)], fd) < 1e-5
+    for bad in (np.nan, np.inf):
+        Xb = X.copy()
+        Xb[17, 40] = bad
+        out = run_gradient(Xb, y, params, sizes, SIGMOID, BINARY, "float32")
+        assert not np.isfinite(out[: len(params) + 1]).all(), bad
 
 
 def test_a_rows_output_does_not_depend_on_how_the_rows_are_split():

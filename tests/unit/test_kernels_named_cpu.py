@@ -141,7 +141,7 @@ sys.path.insert(0, sys.argv[1])
 import reference as ref
 from lepton_hpc.kernels import BINARY, SOFTMAX, SQUARED, TANH, SIGMOID, cpu, native, param_count
 from lepton_hpc.kernels import reference as plain
-from lepton_hpc.kernels import cpu_layers, cpu_passes, cpu_tiles, fastmath
+from lepton_hpc.kernels import cpu_float32, cpu_layers, cpu_passes, cpu_tiles, fastmath
 
 def refuse(*args, **kwargs):
     raise AssertionError("the reference kernels ran: the tuned ones were not chosen")
@@ -177,8 +177,15 @@ for name, (tail, act, head) in models.items():
             abs(out[P] - loss) / abs(loss),
             float(out[P + 1] - rows),
         ]
+        if len(tail) == 1 and tail[0] == 1 and d > 32:  # train.products = "float32"
+            cpu.gradient(X, y, params, sizes, act, head, out, "float32")
+            report["errors"][f"{name}_d{d}_float32"] = [
+                float(np.max(np.abs(out[:P] - g)) / np.max(np.abs(g))),
+                abs(out[P] - loss) / abs(loss),
+                float(out[P + 1] - rows),
+            ]
 asm = {}
-for module in (cpu, cpu_passes, cpu_layers, cpu_tiles, fastmath):
+for module in (cpu, cpu_passes, cpu_layers, cpu_tiles, cpu_float32, fastmath):
     for attr, fn in vars(module).items():
         for sig in getattr(fn, "signatures", []) if hasattr(fn, "inspect_asm") else []:
             asm[f"{module.__name__}.{attr}{sig}"] = fn.inspect_asm(sig)
@@ -224,15 +231,20 @@ def test_haswell_code_tuned_correct_and_free_of_avx512(tmp_path):
     ok, why = report["supported"]
     assert ok and "AVX2" in why and "haswell" in why, why
     assert report["tiles"] is False
-    assert len(report["errors"]) == 28
+    assert len(report["errors"]) == 28 + 4
     for case, (grad_err, loss_err, rows_diff) in report["errors"].items():
-        # the tolerance of test_kernels_cpu's reference tests: all arithmetic is float64
-        assert grad_err < 1e-11, (case, grad_err)
-        assert loss_err < 1e-11, (case, loss_err)
+        # the tolerance of test_kernels_cpu's reference tests: all arithmetic is float64, or
+        # float32 products (1e-6 there too)
+        tol = 1e-6 if case.endswith("_float32") else 1e-11
+        assert grad_err < tol, (case, grad_err)
+        assert loss_err < tol, (case, loss_err)
         assert rows_diff == 0, case
+        if case.endswith("_float32"):
+            assert grad_err > 1e-12, case  # float32 products indeed
     asm = report["asm"]
     kernels = [k for k in asm if "_single_layer_gradient" in k or "_mlp_gradient" in k]
-    assert kernels, sorted(asm)
+    kernels += [k for k in asm if "one_output_float32" in k]
+    assert len({k.split("(")[0].rsplit(".", 1)[1] for k in kernels}) == 3, sorted(asm)
     for key in kernels:
         assert "%ymm" in asm[key], f"{key}: no 256-bit vector code (not AVX2?)"
     leaked = {key: hit.group() for key, text in asm.items() if (hit := AVX512_ASM.search(text))}

@@ -11,7 +11,8 @@ batch gather and the exact metrics have jitted kernels of their own. Training re
 through ``engine.train`` and ``lepton predict`` reaches every one of them with the types a real
 run passes, and stays right when those paths change. The matrix covers: float32 and float64
 data; linear, logistic, softmax and MLP models (every activation); full-batch L-BFGS and
-mini-batches; one and several threads (serial and parallel batch gathers); one-output models
+mini-batches; one and several threads (serial and parallel batch gathers, the optimisers'
+updates of small and large models); one-output models
 for each register-tile and feature-panel kernel (feature counts 6, 12, 20, 30, 40) and the
 float32-product kernel (40 features, ``train.products = "float32"``); tensor
 parallelism's sliced kernels (one rank, ``comm.tensor_ranks = 1``); streamed full-batch runs
@@ -118,6 +119,11 @@ def _jobs(files: dict[str, Path]) -> list[dict]:
     jobs.append(("binary", {"kind": "mlp", "hidden": [64]}, {}, mini))
     jobs.append(("binary", {"kind": "mlp", "hidden": [64]}, {}, {**mini, **f32}))
     jobs.append(("blobs", {"kind": "mlp", "hidden": [64, 3]}, {}, {"epochs": 1}))
+    # 34,819 parameters: the optimisers' updates run on the rank's threads (optim.updates)
+    jobs += [
+        ("blobs", {"kind": "mlp", "hidden": [256, 128]}, optim, {**mini, "max_steps": 2})
+        for optim in ({"name": "sgd", "lr": 0.01}, {"name": "momentum"}, {"name": "adam"})
+    ]
     jobs.append(("linear", {"kind": "mlp", "hidden": [4]}, {}, {**mini, "threads": 1}))
     # model.parallel = "tensor" on one rank (k = 1): the sliced kernels, with the types of any k
     jobs.append(("blobs", {"kind": "mlp", "hidden": [6, 4], "parallel": "tensor"}, {}, mini))

@@ -3,9 +3,12 @@
 Each writes the same bits as the NumPy expressions in ``lepton_hpc.optim`` (same operations
 in the same order per element, no fast-math: no contraction into FMAs), without their
 temporaries: for a model of P parameters NumPy's Adam allocates eight P-length arrays a step
-(1.3 s a step at P = 18M here, against 0.08 s for this pass). The pass runs on the rank's
-threads (``prange``; elements are independent, so the bits do not depend on the thread count;
-waking the threads costs about 2 us, nothing against a step).
+(1.3 s a step at P = 18M here, against 0.08 s for this pass). Large models run the pass on the
+rank's threads (``prange``; elements are independent, so the bits do not depend on the thread
+count). Under ``PARALLEL_MIN`` parameters it runs on the calling thread: the whole pass then
+takes well under a microsecond, and waking the other threads costs more (1.7 us with one
+thread, 2 us and up with two, and tens of microseconds when another process holds the other
+core: every mini-batch step of a small model pays it). Same operations, same bits.
 """
 
 from __future__ import annotations
@@ -13,15 +16,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+PARALLEL_MIN = 1 << 15  # parameters from which the update runs on the rank's threads
 
-@njit(parallel=True, cache=True)
-def sgd(params, grad, lr):
+
+def _sgd(params, grad, lr):
     for i in prange(params.size):
         params[i] -= lr * grad[i]
 
 
-@njit(parallel=True, cache=True)
-def momentum(params, grad, v, mu, lr):
+def _momentum(params, grad, v, mu, lr):
     for i in prange(params.size):
         vi = v[i] * mu
         vi += grad[i]
@@ -29,8 +32,7 @@ def momentum(params, grad, v, mu, lr):
         params[i] -= lr * vi
 
 
-@njit(parallel=True, cache=True)
-def adam(params, grad, m, v, b1, b2, c1, c2, lr, eps):
+def _adam(params, grad, m, v, b1, b2, c1, c2, lr, eps):
     """c1 = 1 - b1**t, c2 = 1 - b2**t (the bias corrections)."""
     for i in prange(params.size):
         g = grad[i]
@@ -41,3 +43,25 @@ def adam(params, grad, m, v, b1, b2, c1, c2, lr, eps):
         m[i] = mi
         v[i] = vi
         params[i] -= lr * (mi / c1) / (np.sqrt(vi / c2) + eps)
+
+
+def _pair(fn):
+    """(on the calling thread, on the rank's threads): one source, two compiled kernels
+    (``prange`` is ``range`` where the function is not parallel)."""
+    return njit(cache=True)(fn), njit(parallel=True, cache=True)(fn)
+
+
+_SGD, _MOMENTUM, _ADAM = _pair(_sgd), _pair(_momentum), _pair(_adam)
+
+
+def sgd(params, grad, lr):
+    _SGD[params.size >= PARALLEL_MIN](params, grad, lr)
+
+
+def momentum(params, grad, v, mu, lr):
+    _MOMENTUM[params.size >= PARALLEL_MIN](params, grad, v, mu, lr)
+
+
+def adam(params, grad, m, v, b1, b2, c1, c2, lr, eps):
+    """c1 = 1 - b1**t, c2 = 1 - b2**t (the bias corrections)."""
+    _ADAM[params.size >= PARALLEL_MIN](params, grad, m, v, b1, b2, c1, c2, lr, eps)

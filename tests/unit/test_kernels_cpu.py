@@ -146,6 +146,18 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
 
 
+def loss_differences(X, y, params, sizes, act, head, h):
+    """Central differences of the float64 loss (``cpu.loss_sum``) in every parameter."""
+    fd = np.empty(len(params))
+    for i in range(len(params)):
+        step = np.zeros_like(params)
+        step[i] = h
+        up = cpu.loss_sum(X, y, params + step, sizes, act, head)
+        down = cpu.loss_sum(X, y, params - step, sizes, act, head)
+        fd[i] = (up - down) / (2 * h)
+    return fd
+
+
 # ------------------------------------------------------------------------------ gradient and loss
 
 
@@ -222,15 +234,7 @@ def test_finite_differences(sizes, act, head):
     else:
         pytest.fail("no kink-free ReLU problem found")
     g = run_gradient(X, y, params, sizes, act, head)[: len(params)]
-    h = 1e-5
-    fd = np.empty_like(params)
-    for i in range(len(params)):
-        step = np.zeros_like(params)
-        step[i] = h
-        up = cpu.loss_sum(X, y, params + step, sizes, act, head)
-        down = cpu.loss_sum(X, y, params - step, sizes, act, head)
-        fd[i] = (up - down) / (2 * h)
-    assert rel_err(g, fd) < 1e-6
+    assert rel_err(g, loss_differences(X, y, params, sizes, act, head, 1e-5)) < 1e-6
 
 
 @pytest.mark.parametrize(("sizes", "act", "head"), CASES, ids=CASE_IDS)
@@ -656,13 +660,7 @@ def test_float32_products_finite_differences_of_their_own_loss():
     params *= 0.3
     out = np.zeros(len(params) + 2)
     cpu.gradient(X, y, params, sizes, TANH, BINARY, out, "float32")
-    h, fd = 1e-4, np.empty(len(params))
-    for i in range(len(params)):
-        step = np.zeros_like(params)
-        step[i] = h
-        up = cpu.loss_sum(X, y, params + step, sizes, TANH, BINARY)
-        down = cpu.loss_sum(X, y, params - step, sizes, TANH, BINARY)
-        fd[i] = (up - down) / (2 * h)
+    fd = loss_differences(X, y, params, sizes, TANH, BINARY, 1e-4)
     assert rel_err(out[: len(params)], fd) < 1e-5
 
 
@@ -729,13 +727,7 @@ def test_float32_products_one_output_finite_differences_and_nonfinite_rows():
     gradient and the loss instead of being lost in the float32 sums."""
     X, y, params, sizes = make_problem((100, 1), BINARY, 61, np.float32, seed=4)
     out = run_gradient(X, y, params, sizes, SIGMOID, BINARY, "float32")
-    h, fd = 1e-4, np.empty(len(params))
-    for i in range(len(params)):
-        step = np.zeros_like(params)
-        step[i] = h
-        up = cpu.loss_sum(X, y, params + step, sizes, SIGMOID, BINARY)
-        down = cpu.loss_sum(X, y, params - step, sizes, SIGMOID, BINARY)
-        fd[i] = (up - down) / (2 * h)
+    fd = loss_differences(X, y, params, sizes, SIGMOID, BINARY, 1e-4)
     assert rel_err(out[: len(params)], fd) < 1e-5
     for bad in (np.nan, np.inf):
         Xb = X.copy()

@@ -136,8 +136,13 @@ def _numpy_updates(name, p, grads, lr=0.01, mu=0.9, b1=0.9, b2=0.999, eps=1e-8):
 
 
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
-@pytest.mark.parametrize("n", [5, 100_003])
+@pytest.mark.parametrize("n", [5, (1 << 15) - 1, 1 << 15, 100_003])
 def test_fused_updates_are_the_numpy_bits(name, n):
+    """On the calling thread (small models) and on the rank's threads (from PARALLEL_MIN
+    parameters): the bits of the NumPy expressions either way."""
+    from lepton_hpc.optim import updates
+
+    assert updates.PARALLEL_MIN == 1 << 15
     rng = np.random.default_rng(n)
     p0 = rng.standard_normal(n) * 10.0 ** rng.integers(-6, 3, n)
     grads = [rng.standard_normal(n) * 10.0 ** rng.integers(-8, 4, n) for _ in range(4)]

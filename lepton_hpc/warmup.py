@@ -12,11 +12,11 @@ through ``engine.train`` and ``lepton predict`` reaches every one of them with t
 run passes, and stays right when those paths change. The matrix covers: float32 and float64
 data; linear, logistic, softmax and MLP models (every activation); full-batch L-BFGS and
 mini-batches; one and several threads (serial and parallel batch gathers, the optimisers'
-updates of small and large models); one-output models
-for each register-tile and feature-panel kernel (feature counts 6, 12, 20, 30, 40) and the
-float32-product kernel (40 features, ``train.products = "float32"``); tensor
-parallelism's sliced kernels (one rank, ``comm.tensor_ranks = 1``); streamed full-batch runs
-on rows mapped from the file (read-only arrays); evaluation on a test file; predict.
+updates of small and large models); one-output models for each register-tile and
+feature-panel kernel (feature counts 6, 12, 20, 30, 40) and the float32-product kernel (40
+features, ``train.products = "float32"``); tensor parallelism's sliced kernels (one rank,
+``comm.tensor_ranks = 1``); streamed full-batch runs on rows mapped from the file (read-only
+arrays); evaluation on a test file; predict.
 Activations and heads are run-time codes, not types, so they share compiled code; they are run
 anyway because it costs milliseconds once compiled.
 

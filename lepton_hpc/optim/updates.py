@@ -13,6 +13,8 @@ core: every mini-batch step of a small model pays it). Same operations, same bit
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 from numba import njit, prange
 
@@ -47,8 +49,13 @@ def _adam(params, grad, m, v, b1, b2, c1, c2, lr, eps):
 
 def _pair(fn):
     """(on the calling thread, on the rank's threads): one source, two compiled kernels
-    (``prange`` is ``range`` where the function is not parallel)."""
-    return njit(cache=True)(fn), njit(parallel=True, cache=True)(fn)
+    (``prange`` is ``range`` where the function is not parallel). The threaded one is a copy
+    under a name of its own: Numba's on-disk cache keys a kernel by its qualified name and
+    signature, not by its options, so under one name the two would load each other's code."""
+    threaded = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_threads")
+    threaded.__qualname__ = fn.__qualname__ + "_threads"
+    threaded.__doc__ = fn.__doc__
+    return njit(cache=True)(fn), njit(parallel=True, cache=True)(threaded)
 
 
 _SGD, _MOMENTUM, _ADAM = _pair(_sgd), _pair(_momentum), _pair(_adam)

@@ -151,3 +151,16 @@ def test_fused_updates_are_the_numpy_bits(name, n):
     for g in grads:
         opt.step(p, g)
     assert np.array_equal(p, _numpy_updates(name, p0.copy(), grads))
+
+
+def test_serial_and_threaded_updates_are_cached_apart():
+    """Numba's disk cache keys a kernel by qualified name and signature, not by its options: the
+    serial and threaded update of each optimiser need names of their own, or a fresh process
+    loads the one compiled first for both."""
+    from lepton_hpc.optim import updates
+
+    for serial, threaded in (updates._SGD, updates._MOMENTUM, updates._ADAM):
+        assert serial.py_func.__qualname__ != threaded.py_func.__qualname__
+        assert not serial.targetoptions.get("parallel")
+        assert threaded.targetoptions["parallel"] is True
+        assert serial.py_func.__code__ is threaded.py_func.__code__  # one source

@@ -135,8 +135,17 @@ def binary_model_sums(X, y, w, ahead, cm, bins, threads) -> None:
                 store8(probs, i - a, live, p8)
             for i in range(a, b):  # vectorised: the fast log has no calls
                 terms[i - a] = _nll_binary(probs[i - a], np.int64(y[i]))
-            for i in range(a, b):
-                cms[r, np.int64(y[i]) * 2 + (1 if probs[i - a] >= 0.5 else 0)] += 1
+            ones = predicted = both = 0  # label 1, predicted 1, both: counted in registers
+            for i in range(a, b):  # (an increment of cms[r, label * 2 + predicted] a row is a
+                one = y[i] == 1.0  # chain of loads and stores through one of four counters)
+                positive = probs[i - a] >= 0.5
+                ones += one
+                predicted += positive
+                both += one & positive
+            cms[r, 3] += both
+            cms[r, 2] += ones - both
+            cms[r, 1] += predicted - both
+            cms[r, 0] += (b - a) - ones - predicted + both
             _bin(terms[: b - a], rows[r])
     for r in range(runs):
         cm += cms[r]

@@ -204,7 +204,10 @@ class Loop:
         s, train = self.setup, self.setup.data.train
         gather = s.device.batch_gather(train.X, train.y, s.X, s.y)
         index = range(train.offset, train.offset + train.n)  # this rank's training rows
-        plan = EpochBatches(index, train.n_global, self.cfg.train.batch_size, self.cfg.train.seed)
+        row_bytes = train.X[:1].nbytes + train.y[:1].nbytes
+        plan = EpochBatches(
+            index, train.n_global, self.cfg.train.batch_size, self.cfg.train.seed, row_bytes
+        )
         return gather, plan
 
     def _full_batch(self) -> None:

@@ -11,7 +11,7 @@ PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --disable-pip-version-check --quiet
 STAMP      := $(VENV)/.lepton-stamps
 NP         ?= 2
-APT_PKGS   := openmpi-bin libopenmpi-dev libhdf5-openmpi-dev pkg-config
+APT_PKGS   := openmpi-bin libopenmpi-dev libhdf5-openmpi-dev pkg-config libdeflate0
 
 
 export OMPI_ALLOW_RUN_AS_ROOT := 1

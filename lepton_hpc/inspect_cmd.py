@@ -8,8 +8,8 @@ filters, links, and the load class, which says how ``lepton train`` would read i
   with the reader's dtype rule), so inspect and the reader never disagree;
 - ``chunked`` and ``compressed``: chunks read with ``pread`` and decoded on the rank's threads
   (``data.chunk_read``: gzip, lzf, shuffle, fletcher32, and hdf5plugin's bzip2, bitshuffle
-  (alone or with LZ4), zstd, LZ4, Blosc and Blosc2 when ``zstandard``, ``lz4``, ``blosc`` and
-  ``blosc2`` are installed);
+  (alone or with LZ4), zstd and LZ4 (the system's libzstd and liblz4, or ``zstandard`` and
+  ``lz4``), Blosc and Blosc2 when ``blosc`` and ``blosc2`` are installed);
 - ``through HDF5``: everything else HDF5 reads for us: virtual data sets, external raw storage,
   data sets behind external links, compact ones, other dtypes (integers, float16, big-endian),
   chunks with other filters (bitshuffle with zstd, SZ, ZFP from hdf5plugin: on one core),

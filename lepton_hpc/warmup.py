@@ -16,7 +16,8 @@ updates of small and large models); one-output models for each register-tile and
 feature-panel kernel (feature counts 6, 12, 20, 30, 40) and the float32-product kernel (40
 features, ``train.products = "float32"``); tensor parallelism's sliced kernels (one rank,
 ``comm.tensor_ranks = 1``); streamed full-batch runs on rows mapped from the file (read-only
-arrays); evaluation on a test file; predict.
+arrays); evaluation on a test file; predict; the chunk decoders of the reader (a small chunked
+file of each layout it decodes with Numba code, read as a run reads it).
 Activations and heads are run-time codes, not types, so they share compiled code; they are run
 anyway because it costs milliseconds once compiled.
 
@@ -204,6 +205,44 @@ def warm(
     return n
 
 
+def warm_decoders(comm: Communicator, folder: Path) -> int:
+    """Read a small chunked file of each layout the reader decodes itself with Numba code
+    (unfiltered, gzip + shuffle + fletcher32, lzf + shuffle, and with hdf5plugin LZ4, zstd and
+    bitshuffle), whole chunks and a partial one, as ``reader.read_block`` does in a run; returns
+    how many."""
+    import h5py
+
+    from .data import reader
+
+    quiet = Log(comm.rank, comm.size, stream=io.StringIO())
+    rng = np.random.default_rng(0)
+    X = np.round(rng.normal(size=(100, 4)), 2).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.float64)
+    pipelines: list[dict] = [
+        {},
+        {"compression": "gzip", "shuffle": True, "fletcher32": True},
+        {"compression": "lzf", "shuffle": True},
+    ]
+    try:
+        import hdf5plugin
+    except ImportError:
+        hdf5plugin = None
+    if hdf5plugin is not None:
+        pipelines += [
+            {**hdf5plugin.LZ4(), "shuffle": True},
+            {**hdf5plugin.Zstd(), "shuffle": True},
+            dict(hdf5plugin.Bitshuffle(cname="lz4")),
+            dict(hdf5plugin.Bitshuffle(cname="none")),
+        ]
+    for i, kw in enumerate(pipelines):
+        path = folder / f"layout{i}.h5"
+        with h5py.File(path, "w") as fh:
+            fh.create_dataset("X", data=X, chunks=(32, 4), **kw)  # a partial last chunk
+            fh.create_dataset("y", data=y, chunks=(32,), **kw)
+        reader.read_block(str(path), "X", "y", comm, quiet)
+    return len(pipelines)
+
+
 def register_warmup(sub) -> None:
     p = sub.add_parser(
         "warmup",
@@ -223,9 +262,7 @@ def run_warmup(args: argparse.Namespace, comm: Communicator, log: Log) -> int:  
     c0, t0 = clock.seconds, time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lepton-warmup-") as tmp:
         n = warm(comm, Path(tmp))
-    from .data import lzf
-
-    lzf.decompress(b"\x00a", 1)  # the LZF decoder of lzf-compressed chunks (one literal byte)
+        n += warm_decoders(comm, Path(tmp))
     where = Path(fastmath.fast_exp.stats.cache_path).parent  # where Numba chose: beside
     # the sources (their __pycache__), NUMBA_CACHE_DIR, or a user cache
     kind = "tuned" if native.supported()[0] else "reference"

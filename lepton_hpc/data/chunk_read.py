@@ -3,17 +3,21 @@ HDF5's chunk index gives, decoded (deflate, lzf, bzip2, zstd, LZ4, Blosc, Blosc2
 shuffle, fletcher32) and copied into the rank's rows, on the rank's threads.
 
 Why not h5py: h5py holds the GIL while HDF5 reads and decompresses, so one rank uses one core
-for the whole of its block. Here ``pread``, ``zlib.decompress``, ``bz2``, the Numba LZF, LZ4
-and bitshuffle decoders, ``zstandard``, ``lz4.block``, ``blosc`` (told to) and NumPy's copies
-release it, so the rank's cores decode chunks in parallel.
+for the whole of its block. Here ``pread``, ``bz2``, the Numba LZF, LZ4 and bitshuffle
+decoders, the system's libdeflate, libzstd and liblz4 through ``ctypes`` (else ``zlib`` and the
+``zstandard`` and ``lz4`` packages), ``blosc`` (told to) and NumPy's copies release it, so the
+rank's cores decode chunks in parallel. Each thread reads and decodes into buffers it keeps
+from chunk to chunk (``Scratch``) and, for chunks of whole rows, into the rows themselves:
+no chunk-sized allocation whose pages fault in again for every chunk.
 
 Correct bytes come first. ``layout`` accepts a data set only when every chunk can be proved
 decodable: chunked storage in the opened file itself (no virtual, external or compact layout),
 little-endian stored types whose conversion to the read type is exact, and only the filters
 deflate (1), shuffle (2), fletcher32 (3), lzf (32000), hdf5plugin's and PyTables' bzip2 (307:
 one bzip2 stream a chunk, checked by its CRCs) and, when the package decoding each is
-installed, hdf5plugin's zstd (32015, ``zstandard``: one zstd frame per chunk, its content size
-in the frame header), LZ4 (32004, ``lz4``: sizes in a header and before each block), Blosc
+installed (for zstd and LZ4: or the system's library loads), hdf5plugin's zstd (32015,
+``zstandard``: one zstd frame per chunk, its content size in the frame header), LZ4 (32004,
+``lz4``: sizes in a header and before each block), Blosc
 (32001, ``blosc``: a Blosc buffer, which undoes its own shuffle), Blosc2 (32026, ``blosc2``: a
 frame a chunk; it holds the GIL, so a chunk is decoded by Blosc2's own threads) and bitshuffle
 (32008, alone or with LZ4: its LZ4 blocks and bit transpose in one Numba call a chunk, without
@@ -42,6 +46,7 @@ import bz2
 import functools
 import importlib
 import os
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,7 +57,7 @@ from numba import njit
 
 from ..errors import DataError
 from ..kernels import native
-from . import lzf, plugins
+from . import lzf, native_codecs, plugins
 from .direct_read import (
     SCREEN_READ_BYTES,
     _read_screened,
@@ -92,10 +97,23 @@ _BLOSC2 = _optional("blosc2")
 if _BLOSC is not None:  # one thread per call, the GIL let go: chunks decode on the rank's threads
     _BLOSC.set_nthreads(1)
     _BLOSC.set_releasegil(True)
+if _BLOSC2 is not None:  # ``decompress2`` lets the GIL go (``_blosc2_decode``)
+    _BLOSC2.set_releasegil(True)
+# zstd and LZ4 decode through the system's libzstd and liblz4 when they load (into the
+# threads' reused buffers, ``native_codecs``), else through the packages.
+_NATIVE_ZSTD = native_codecs.zstd_available()
+_NATIVE_LZ4 = native_codecs.lz4_available()
+_NATIVE_DEFLATE = native_codecs.deflate_available()  # libdeflate: else ``zlib``
+_NATIVE_LZ4_BLOCKS = native_codecs.LZ4_IN_NUMBA  # bitshuffle's LZ4 blocks by liblz4 from Numba
 FILTERS = {DEFLATE, SHUFFLE, FLETCHER32, LZF, BITSHUFFLE, BZIP2} | {
     fid
-    for fid, module in ((ZSTD, _ZSTD), (LZ4, _LZ4), (BLOSC, _BLOSC), (BLOSC2, _BLOSC2))
-    if module is not None
+    for fid, usable in (
+        (ZSTD, _ZSTD is not None or _NATIVE_ZSTD),
+        (LZ4, _LZ4 is not None or _NATIVE_LZ4),
+        (BLOSC, _BLOSC is not None),
+        (BLOSC2, _BLOSC2 is not None),
+    )
+    if usable
 }
 # Bitshuffle's compressions decoded here, each chunk in one Numba call without the GIL (its
 # LZ4 blocks too: no package needed). Bitshuffle with zstd goes through h5py.
@@ -247,13 +265,17 @@ def _blosc2_decode(
     buf: bytes, nbytes: int, into: np.ndarray | None = None, threads: int = 1
 ) -> bytes | np.ndarray | None:
     """One Blosc2 frame (hdf5plugin's Blosc2 filter, 32026: a super-chunk frame a chunk, with
-    b2nd metadata for its shape) holding exactly ``nbytes`` bytes, or None. ``blosc2`` holds the
-    GIL, so the chunk is decoded by ``threads`` of Blosc2's own threads.
+    b2nd metadata for its shape) holding exactly ``nbytes`` bytes, or None.
 
     A b2nd array stores its blocks one after another: where they are whole rows and fill the
     one chunk exactly (the usual case), that is C order and the chunk is decoded straight into
     ``into``; else b2nd assembles the C-order array (a copy). The frame's metadata is read from
-    the super-chunk (3 us) rather than through a b2nd array object (23 us a chunk)."""
+    the super-chunk (3 us) rather than through a b2nd array object (23 us a chunk).
+
+    ``threads``: how many of the rank's threads decode chunks at once. Decoding from the frame
+    holds the GIL, so with more than one the frame's chunk is taken out (a copy, a fifth of
+    the decoding time) and decoded by ``blosc2.decompress2``, which lets the GIL go; the other
+    layouts are decoded by that many of Blosc2's own threads."""
     try:
         schunk = _BLOSC2.schunk_from_cframe(buf, copy=False)
         if schunk.nbytes < nbytes:
@@ -273,7 +295,10 @@ def _blosc2_decode(
             and schunk.nbytes == nbytes
         ):
             out = into if into is not None else np.empty(nbytes, dtype=np.uint8)
-            schunk.decompress_chunk(0, out)
+            if threads > 1:
+                _BLOSC2.decompress2(schunk.get_chunk(0), dst=out, nthreads=1)
+            else:
+                schunk.decompress_chunk(0, out)
             return out
         arr = _BLOSC2.ndarray_from_cframe(buf, copy=False)
         arr.schunk.dparams = schunk.dparams
@@ -300,9 +325,15 @@ def _bz2_decode(buf, nbytes: int) -> bytes | None:
     return out if dec.eof and not dec.unused_data and len(out) == nbytes else None
 
 
-def _zstd_decode(buf: bytes | np.ndarray, nbytes: int) -> bytes | None:
+def _zstd_decode(
+    buf: bytes | np.ndarray, nbytes: int, into: np.ndarray | None = None
+) -> bytes | np.ndarray | None:
     """One zstd frame holding exactly ``nbytes`` bytes, as hdf5plugin's filter writes and reads
-    it (its content size from the frame header; no bytes after the frame), or None."""
+    it (its content size from the frame header; no bytes after the frame), or None. With the
+    system's libzstd it is decoded into ``into`` (``nbytes`` bytes, uint8) when given."""
+    if _NATIVE_ZSTD:
+        out = into if into is not None else np.empty(nbytes, dtype=np.uint8)
+        return out if native_codecs.zstd_frame_into(_as_bytes_array(buf), out) else None
     zstandard = _ZSTD
     try:
         if zstandard.get_frame_parameters(buf).content_size != nbytes:
@@ -313,39 +344,51 @@ def _zstd_decode(buf: bytes | np.ndarray, nbytes: int) -> bytes | None:
     return out if len(out) == nbytes else None
 
 
-def _lz4_decode(buf: bytes, nbytes: int) -> bytes | None:
+def _lz4_decode(
+    buf: bytes | np.ndarray, nbytes: int, into: np.ndarray | None = None
+) -> np.ndarray | None:
     """The LZ4 filter's chunk (hdf5plugin's, HDF5 filter 32004) holding exactly ``nbytes``
     bytes, or None: a big-endian 8-byte size and 4-byte block size, then per block a big-endian
     4-byte stored size and the block, raw where that size is the block's own (as H5Zlz4.c
-    reads it). Every size is checked against the chunk's and the stored bytes."""
-    if len(buf) < 12:
+    reads it). Every size is checked against the chunk's and the stored bytes. The blocks are
+    decoded into ``into`` (``nbytes`` bytes, uint8) when given: by the system's liblz4 when it
+    loads, else by the ``lz4`` package (then copied there)."""
+    src = _as_bytes_array(buf)
+    if src.size < 12:
         return None
-    size, block = int.from_bytes(buf[:8], "big"), int.from_bytes(buf[8:12], "big")
+    size, block = int.from_bytes(src[:8], "big"), int.from_bytes(src[8:12], "big")
     if size != nbytes or block <= 0:
         return None
     block = min(block, size)
-    parts, pos, done = [], 12, 0
-    view = memoryview(buf)  # blocks are sliced without a copy
+    out = into if into is not None else np.empty(nbytes, dtype=np.uint8)
+    pos, done = 12, 0
     while done < size:
         want = min(block, size - done)
-        if pos + 4 > len(buf):
+        if pos + 4 > src.size:
             return None
-        stored = int.from_bytes(buf[pos : pos + 4], "big")
+        stored = int.from_bytes(src[pos : pos + 4], "big")
         pos += 4
-        if stored <= 0 or pos + stored > len(buf):
+        if stored <= 0 or pos + stored > src.size:
             return None
+        part, dst = src[pos : pos + stored], out[done : done + want]
         if stored == want:
-            parts.append(view[pos : pos + stored])
-        else:
-            part = _lz4_block(view[pos : pos + stored], want)
-            if part is None:
+            dst[:] = part
+        elif _NATIVE_LZ4:
+            if not native_codecs.lz4_block_into(part, dst):
                 return None
-            parts.append(part)
+        else:
+            got = _lz4_block(part, want)
+            if got is None:
+                return None
+            dst[:] = np.frombuffer(got, dtype=np.uint8)
         pos += stored
         done += want
-    if pos != len(buf):
-        return None
-    return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+    return out if pos == src.size else None
+
+
+def _as_bytes_array(buf) -> np.ndarray:
+    """``buf`` (bytes or a contiguous uint8 array) as a uint8 array, without a copy."""
+    return buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, dtype=np.uint8)
 
 
 def _blosc_decode(
@@ -357,9 +400,10 @@ def _blosc_decode(
     to decode into, returned (Blosc writes the size in the header checked here, no more)."""
     if len(buf) < 16:
         return None
-    if int.from_bytes(buf[4:8], "little") != nbytes or int.from_bytes(buf[12:16], "little") != len(
-        buf
-    ):
+    head = bytes(buf[:16])
+    if int.from_bytes(head[4:8], "little") != nbytes:
+        return None
+    if int.from_bytes(head[12:16], "little") != len(buf):
         return None
     try:
         if into is not None:
@@ -483,9 +527,25 @@ def _big_endian(src, i, k):
 
 
 @njit(nogil=True, cache=True)
+def _lz4_block_c(src, i, e, dst, o, end):
+    """``_lz4_block_into`` by the system's liblz4 (twice as fast): False when the block is
+    damaged or does not fill ``dst[o:end]`` exactly. The caller checks both ranges."""
+    if e - i <= 0 or e - i >= 2**31 or end - o >= 2**31:
+        return False
+    got = native_codecs.lz4_decompress_safe(
+        np.intp(src.ctypes.data) + i,
+        np.intp(dst.ctypes.data) + o,
+        np.int32(e - i),
+        np.int32(end - o),
+    )
+    return got == end - o
+
+
+@njit(nogil=True, cache=True)
 def _bitshuffle_into(src, size, lz4, block, out):
     """``out`` (uint8: the chunk's bytes) from the bitshuffle chunk ``src``; False when it
-    cannot be proved right. See ``_bitshuffle_decode``."""
+    cannot be proved right. See ``_bitshuffle_decode``. ``lz4``: 0 for none, 1 for LZ4 blocks
+    decoded in Numba, 2 for LZ4 blocks decoded by the system's liblz4."""
     nbytes = out.size
     n = nbytes // size
     if n * size != nbytes:
@@ -513,7 +573,10 @@ def _bitshuffle_into(src, size, lz4, block, out):
             pos += 4
             if stored <= 0 or pos + stored > src.size:
                 return False
-            if not _lz4_block_into(src, pos, pos + stored, scratch, 0, want):
+            if lz4 == 2:
+                if not _lz4_block_c(src, pos, pos + stored, scratch, 0, want):
+                    return False
+            elif not _lz4_block_into(src, pos, pos + stored, scratch, 0, want):
                 return False
             pos += stored
             _bit_unshuffle(scratch, m, size, part)
@@ -542,7 +605,8 @@ def _bitshuffle_decode(
     block = values[3] or max(128, 8192 // size // 8 * 8)  # bitshuffle's default
     out = np.empty(nbytes, dtype=np.uint8) if into is None else into
     src = np.frombuffer(buf, dtype=np.uint8)
-    return out if _bitshuffle_into(src, size, codec == BSHUF_LZ4, block, out) else None
+    lz4 = (2 if _NATIVE_LZ4_BLOCKS else 1) if codec == BSHUF_LZ4 else 0
+    return out if _bitshuffle_into(src, size, lz4, block, out) else None
 
 
 def _lz4_block(data, want: int) -> bytes | None:
@@ -554,14 +618,41 @@ def _lz4_block(data, want: int) -> bytes | None:
     return out if len(out) == want else None
 
 
+class Scratch:
+    """Byte buffers one thread keeps from chunk to chunk: the stored chunk as read, and the
+    outputs of decoding stages. A fresh buffer of a chunk's size per chunk is an ``mmap`` that
+    glibc unmaps on ``free``, so its pages fault in again for every chunk, and a rank's threads
+    fault in one address space (two threads decoded LZ4 chunks slower than one that way)."""
+
+    __slots__ = ("_bufs",)
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def take(self, key: str, n: int) -> np.ndarray:
+        """``n`` bytes (uint8) of the buffer ``key``, grown when it is shorter."""
+        buf = self._bufs.get(key)
+        if buf is None or buf.size < n:
+            buf = self._bufs[key] = np.empty(n, dtype=np.uint8)
+        return buf[:n]
+
+    def stage(self, n: int, busy) -> np.ndarray:
+        """``n`` bytes for a stage's output that are not its input ``busy``."""
+        first = self.take("a", n)
+        if isinstance(busy, np.ndarray) and np.may_share_memory(first, busy):
+            return self.take("b", n)
+        return first
+
+
 def decode(
-    raw: bytes,
+    raw: bytes | np.ndarray,
     filters,
     nbytes: int,
     itemsize: int,
     mask: int = 0,
     into: np.ndarray | None = None,
     threads: int = 1,
+    scratch: Scratch | None = None,
 ) -> np.ndarray | None:
     """The ``nbytes`` bytes (uint8) of one chunk stored as ``raw`` through ``filters`` (pipeline
     order; undone in reverse), or None when they cannot be proved right (h5py then reads it).
@@ -574,6 +665,10 @@ def decode(
     last stage that can write there (shuffle, bitshuffle, Blosc, Blosc2) does, and ``into`` is
     returned: no copy. Its bytes are undefined when None is returned. ``threads``: Blosc2's own
     threads for the chunk (it holds the GIL, so the rank's threads cannot share its work out).
+
+    ``scratch``: the calling thread's buffers. Stages that can write into a buffer (LZF, zstd
+    and LZ4 through the system's libraries, Blosc, Blosc2, bitshuffle, shuffle) then write
+    there, and the result may be one of them: valid until the thread's next ``decode``.
     """
     if mask >> len(filters):
         return None  # a bit for a filter the pipeline does not have
@@ -586,35 +681,42 @@ def decode(
         if mask >> i & 1:
             continue
         dst = into if i == last else None  # the last stage may write the rows themselves
+        if dst is None and scratch is not None:
+            dst = scratch.stage(nbytes, buf)
         if fid == FLETCHER32:
             if len(buf) < 4:
                 return None
-            body = np.frombuffer(buf, dtype=np.uint8)
+            body = _as_bytes_array(buf)
             stored = int.from_bytes(bytes(body[-4:]), "little")
             body = body[:-4]
             if int(_fletcher32(body)) != stored:
                 return None
             buf = body
         elif fid == DEFLATE:
-            try:
-                buf = zlib.decompress(buf, bufsize=nbytes)
-            except zlib.error:
-                return None
+            if _NATIVE_DEFLATE:
+                out = dst if dst is not None else np.empty(nbytes, dtype=np.uint8)
+                if not native_codecs.zlib_stream_into(_as_bytes_array(buf), out):
+                    return None
+                buf = out
+            else:
+                try:
+                    buf = zlib.decompress(buf, bufsize=nbytes)
+                except zlib.error:
+                    return None
         elif fid == BZIP2:
             buf = _bz2_decode(buf, nbytes)
             if buf is None:
                 return None
         elif fid == LZF:
-            src = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, bytes) else buf
-            buf = lzf.decompress(src, nbytes)
+            buf = lzf.decompress(buf, nbytes, dst)
             if buf is None:
                 return None
-        elif fid == ZSTD and _ZSTD is not None:
-            buf = _zstd_decode(buf, nbytes)
+        elif fid == ZSTD and ZSTD in FILTERS:
+            buf = _zstd_decode(buf, nbytes, dst)
             if buf is None:
                 return None
-        elif fid == LZ4 and _LZ4 is not None:
-            buf = _lz4_decode(bytes(buf), nbytes)
+        elif fid == LZ4 and LZ4 in FILTERS:
+            buf = _lz4_decode(buf, nbytes, dst)
             if buf is None:
                 return None
         elif fid == BITSHUFFLE and filters[i][1][4] in BSHUF_CODECS:
@@ -622,11 +724,11 @@ def decode(
             if buf is None:
                 return None
         elif fid == BLOSC2 and _BLOSC2 is not None:
-            buf = _blosc2_decode(bytes(buf), nbytes, dst, threads)
+            buf = _blosc2_decode(buf, nbytes, dst, threads)
             if buf is None:
                 return None
         elif fid == BLOSC and _BLOSC is not None:
-            buf = _blosc_decode(bytes(buf), nbytes, dst)
+            buf = _blosc_decode(buf, nbytes, dst)
             if buf is None:
                 return None
         elif fid == SHUFFLE:
@@ -634,7 +736,7 @@ def decode(
                 return None
             if itemsize > 1 and nbytes > itemsize:
                 to = dst if dst is not None else np.empty(nbytes, dtype=np.uint8)
-                buf = _unshuffle(np.frombuffer(buf, dtype=np.uint8), itemsize, to)
+                buf = _unshuffle(_as_bytes_array(buf), itemsize, to)
         else:  # pragma: no cover - ``layout`` admits no other filter
             return None
     if len(buf) != nbytes:
@@ -730,8 +832,13 @@ def read_rows(
                 _screen_piece(out, lo - start, hi - start, flags, zero)
             return left
 
+        local = threading.local()  # each thread's Scratch, for this call's chunks
+
         def _read_chunk(task) -> tuple | None:
             r0, c0, offset, size, mask = task
+            scratch = getattr(local, "scratch", None)
+            if scratch is None:
+                scratch = local.scratch = Scratch()
             lo, hi = max(start, r0), min(stop, r0 + cr)
             c1 = min(w, c0 + cc)
             if direct_rows:  # the rows are one run of bytes in the chunk and in ``out``
@@ -739,19 +846,18 @@ def read_rows(
                 _pread_into(fd, path, memoryview(flat), offset + (lo - r0) * cc * isz)
                 return None
             if not lay.filters:  # only the chunk's rows this rank needs
-                raw = np.empty((hi - lo) * cc * isz, dtype=np.uint8)
+                raw = scratch.take("raw", (hi - lo) * cc * isz)
                 _pread_into(fd, path, memoryview(raw), offset + (lo - r0) * cc * isz)
                 part = raw.view(stored).reshape(hi - lo, cc)
                 out[lo - start : hi - start, c0:c1] = part[:, : c1 - c0]
                 return None
-            raw = os.pread(fd, size, offset)
-            if len(raw) != size:
-                raise DataError(f"'{path}' ends before the data it describes (truncated file?)")
+            raw = scratch.take("raw", size)
+            _pread_into(fd, path, memoryview(raw), offset)
             # whole rows of a whole chunk, stored in the read type: decoded in place if it can
             into = None
             if cc == w and stored == out.dtype and start <= r0 and r0 + cr <= min(stop, n):
                 into = out[r0 - start : r0 + cr - start].reshape(-1).view(np.uint8)
-            data = decode(raw, lay.filters, nbytes, isz, mask, into, threads)
+            data = decode(raw, lay.filters, nbytes, isz, mask, into, threads, scratch)
             if data is None:
                 return task
             if data is into:

@@ -70,9 +70,12 @@ def decompress_into(src, out):
     return np.int64(op)
 
 
-def decompress(block: bytes | np.ndarray, nbytes: int) -> np.ndarray | None:
+def decompress(
+    block: bytes | np.ndarray, nbytes: int, out: np.ndarray | None = None
+) -> np.ndarray | None:
     """The ``nbytes`` bytes (uint8) the LZF ``block`` holds, or None when it does not decode to
-    exactly that many."""
+    exactly that many. ``out``: ``nbytes`` bytes (uint8) to decode into, returned (its bytes
+    are undefined when None is returned); else a new array."""
     src = np.frombuffer(block, dtype=np.uint8) if isinstance(block, bytes) else block
-    out = np.empty(nbytes, dtype=np.uint8)
+    out = np.empty(nbytes, dtype=np.uint8) if out is None else out
     return out if decompress_into(src, out) == nbytes else None

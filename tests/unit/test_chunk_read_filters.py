@@ -10,10 +10,12 @@ chunks that cannot be proved (partial edge chunks of an unchecked pipeline) go t
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 import threading
+import zlib
 
 import h5py
 import numpy as np
@@ -22,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lepton_hpc.comm.base import SerialComm
-from lepton_hpc.data import chunk_read, lzf, reader
+from lepton_hpc.data import chunk_read, lzf, native_codecs, reader
 from lepton_hpc.errors import DataError
 from lepton_hpc.log import Log
 
@@ -306,13 +308,27 @@ def test_without_hdf5plugin_a_zstd_file_is_one_error_line(tmp_path):
     assert "pip install hdf5plugin" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("name", ["lz4", "blosc lz4+shuffle"])
-def test_damaged_lz4_and_blosc_chunks_are_refused(tmp_path, name):
+@pytest.mark.parametrize(
+    ("name", "codecs"),
+    [
+        ("lz4", "system"),
+        ("lz4", "package"),
+        ("blosc lz4+shuffle", "package"),
+        ("zstd", "system"),
+        ("zstd", "package"),
+        ("gzip+shuffle", "system"),
+        ("gzip+shuffle", "package"),
+    ],
+)
+def test_damaged_compressed_chunks_are_refused(tmp_path, monkeypatch, name, codecs):
     """A chunk cut short, or with a size in its header that is not the chunk's, decodes to None
-    (h5py then reads it, and names the data set if HDF5 fails too), never to other bytes."""
-    pipelines = _plugin_pipelines()
+    (h5py then reads it, and names the data set if HDF5 fails too), never to other bytes:
+    through the system's liblz4 and libzstd and through the ``lz4`` and ``zstandard``
+    packages alike."""
+    pipelines = {**_plugin_pipelines(), "gzip+shuffle": {"compression": "gzip", "shuffle": True}}
     if name not in pipelines:
         pytest.skip(f"{name}: its package is not installed")
+    _use_codecs(monkeypatch, codecs)
     X = np.round(np.random.default_rng(9).normal(size=(500, 4)), 1).astype(np.float32)
     path = tmp_path / "d.h5"
     with h5py.File(path, "w") as fh:
@@ -325,10 +341,21 @@ def test_damaged_lz4_and_blosc_chunks_are_refused(tmp_path, name):
     assert good is not None and good.tobytes() == X.tobytes()
     for cut in (0, 3, 12, 16, len(raw) // 2, len(raw) - 1):
         assert chunk_read.decode(raw[:cut], lay.filters, nbytes, 4) is None, cut
-    assert chunk_read.decode(raw + b"\0", lay.filters, nbytes, 4) is None  # bytes left over
+    padded = chunk_read.decode(raw + b"\0", lay.filters, nbytes, 4)  # bytes left over
+    if name == "gzip+shuffle":  # HDF5's deflate filter reads the stream and ignores the rest
+        assert padded is not None and padded.tobytes() == X.tobytes()
+    else:
+        assert padded is None
     assert chunk_read.decode(raw, lay.filters, nbytes - 4, 4) is None  # not this chunk's size
     if name == "lz4":
         bad = (nbytes + 1).to_bytes(8, "big") + raw[8:]
+    elif name == "gzip+shuffle":  # a byte changed inside the stream: its Adler-32 fails
+        bad = raw[: len(raw) // 2] + bytes([raw[len(raw) // 2] ^ 0x5A]) + raw[len(raw) // 2 + 1 :]
+    elif name == "zstd":  # a byte changed inside the compressed data
+        bad = raw[: len(raw) // 2] + bytes([raw[len(raw) // 2] ^ 0x5A]) + raw[len(raw) // 2 + 1 :]
+        got = chunk_read.decode(bad, lay.filters, nbytes, 4)
+        assert got is None or got.tobytes() == X.tobytes()
+        bad = raw[:5] + bytes([raw[5] ^ 1]) + raw[6:]  # the content size in the frame header
     else:
         bad = raw[:4] + (nbytes + 1).to_bytes(4, "little") + raw[8:]
     assert chunk_read.decode(bad, lay.filters, nbytes, 4) is None
@@ -359,12 +386,15 @@ def test_damaged_bzip2_chunks_are_refused(tmp_path):
         assert got is None or got.tobytes() == X.tobytes(), at
 
 
-def test_damaged_bitshuffle_chunks_are_refused(tmp_path):
+@pytest.mark.parametrize("codecs", ["system", "package"])
+def test_damaged_bitshuffle_chunks_are_refused(tmp_path, monkeypatch, codecs):
     """Bitshuffle with LZ4: a chunk cut short, padded, or whose header size or block size is
-    not this chunk's decodes to None, never to other bytes."""
+    not this chunk's decodes to None, never to other bytes (its blocks decoded by liblz4 or
+    by the Numba decoder)."""
     pipelines = _plugin_pipelines()
     if "bitshuffle+lz4" not in pipelines:
         pytest.skip("hdf5plugin is not installed")
+    _use_codecs(monkeypatch, codecs)
     X = np.round(np.random.default_rng(8).normal(size=(501, 4)), 1).astype(np.float32)
     path = tmp_path / "b.h5"
     with h5py.File(path, "w") as fh:
@@ -444,6 +474,150 @@ def test_the_numba_lz4_block_decoder_agrees_with_lz4(data, damage):
         assert ref is not None and dst[pad : pad + want].tobytes() == ref
     if not damage:
         assert ok and dst[pad : pad + want].tobytes() == data
+    if native_codecs.LZ4_IN_NUMBA:  # the same block through liblz4, called from Numba code
+        dst_c = np.full(want + 2 * pad, 7, dtype=np.uint8)
+        padded = np.concatenate([np.full(pad, 9, np.uint8), src, np.full(pad, 9, np.uint8)])
+        ok_c = chunk_read._lz4_block_c(padded, pad, pad + src.size, dst_c, pad, pad + want)
+        assert (dst_c[:pad] == 7).all() and (dst_c[pad + want :] == 7).all()
+        assert ok_c == (ref is not None and len(ref) == want)
+        if ok_c:
+            assert dst_c[pad : pad + want].tobytes() == ref
+
+
+def _use_codecs(monkeypatch, codecs: str) -> None:
+    """Decode deflate, LZ4 and zstd through the system's libraries or through zlib and the
+    packages."""
+    native = codecs == "system"
+    if native and not (
+        native_codecs.lz4_available()
+        and native_codecs.zstd_available()
+        and native_codecs.deflate_available()
+    ):
+        pytest.skip("liblz4, libzstd or libdeflate cannot be loaded")
+    if not native and (chunk_read._LZ4 is None or chunk_read._ZSTD is None):
+        pytest.skip("the lz4 or zstandard package is not installed")
+    if native and not native_codecs.LZ4_IN_NUMBA:
+        pytest.skip("liblz4 cannot be loaded")
+    for flag in ("_NATIVE_LZ4", "_NATIVE_ZSTD", "_NATIVE_DEFLATE", "_NATIVE_LZ4_BLOCKS"):
+        monkeypatch.setattr(chunk_read, flag, native)
+
+
+def _decoded_within_bounds(decoder, buf: bytes, size: int) -> bytes | None:
+    """``decoder(buf, out)`` into ``size`` bytes followed by guard bytes, which it must never
+    write: the bytes when it succeeds, else None."""
+    guard = np.full(size + 16, 7, dtype=np.uint8)
+    ok = decoder(np.frombuffer(buf, np.uint8), guard[:size])
+    assert (guard[size:] == 7).all()
+    return guard[:size].tobytes() if ok else None
+
+
+@FAST
+@given(data=chunk_bytes(), damage=st.lists(st.tuples(st.integers(0), st.integers(0, 255))))
+def test_the_system_libdeflate_agrees_with_zlib(data, damage):
+    """``native_codecs.zlib_stream_into`` inflates what ``zlib`` deflates (HDF5's deflate
+    filter) to exactly the chunk's size; with bytes changed it succeeds exactly when
+    ``zlib.decompress`` gives the chunk's size, with the same bytes (both check the stream's
+    Adler-32); nothing past the output is written."""
+    if not native_codecs.deflate_available():
+        pytest.skip("libdeflate cannot be loaded")
+    stream = bytearray(zlib.compress(data, 1))
+    n = len(data)
+
+    native = functools.partial(_decoded_within_bounds, native_codecs.zlib_stream_into)
+    assert native(bytes(stream), n) == data
+    assert native(bytes(stream) + b"\0junk", n) == data  # after the stream: ignored, as HDF5
+    assert native(bytes(stream[:-1]), n) is None  # cut short (the checksum)
+    assert native(bytes(stream), n + 1) is None and (n == 0 or native(bytes(stream), n - 1) is None)
+    for at, value in damage:
+        stream[at % len(stream)] = value
+    try:
+        ref = zlib.decompress(bytes(stream))
+    except zlib.error:
+        ref = None
+    assert native(bytes(stream), n) == (ref if ref is not None and len(ref) == n else None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=_lz4_payloads(), damage=st.lists(st.tuples(st.integers(0), st.integers(0, 255))))
+def test_the_system_liblz4_agrees_with_the_lz4_package(data, damage):
+    """``native_codecs.lz4_block_into`` decodes what ``lz4.block`` writes; a block with bytes
+    changed is refused exactly when the package refuses it (or does not decode to the chunk's
+    size), else both give the same bytes; nothing past the output is written."""
+    lz4_block = pytest.importorskip("lz4.block")
+    if not native_codecs.lz4_available():
+        pytest.skip("liblz4 cannot be loaded")
+    want = len(data)
+    block = bytearray(lz4_block.compress(data, store_size=False))
+    for at, value in damage:
+        block[at % len(block)] = value
+    guard = np.full(want + 16, 7, dtype=np.uint8)
+    ok = native_codecs.lz4_block_into(np.frombuffer(bytes(block), np.uint8), guard[:want])
+    assert (guard[want:] == 7).all()
+    try:
+        ref = lz4_block.decompress(bytes(block), uncompressed_size=want)
+    except lz4_block.LZ4BlockError:
+        ref = None
+    assert ok == (ref is not None and len(ref) == want)
+    if ok:
+        assert guard[:want].tobytes() == ref
+    if not damage:
+        assert ok and guard[:want].tobytes() == data
+
+
+@FAST
+@given(data=chunk_bytes(), damage=st.lists(st.tuples(st.integers(0), st.integers(0, 255))))
+def test_the_system_libzstd_agrees_with_zstandard(data, damage):
+    """``native_codecs.zstd_frame_into`` decodes one frame to exactly its header's content
+    size: what ``zstandard`` writes, and nothing cut short, padded or of another size. With
+    bytes changed it decodes or refuses (a frame without a checksum, as hdf5plugin writes
+    them, cannot show every change; library versions differ on which), and the output's
+    neighbours are never written."""
+    zstandard = pytest.importorskip("zstandard")
+    if not native_codecs.zstd_available():
+        pytest.skip("libzstd cannot be loaded")
+    frame = bytearray(zstandard.ZstdCompressor(level=3).compress(data))
+    n = len(data)
+
+    native = functools.partial(_decoded_within_bounds, native_codecs.zstd_frame_into)
+    assert native(bytes(frame), n) == data
+    assert native(bytes(frame) + b"\0", n) is None  # bytes after the frame
+    assert native(bytes(frame[:-1]), n) is None  # cut short
+    assert native(bytes(frame), n + 1) is None and (n == 0 or native(bytes(frame), n - 1) is None)
+    for at, value in damage:  # decoded or refused, within its bounds (the guard above)
+        frame[at % len(frame)] = value
+    native(bytes(frame), n)
+
+
+def test_a_threads_buffers_are_reused_from_chunk_to_chunk(tmp_path):
+    """With a thread's Scratch, the stored chunk and each stage's output go to its buffers
+    (kept from chunk to chunk, never a stage's own input): two chunks decoded in turn give
+    their own bytes from the same memory."""
+    hdf5plugin = pytest.importorskip("hdf5plugin")
+    rng = np.random.default_rng(12)
+    X = (rng.integers(-20, 20, size=(256, 6)) / 4).astype(np.float32)
+    pipelines = {
+        "lzf": {"compression": "lzf", "shuffle": True, "fletcher32": True},
+        "lz4": {**hdf5plugin.LZ4(), "shuffle": True},
+        "zstd": {**hdf5plugin.Zstd(), "shuffle": True},
+        "bitshuffle": dict(hdf5plugin.Bitshuffle(cname="lz4")),
+    }
+    for name, kw in pipelines.items():
+        path = tmp_path / f"{name}.h5"
+        with h5py.File(path, "w") as fh:
+            fh.create_dataset("X", data=X, chunks=(128, 6), **kw)
+        with h5py.File(path, "r") as fh:
+            lay = chunk_read.layout(fh["X"], np.dtype(np.float32), os.stat(path))
+            raws = [fh["X"].id.read_direct_chunk((r0, 0))[1] for r0 in (0, 128)]
+        assert lay is not None, name
+        scratch = chunk_read.Scratch()
+        got = []
+        for r0, raw in zip((0, 128), raws, strict=True):
+            stored = scratch.take("raw", len(raw))
+            stored[:] = np.frombuffer(raw, np.uint8)
+            out = chunk_read.decode(stored, lay.filters, 128 * 6 * 4, 4, scratch=scratch)
+            assert out is not None and out.tobytes() == X[r0 : r0 + 128].tobytes(), name
+            got.append(out)
+        assert np.may_share_memory(got[0], got[1]), name  # the same buffer, reused
 
 
 IN_PLACE = {  # hdf5plugin filters whose chunks of whole rows are decoded into the rows read
@@ -476,11 +650,11 @@ def test_chunks_of_whole_rows_decode_in_place(tmp_path, monkeypatch, pipeline):
         fh.create_dataset("X", data=X, chunks=(cr, d), **IN_PLACE[pipeline](hdf5plugin))
     real, seen, placed, lock = chunk_read.decode, [], [], threading.Lock()
 
-    def failing_once(raw, filters, nbytes, itemsize, mask=0, into=None, threads=1):
+    def failing_once(raw, filters, nbytes, itemsize, mask=0, into=None, threads=1, scratch=None):
         with lock:  # the rank's threads decode at once: the second call fails, whichever it is
             second = len(seen) == 1
             seen.append(into is not None)
-        got = real(raw, filters, nbytes, itemsize, mask, into, threads)
+        got = real(raw, filters, nbytes, itemsize, mask, into, threads, scratch)
         placed.append(got is not None and got is into)
         if second:
             if got is into:
@@ -508,10 +682,11 @@ def test_blosc2_arrays_decode_in_c_order(blocks):
     blosc2 = pytest.importorskip("blosc2")
     X = np.arange(64 * 6, dtype=np.float32).reshape(64, 6) / 7
     frame = blosc2.asarray(X, chunks=(64, 6), blocks=blocks).to_cframe()
-    into = np.zeros(X.nbytes, dtype=np.uint8)
-    got = chunk_read._blosc2_decode(frame, X.nbytes, into, threads=2)
-    assert got is not None and got.tobytes() == X.tobytes()
-    assert (got is into) == (blocks == (16, 6))
+    for threads in (1, 2):  # from the frame, or its chunk taken out and decoded without the GIL
+        into = np.zeros(X.nbytes, dtype=np.uint8)
+        got = chunk_read._blosc2_decode(frame, X.nbytes, into, threads=threads)
+        assert got is not None and got.tobytes() == X.tobytes()
+        assert (got is into) == (blocks == (16, 6))
     assert chunk_read._blosc2_decode(frame, X.nbytes - 4) is None  # not this chunk's size
     assert chunk_read._blosc2_decode(frame[: len(frame) // 2], X.nbytes) is None  # cut short
     assert chunk_read._blosc2_decode(X.tobytes(), X.nbytes) is None  # stored unfiltered

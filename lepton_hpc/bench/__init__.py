@@ -13,8 +13,8 @@ optional: a missing one is reported as skipped. The toolkit itself never imports
 Modules: ``runner`` (orchestration), ``micro`` (in-process kernels), ``peers`` (PyTorch,
 scikit-learn, Horovod), ``mpi_parts`` (under mpiexec), ``kernel_parts`` (feature sweep, AVX2, MLP),
 ``mpi_peers`` (Heat, oneDAL), ``layouts`` (contiguous, chunked, gzip, lzf, zstd, LZ4, Blosc,
-bitshuffle, Blosc2 loads), ``tensor_rows`` (tensor-parallel grids, the crossover),
-``ratios`` and ``report`` (ratios, table, plots).
+bitshuffle with LZ4 and with zstd, ZFP, Blosc2 loads), ``tensor_rows`` (tensor-parallel
+grids, the crossover), ``ratios`` and ``report`` (ratios, table, plots).
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ TARGETS = {"chunked_vs_contiguous": 0.8, "decode_scaling": 1.6}
 
 def layouts() -> dict[str, dict]:
     """h5py ``create_dataset`` keywords per layout: the compressors the reader decodes itself
-    (hdf5plugin's zstd, LZ4, Blosc, bitshuffle+LZ4 and Blosc2 where hdf5plugin and the package
-    decoding each are installed)."""
+    (hdf5plugin's zstd, LZ4, Blosc, bitshuffle with LZ4 and with zstd, ZFP (reversible) and
+    Blosc2 where hdf5plugin and the library or package decoding each are installed)."""
     from ..data import chunk_read
 
     out: dict[str, dict] = {
@@ -57,6 +57,10 @@ def layouts() -> dict[str, dict]:
         out["lz4"] = {**hdf5plugin.LZ4(), "shuffle": True}
     if chunk_read.BSHUF_LZ4 in chunk_read.BSHUF_CODECS:
         out["bitshuffle"] = dict(hdf5plugin.Bitshuffle(cname="lz4"))
+    if chunk_read.BSHUF_ZSTD in chunk_read.BSHUF_CODECS:
+        out["bitshuffle_zstd"] = dict(hdf5plugin.Bitshuffle(cname="zstd", clevel=1))
+    if chunk_read.ZFP in chunk_read.FILTERS:  # reversible: the bytes must equal the raw read
+        out["zfp"] = dict(hdf5plugin.Zfp(reversible=True))
     if chunk_read.BLOSC in chunk_read.FILTERS:
         blosc = hdf5plugin.Blosc
         out["blosc"] = dict(blosc(cname="lz4", clevel=5, shuffle=blosc.SHUFFLE))
@@ -66,7 +70,9 @@ def layouts() -> dict[str, dict]:
     return out
 
 
-COMPRESSED = ("gzip", "lzf", "zstd", "lz4", "blosc", "bitshuffle", "blosc2")
+COMPRESSED = (
+    *("gzip", "lzf", "zstd", "lz4", "blosc", "bitshuffle", "bitshuffle_zstd", "zfp", "blosc2"),
+)
 
 
 def make(root: Path, rows: int, features: int) -> dict[str, Path]:

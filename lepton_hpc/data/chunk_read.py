@@ -1,6 +1,6 @@
 """Direct reads of chunked HDF5 data sets: each chunk's bytes read with ``pread`` at the offset
 HDF5's chunk index gives, decoded (deflate, lzf, bzip2, zstd, LZ4, Blosc, Blosc2, bitshuffle,
-shuffle, fletcher32) and copied into the rank's rows, on the rank's threads.
+ZFP, shuffle, fletcher32) and copied into the rank's rows, on the rank's threads.
 
 Why not h5py: h5py holds the GIL while HDF5 reads and decompresses, so one rank uses one core
 for the whole of its block. Here ``pread``, ``bz2``, the Numba LZF, LZ4 and bitshuffle
@@ -20,15 +20,16 @@ installed (for zstd and LZ4: or the system's library loads), hdf5plugin's zstd (
 ``lz4``: sizes in a header and before each block), Blosc
 (32001, ``blosc``: a Blosc buffer, which undoes its own shuffle), Blosc2 (32026, ``blosc2``: a
 frame a chunk; it holds the GIL, so a chunk is decoded by Blosc2's own threads) and bitshuffle
-(32008, alone or with LZ4: its LZ4 blocks and bit transpose in one Numba call a chunk, without
-the GIL), with at most one compressor.
+(32008, alone or with LZ4 or zstd: its blocks and bit transpose in one Numba call a chunk,
+without the GIL; zstd blocks need the system's libzstd) and ZFP (32013, by the zfp library in
+hdf5plugin's plugin, without HDF5: ``zfp``), with at most one compressor.
 A chunk that still cannot be proved right when it is read goes through h5py alone (one chunk,
 not the data set): a chunk never written (HDF5 gives the fill value), a filter mask naming a
 filter the pipeline lacks, a stored size or decoded size that is not the chunk's, a fletcher32
 checksum that does not match (h5py then also accepts the byte order of old writers, or gives
 the error), and partial edge chunks of a pipeline with nothing that checks its input
-(shuffle, lzf, bitshuffle alone: a writer may store those unfiltered, which nothing in the
-bytes would reveal; deflate, bzip2, zstd, LZ4, Blosc, compressing bitshuffle and fletcher32
+(shuffle, lzf, bitshuffle alone, ZFP: a writer may store those unfiltered, which nothing in
+the bytes would reveal; deflate, bzip2, zstd, LZ4, Blosc, compressing bitshuffle and fletcher32
 refuse bytes they did not write).
 
 A filter whose bit is set in a chunk's filter mask was skipped when the chunk was written (an
@@ -36,8 +37,9 @@ optional filter that failed, as lzf and zstd do when a chunk does not shrink): i
 when decoding, exactly as HDF5 does.
 
 Filters from ``hdf5plugin`` (``plugins``) are registered when this module is imported, so the
-h5py reads of every reader can decode them; the rest (SZ, ZFP, bitshuffle with zstd, ...) are
-read by h5py.
+h5py reads of every reader can decode them; the rest (SZ, SZ3, SPERR, FCIDecomp, HTJ2K) are
+read by h5py: their decoders are reached only through HDF5's filter call, which on failure
+calls HDF5 (not safe on two threads at once), and SZ's keeps its parameters in globals.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from numba import njit
 
 from ..errors import DataError
 from ..kernels import native
-from . import lzf, native_codecs, plugins
+from . import lzf, native_codecs, plugins, zfp
 from .direct_read import (
     SCREEN_READ_BYTES,
     _read_screened,
@@ -68,8 +70,8 @@ from .direct_read import (
 )
 
 DEFLATE, SHUFFLE, FLETCHER32, LZF, ZSTD, LZ4, BLOSC = 1, 2, 3, 32000, 32015, 32004, 32001
-BITSHUFFLE, BZIP2, BLOSC2 = 32008, 307, 32026
-COMPRESSORS = {DEFLATE, LZF, ZSTD, LZ4, BLOSC, BITSHUFFLE, BZIP2, BLOSC2}
+BITSHUFFLE, BZIP2, BLOSC2, ZFP = 32008, 307, 32026, 32013
+COMPRESSORS = {DEFLATE, LZF, ZSTD, LZ4, BLOSC, BITSHUFFLE, BZIP2, BLOSC2, ZFP}
 # Filters that refuse input they did not produce (zlib's and zstd's framing, bzip2's CRCs, the
 # checksum, the sizes in LZ4's, Blosc's, Blosc2 frames' and compressing bitshuffle's headers): a
 # chunk stored unfiltered cannot pass for a filtered one. (Bitshuffle alone checks nothing.)
@@ -112,12 +114,13 @@ FILTERS = {DEFLATE, SHUFFLE, FLETCHER32, LZF, BITSHUFFLE, BZIP2} | {
         (LZ4, _LZ4 is not None or _NATIVE_LZ4),
         (BLOSC, _BLOSC is not None),
         (BLOSC2, _BLOSC2 is not None),
+        (ZFP, zfp.available()),
     )
     if usable
 }
 # Bitshuffle's compressions decoded here, each chunk in one Numba call without the GIL (its
-# LZ4 blocks too: no package needed). Bitshuffle with zstd goes through h5py.
-BSHUF_CODECS = {BSHUF_NONE, BSHUF_LZ4}
+# LZ4 blocks too: no package needed; its zstd blocks by the system's libzstd, else h5py).
+BSHUF_CODECS = {BSHUF_NONE, BSHUF_LZ4} | ({BSHUF_ZSTD} if native_codecs.ZSTD_IN_NUMBA else set())
 
 # Stored types read directly, per read type. Features (float32) only where the conversion is
 # exact (every stored value is a float32), so NumPy's cast equals HDF5's, which the h5py path
@@ -178,6 +181,9 @@ def layout(dset: h5py.Dataset, want: np.dtype, st: os.stat_result) -> ChunkLayou
         for f, v in filters
     ):
         return None
+    chunk_bytes = int(np.prod(plist.get_chunk())) * stored.itemsize
+    if any(f == ZFP and (zfp.parse(v) or (0, 0, -1))[2] != chunk_bytes for f, v in filters):
+        return None  # ZFP values this cannot read: HDF5 decodes them, or says why not
     if sum(f in COMPRESSORS for f, _ in filters) > 1:
         return None  # the inner compressor's output size is not known: h5py decodes those
     if not in_opened_file(dset, st):
@@ -542,16 +548,33 @@ def _lz4_block_c(src, i, e, dst, o, end):
 
 
 @njit(nogil=True, cache=True)
-def _bitshuffle_into(src, size, lz4, block, out):
+def _zstd_block_c(src, i, e, dst, o, end, ctx):
+    """One zstd frame ``src[i:e]`` decoded into exactly ``dst[o:end]`` by the system's libzstd
+    with the context ``ctx``: False when it is damaged or does not fill it exactly."""
+    if e - i <= 0:
+        return False
+    got = native_codecs.zstd_decompress_dctx(
+        ctx,
+        np.intp(dst.ctypes.data) + o,
+        np.uintp(end - o),
+        np.intp(src.ctypes.data) + i,
+        np.uintp(e - i),
+    )
+    return native_codecs.zstd_is_error(got) == 0 and np.int64(got) == end - o
+
+
+@njit(nogil=True, cache=True)
+def _bitshuffle_into(src, size, codec, block, out, ctx):
     """``out`` (uint8: the chunk's bytes) from the bitshuffle chunk ``src``; False when it
-    cannot be proved right. See ``_bitshuffle_decode``. ``lz4``: 0 for none, 1 for LZ4 blocks
-    decoded in Numba, 2 for LZ4 blocks decoded by the system's liblz4."""
+    cannot be proved right. See ``_bitshuffle_decode``. ``codec``: 0 for none, 1 for LZ4
+    blocks decoded in Numba, 2 for LZ4 blocks decoded by the system's liblz4, 3 for zstd
+    blocks decoded by the system's libzstd with the context ``ctx`` (an address)."""
     nbytes = out.size
     n = nbytes // size
     if n * size != nbytes:
         return False
     pos = 0
-    if lz4:
+    if codec:
         if src.size < 12 or _big_endian(src, 0, 8) != nbytes:
             return False
         block_bytes = _big_endian(src, 8, 4)
@@ -559,21 +582,24 @@ def _bitshuffle_into(src, size, lz4, block, out):
         if block <= 0 or block % 8 != 0 or block * size != block_bytes:
             return False
         pos = 12
-    scratch = np.empty(block * size if lz4 else 0, np.uint8)
+    scratch = np.empty(block * size if codec else 0, np.uint8)
     done = 0
     while n - done >= 8:
         m = min(block, n - done)
         m -= m % 8
         want = m * size
         part = out[done * size : (done + m) * size]
-        if lz4:
+        if codec:
             if pos + 4 > src.size:
                 return False
             stored = _big_endian(src, pos, 4)
             pos += 4
             if stored <= 0 or pos + stored > src.size:
                 return False
-            if lz4 == 2:
+            if codec == 3:
+                if not _zstd_block_c(src, pos, pos + stored, scratch, 0, want, ctx):
+                    return False
+            elif codec == 2:
                 if not _lz4_block_c(src, pos, pos + stored, scratch, 0, want):
                     return False
             elif not _lz4_block_into(src, pos, pos + stored, scratch, 0, want):
@@ -597,16 +623,21 @@ def _bitshuffle_decode(
 ) -> np.ndarray | None:
     """A bitshuffle chunk (HDF5 filter 32008, as hdf5plugin's H5Zbitshuffle.c writes it)
     holding exactly ``nbytes`` bytes, or None. The elements go in blocks (a multiple of 8 each,
-    the last cut down to one), each bit-transposed and, with LZ4, stored as a big-endian 4-byte
-    size and an LZ4 block after a header (big-endian 8-byte size, 4-byte block bytes); the few
-    elements after the last block are stored as they are. One Numba call decodes the chunk
-    without the GIL, into ``into`` when given."""
+    the last cut down to one), each bit-transposed and, with LZ4 or zstd, stored as a
+    big-endian 4-byte size and an LZ4 block or a zstd frame after a header (big-endian 8-byte
+    size, 4-byte block bytes); the few elements after the last block are stored as they are.
+    One Numba call decodes the chunk without the GIL, into ``into`` when given."""
     size, codec = values[2], values[4]
     block = values[3] or max(128, 8192 // size // 8 * 8)  # bitshuffle's default
     out = np.empty(nbytes, dtype=np.uint8) if into is None else into
     src = np.frombuffer(buf, dtype=np.uint8)
+    if codec == BSHUF_ZSTD:
+        with native_codecs.zstd_context() as ctx:
+            if ctx is None:  # pragma: no cover - out of memory
+                return None
+            return out if _bitshuffle_into(src, size, 3, block, out, ctx) else None
     lz4 = (2 if _NATIVE_LZ4_BLOCKS else 1) if codec == BSHUF_LZ4 else 0
-    return out if _bitshuffle_into(src, size, lz4, block, out) else None
+    return out if _bitshuffle_into(src, size, lz4, block, out, 0) else None
 
 
 def _lz4_block(data, want: int) -> bytes | None:
@@ -731,6 +762,11 @@ def decode(
             buf = _blosc_decode(buf, nbytes, dst)
             if buf is None:
                 return None
+        elif fid == ZFP and ZFP in FILTERS:
+            out = dst if dst is not None else np.empty(nbytes, dtype=np.uint8)
+            if not zfp.decode_into(_as_bytes_array(buf), filters[i][1], out):
+                return None
+            buf = out
         elif fid == SHUFFLE:
             if len(buf) != nbytes:
                 return None
@@ -851,7 +887,7 @@ def read_rows(
                 part = raw.view(stored).reshape(hi - lo, cc)
                 out[lo - start : hi - start, c0:c1] = part[:, : c1 - c0]
                 return None
-            raw = scratch.take("raw", size)
+            raw = scratch.take("raw", size + 64)[:size]  # bytes after it: zfp reads words
             _pread_into(fd, path, memoryview(raw), offset)
             # whole rows of a whole chunk, stored in the read type: decoded in place if it can
             into = None

@@ -18,6 +18,7 @@ ones: they never read past the input or write past the output, and report damage
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 
@@ -133,8 +134,43 @@ lz4_decompress_safe = types.ExternalFunction(
     "LZ4_decompress_safe", types.int32(types.intp, types.intp, types.int32, types.int32)
 )
 
+# libzstd's frame decoder for Numba code (bitshuffle's zstd blocks), bound the same way; the
+# stand-ins report an error for every frame (``ZSTD_IN_NUMBA`` False: callers do not use them).
+_ZSTD_ERROR = 2**64 - 1  # (size_t)-1, an error code
+if _zstd is not None:
+    for _name in ("ZSTD_decompressDCtx", "ZSTD_isError"):
+        llvm.add_symbol(_name, ctypes.cast(_zstd[_name], ctypes.c_void_p).value)
+    ZSTD_IN_NUMBA = True
+else:
+    _zstd_refuse_ctx = ctypes.CFUNCTYPE(
+        ctypes.c_size_t, ctypes.c_void_p, *(ctypes.c_void_p, ctypes.c_size_t) * 2
+    )(lambda *_: _ZSTD_ERROR)
+    _zstd_is_error = ctypes.CFUNCTYPE(ctypes.c_uint, ctypes.c_size_t)(lambda *_: 1)
+    llvm.add_symbol("ZSTD_decompressDCtx", ctypes.cast(_zstd_refuse_ctx, ctypes.c_void_p).value)
+    llvm.add_symbol("ZSTD_isError", ctypes.cast(_zstd_is_error, ctypes.c_void_p).value)
+    ZSTD_IN_NUMBA = False
+# ZSTD_decompressDCtx(context, dst, dst capacity, src, src bytes): bytes written, or an error
+# code (ZSTD_isError(code) != 0)
+zstd_decompress_dctx = types.ExternalFunction(
+    "ZSTD_decompressDCtx",
+    types.uintp(types.intp, types.intp, types.uintp, types.intp, types.uintp),
+)
+zstd_is_error = types.ExternalFunction("ZSTD_isError", types.uint32(types.uintp))
+
 _zstd_contexts = _Contexts(_zstd["ZSTD_createDCtx"]) if _zstd is not None else None
 _inflaters = _Contexts(_new_inflater) if _inflate is not None else None
+
+
+@contextlib.contextmanager
+def zstd_context():
+    """A zstd decompression context (its address) this thread may use until the block ends,
+    or None when none can be made (out of memory)."""
+    ctx = _zstd_contexts.take()
+    try:
+        yield ctx
+    finally:
+        if ctx is not None:
+            _zstd_contexts.give(ctx)
 
 
 def lz4_available() -> bool:

@@ -1,12 +1,12 @@
 """Training on chunked and compressed copies of a contiguous file gives the contiguous file's bits.
 
 ``lepton train`` under real ``mpiexec`` on 1, 2 and 3 ranks (reproducible mode, whose bits do not
-depend on the rank count; gzip, plain chunks, and hdf5plugin's LZ4, Blosc, bitshuffle, bzip2
-and Blosc2) and on 2 ranks in the default mode (gzip and shuffle+lzf): the copies are read chunk
-by chunk with ``pread`` and decoded on the ranks' threads (chunks splitting
-columns, row blocks starting and ending mid-chunk, partial edge chunks, a (n, 1) target column
-stored chunked with a checksum, a contiguous target next to compressed features), and must give
-the same final parameters bit for bit.
+depend on the rank count; gzip, plain chunks, and hdf5plugin's LZ4, Blosc, bitshuffle, bzip2,
+Blosc2, ZFP and bitshuffle with zstd) and on 2 ranks in the default mode (gzip and
+shuffle+lzf): the copies are read chunk by chunk with ``pread`` and decoded on the ranks'
+threads (chunks splitting columns, row blocks starting and ending mid-chunk, partial edge
+chunks, a (n, 1) target column stored chunked with a checksum, a contiguous target next to
+compressed features), and must give the same final parameters bit for bit.
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ def files(tmp_path_factory):
         fh.create_dataset("X", data=X, chunks=(101, 4), **blosc2(filters=blosc2.BITSHUFFLE))
         fh.create_dataset("y", data=y, chunks=(300,), **blosc2(cname="lz4"))
     out["blosc2"] = root / "blosc2.h5"
+    with h5py.File(root / "zfp.h5", "w") as fh:  # ZFP lossless (reversible), bitshuffle+zstd
+        fh.create_dataset("X", data=X, chunks=(128, 4), **hdf5plugin.Zfp(reversible=True))
+        fh.create_dataset("y", data=y, chunks=(300,), **hdf5plugin.Bitshuffle(cname="zstd"))
+    out["zfp"] = root / "zfp.h5"
     return out
 
 
@@ -101,6 +105,7 @@ def test_chunked_and_compressed_copies_train_to_the_contiguous_bits(tmp_path, fi
         ("bitshuffle", 2),
         ("bzip2", 3),
         ("blosc2", 2),
+        ("zfp", 3),
     ]
     for layout, ranks in runs:
         if layout in files:

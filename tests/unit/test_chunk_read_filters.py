@@ -136,6 +136,11 @@ def _plugin_pipelines() -> dict:
         found["bitshuffle+lz4"] = dict(bitshuffle(cname="lz4"))
     if chunk_read.BSHUF_ZSTD in chunk_read.BSHUF_CODECS:
         found["bitshuffle+zstd (blocks of 256)"] = dict(bitshuffle(nelems=256, cname="zstd"))
+    if chunk_read.ZFP in chunk_read.FILTERS:  # float32 and float64 only (lossy but exact:
+        # the same zfp code decodes on both paths)
+        found["zfp rate 12"] = dict(hdf5plugin.Zfp(rate=12))
+        found["zfp accuracy 1e-3"] = dict(hdf5plugin.Zfp(accuracy=1e-3))
+        found["zfp reversible+fletcher32"] = {**hdf5plugin.Zfp(reversible=True), "fletcher32": True}
     if chunk_read.BLOSC2 in chunk_read.FILTERS:
         blosc2 = hdf5plugin.Blosc2
         found["blosc2 lz4+shuffle"] = dict(blosc2(cname="lz4", clevel=5, filters=blosc2.SHUFFLE))
@@ -179,6 +184,8 @@ def _read(path, want_type, a, b, threads):
 @pytest.mark.parametrize("pipeline", [*PIPELINES, *_plugin_pipelines()])
 @pytest.mark.parametrize("dtype", list(STORED))
 def test_compressed_chunks_equal_h5py_bitwise(tmp_path, pipeline, dtype):
+    if pipeline.startswith("zfp") and dtype not in ("f4", "f8"):
+        pytest.skip("ZFP encodes 32- and 64-bit floats and integers only")
     rng = np.random.default_rng(abs(hash((pipeline, dtype))) % 2**32)
     stored = np.dtype(dtype)
     n, d, cr, cc = 1_003, 7, 128, 4  # partial edge chunks in both directions
@@ -192,7 +199,8 @@ def test_compressed_chunks_equal_h5py_bitwise(tmp_path, pipeline, dtype):
         masks = {
             fh["X"].id.get_chunk_info(i).filter_mask for i in range(fh["X"].id.get_num_chunks())
         }
-    checked = (pipeline not in PIPELINES and pipeline != "bitshuffle") or "fletcher32" in pipeline
+    unchecked = pipeline in PIPELINES or pipeline == "bitshuffle" or pipeline.startswith("zfp")
+    checked = not unchecked or "fletcher32" in pipeline  # ZFP's streams carry no check
     if "lzf" in pipeline and not checked:
         assert masks == {0, 0b10 if "shuffle" in pipeline else 0b1}  # some chunks stored raw
     want_type = np.dtype(STORED[dtype])
@@ -386,19 +394,26 @@ def test_damaged_bzip2_chunks_are_refused(tmp_path):
         assert got is None or got.tobytes() == X.tobytes(), at
 
 
-@pytest.mark.parametrize("codecs", ["system", "package"])
-def test_damaged_bitshuffle_chunks_are_refused(tmp_path, monkeypatch, codecs):
-    """Bitshuffle with LZ4: a chunk cut short, padded, or whose header size or block size is
-    not this chunk's decodes to None, never to other bytes (its blocks decoded by liblz4 or
-    by the Numba decoder)."""
+@pytest.mark.parametrize(
+    ("name", "codecs"),
+    [
+        ("bitshuffle+lz4", "system"),
+        ("bitshuffle+lz4", "package"),
+        ("bitshuffle+zstd (blocks of 256)", "system"),
+    ],
+)
+def test_damaged_bitshuffle_chunks_are_refused(tmp_path, monkeypatch, name, codecs):
+    """Bitshuffle with LZ4 or zstd: a chunk cut short, padded, or whose header size or block
+    size is not this chunk's decodes to None, never to other bytes (its LZ4 blocks decoded by
+    liblz4 or by the Numba decoder, its zstd blocks by libzstd)."""
     pipelines = _plugin_pipelines()
-    if "bitshuffle+lz4" not in pipelines:
-        pytest.skip("hdf5plugin is not installed")
+    if name not in pipelines:
+        pytest.skip(f"hdf5plugin is not installed, or {name} is not decoded here")
     _use_codecs(monkeypatch, codecs)
     X = np.round(np.random.default_rng(8).normal(size=(501, 4)), 1).astype(np.float32)
     path = tmp_path / "b.h5"
     with h5py.File(path, "w") as fh:
-        fh.create_dataset("X", data=X, chunks=(501, 4), **pipelines["bitshuffle+lz4"])
+        fh.create_dataset("X", data=X, chunks=(501, 4), **pipelines[name])
     with h5py.File(path, "r") as fh:
         lay = chunk_read.layout(fh["X"], np.dtype(np.float32), os.stat(path))
         _, raw = fh["X"].id.read_direct_chunk((0, 0))
@@ -411,6 +426,45 @@ def test_damaged_bitshuffle_chunks_are_refused(tmp_path, monkeypatch, codecs):
     for block in (0, 12, 4 * 7):  # none, not whole elements, not a multiple of 8 elements
         bad = raw[:8] + block.to_bytes(4, "big") + raw[12:]
         assert chunk_read.decode(bad, lay.filters, nbytes, 4) is None, block
+
+
+def test_zfp_chunks_cut_short_or_of_another_size_are_refused(tmp_path):
+    """A ZFP chunk cut short makes zfp read past its stream, and a chunk of another size is
+    not this data set's: both decode to None (h5py then reads the chunk, or gives the error).
+    zfp checks nothing else in a stream, through HDF5 as here."""
+    pipelines = _plugin_pipelines()
+    if "zfp rate 12" not in pipelines:
+        pytest.skip("hdf5plugin's ZFP is not available")
+    X = np.round(np.random.default_rng(3).normal(size=(512, 4)), 2).astype(np.float32)
+    for name in ("zfp rate 12", "zfp accuracy 1e-3"):
+        path = tmp_path / "z.h5"
+        with h5py.File(path, "w") as fh:
+            fh.create_dataset("X", data=X, chunks=(512, 4), **pipelines[name])
+        with h5py.File(path, "r") as fh:
+            lay = chunk_read.layout(fh["X"], np.dtype(np.float32), os.stat(path))
+            want = fh["X"][:]
+            _, raw = fh["X"].id.read_direct_chunk((0, 0))
+        padded = np.zeros(len(raw) + 4096, np.uint8)  # zfp may read on past a cut stream
+        padded[: len(raw)] = np.frombuffer(raw, np.uint8)
+        got = chunk_read.decode(padded[: len(raw)], lay.filters, X.nbytes, 4)
+        assert got.tobytes() == want.tobytes()
+        for cut in (8, len(raw) // 2, len(raw) - 8):
+            assert chunk_read.decode(padded[:cut], lay.filters, X.nbytes, 4) is None, cut
+        assert chunk_read.decode(padded[: len(raw)], lay.filters, X.nbytes - 4, 4) is None
+
+
+def test_zfp_values_of_a_newer_codec_are_left_to_hdf5():
+    """Filter values naming a zfp codec newer than the library's (or no header) are not
+    parsed: such data sets go through HDF5, which decodes them or gives its error."""
+    from lepton_hpc.data import zfp
+
+    if not zfp.available():
+        pytest.skip("hdf5plugin's ZFP is not available")
+    assert not zfp._codec_too_new((0x1000_5112,), 5)  # H5Z-ZFP 1.1.2, zfp 1.0, codec 5
+    assert zfp._codec_too_new((0x1000_6112,), 5)  # codec 6
+    assert not zfp._codec_too_new((0x0054_0100,), 5)  # H5Z-ZFP 0.1.0, zfp 0.5.4: codec 5
+    assert zfp.parse((0x1000_F112, 1, 2, 3)) is None
+    assert zfp.parse((0x1000_5112,)) is None
 
 
 def test_bit_unshuffle_undoes_the_bit_transpose():

@@ -8,11 +8,12 @@ filters, links, and the load class, which says how ``lepton train`` would read i
   with the reader's dtype rule), so inspect and the reader never disagree;
 - ``chunked`` and ``compressed``: chunks read with ``pread`` and decoded on the rank's threads
   (``data.chunk_read``: gzip, lzf, shuffle, fletcher32, and hdf5plugin's bzip2, bitshuffle
-  (alone or with LZ4), zstd and LZ4 (the system's libzstd and liblz4, or ``zstandard`` and
-  ``lz4``), Blosc and Blosc2 when ``blosc`` and ``blosc2`` are installed);
+  (alone or with LZ4, or with zstd where libzstd loads), zstd and LZ4 (the system's libzstd
+  and liblz4, or ``zstandard`` and ``lz4``), ZFP, Blosc and Blosc2 when ``blosc`` and
+  ``blosc2`` are installed);
 - ``through HDF5``: everything else HDF5 reads for us: virtual data sets, external raw storage,
   data sets behind external links, compact ones, other dtypes (integers, float16, big-endian),
-  chunks with other filters (bitshuffle with zstd, SZ, ZFP from hdf5plugin: on one core),
+  chunks with other filters (SZ, SZ3, SPERR from hdf5plugin: on one core),
   and data sets not yet written. A filter this HDF5 cannot decode is named in a note
   with its fix.
 
@@ -354,12 +355,22 @@ def _defaults_report(path: Path, x: str, y: str | None) -> dict[str, Any]:
     except LeptonError as exc:
         out.update(ok=False, error=str(exc))
         return out
+
+    def load(offset, chunks) -> str:  # the class the reader will load it by
+        if offset is not None:
+            return "direct"
+        if chunks is not None:
+            return "compressed" if chunks.filters else "chunked"
+        return "through HDF5"
+
     out.update(
         ok=True,
         rows=info.n_rows,
         features=info.n_features,
         x_direct=info.x_offset is not None,
         y_direct=info.y_offset is not None,
+        x_load=load(info.x_offset, info.x_chunks),
+        y_load=load(info.y_offset, info.y_chunks),
     )
     return out
 
@@ -409,10 +420,9 @@ def _table(report: dict[str, Any]) -> list[str]:
     dfl = report["defaults"]
     names = f"x = '{dfl['x']}', y = '{dfl['y']}'"
     if dfl["ok"]:
-        how = {True: "direct", False: "through HDF5"}
         lines.append(
             f"  lepton train reads {names}: {dfl['rows']:,} rows x {dfl['features']} features, "
-            f"rows agree (x {how[dfl['x_direct']]}, y {how[dfl['y_direct']]})"
+            f"rows agree (x {dfl['x_load']}, y {dfl['y_load']})"
         )
     else:
         lines.append(f"  lepton train with {names} would stop: {dfl['error']}")

@@ -132,7 +132,11 @@ def test_defaults_are_the_readers_check(tmp_path, zoo):
         "features": 3,
         "x_direct": True,
         "y_direct": True,
+        "x_load": "direct",
+        "y_load": "direct",
     }
+    chunked = inspect_file(zoo, "/g/h/gzip", "y")["defaults"]
+    assert (chunked["x_direct"], chunked["x_load"]) == (False, "compressed")
     bad = tmp_path / "bad.h5"
     with h5py.File(bad, "w") as fh:
         fh["X"] = np.zeros((10, 2))

@@ -21,6 +21,7 @@ def _file(path):
         fh.create_dataset("y", data=X[:, 0], chunks=(100,), **hdf5plugin.Blosc())
         fh.create_dataset("blosc2", data=X, chunks=(100, 3), **hdf5plugin.Blosc2())
         fh.create_dataset("zfp", data=X, chunks=(100, 3), **hdf5plugin.Zfp(reversible=True))
+        fh.create_dataset("sz", data=X, chunks=(100, 3), **hdf5plugin.SZ(absolute=1e-3))
     return path
 
 
@@ -39,10 +40,12 @@ def test_filters_the_reader_decodes_are_compressed_other_plugins_through_hdf5(tm
         "/lz4": ours(chunk_read.LZ4),  # with the lz4 package
         "/y": ours(chunk_read.BLOSC),  # with the blosc package
         "/blosc2": ours(chunk_read.BLOSC2),  # with the blosc2 package
-        "/zfp": "through HDF5",
+        "/zfp": ours(chunk_read.ZFP),  # with hdf5plugin's zfp library
+        "/sz": "through HDF5",
     }
     assert "lz4" in sets["/lz4"]["why"] and "zstd" in sets["/zstd"]["why"]
     assert "blosc2" in sets["/blosc2"]["why"] and "zfp" in sets["/zfp"]["why"]
+    assert "sz" in sets["/sz"]["why"]
     assert not any("cannot decode" in n for d in sets.values() for n in d["notes"])
 
 

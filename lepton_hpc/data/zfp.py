@@ -87,6 +87,16 @@ def _codec_too_new(values: tuple[int, ...], reader_codec: int) -> bool:
     return codec > reader_codec
 
 
+def _close(lib, field, zs, bits) -> None:
+    """Free what ``parse`` or ``decode_into`` opened (None: not opened)."""
+    if field:
+        lib.zfp_field_free(field)
+    if zs:
+        lib.zfp_stream_close(zs)
+    if bits:
+        lib.stream_close(bits)
+
+
 @functools.lru_cache(maxsize=64)
 def parse(values: tuple[int, ...]) -> tuple[int, int, int] | None:
     """(stream mode, field meta data, decoded bytes of a chunk) from a ZFP data set's filter
@@ -108,12 +118,7 @@ def parse(values: tuple[int, ...]) -> tuple[int, int, int] | None:
         n = lib.zfp_field_size(field, None) * size
         return lib.zfp_stream_mode(zs), lib.zfp_field_metadata(field), n
     finally:
-        if field:
-            lib.zfp_field_free(field)
-        if zs:
-            lib.zfp_stream_close(zs)
-        if bits:
-            lib.stream_close(bits)
+        _close(lib, field, zs, bits)
 
 
 def decode_into(src: np.ndarray, values: tuple[int, ...], dst: np.ndarray) -> bool:
@@ -140,9 +145,4 @@ def decode_into(src: np.ndarray, values: tuple[int, ...], dst: np.ndarray) -> bo
         used = lib.zfp_decompress(zs, field)
         return 0 < used <= src.size  # bytes read, in whole 64-bit words: as written
     finally:
-        if field:
-            lib.zfp_field_free(field)
-        if zs:
-            lib.zfp_stream_close(zs)
-        if bits:
-            lib.stream_close(bits)
+        _close(lib, field, zs, bits)

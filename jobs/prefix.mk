@@ -16,10 +16,17 @@ ifneq ($(abspath $(PREFIX)),$(abspath $(CURDIR)))
 install: install-prefix
 endif
 
+# PREFIX_WARMUP=0: no `lepton warmup` in the prefix (its kernels then compile on first use)
+PREFIX_WARMUP ?= 1
+
 install-prefix: $(STAMP)/package
 	@PYTHON=$(PYTHON) DEV_VENV=$(VENV) WHEELS=$(STAMP)/wheels bash scripts/install_prefix.sh "$(PREFIX)"
+ifneq ($(PREFIX_WARMUP),0)
 	@echo "==> compiling the Numba kernels into $(abspath $(PREFIX))'s cache (lepton warmup)"
 	@env -u NUMBA_CACHE_DIR "$(abspath $(PREFIX))/venv/bin/lepton" warmup \
 	  || echo "lepton warmup failed: the first run compiles its kernels"
+else
+	@echo "==> PREFIX_WARMUP=0: the kernels compile on their first run"
+endif
 
 endif

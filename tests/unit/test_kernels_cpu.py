@@ -20,9 +20,18 @@ from lepton_hpc.kernels import (
     cpu,
     cpu_tiles,
     fastmath,
+    native,
     param_count,
 )
 from numba import njit
+
+# The register tiles run only where the CPU has AVX-512 (``cpu.USE_TILES``): elsewhere their code
+# is never chosen, and LLVM spends minutes compiling their 16-lane registers for 16 vector
+# registers (about 7 of this file's minutes on a 2-core AMD EPYC guest), so their tests run
+# where the tiles run.
+TILES_HERE = pytest.mark.skipif(
+    not native.has_avx512(), reason="the register tiles run only with AVX-512"
+)
 
 # (sizes, activation, head): one-layer fast paths, then MLPs with every hidden activation.
 CASES = [
@@ -400,7 +409,7 @@ def test_fast_softplus_loop_is_vectorised():
 # ---------------------------------------------- one-output models: register tiles and pipeline
 
 
-@pytest.mark.parametrize("path", ["tiles", "panels", "pipeline"])
+@pytest.mark.parametrize("path", [pytest.param("tiles", marks=TILES_HERE), "panels", "pipeline"])
 @pytest.mark.parametrize("head", [SQUARED, BINARY])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("d", [1, 7, 8, 9, 24, 31, 32, 33])
@@ -473,6 +482,7 @@ def test_feature_panels_match_reference(monkeypatch, kernel, head, dtype):
     assert_same_bits_on_1_and_2_threads(X, y, params, sizes, head)
 
 
+@TILES_HERE
 @pytest.mark.parametrize("kernel", list(TILE_KERNELS))
 @pytest.mark.parametrize("head", [SQUARED, BINARY])
 def test_every_tile_kernel_matches_reference_for_both_heads(monkeypatch, kernel, head):
@@ -496,6 +506,7 @@ def test_every_tile_kernel_matches_reference_for_both_heads(monkeypatch, kernel,
             assert abs(out[P] - loss_ref) <= 1e-12 * abs(loss_ref), (d, n)
 
 
+@TILES_HERE
 def test_narrow_tile_kernels_are_chosen_and_forward_has_their_logits(monkeypatch):
     """d <= 8 and d <= 16 run the one- and two-register kernels; the forward pass computes each
     row's logit as the gradient kernel does (a row's loss from the gradient's sum equals the
@@ -516,6 +527,7 @@ def test_narrow_tile_kernels_are_chosen_and_forward_has_their_logits(monkeypatch
         assert out[len(params) - 1] == 2.0 * (fwd[0, 0] - float(y.reshape(-1)[0])), d
 
 
+@TILES_HERE
 def test_tiles_float32_targets_and_thread_count(monkeypatch):
     """Tile kernel: float32 y is read as float32; 1 and 2 threads give bitwise the same sums."""
     monkeypatch.setattr(cpu, "USE_TILES", True)
@@ -525,6 +537,7 @@ def test_tiles_float32_targets_and_thread_count(monkeypatch):
     assert_same_bits_on_1_and_2_threads(X, y, params, sizes, BINARY)
 
 
+@TILES_HERE
 def test_tiles_nonfinite_logits_propagate(monkeypatch):
     """A NaN or inf in X shows as a NaN loss (no fast-math assumption hides it)."""
     monkeypatch.setattr(cpu, "USE_TILES", True)
@@ -554,6 +567,7 @@ print(digest.hexdigest())
 """
 
 
+@TILES_HERE
 def test_tiles_same_bits_compiled_and_from_cache(tmp_path):
     """The tile kernel compiled in a process and loaded from Numba's cache in the next one gives
     the same bits (with fast-math flags on this parallel function, the two differed by 1 ulp)."""

@@ -789,6 +789,23 @@ def _pread_into(fd: int, path: str, view: memoryview, offset: int) -> None:
         pos += got
 
 
+RUN_BYTES = 8 << 20  # decoded bytes of consecutive chunks one thread takes at a time
+
+
+def task_runs(tasks: list, chunk_bytes: int, threads: int) -> list[list]:
+    """``tasks`` (in row order) cut into runs of consecutive chunks, about ``RUN_BYTES`` of
+    decoded rows each and at least two runs a thread, handed out to the threads in turn.
+
+    Each thread then writes its own stretch of the rows. With one chunk a task the two threads
+    wrote alternate megabytes of the new rows, first touching their pages side by side (one
+    page-table lock covers 2 MiB): runs read the bench's 128 MiB files 1.27-1.33x as fast on
+    two threads (unfiltered, LZ4, Blosc; lzf 1.16x, gzip 1.06x), alternating in one process
+    on a 2-core AMD EPYC guest, and the same on one thread."""
+    per = max(1, RUN_BYTES // max(1, chunk_bytes))
+    per = max(1, min(per, len(tasks) // (2 * threads)))
+    return [tasks[i : i + per] for i in range(0, len(tasks), per)]
+
+
 def read_rows(
     path: str,
     name: str,
@@ -902,12 +919,17 @@ def read_rows(
             out[lo - start : hi - start, c0:c1] = part[lo - r0 : hi - r0, : c1 - c0]
             return None
 
+        def read_run(run: list) -> list:
+            return [t for t in map(read, run) if t is not None]
+
         try:
             if threads > 1 and len(tasks) > 1:
-                with ThreadPoolExecutor(min(threads, len(tasks))) as pool:
-                    slow += [t for t in pool.map(read, tasks) if t is not None]
+                runs = task_runs(tasks, nbytes, threads)
+                with ThreadPoolExecutor(min(threads, len(runs))) as pool:
+                    for left in pool.map(read_run, runs):
+                        slow += left
             else:
-                slow += [t for t in map(read, tasks) if t is not None]
+                slow += read_run(tasks)
         except OSError as exc:  # an I/O error of the file system: one line, on every rank
             raise DataError(f"'{path}:{name}' cannot be read ({exc.strerror or exc})") from None
     finally:

@@ -744,3 +744,17 @@ def test_blosc2_arrays_decode_in_c_order(blocks):
     assert chunk_read._blosc2_decode(frame, X.nbytes - 4) is None  # not this chunk's size
     assert chunk_read._blosc2_decode(frame[: len(frame) // 2], X.nbytes) is None  # cut short
     assert chunk_read._blosc2_decode(X.tobytes(), X.nbytes) is None  # stored unfiltered
+
+
+@pytest.mark.parametrize(
+    ("n", "chunk", "threads"), [(128, 1 << 20, 2), (5, 1 << 20, 2), (1, 64, 3)]
+)
+def test_a_threads_chunks_come_in_runs_of_consecutive_chunks(n, chunk, threads):
+    """The chunk tasks go to the threads as runs of consecutive chunks (each thread writes its
+    own stretch of the rows), of at most ``RUN_BYTES`` each, and at least two runs a thread
+    where there are enough chunks; every task once, in order."""
+    tasks = list(range(n))
+    runs = chunk_read.task_runs(tasks, chunk, threads)
+    assert [t for run in runs for t in run] == tasks
+    assert all(len(run) * chunk <= max(chunk, chunk_read.RUN_BYTES) for run in runs)
+    assert len(runs) >= min(n, 2 * threads)

@@ -116,19 +116,25 @@ class _Contexts:
             self._free.append(ctx)
 
 
-# liblz4's block decoder for Numba code (bitshuffle's blocks, ``chunk_read``): compiled code
-# names the symbol, which LLVM resolves in this process when the code is made or loaded from
-# Numba's cache. Without liblz4 the name is bound to a stand-in that refuses every block, and
-# the callers use their Numba decoder instead (``LZ4_IN_NUMBA`` False).
-if _lz4_safe is not None:
-    llvm.add_symbol("LZ4_decompress_safe", ctypes.cast(_lz4_safe, ctypes.c_void_p).value)
-    LZ4_IN_NUMBA = True
-else:
-    _refuse = ctypes.CFUNCTYPE(ctypes.c_int, *(ctypes.c_void_p,) * 2, *(ctypes.c_int,) * 2)(
-        lambda *_: -1
-    )
-    llvm.add_symbol("LZ4_decompress_safe", ctypes.cast(_refuse, ctypes.c_void_p).value)
-    LZ4_IN_NUMBA = False
+def _bind(name: str, real, restype, *argtypes, refused=None) -> bool:
+    """Bind the symbol ``name`` for Numba code to the library's function ``real``, or, when
+    that is None, to a stand-in of the C type ``restype(*argtypes)`` returning ``refused``;
+    whether the real one is bound. Compiled code names the symbol, which LLVM resolves in this
+    process when the code is made or loaded from Numba's cache."""
+    found = real is not None
+    if not found:
+        real = _STAND_INS[name] = ctypes.CFUNCTYPE(restype, *argtypes)(lambda *_: refused)
+    llvm.add_symbol(name, ctypes.cast(real, ctypes.c_void_p).value)
+    return found
+
+
+_STAND_INS: dict = {}  # kept alive: LLVM holds only their addresses
+
+# liblz4's block decoder for Numba code (bitshuffle's blocks, ``chunk_read``). Without liblz4
+# the stand-in refuses every block, and the callers use their Numba decoder instead
+# (``LZ4_IN_NUMBA`` False).
+_P, _INT, _SIZE = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+LZ4_IN_NUMBA = _bind("LZ4_decompress_safe", _lz4_safe, _INT, _P, _P, _INT, _INT, refused=-1)
 # LZ4_decompress_safe(src, dst, compressed bytes, dst capacity): bytes written, or < 0
 lz4_decompress_safe = types.ExternalFunction(
     "LZ4_decompress_safe", types.int32(types.intp, types.intp, types.int32, types.int32)
@@ -137,18 +143,19 @@ lz4_decompress_safe = types.ExternalFunction(
 # libzstd's frame decoder for Numba code (bitshuffle's zstd blocks), bound the same way; the
 # stand-ins report an error for every frame (``ZSTD_IN_NUMBA`` False: callers do not use them).
 _ZSTD_ERROR = 2**64 - 1  # (size_t)-1, an error code
-if _zstd is not None:
-    for _name in ("ZSTD_decompressDCtx", "ZSTD_isError"):
-        llvm.add_symbol(_name, ctypes.cast(_zstd[_name], ctypes.c_void_p).value)
-    ZSTD_IN_NUMBA = True
-else:
-    _zstd_refuse_ctx = ctypes.CFUNCTYPE(
-        ctypes.c_size_t, ctypes.c_void_p, *(ctypes.c_void_p, ctypes.c_size_t) * 2
-    )(lambda *_: _ZSTD_ERROR)
-    _zstd_is_error = ctypes.CFUNCTYPE(ctypes.c_uint, ctypes.c_size_t)(lambda *_: 1)
-    llvm.add_symbol("ZSTD_decompressDCtx", ctypes.cast(_zstd_refuse_ctx, ctypes.c_void_p).value)
-    llvm.add_symbol("ZSTD_isError", ctypes.cast(_zstd_is_error, ctypes.c_void_p).value)
-    ZSTD_IN_NUMBA = False
+ZSTD_IN_NUMBA = _bind(
+    "ZSTD_decompressDCtx",
+    None if _zstd is None else _zstd["ZSTD_decompressDCtx"],
+    *(_SIZE, _P, _P, _SIZE, _P, _SIZE),
+    refused=_ZSTD_ERROR,
+)
+_bind(
+    "ZSTD_isError",
+    None if _zstd is None else _zstd["ZSTD_isError"],
+    ctypes.c_uint,
+    _SIZE,
+    refused=1,
+)
 # ZSTD_decompressDCtx(context, dst, dst capacity, src, src bytes): bytes written, or an error
 # code (ZSTD_isError(code) != 0)
 zstd_decompress_dctx = types.ExternalFunction(
@@ -162,15 +169,20 @@ _inflaters = _Contexts(_new_inflater) if _inflate is not None else None
 
 
 @contextlib.contextmanager
-def zstd_context():
-    """A zstd decompression context (its address) this thread may use until the block ends,
-    or None when none can be made (out of memory)."""
-    ctx = _zstd_contexts.take()
+def _borrowed(pool: _Contexts):
+    """A context of ``pool`` (its address) this thread may use until the block ends, or None
+    when none can be made (out of memory)."""
+    ctx = pool.take()
     try:
         yield ctx
     finally:
         if ctx is not None:
-            _zstd_contexts.give(ctx)
+            pool.give(ctx)
+
+
+def zstd_context():
+    """A zstd decompression context for a ``with`` block (``_borrowed``)."""
+    return _borrowed(_zstd_contexts)
 
 
 def lz4_available() -> bool:
@@ -207,13 +219,10 @@ def zstd_frame_into(src: np.ndarray, dst: np.ndarray) -> bool:
         return False  # no size in the header (HDF5's filter cannot size its output either)
     if fn["ZSTD_findFrameCompressedSize"](ptr, n) != n:
         return False  # bytes after the frame, or a frame cut short (an error code is not n)
-    dctx = _zstd_contexts.take()
-    if dctx is None:  # pragma: no cover - out of memory
-        return False
-    try:
+    with _borrowed(_zstd_contexts) as dctx:
+        if dctx is None:  # pragma: no cover - out of memory
+            return False
         got = fn["ZSTD_decompressDCtx"](dctx, _address(dst), dst.size, ptr, n)
-    finally:
-        _zstd_contexts.give(dctx)
     return not fn["ZSTD_isError"](got) and got == dst.size
 
 
@@ -224,11 +233,9 @@ def zlib_stream_into(src: np.ndarray, dst: np.ndarray) -> bool:
     and ``zlib.decompress`` ignore them."""
     if src.size == 0:
         return False
-    ctx = _inflaters.take()
-    if ctx is None:  # pragma: no cover - out of memory
-        return False
-    try:  # NULL for the output size: success means exactly dst.size bytes
+    with _borrowed(_inflaters) as ctx:
+        if ctx is None:  # pragma: no cover - out of memory
+            return False
+        # NULL for the output size: success means exactly dst.size bytes
         got = _inflate(ctx, _address(src), src.size, _address(dst), dst.size, None)
-    finally:
-        _inflaters.give(ctx)
     return got == 0  # LIBDEFLATE_SUCCESS

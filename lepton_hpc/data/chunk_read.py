@@ -181,14 +181,14 @@ def layout(dset: h5py.Dataset, want: np.dtype, st: os.stat_result) -> ChunkLayou
         for f, v in filters
     ):
         return None
-    chunk_bytes = int(np.prod(plist.get_chunk())) * stored.itemsize
+    chunks = plist.get_chunk()
+    chunk_bytes = int(np.prod(chunks)) * stored.itemsize
     if any(f == ZFP and (zfp.parse(v) or (0, 0, -1))[2] != chunk_bytes for f, v in filters):
         return None  # ZFP values this cannot read: HDF5 decodes them, or says why not
     if sum(f in COMPRESSORS for f, _ in filters) > 1:
         return None  # the inner compressor's output size is not known: h5py decodes those
     if not in_opened_file(dset, st):
         return None  # an external link: the chunks are in another file
-    chunks = plist.get_chunk()
     if len(chunks) != dset.ndim or min(chunks) < 1:
         return None
     return ChunkLayout(

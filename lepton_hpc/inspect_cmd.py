@@ -7,7 +7,7 @@ filters, links, and the load class, which says how ``lepton train`` would read i
   itself, read with threaded ``pread``s. The verdict is the reader's own test (``reader._direct``
   with the reader's dtype rule), so inspect and the reader never disagree;
 - ``chunked`` and ``compressed``: chunks read with ``pread`` and decoded on the rank's threads
-  (``data.chunk_read``: gzip, lzf, shuffle, fletcher32, and hdf5plugin's bzip2, bitshuffle
+  (``data.chunk_read``: gzip, lzf, szip, shuffle, fletcher32, and hdf5plugin's bzip2, bitshuffle
   (alone or with LZ4, or with zstd where libzstd loads), zstd and LZ4 (the system's libzstd
   and liblz4, or ``zstandard`` and ``lz4``), ZFP, Blosc and Blosc2 when ``blosc`` and
   ``blosc2`` are installed);

@@ -1,6 +1,6 @@
 """Direct reads of chunked HDF5 data sets: each chunk's bytes read with ``pread`` at the offset
-HDF5's chunk index gives, decoded (deflate, lzf, bzip2, zstd, LZ4, Blosc, Blosc2, bitshuffle,
-ZFP, shuffle, fletcher32) and copied into the rank's rows, on the rank's threads.
+HDF5's chunk index gives, decoded (deflate, lzf, szip, bzip2, zstd, LZ4, Blosc, Blosc2,
+bitshuffle, ZFP, shuffle, fletcher32) and copied into the rank's rows, on the rank's threads.
 
 Why not h5py: h5py holds the GIL while HDF5 reads and decompresses, so one rank uses one core
 for the whole of its block. Here ``pread``, ``bz2``, the Numba LZF, LZ4 and bitshuffle
@@ -13,7 +13,8 @@ no chunk-sized allocation whose pages fault in again for every chunk.
 Correct bytes come first. ``layout`` accepts a data set only when every chunk can be proved
 decodable: chunked storage in the opened file itself (no virtual, external or compact layout),
 little-endian stored types whose conversion to the read type is exact, and only the filters
-deflate (1), shuffle (2), fletcher32 (3), lzf (32000), hdf5plugin's and PyTables' bzip2 (307:
+deflate (1), shuffle (2), fletcher32 (3), szip (4: HDF5's own, by the system's libsz, the
+library HDF5 calls: ``szip``), lzf (32000), hdf5plugin's and PyTables' bzip2 (307:
 one bzip2 stream a chunk, checked by its CRCs) and, when the package decoding each is
 installed (for zstd and LZ4: or the system's library loads), hdf5plugin's zstd (32015,
 ``zstandard``: one zstd frame per chunk, its content size in the frame header), LZ4 (32004,
@@ -28,7 +29,7 @@ not the data set): a chunk never written (HDF5 gives the fill value), a filter m
 filter the pipeline lacks, a stored size or decoded size that is not the chunk's, a fletcher32
 checksum that does not match (h5py then also accepts the byte order of old writers, or gives
 the error), and partial edge chunks of a pipeline with nothing that checks its input
-(shuffle, lzf, bitshuffle alone, ZFP: a writer may store those unfiltered, which nothing in
+(shuffle, lzf, szip, bitshuffle alone, ZFP: a writer may store those unfiltered, which nothing in
 the bytes would reveal; deflate, bzip2, zstd, LZ4, Blosc, compressing bitshuffle and fletcher32
 refuse bytes they did not write).
 
@@ -59,7 +60,7 @@ from numba import njit
 
 from ..errors import DataError
 from ..kernels import native
-from . import lzf, native_codecs, plugins, zfp
+from . import lzf, native_codecs, plugins, szip, zfp
 from .direct_read import (
     SCREEN_READ_BYTES,
     _read_screened,
@@ -70,8 +71,8 @@ from .direct_read import (
 )
 
 DEFLATE, SHUFFLE, FLETCHER32, LZF, ZSTD, LZ4, BLOSC = 1, 2, 3, 32000, 32015, 32004, 32001
-BITSHUFFLE, BZIP2, BLOSC2, ZFP = 32008, 307, 32026, 32013
-COMPRESSORS = {DEFLATE, LZF, ZSTD, LZ4, BLOSC, BITSHUFFLE, BZIP2, BLOSC2, ZFP}
+BITSHUFFLE, BZIP2, BLOSC2, ZFP, SZIP = 32008, 307, 32026, 32013, 4
+COMPRESSORS = {DEFLATE, LZF, ZSTD, LZ4, BLOSC, BITSHUFFLE, BZIP2, BLOSC2, ZFP, SZIP}
 # Filters that refuse input they did not produce (zlib's and zstd's framing, bzip2's CRCs, the
 # checksum, the sizes in LZ4's, Blosc's, Blosc2 frames' and compressing bitshuffle's headers): a
 # chunk stored unfiltered cannot pass for a filtered one. (Bitshuffle alone checks nothing.)
@@ -115,6 +116,7 @@ FILTERS = {DEFLATE, SHUFFLE, FLETCHER32, LZF, BITSHUFFLE, BZIP2} | {
         (BLOSC, _BLOSC is not None),
         (BLOSC2, _BLOSC2 is not None),
         (ZFP, zfp.available()),
+        (SZIP, szip.available()),
     )
     if usable
 }
@@ -765,6 +767,11 @@ def decode(
         elif fid == ZFP and ZFP in FILTERS:
             out = dst if dst is not None else np.empty(nbytes, dtype=np.uint8)
             if not zfp.decode_into(_as_bytes_array(buf), filters[i][1], out):
+                return None
+            buf = out
+        elif fid == SZIP and SZIP in FILTERS:
+            out = dst if dst is not None else np.empty(nbytes, dtype=np.uint8)
+            if not szip.decode_into(_as_bytes_array(buf), filters[i][1], out):
                 return None
             buf = out
         elif fid == SHUFFLE:

@@ -2,7 +2,7 @@
 
 ``lepton train`` under real ``mpiexec`` on 1, 2 and 3 ranks (reproducible mode, whose bits do not
 depend on the rank count; gzip, plain chunks, and hdf5plugin's LZ4, Blosc, bitshuffle, bzip2,
-Blosc2, ZFP and bitshuffle with zstd) and on 2 ranks in the default mode (gzip and
+Blosc2, ZFP and bitshuffle with zstd, and HDF5's szip) and on 2 ranks in the default mode (gzip and
 shuffle+lzf): the copies are read chunk by chunk with ``pread`` and decoded on the ranks'
 threads (chunks splitting columns, row blocks starting and ending mid-chunk, partial edge
 chunks, a (n, 1) target column stored chunked with a checksum, a contiguous target next to
@@ -42,6 +42,12 @@ def files(tmp_path_factory):
         fh.create_dataset("X", data=X, chunks=(128, D), compression="lzf", shuffle=True)
         fh.create_dataset("y", data=y, chunks=(300,), compression="lzf")
     out["lzf"] = root / "lzf.h5"
+    if h5py.h5z.filter_avail(h5py.h5z.FILTER_SZIP):  # HDF5's szip (libaec), optional there
+        with h5py.File(root / "szip.h5", "w") as fh:  # most X chunks stay raw (mask bit set)
+            szip = {"compression": "szip", "shuffle": True}
+            fh.create_dataset("X", data=X, chunks=(128, D), compression_opts=("nn", 16), **szip)
+            fh.create_dataset("y", data=y, chunks=(300,), compression_opts=("ec", 8), **szip)
+        out["szip"] = root / "szip.h5"
     try:  # hdf5plugin's filters, decoded on the ranks' threads when their packages are
         import hdf5plugin  # installed (``make install`` installs them)
     except ImportError:
@@ -106,6 +112,7 @@ def test_chunked_and_compressed_copies_train_to_the_contiguous_bits(tmp_path, fi
         ("bzip2", 3),
         ("blosc2", 2),
         ("zfp", 3),
+        ("szip", 2),
     ]
     for layout, ranks in runs:
         if layout in files:

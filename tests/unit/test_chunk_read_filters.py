@@ -97,6 +97,14 @@ PIPELINES = {
     "shuffle+lzf": {"compression": "lzf", "shuffle": True},
     "shuffle+lzf+fletcher32": {"compression": "lzf", "shuffle": True, "fletcher32": True},
 }
+if chunk_read.SZIP in chunk_read.FILTERS and h5py.h5z.filter_avail(h5py.h5z.FILTER_SZIP):
+    PIPELINES["szip nn 8"] = {"compression": "szip", "compression_opts": ("nn", 8)}
+    PIPELINES["shuffle+szip ec 32+fletcher32"] = {
+        "compression": "szip",
+        "compression_opts": ("ec", 32),
+        "shuffle": True,
+        "fletcher32": True,
+    }
 STORED = {"f4": "f4", "f8": "f8", "f2": "f4", "i2": "f4", "u1": "f4", "i8": "f8"}
 
 
@@ -367,6 +375,35 @@ def test_damaged_compressed_chunks_are_refused(tmp_path, monkeypatch, name, code
     else:
         bad = raw[:4] + (nbytes + 1).to_bytes(4, "little") + raw[8:]
     assert chunk_read.decode(bad, lay.filters, nbytes, 4) is None
+
+
+def test_szip_chunks_cut_short_or_of_another_size_are_refused(tmp_path):
+    """A szip chunk whose stored size (its first 4 bytes) or decoded size is not the chunk's,
+    or that libsz cannot decode, gives None (h5py then reads it); szip checks nothing else, so
+    a damaged chunk of the right size decodes as HDF5 decodes it."""
+    if "szip nn 8" not in PIPELINES:
+        pytest.skip("HDF5's szip filter or libsz is not available")
+    X = (np.arange(512)[:, None] + np.arange(4)).astype(np.float32)  # smooth: szip shrinks it
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=X, chunks=(512, 4), **PIPELINES["szip nn 8"])
+    with h5py.File(path, "r") as fh:
+        lay = chunk_read.layout(fh["X"], np.dtype(np.float32), os.stat(path))
+        mask, raw = fh["X"].id.read_direct_chunk((0, 0))
+    assert mask == 0 and lay.filters[0][0] == chunk_read.SZIP
+    nbytes = X.nbytes
+    good = chunk_read.decode(raw, lay.filters, nbytes, 4)
+    assert good is not None and good.tobytes() == X.tobytes()
+    for cut in (0, 3, 4, 5, len(raw) // 2):
+        assert chunk_read.decode(raw[:cut], lay.filters, nbytes, 4) is None, cut
+    assert chunk_read.decode(raw, lay.filters, nbytes - 4, 4) is None  # not this chunk's size
+    bad = (nbytes + 4).to_bytes(4, "little") + raw[4:]
+    assert chunk_read.decode(bad, lay.filters, nbytes, 4) is None
+    values = lay.filters[0][1]
+    odd = ((chunk_read.SZIP, (values[0], values[1], 12, values[3])),)  # bits a pixel HDF5 sets
+    got = chunk_read.decode(raw, odd, nbytes, 4)  # never set: refused, or other bytes as HDF5
+    assert got is None or got.size == nbytes
+    assert chunk_read.decode(raw, ((chunk_read.SZIP, values[:3]),), nbytes, 4) is None
 
 
 def test_damaged_bzip2_chunks_are_refused(tmp_path):

@@ -1,6 +1,6 @@
 """Direct reads of chunked HDF5 data sets: each chunk's bytes read with ``pread`` at the offset
 HDF5's chunk index gives, decoded (deflate, lzf, szip, bzip2, zstd, LZ4, Blosc, Blosc2,
-bitshuffle, ZFP, shuffle, fletcher32) and copied into the rank's rows, on the rank's threads.
+bitshuffle, ZFP, SZ3, SPERR, FCIDecomp, HTJ2K, shuffle, fletcher32) and copied into the rank's rows, on the rank's threads.
 
 Why not h5py: h5py holds the GIL while HDF5 reads and decompresses, so one rank uses one core
 for the whole of its block. Here ``pread``, ``bz2``, the Numba LZF, LZ4 and bitshuffle
@@ -29,7 +29,7 @@ not the data set): a chunk never written (HDF5 gives the fill value), a filter m
 filter the pipeline lacks, a stored size or decoded size that is not the chunk's, a fletcher32
 checksum that does not match (h5py then also accepts the byte order of old writers, or gives
 the error), and partial edge chunks of a pipeline with nothing that checks its input
-(shuffle, lzf, szip, bitshuffle alone, ZFP: a writer may store those unfiltered, which nothing in
+(shuffle, lzf, szip, bitshuffle alone, ZFP, SZ3, SPERR, FCIDecomp, HTJ2K: a writer may store those unfiltered, which nothing in
 the bytes would reveal; deflate, bzip2, zstd, LZ4, Blosc, compressing bitshuffle and fletcher32
 refuse bytes they did not write).
 
@@ -38,9 +38,11 @@ optional filter that failed, as lzf and zstd do when a chunk does not shrink): i
 when decoding, exactly as HDF5 does.
 
 Filters from ``hdf5plugin`` (``plugins``) are registered when this module is imported, so the
-h5py reads of every reader can decode them; the rest (SZ, SZ3, SPERR, FCIDecomp, HTJ2K) are
-read by h5py: their decoders are reached only through HDF5's filter call, which on failure
-calls HDF5 (not safe on two threads at once), and SZ's keeps its parameters in globals.
+h5py reads of every reader can decode them. SZ3 (32024), SPERR (32028), FCIDecomp (32018) and
+HTJ2K (32033) are decoded on the threads by the plugin's own filter function, in a private
+instance of the plugin whose HDF5 calls are no-ops (``plugin_filters``: the instance HDF5 uses
+would call HDF5 on failure, which is not safe on two threads at once). SZ (32017) is read by
+h5py: its library keeps its parameters in globals.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from numba import njit
 
 from ..errors import DataError
 from ..kernels import native
-from . import lzf, native_codecs, plugins, szip, zfp
+from . import lzf, native_codecs, plugin_filters, plugins, szip, zfp
 from .direct_read import (
     SCREEN_READ_BYTES,
     _read_screened,
@@ -72,7 +74,10 @@ from .direct_read import (
 
 DEFLATE, SHUFFLE, FLETCHER32, LZF, ZSTD, LZ4, BLOSC = 1, 2, 3, 32000, 32015, 32004, 32001
 BITSHUFFLE, BZIP2, BLOSC2, ZFP, SZIP = 32008, 307, 32026, 32013, 4
-COMPRESSORS = {DEFLATE, LZF, ZSTD, LZ4, BLOSC, BITSHUFFLE, BZIP2, BLOSC2, ZFP, SZIP}
+# hdf5plugin's SZ3, SPERR, FCIDecomp and HTJ2K: their own filter functions, HDF5-free
+# (``plugin_filters``)
+PRIVATE = frozenset(plugin_filters.LIBRARIES)
+COMPRESSORS = {DEFLATE, LZF, ZSTD, LZ4, BLOSC, BITSHUFFLE, BZIP2, BLOSC2, ZFP, SZIP} | PRIVATE
 # Filters that refuse input they did not produce (zlib's and zstd's framing, bzip2's CRCs, the
 # checksum, the sizes in LZ4's, Blosc's, Blosc2 frames' and compressing bitshuffle's headers): a
 # chunk stored unfiltered cannot pass for a filtered one. (Bitshuffle alone checks nothing.)
@@ -117,6 +122,7 @@ FILTERS = {DEFLATE, SHUFFLE, FLETCHER32, LZF, BITSHUFFLE, BZIP2} | {
         (BLOSC2, _BLOSC2 is not None),
         (ZFP, zfp.available()),
         (SZIP, szip.available()),
+        *((fid, plugin_filters.present(fid)) for fid in PRIVATE),
     )
     if usable
 }
@@ -187,6 +193,8 @@ def layout(dset: h5py.Dataset, want: np.dtype, st: os.stat_result) -> ChunkLayou
     chunk_bytes = int(np.prod(chunks)) * stored.itemsize
     if any(f == ZFP and (zfp.parse(v) or (0, 0, -1))[2] != chunk_bytes for f, v in filters):
         return None  # ZFP values this cannot read: HDF5 decodes them, or says why not
+    if any(f in PRIVATE and not plugin_filters.available(f) for f, _ in filters):
+        return None  # its private instance did not load (plugin_filters): HDF5 decodes it
     if sum(f in COMPRESSORS for f, _ in filters) > 1:
         return None  # the inner compressor's output size is not known: h5py decodes those
     if not in_opened_file(dset, st):
@@ -772,6 +780,11 @@ def decode(
         elif fid == SZIP and SZIP in FILTERS:
             out = dst if dst is not None else np.empty(nbytes, dtype=np.uint8)
             if not szip.decode_into(_as_bytes_array(buf), filters[i][1], out):
+                return None
+            buf = out
+        elif fid in PRIVATE and fid in FILTERS:
+            out = dst if dst is not None else np.empty(nbytes, dtype=np.uint8)
+            if not plugin_filters.decode_into(fid, _as_bytes_array(buf), filters[i][1], out):
                 return None
             buf = out
         elif fid == SHUFFLE:

@@ -78,6 +78,15 @@ def files(tmp_path_factory):
         fh.create_dataset("X", data=X, chunks=(128, 4), **hdf5plugin.Zfp(reversible=True))
         fh.create_dataset("y", data=y, chunks=(300,), **hdf5plugin.Bitshuffle(cname="zstd"))
     out["zfp"] = root / "zfp.h5"
+    from lepton_hpc.data import chunk_read
+
+    if hdf5plugin.SZ3_ID in chunk_read.FILTERS:  # lossy: against its values as h5py decodes them
+        with h5py.File(root / "sz3.h5", "w") as fh:
+            fh.create_dataset("X", data=X, chunks=(128, D), **hdf5plugin.SZ3(absolute=1e-3))
+            fh["y"] = y
+        with h5py.File(root / "sz3.h5", "r") as src, h5py.File(root / "sz3_values.h5", "w") as fh:
+            fh["X"], fh["y"] = src["X"][:], y
+        out["sz3"], out["sz3_values"] = root / "sz3.h5", root / "sz3_values.h5"
     return out
 
 
@@ -117,6 +126,15 @@ def test_chunked_and_compressed_copies_train_to_the_contiguous_bits(tmp_path, fi
     for layout, ranks in runs:
         if layout in files:
             assert _train(tmp_path, files[layout], ranks, True) == want, (layout, ranks)
+
+
+def test_a_lossy_plugin_trains_to_the_bits_of_its_decoded_values(tmp_path, files):
+    """SZ3 chunks decoded on 3 ranks' threads by the plugin's private instance (no HDF5 in the
+    threads) train to the bits of a contiguous file of the values h5py decodes."""
+    if "sz3" not in files:
+        pytest.skip("hdf5plugin's SZ3 is not available")
+    want = _train(tmp_path, files["sz3_values"], 1, True)
+    assert _train(tmp_path, files["sz3"], 3, True) == want
 
 
 def test_default_mode_on_a_compressed_copy_gives_the_contiguous_bits(tmp_path, files):

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lepton_hpc.comm.base import SerialComm
-from lepton_hpc.data import chunk_read, lzf, native_codecs, reader
+from lepton_hpc.data import chunk_read, lzf, native_codecs, plugin_filters, reader
 from lepton_hpc.errors import DataError
 from lepton_hpc.log import Log
 
@@ -375,6 +375,72 @@ def test_damaged_compressed_chunks_are_refused(tmp_path, monkeypatch, name, code
     else:
         bad = raw[:4] + (nbytes + 1).to_bytes(4, "little") + raw[8:]
     assert chunk_read.decode(bad, lay.filters, nbytes, 4) is None
+
+
+def _private_pipelines() -> dict:
+    """hdf5plugin's SZ3, SPERR, FCIDecomp and HTJ2K (``plugin_filters``), each with a stored
+    type it encodes: lossy, so the reader must give h5py's decoded values bit for bit."""
+    try:
+        import hdf5plugin
+    except ImportError:
+        return {}
+    found = {
+        ("sz3", "f4"): dict(hdf5plugin.SZ3(absolute=1e-2)),
+        ("sz3", "f8"): dict(hdf5plugin.SZ3(relative=1e-4)),
+        ("sz3", "i2"): dict(hdf5plugin.SZ3(absolute=1)),
+        ("sperr", "f4"): dict(hdf5plugin.Sperr(rate=8)),
+        ("sperr", "f8"): dict(hdf5plugin.Sperr(absolute=1e-3)),
+        ("fcidecomp", "u2"): dict(hdf5plugin.FciDecomp()),
+        ("fcidecomp", "i2"): dict(hdf5plugin.FciDecomp()),
+        ("htj2k", "u1"): dict(hdf5plugin.Htj2k()),
+        ("htj2k", "i2"): dict(hdf5plugin.Htj2k()),
+    }
+    names = {v.lower(): k for k, v in plugin_filters.NAMES.items()}
+    return {k: v for k, v in found.items() if names[k[0]] in chunk_read.FILTERS}
+
+
+@pytest.mark.parametrize("case", list(_private_pipelines()), ids="-".join)
+def test_private_plugin_chunks_equal_h5py_bitwise(tmp_path, case):
+    """SZ3, SPERR, FCIDecomp and HTJ2K chunks decoded on the rank's threads by the plugins'
+    own filter functions (a private instance, without HDF5) give h5py's values bit for bit;
+    only partial edge chunks go through h5py."""
+    dtype = case[1]
+    rng = np.random.default_rng(zlib.crc32("-".join(case).encode()))
+    smooth = np.cumsum(rng.normal(size=(1_003, 40)), axis=0)
+    X = (smooth if dtype[0] == "f" else np.abs(smooth) * 3).astype(dtype)
+    path = tmp_path / "p.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=X, chunks=(128, 20), **_private_pipelines()[case])
+    want_type = np.dtype(np.float64 if dtype == "f8" else np.float32)
+    for a, b, threads in ((0, 1_003, 3), (77, 900, 2), (1_000, 1_003, 1)):
+        out, want, slow = _read(path, want_type, a, b, threads)
+        assert out.tobytes() == want.tobytes(), (a, b)
+        assert all(r0 + 128 > 1_003 for r0, _ in slow)  # only the partial edge chunks
+
+
+def test_a_private_plugin_refuses_what_it_cannot_decode_without_hdf5(tmp_path):
+    """A chunk the filter fails on (filter values it rejects: its error goes to hdf5plugin's
+    no-op stand-in of H5Epush, not to HDF5) or decodes to another size gives False, and the
+    same chunk still decodes right afterwards."""
+    cases = {k: v for k, v in _private_pipelines().items() if k == ("sperr", "f4")}
+    if not cases:
+        pytest.skip("hdf5plugin's SPERR is not available")
+    X = np.cumsum(np.random.default_rng(3).normal(size=(64, 32)), axis=0).astype(np.float32)
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=X, chunks=(64, 32), **cases[("sperr", "f4")])
+    with h5py.File(path, "r") as fh:
+        _, _, values, _ = fh["X"].id.get_create_plist().get_filter(0)
+        _, raw = fh["X"].id.read_direct_chunk((0, 0))
+        ref = fh["X"][:]
+    src = np.frombuffer(raw, np.uint8)
+    out = np.zeros(X.nbytes, np.uint8)
+    assert not plugin_filters.decode_into(32028, src, tuple(values)[:3], out)  # rejected
+    assert not plugin_filters.decode_into(32028, src, tuple(values), out[:-4])  # another size
+    assert not plugin_filters.decode_into(32028, src[:0], tuple(values), out)  # empty
+    assert not plugin_filters.decode_into(12345, src, tuple(values), out)  # not one of ours
+    assert plugin_filters.decode_into(32028, src, tuple(values), out)
+    assert out.view(np.float32).reshape(X.shape).tobytes() == ref.tobytes()
 
 
 def test_szip_chunks_cut_short_or_of_another_size_are_refused(tmp_path):

@@ -22,6 +22,7 @@ def _file(path):
         fh.create_dataset("blosc2", data=X, chunks=(100, 3), **hdf5plugin.Blosc2())
         fh.create_dataset("zfp", data=X, chunks=(100, 3), **hdf5plugin.Zfp(reversible=True))
         fh.create_dataset("sz", data=X, chunks=(100, 3), **hdf5plugin.SZ(absolute=1e-3))
+        fh.create_dataset("sz3", data=X, chunks=(100, 3), **hdf5plugin.SZ3(absolute=1e-3))
         fh.create_dataset("szip", data=X[:, :1] * 0, chunks=(100, 1), compression="szip")
     return path
 
@@ -42,12 +43,14 @@ def test_filters_the_reader_decodes_are_compressed_other_plugins_through_hdf5(tm
         "/y": ours(chunk_read.BLOSC),  # with the blosc package
         "/blosc2": ours(chunk_read.BLOSC2),  # with the blosc2 package
         "/zfp": ours(chunk_read.ZFP),  # with hdf5plugin's zfp library
-        "/sz": "through HDF5",
+        "/sz": "through HDF5",  # its library keeps its parameters in globals
+        "/sz3": ours(32024),  # the plugin's own filter function, without HDF5
         "/szip": ours(chunk_read.SZIP),  # HDF5's szip, by the system's libsz
     }
     assert "lz4" in sets["/lz4"]["why"] and "zstd" in sets["/zstd"]["why"]
     assert "blosc2" in sets["/blosc2"]["why"] and "zfp" in sets["/zfp"]["why"]
     assert "sz" in sets["/sz"]["why"] and "szip" in sets["/szip"]["why"]
+    assert "sz3" in sets["/sz3"]["why"].lower()
     assert not any("cannot decode" in n for d in sets.values() for n in d["notes"])
 
 

@@ -1,6 +1,7 @@
 """Direct reads of chunked HDF5 data sets: each chunk's bytes read with ``pread`` at the offset
 HDF5's chunk index gives, decoded (deflate, lzf, szip, bzip2, zstd, LZ4, Blosc, Blosc2,
-bitshuffle, ZFP, SZ3, SPERR, FCIDecomp, HTJ2K, shuffle, fletcher32) and copied into the rank's rows, on the rank's threads.
+bitshuffle, ZFP, SZ3, SPERR, FCIDecomp, HTJ2K, shuffle, fletcher32) and copied into the rank's
+rows, on the rank's threads.
 
 Why not h5py: h5py holds the GIL while HDF5 reads and decompresses, so one rank uses one core
 for the whole of its block. Here ``pread``, ``bz2``, the Numba LZF, LZ4 and bitshuffle
@@ -29,8 +30,8 @@ not the data set): a chunk never written (HDF5 gives the fill value), a filter m
 filter the pipeline lacks, a stored size or decoded size that is not the chunk's, a fletcher32
 checksum that does not match (h5py then also accepts the byte order of old writers, or gives
 the error), and partial edge chunks of a pipeline with nothing that checks its input
-(shuffle, lzf, szip, bitshuffle alone, ZFP, SZ3, SPERR, FCIDecomp, HTJ2K: a writer may store those unfiltered, which nothing in
-the bytes would reveal; deflate, bzip2, zstd, LZ4, Blosc, compressing bitshuffle and fletcher32
+(shuffle, lzf, szip, bitshuffle alone, ZFP, SZ3, SPERR, FCIDecomp, HTJ2K: a writer may store
+those unfiltered, which nothing in the bytes would reveal; deflate, bzip2, zstd, LZ4, Blosc, compressing bitshuffle and fletcher32
 refuse bytes they did not write).
 
 A filter whose bit is set in a chunk's filter mask was skipped when the chunk was written (an

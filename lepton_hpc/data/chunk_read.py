@@ -31,8 +31,8 @@ filter the pipeline lacks, a stored size or decoded size that is not the chunk's
 checksum that does not match (h5py then also accepts the byte order of old writers, or gives
 the error), and partial edge chunks of a pipeline with nothing that checks its input
 (shuffle, lzf, szip, bitshuffle alone, ZFP, SZ3, SPERR, FCIDecomp, HTJ2K: a writer may store
-those unfiltered, which nothing in the bytes would reveal; deflate, bzip2, zstd, LZ4, Blosc, compressing bitshuffle and fletcher32
-refuse bytes they did not write).
+those unfiltered, which nothing in the bytes would reveal; deflate, bzip2, zstd, LZ4, Blosc,
+compressing bitshuffle and fletcher32 refuse bytes they did not write).
 
 A filter whose bit is set in a chunk's filter mask was skipped when the chunk was written (an
 optional filter that failed, as lzf and zstd do when a chunk does not shrink): it is skipped

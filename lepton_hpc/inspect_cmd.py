@@ -9,11 +9,11 @@ filters, links, and the load class, which says how ``lepton train`` would read i
 - ``chunked`` and ``compressed``: chunks read with ``pread`` and decoded on the rank's threads
   (``data.chunk_read``: gzip, lzf, szip, shuffle, fletcher32, and hdf5plugin's bzip2, bitshuffle
   (alone or with LZ4, or with zstd where libzstd loads), zstd and LZ4 (the system's libzstd
-  and liblz4, or ``zstandard`` and ``lz4``), ZFP, SZ3, SPERR, FCIDecomp, HTJ2K, Blosc and
+  and liblz4, or ``zstandard`` and ``lz4``), ZFP, SZ, SZ3, SPERR, FCIDecomp, HTJ2K, Blosc and
   Blosc2 when ``blosc`` and ``blosc2`` are installed);
 - ``through HDF5``: everything else HDF5 reads for us: virtual data sets, external raw storage,
   data sets behind external links, compact ones, other dtypes (integers, float16, big-endian),
-  chunks with other filters (hdf5plugin's SZ: on one core),
+  chunks with filters from other plugins HDF5 finds (on one core),
   and data sets not yet written. A filter this HDF5 cannot decode is named in a note
   with its fix.
 

@@ -1,6 +1,6 @@
 """Direct reads of chunked HDF5 data sets: each chunk's bytes read with ``pread`` at the offset
 HDF5's chunk index gives, decoded (deflate, lzf, szip, bzip2, zstd, LZ4, Blosc, Blosc2,
-bitshuffle, ZFP, SZ3, SPERR, FCIDecomp, HTJ2K, shuffle, fletcher32) and copied into the rank's
+bitshuffle, ZFP, SZ, SZ3, SPERR, FCIDecomp, HTJ2K, shuffle, fletcher32) and copied into the rank's
 rows, on the rank's threads.
 
 Why not h5py: h5py holds the GIL while HDF5 reads and decompresses, so one rank uses one core
@@ -30,7 +30,7 @@ not the data set): a chunk never written (HDF5 gives the fill value), a filter m
 filter the pipeline lacks, a stored size or decoded size that is not the chunk's, a fletcher32
 checksum that does not match (h5py then also accepts the byte order of old writers, or gives
 the error), and partial edge chunks of a pipeline with nothing that checks its input
-(shuffle, lzf, szip, bitshuffle alone, ZFP, SZ3, SPERR, FCIDecomp, HTJ2K: a writer may store
+(shuffle, lzf, szip, bitshuffle alone, ZFP, SZ, SZ3, SPERR, FCIDecomp, HTJ2K: a writer may store
 those unfiltered, which nothing in the bytes would reveal; deflate, bzip2, zstd, LZ4, Blosc,
 compressing bitshuffle and fletcher32 refuse bytes they did not write).
 
@@ -39,11 +39,11 @@ optional filter that failed, as lzf and zstd do when a chunk does not shrink): i
 when decoding, exactly as HDF5 does.
 
 Filters from ``hdf5plugin`` (``plugins``) are registered when this module is imported, so the
-h5py reads of every reader can decode them. SZ3 (32024), SPERR (32028), FCIDecomp (32018) and
-HTJ2K (32033) are decoded on the threads by the plugin's own filter function, in a private
-instance of the plugin whose HDF5 calls are no-ops (``plugin_filters``: the instance HDF5 uses
-would call HDF5 on failure, which is not safe on two threads at once). SZ (32017) is read by
-h5py: its library keeps its parameters in globals.
+h5py reads of every reader can decode them. SZ (32017), SZ3 (32024), SPERR (32028), FCIDecomp
+(32018) and HTJ2K (32033) are decoded on the threads by the plugin's own filter function, in a
+private instance of the plugin whose HDF5 calls are no-ops (``plugin_filters``: the instance
+HDF5 uses would call HDF5 on failure, which is not safe on two threads at once; SZ, whose
+library keeps its parameters in globals, gets one instance per busy thread).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ from .direct_read import (
 
 DEFLATE, SHUFFLE, FLETCHER32, LZF, ZSTD, LZ4, BLOSC = 1, 2, 3, 32000, 32015, 32004, 32001
 BITSHUFFLE, BZIP2, BLOSC2, ZFP, SZIP = 32008, 307, 32026, 32013, 4
-# hdf5plugin's SZ3, SPERR, FCIDecomp and HTJ2K: their own filter functions, HDF5-free
+# hdf5plugin's SZ, SZ3, SPERR, FCIDecomp and HTJ2K: their own filter functions, HDF5-free
 # (``plugin_filters``)
 PRIVATE = frozenset(plugin_filters.LIBRARIES)
 COMPRESSORS = {DEFLATE, LZF, ZSTD, LZ4, BLOSC, BITSHUFFLE, BZIP2, BLOSC2, ZFP, SZIP} | PRIVATE

@@ -1,4 +1,4 @@
-"""hdf5plugin's SZ3, SPERR, FCIDecomp and HTJ2K chunks decoded on the rank's threads by the
+"""hdf5plugin's SZ, SZ3, SPERR, FCIDecomp and HTJ2K chunks decoded on the rank's threads by the
 plugin's own filter function, called through ``ctypes`` (which lets go of the GIL for the call)
 from a second, private instance of the plugin library that HDF5 never uses.
 
@@ -12,8 +12,10 @@ with the chunk's stored bytes and the data set's filter values, so a chunk it de
 HDF5's bits. Its output buffer comes from the namespace's own ``malloc``, so it is freed by the
 namespace's ``free``.
 
-SZ (32017) is left to HDF5: its library keeps the decoding parameters in globals, so two
-threads decoding at once would share them. None of these streams carries a checksum: a damaged
+SZ (32017) keeps its decoding parameters in globals, so two threads must not share an
+instance: each of its instances (each ``dlmopen`` is a new one, with its own globals) serves
+one thread at a time, and a rank loads more of them, up to ``MAX_INSTANCES``, while all are
+busy. None of these streams carries a checksum: a damaged
 chunk decodes as it would through HDF5 (or makes the codec fail, and then h5py reads the chunk
 and names the data set in its error). A chunk the filter decodes to another size than the
 chunk's is refused.
@@ -22,7 +24,6 @@ chunk's is refused.
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import threading
 from pathlib import Path
@@ -30,8 +31,12 @@ from pathlib import Path
 import numpy as np
 
 # filter id -> hdf5plugin's library name (``libh5<name>.so``)
-LIBRARIES = {32024: "sz3", 32028: "sperr", 32018: "fcidecomp", 32033: "htj2k"}
-NAMES = {32024: "SZ3", 32028: "SPERR", 32018: "FCIDecomp", 32033: "HTJ2K"}
+LIBRARIES = {32017: "sz", 32024: "sz3", 32028: "sperr", 32018: "fcidecomp", 32033: "htj2k"}
+NAMES = {32017: "SZ", 32024: "SZ3", 32028: "SPERR", 32018: "FCIDecomp", 32033: "HTJ2K"}
+# SZ keeps its decoding parameters in globals: each of its instances serves one thread at a
+# time, and a busy rank loads up to MAX_INSTANCES of them (glibc allows 16 link namespaces).
+SERIAL = frozenset({32017})
+MAX_INSTANCES = 6
 _REVERSE = 0x0100  # H5Z_FLAG_REVERSE: decode
 _LM_ID_NEWLM = -1
 _RTLD_NOW = 2
@@ -77,12 +82,8 @@ def _plugin_dir() -> Path | None:
     return Path(hdf5plugin.PLUGIN_PATH)
 
 
-_LOCK = threading.Lock()
-
-
-@functools.cache
-def _decoder(fid: int) -> _Decoder | None:
-    """The private instance of filter ``fid``'s plugin, or None where it cannot be loaded."""
+def _load(fid: int) -> _Decoder | None:
+    """A new private instance of filter ``fid``'s plugin, or None where it cannot be loaded."""
     folder = _plugin_dir()
     if fid not in LIBRARIES or folder is None:
         return None
@@ -118,6 +119,48 @@ def _decoder(fid: int) -> _Decoder | None:
         return None
 
 
+class _Pool:
+    """The private instances of one filter's plugin. A filter whose library keeps its state in
+    globals (``SERIAL``) lends each instance to one thread at a time and loads another (up to
+    ``MAX_INSTANCES``) when all are busy; the others share one instance."""
+
+    def __init__(self, fid: int) -> None:
+        self.fid = fid
+        self.cond = threading.Condition()
+        self.idle: list[_Decoder] = []
+        self.loaded = 0
+        self.cap = MAX_INSTANCES if fid in SERIAL else 1
+
+    def acquire(self) -> _Decoder | None:
+        with self.cond:
+            while True:
+                if self.idle:
+                    dec = self.idle[-1]
+                    if self.fid in SERIAL:
+                        self.idle.pop()
+                    return dec
+                if self.loaded < self.cap:
+                    dec = _load(self.fid)  # rare: under the lock, once per instance
+                    if dec is not None:
+                        self.loaded += 1
+                        if self.fid not in SERIAL:
+                            self.idle.append(dec)
+                        return dec
+                    self.cap = self.loaded  # no more namespaces: share what is loaded
+                if self.loaded == 0:
+                    return None
+                self.cond.wait()
+
+    def release(self, dec: _Decoder) -> None:
+        if self.fid in SERIAL:
+            with self.cond:
+                self.idle.append(dec)
+                self.cond.notify()
+
+
+_POOLS = {fid: _Pool(fid) for fid in LIBRARIES}
+
+
 def present(fid: int) -> bool:
     """Whether hdf5plugin ships filter ``fid``'s plugin (it is loaded at the first chunk)."""
     folder = _plugin_dir()
@@ -127,17 +170,32 @@ def present(fid: int) -> bool:
 
 
 def available(fid: int) -> bool:
-    with _LOCK:  # loaded once, by whichever thread comes first
-        return _decoder(fid) is not None
+    """Whether filter ``fid``'s private instance loads (it is loaded here if not yet)."""
+    pool = _POOLS.get(fid)
+    dec = pool.acquire() if pool is not None else None
+    if dec is None:
+        return False
+    pool.release(dec)
+    return True
 
 
 def decode_into(fid: int, src: np.ndarray, values: tuple[int, ...], dst: np.ndarray) -> bool:
     """The chunk ``src`` (uint8, contiguous, the stored bytes) of filter ``fid`` decoded into
     all of ``dst`` (uint8, contiguous, writable): False when the plugin is not loaded, the
     filter fails, or it decodes another size than ``dst.size``."""
-    if not available(fid) or src.size == 0:
+    pool = _POOLS.get(fid)
+    if pool is None or src.size == 0:
         return False
-    dec = _decoder(fid)
+    dec = pool.acquire()
+    if dec is None:
+        return False
+    try:
+        return _decode(dec, src, values, dst)
+    finally:
+        pool.release(dec)
+
+
+def _decode(dec: _Decoder, src: np.ndarray, values: tuple[int, ...], dst: np.ndarray) -> bool:
     n = int(src.size)
     buf = dec.malloc(n)
     if not buf:

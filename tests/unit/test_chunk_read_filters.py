@@ -378,13 +378,15 @@ def test_damaged_compressed_chunks_are_refused(tmp_path, monkeypatch, name, code
 
 
 def _private_pipelines() -> dict:
-    """hdf5plugin's SZ3, SPERR, FCIDecomp and HTJ2K (``plugin_filters``), each with a stored
+    """hdf5plugin's SZ, SZ3, SPERR, FCIDecomp and HTJ2K (``plugin_filters``), each with a stored
     type it encodes: lossy, so the reader must give h5py's decoded values bit for bit."""
     try:
         import hdf5plugin
     except ImportError:
         return {}
     found = {
+        ("sz", "f4"): dict(hdf5plugin.SZ(absolute=1e-2)),
+        ("sz", "f8"): dict(hdf5plugin.SZ(pointwise_relative=1e-3)),
         ("sz3", "f4"): dict(hdf5plugin.SZ3(absolute=1e-2)),
         ("sz3", "f8"): dict(hdf5plugin.SZ3(relative=1e-4)),
         ("sz3", "i2"): dict(hdf5plugin.SZ3(absolute=1)),
@@ -401,9 +403,9 @@ def _private_pipelines() -> dict:
 
 @pytest.mark.parametrize("case", list(_private_pipelines()), ids="-".join)
 def test_private_plugin_chunks_equal_h5py_bitwise(tmp_path, case):
-    """SZ3, SPERR, FCIDecomp and HTJ2K chunks decoded on the rank's threads by the plugins'
-    own filter functions (a private instance, without HDF5) give h5py's values bit for bit;
-    only partial edge chunks go through h5py."""
+    """SZ, SZ3, SPERR, FCIDecomp and HTJ2K chunks decoded on the rank's threads by the
+    plugins' own filter functions (a private instance, without HDF5; for SZ one per busy
+    thread) give h5py's values bit for bit; only partial edge chunks go through h5py."""
     dtype = case[1]
     rng = np.random.default_rng(zlib.crc32("-".join(case).encode()))
     smooth = np.cumsum(rng.normal(size=(1_003, 40)), axis=0)

@@ -142,7 +142,7 @@ def describe(dset, st: os.stat_result, path: str | None = None, via: str | None 
     import h5py
     import numpy as np
 
-    from .data import chunk_read, plugins
+    from .data import chunk_read, plugin_filters, plugins
     from .data.reader import _direct, _feature_dtype
 
     plist = dset.id.get_create_plist()
@@ -177,7 +177,9 @@ def describe(dset, st: os.stat_result, path: str | None = None, via: str | None 
     elif layout == "chunked":
         load = "compressed" if filters else "chunked"
         why = f"chunks of {list(dset.chunks)}" + (f", {_filter_text(filters)}" if filters else "")
-        if {f["id"] for f in filters} - chunk_read.FILTERS:
+        ids = {f["id"] for f in filters}
+        unloaded = [f for f in ids & chunk_read.PRIVATE if not plugin_filters.available(f)]
+        if ids - chunk_read.FILTERS or unloaded:  # the reader's test (``chunk_read.layout``)
             load, why = "through HDF5", why + ": decoded by HDF5, on one core"
     elif layout == "compact":
         load, why = "through HDF5", "compact: stored in the object header"

@@ -445,6 +445,28 @@ def test_a_private_plugin_refuses_what_it_cannot_decode_without_hdf5(tmp_path):
     assert out.view(np.float32).reshape(X.shape).tobytes() == ref.tobytes()
 
 
+def test_a_plugin_whose_private_instance_does_not_load_is_left_to_hdf5(tmp_path, monkeypatch):
+    """Where the private instance cannot be loaded (no link namespace left, say), the data set
+    is read by h5py, and ``lepton inspect`` says so."""
+    from lepton_hpc.inspect_cmd import inspect_file
+
+    case = ("sz3", "f4")
+    if case not in _private_pipelines():
+        pytest.skip("hdf5plugin's SZ3 is not available")
+    monkeypatch.setattr(plugin_filters, "_load", lambda fid: None)
+    pools = {fid: plugin_filters._Pool(fid) for fid in plugin_filters.LIBRARIES}
+    monkeypatch.setattr(plugin_filters, "_POOLS", pools)
+    X = np.cumsum(np.random.default_rng(4).normal(size=(300, 8)), axis=0).astype(np.float32)
+    path = tmp_path / "z.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("X", data=X, chunks=(100, 8), **_private_pipelines()[case])
+        fh["y"] = X[:, 0] > 0
+    with h5py.File(path, "r") as fh:
+        assert chunk_read.layout(fh["X"], np.dtype(np.float32), os.stat(path)) is None
+    sets = {d["path"]: d for d in inspect_file(path, "X", "y")["datasets"]}
+    assert sets["/X"]["load"] == "through HDF5"
+
+
 def test_szip_chunks_cut_short_or_of_another_size_are_refused(tmp_path):
     """A szip chunk whose stored size (its first 4 bytes) or decoded size is not the chunk's,
     or that libsz cannot decode, gives None (h5py then reads it); szip checks nothing else, so

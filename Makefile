@@ -99,7 +99,7 @@ test-mpi: install install-horovod
 # numba is imported); then everything else, real MPI jobs included.
 test: install install-horovod lint
 	@NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -q tests/cuda
-	@$(PY) -m pytest tests --ignore=tests/cuda
+	@$(PY) -m pytest tests --ignore=tests/cuda --durations=30
 
 # The benchmark's peers: torch pinned to the CPU build on this machine's disk, resolved in the same
 # pip command as scikit-learn so pip never brings another torch; Horovod from its own script.

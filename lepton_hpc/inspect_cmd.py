@@ -142,7 +142,7 @@ def describe(dset, st: os.stat_result, path: str | None = None, via: str | None 
     import h5py
     import numpy as np
 
-    from .data import chunk_read, plugin_filters, plugins
+    from .data import chunk_read, plugins
     from .data.reader import _direct, _feature_dtype
 
     plist = dset.id.get_create_plist()
@@ -178,8 +178,7 @@ def describe(dset, st: os.stat_result, path: str | None = None, via: str | None 
         load = "compressed" if filters else "chunked"
         why = f"chunks of {list(dset.chunks)}" + (f", {_filter_text(filters)}" if filters else "")
         ids = {f["id"] for f in filters}
-        unloaded = [f for f in ids & chunk_read.PRIVATE if not plugin_filters.available(f)]
-        if ids - chunk_read.FILTERS or unloaded:  # the reader's test (``chunk_read.layout``)
+        if ids - chunk_read.FILTERS or not chunk_read.private_loaded(ids):  # as ``layout``
             load, why = "through HDF5", why + ": decoded by HDF5, on one core"
     elif layout == "compact":
         load, why = "through HDF5", "compact: stored in the object header"

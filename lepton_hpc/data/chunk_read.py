@@ -127,6 +127,21 @@ FILTERS = {DEFLATE, SHUFFLE, FLETCHER32, LZF, BITSHUFFLE, BZIP2} | {
     )
     if usable
 }
+# Compressors decoded by a library called through ``ctypes`` straight into the caller's buffer:
+# decode_into(stored bytes, filter values, out) -> whether ``out`` holds the chunk.
+DECODE_INTO = {
+    ZFP: zfp.decode_into,
+    SZIP: szip.decode_into,
+    **{fid: functools.partial(plugin_filters.decode_into, fid) for fid in PRIVATE},
+}
+
+
+def private_loaded(fids) -> bool:
+    """Whether the private plugin instance (``plugin_filters``) of each of ``fids`` that needs
+    one loads here: where one does not, HDF5 decodes the data set (``layout``, ``inspect``)."""
+    return all(plugin_filters.available(f) for f in fids if f in PRIVATE)
+
+
 # Bitshuffle's compressions decoded here, each chunk in one Numba call without the GIL (its
 # LZ4 blocks too: no package needed; its zstd blocks by the system's libzstd, else h5py).
 BSHUF_CODECS = {BSHUF_NONE, BSHUF_LZ4} | ({BSHUF_ZSTD} if native_codecs.ZSTD_IN_NUMBA else set())
@@ -194,8 +209,8 @@ def layout(dset: h5py.Dataset, want: np.dtype, st: os.stat_result) -> ChunkLayou
     chunk_bytes = int(np.prod(chunks)) * stored.itemsize
     if any(f == ZFP and (zfp.parse(v) or (0, 0, -1))[2] != chunk_bytes for f, v in filters):
         return None  # ZFP values this cannot read: HDF5 decodes them, or says why not
-    if any(f in PRIVATE and not plugin_filters.available(f) for f, _ in filters):
-        return None  # its private instance did not load (plugin_filters): HDF5 decodes it
+    if not private_loaded(f for f, _ in filters):
+        return None  # a private plugin instance did not load (plugin_filters): HDF5 decodes it
     if sum(f in COMPRESSORS for f, _ in filters) > 1:
         return None  # the inner compressor's output size is not known: h5py decodes those
     if not in_opened_file(dset, st):
@@ -773,19 +788,9 @@ def decode(
             buf = _blosc_decode(buf, nbytes, dst)
             if buf is None:
                 return None
-        elif fid == ZFP and ZFP in FILTERS:
+        elif fid in DECODE_INTO and fid in FILTERS:
             out = dst if dst is not None else np.empty(nbytes, dtype=np.uint8)
-            if not zfp.decode_into(_as_bytes_array(buf), filters[i][1], out):
-                return None
-            buf = out
-        elif fid == SZIP and SZIP in FILTERS:
-            out = dst if dst is not None else np.empty(nbytes, dtype=np.uint8)
-            if not szip.decode_into(_as_bytes_array(buf), filters[i][1], out):
-                return None
-            buf = out
-        elif fid in PRIVATE and fid in FILTERS:
-            out = dst if dst is not None else np.empty(nbytes, dtype=np.uint8)
-            if not plugin_filters.decode_into(fid, _as_bytes_array(buf), filters[i][1], out):
+            if not DECODE_INTO[fid](_as_bytes_array(buf), filters[i][1], out):
                 return None
             buf = out
         elif fid == SHUFFLE:

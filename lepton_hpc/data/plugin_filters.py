@@ -70,8 +70,8 @@ class _Class2(ctypes.Structure):
 
 
 class _Decoder:
-    def __init__(self, fid: int, filter_fn, malloc, free) -> None:
-        self.fid, self.filter, self.malloc, self.free = fid, filter_fn, malloc, free
+    def __init__(self, filter_fn, malloc, free) -> None:
+        self.filter, self.malloc, self.free = filter_fn, malloc, free
 
 
 def _plugin_dir() -> Path | None:
@@ -82,13 +82,19 @@ def _plugin_dir() -> Path | None:
     return Path(hdf5plugin.PLUGIN_PATH)
 
 
-def _load(fid: int) -> _Decoder | None:
-    """A new private instance of filter ``fid``'s plugin, or None where it cannot be loaded."""
+def _library_path(fid: int) -> Path | None:
+    """hdf5plugin's library of filter ``fid`` (``libh5<name>.so``), or None where it has none."""
     folder = _plugin_dir()
     if fid not in LIBRARIES or folder is None:
         return None
     path = folder / f"libh5{LIBRARIES[fid]}.so"
-    if not path.is_file():
+    return path if path.is_file() else None
+
+
+def _load(fid: int) -> _Decoder | None:
+    """A new private instance of filter ``fid``'s plugin, or None where it cannot be loaded."""
+    path = _library_path(fid)
+    if path is None:
         return None
     try:
         libc = ctypes.CDLL(None)
@@ -114,7 +120,7 @@ def _load(fid: int) -> _Decoder | None:
         cls = _Class2.from_address(info)
         if cls.version != 1 or cls.id != fid or not cls.decoder_present or not cls.filter:
             return None
-        return _Decoder(fid, _FILTER(cls.filter), _MALLOC(addrs["malloc"]), _FREE(addrs["free"]))
+        return _Decoder(_FILTER(cls.filter), _MALLOC(addrs["malloc"]), _FREE(addrs["free"]))
     except (OSError, AttributeError, ValueError):
         return None
 
@@ -163,10 +169,7 @@ _POOLS = {fid: _Pool(fid) for fid in LIBRARIES}
 
 def present(fid: int) -> bool:
     """Whether hdf5plugin ships filter ``fid``'s plugin (it is loaded at the first chunk)."""
-    folder = _plugin_dir()
-    return (
-        fid in LIBRARIES and folder is not None and (folder / f"libh5{LIBRARIES[fid]}.so").is_file()
-    )
+    return _library_path(fid) is not None
 
 
 def available(fid: int) -> bool:

@@ -38,7 +38,7 @@ def bench_run(tmp_path_factory):
         env=mpi_env(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,  # about 200 s on a 2-core machine: thirty short jobs, each its own mpiexec
         check=False,
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"

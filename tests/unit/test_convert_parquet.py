@@ -250,9 +250,17 @@ def test_pandas_written_file(tmp_path):
     assert np.array_equal(y, cols["label"])
 
 
-def test_converted_file_trains_on_two_ranks(tmp_path):
+@pytest.mark.parametrize("writer", ["pyarrow", "pandas"])
+def test_converted_file_trains_on_two_ranks(tmp_path, writer):
+    """A file written by pyarrow (row groups of 128) or by pandas (its index and metadata
+    added), converted, trains on two ranks to the accuracy its labels allow."""
     cols = frame(600, seed=2)
-    src = write_parquet(tmp_path / "t.parquet", cols, row_group_size=128)
+    src = tmp_path / "t.parquet"
+    if writer == "pandas":
+        pd = pytest.importorskip("pandas")
+        pd.DataFrame(cols).to_parquet(src)
+    else:
+        write_parquet(src, cols, row_group_size=128)
     out = tmp_path / "t.h5"
     ok(lepton(1, "convert", src, "--out", out, "--columns", "a,b", "--target-column", "label"))
     cfg = write_config(

@@ -43,10 +43,14 @@ def check_gradient_out(out, n_params: int) -> None:
 
 
 def targets(y, n: int, k: int, head: int) -> np.ndarray:
-    """y as a C-contiguous (n, k) array for SQUARED, (n, 1) for labels; float32/64 kept as is."""
+    """y as a C-contiguous float64 (n, k) array for SQUARED, (n, 1) for labels.
+
+    Training reads targets as float64; other types (float32, integers) are converted here, so
+    that the kernels have one compiled signature for targets (each of the AVX2 panel kernels
+    takes about two minutes to compile)."""
     if not isinstance(y, np.ndarray):
         y = np.asarray(y)
-    if y.dtype not in _FLOATS:
+    if y.dtype != np.float64:
         y = y.astype(np.float64)
     cols = k if head == SQUARED else 1
     if y.size != n * cols or (y.ndim == 2 and y.shape != (n, cols)) or y.ndim > 2:

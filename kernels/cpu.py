@@ -129,6 +129,20 @@ def _transposed(params: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 PRODUCTS = {"float64": np.float64, "float32": np.float32}
 
 
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """``a`` as a read-only array (a view of it when it is writable).
+
+    The kernels only read their rows and targets, and rows mapped from a file (``data.stream``)
+    are read-only. Numba compiles a kernel once per argument type, and read-only is part of
+    the type. So passing every array read-only gives each kernel one compiled signature per
+    dtype instead of two: the install's warm-up compiled the AVX2 panel kernels four times
+    each, at about two minutes each."""
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
 def gradient(
     X, y, params, sizes, activation: int, head: int, out: np.ndarray, products: str = "float64"
 ) -> None:
@@ -148,7 +162,7 @@ def gradient(
     if n == 0:
         out[:] = 0.0
         return
-    Y = targets(y, n, int(sizes[-1]), head)
+    X, Y = _read_only(X), _read_only(targets(y, n, int(sizes[-1]), head))
     if _gemm(sizes):
         partial = cpu_gemm.gradient_partials(
             X, Y, params, sizes, activation, head, PRODUCTS[products]
@@ -214,12 +228,13 @@ def forward(X, params, sizes, activation: int, head: int, out: np.ndarray) -> No
         raise ValueError(f"out must be contiguous float64 of shape ({n}, {k})")
     if n == 0:
         return
+    X = _read_only(X)
     if USE_TILES and sizes.size == 2 and k == 1 and X.shape[1] <= TILE_WIDTH:
         n_chunks, rows = _plan(n, _single_block(X), 1)
         ahead = max(1, TILE_AHEAD_BYTES // (X.shape[1] * X.itemsize))
         _one_output_forward8(X, params, head == BINARY, ahead, rows, n_chunks, out.reshape(-1))
         return
-    _run_forward(X, np.empty((0, 1)), params, sizes, activation, head, out)
+    _run_forward(X, _read_only(np.empty((0, 1))), params, sizes, activation, head, out)
 
 
 def loss_sum(X, y, params, sizes, activation: int, head: int) -> float:
@@ -230,6 +245,7 @@ def loss_sum(X, y, params, sizes, activation: int, head: int) -> float:
     n = X.shape[0]
     if n == 0:
         return 0.0
-    Y = targets(y, n, int(sizes[-1]), head).astype(np.float64, copy=False)
+    Y = _read_only(targets(y, n, int(sizes[-1]), head))
+    X = _read_only(X)
     losses = _run_forward(X, Y, params, sizes, activation, head, np.empty((0, int(sizes[-1]))))
     return float(losses.sum())

@@ -183,9 +183,8 @@ def open_parquet(
             arr = arr.fill_null(float("nan"))
         # Floats without nulls now: a view of Arrow's data buffer, copied by the caller.
         # (``to_numpy`` would import pandas where it is installed: 25 MB of heap for nothing.)
-        dtype = np.dtype(np.float32 if target == pa.float32() else np.float64)
         data = arr.buffers()[1]
-        return np.frombuffer(data, dtype, len(arr), arr.offset * dtype.itemsize)
+        return np.frombuffer(data, dtype, len(arr), arr.offset * np.dtype(dtype).itemsize)
 
     file_start = np.concatenate([[0], np.cumsum([meta.num_rows for meta in metas])])
 

@@ -46,7 +46,7 @@ $(VENV)/bin/python: | $(STAMP)/system
 $(STAMP)/python: $(STAMP)/system | $(VENV)/bin/python
 	@echo "==> Python packages (mpi4py, numpy, numba, build tools)"
 	@$(PIP) install --upgrade pip
-	@$(PIP) install "Cython>=3" "setuptools>=77" pkgconfig wheel "mpi4py>=4" numpy "numba>=0.68,<0.69" "llvmlite>=0.50,<0.51" "threadpoolctl>=3"
+	@$(PIP) install "Cython>=3" "setuptools>=77" pkgconfig wheel "mpi4py>=4" numpy "numba>=0.68,<0.69" "llvmlite>=0.50,<0.51" "threadpoolctl>=3" scipy
 	@if ! $(PY) -c 'import h5py,sys; sys.exit(0 if h5py.get_config().mpi else 1)' 2>/dev/null; then \
 	  echo "==> h5py against parallel HDF5 (compiles, about 2-3 minutes)"; \
 	  CC=mpicc HDF5_MPI=ON HDF5_PKGCONFIG_NAME=hdf5-openmpi \

@@ -1,6 +1,6 @@
 """MLP passes as float64 BLAS GEMMs over blocks of rows (the CPU backend's path for wide layers).
 
-A dense layer's product over a block of rows is a matrix product: NumPy's BLAS runs it at
+A dense layer's product over a block of rows is a matrix product: BLAS runs it at
 several times the rate of the row-at-a-time loop nests of ``cpu_passes`` once layers are a few
 dozen units wide (60-70 GFLOP/s a core here in float64, 120-150 in float32, against 15-45 for
 the loop nests). By default every product and sum is float64 (float32 rows are widened into the
@@ -9,14 +9,15 @@ do; ``products = float32`` multiplies in float32 and sums each block's results i
 
 Work split, the same rule as ``cpu``: rows are cut into blocks whose size depends only on n and
 the model, blocks are grouped into chunks, each chunk sums its blocks in order into its own
-partial row, and the partial rows are added in chunk order. Each GEMM runs on one BLAS thread
-inside a worker thread (BLAS and the Numba helpers release the GIL), so the bits never depend on
-the thread count.
+partial row, and the partial rows are added in chunk order. A chunk is one Numba function
+(``_chunk``) on a worker thread, without the GIL; its GEMMs are SciPy's BLAS (Numba's
+``np.dot``) on one BLAS thread, so the bits never depend on the thread count.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,6 +26,7 @@ import numpy as np
 from numba import njit
 from threadpoolctl import threadpool_limits
 
+from . import BINARY
 from .cpu_layers import _combine_columns
 from .reference import _activate, _head, _slope
 
@@ -36,62 +38,169 @@ MIN_BLOCK_FLOPS = 2e7  # ...but no block does less work than this (about 0.2-0.3
 # below it the hand-over between threads costs more than it saves
 
 
-# ---- element-wise steps between the products (Numba, no GIL) ------------------------------------
-@njit(nogil=True, cache=True)
-def _bias_activate(z, b, activation, last):
-    """z += b row by row, then the hidden activation (not for the logits: ``last``)."""
-    m, w = z.shape
-    for i in range(m):
-        for o in range(w):
-            v = np.float64(z[i, o]) + np.float64(b[o])  # float32 buffers: one rounding
-            z[i, o] = v if last else _activate(v, activation)
+# ---- one chunk of rows: products and the steps between them, compiled as one function ----------
+OUTPUT_LOOPS = 16  # output layers this narrow run as float64 loops (below), wider ones as GEMMs
 
 
 @njit(nogil=True, cache=True)
-def _head_rows(z, Y, r0, head, delta):
-    """Sum of the block's losses from its logits z (m x k); delta = d loss / d z."""
-    m, k = z.shape
+def _chunk(X, Y, W, b, WT, sizes, at_layer, activation, head, r0, r1, block, bufs, f64, partial):
+    """partial[:P] = the gradient of rows r0..r1, partial[P] = their loss, block by block in
+    order (the chunk's first block writes the sums, the later ones add to them).
+
+    ``W``: the parameter vector in the products' dtype, read for the hidden layers' weights
+    (layer l's n_in x n_out from ``at_layer[l]``); ``b``: the same vector in float64, read for
+    the biases; ``partial`` has the same layout. ``WT``: the output layer's weights transposed
+    (k x n_in, float64). ``bufs``: the activations of every layer (layer l's block from
+    ``block`` times the widths before it), two delta buffers and the product of a weight
+    gradient, in the products' dtype; ``f64``: the block's logits and their deltas, float64.
+
+    The hidden layers' products are GEMMs: Numba's ``np.dot``, SciPy's BLAS. An output layer of
+    at most ``OUTPUT_LOOPS`` units (a GEMV's work) runs as float64 loops whatever the products'
+    dtype: with float32 products the logits, the head and the output layer's gradient then
+    round only once, which halved the worst gradient error against the float64 reference on
+    the tests' problems (7.9e-7 to 4.9e-7). Nothing between the products returns to Python:
+    the chunk holds no lock while it runs (a Python loop over these steps, holding the GIL
+    between them, ran 1.3x slower on a 32-64-32-1 network)."""
+    acts, da, db, prod = bufs
+    layers = sizes.size - 1
+    k, n_last = sizes[layers], sizes[layers - 1]
+    loops = k <= OUTPUT_LOOPS
     loss = 0.0
-    for i in range(m):
-        loss += _head(z[i], 0, k, Y[r0 + i], head, delta[i])
-    return loss
+    for s in range(r0, r1, block):
+        m = min(block, r1 - s)
+        first = s == r0
+        a = acts[: m * sizes[0]].reshape(m, sizes[0])
+        for i in range(m):  # the rows, widened or narrowed into the products' dtype
+            for j in range(sizes[0]):
+                a[i, j] = X[s + i, j]
+        at = block * sizes[0]
+        for layer in range(layers - 1 if loops else layers):
+            n_in, n_out, w0 = sizes[layer], sizes[layer + 1], at_layer[layer]
+            z = acts[at : at + m * n_out].reshape(m, n_out)
+            np.dot(a, W[w0 : w0 + n_in * n_out].reshape(n_in, n_out), z)
+            bias = b[w0 + n_in * n_out : w0 + n_in * n_out + n_out]
+            last = layer == layers - 1
+            for i in range(m):
+                for o in range(n_out):
+                    v = np.float64(z[i, o]) + bias[o]  # float32 buffers: one rounding
+                    z[i, o] = v if last else _activate(v, activation)
+            a = z
+            at += block * n_out
+        logits = f64[: m * k].reshape(m, k)
+        w0 = at_layer[layers - 1]
+        if loops:  # a: the last hidden layer's outputs
+            bias = b[w0 + n_last * k : w0 + n_last * k + k]
+            for i in range(m):
+                for o in range(k):
+                    v = bias[o]
+                    for j in range(n_last):
+                        v += np.float64(a[i, j]) * WT[o, j]
+                    logits[i, o] = v
+        else:  # a: the logits in the products' dtype
+            at -= block * k
+            for i in range(m):
+                for o in range(k):
+                    logits[i, o] = a[i, o]
+        d64 = f64[block * k : block * k + m * k].reshape(m, k)
+        loss += _head_block(logits, Y, s, head, d64)
+        # the output layer's gradient
+        src = acts[at - block * n_last : at - block * n_last + m * n_last].reshape(m, n_last)
+        nw = n_last * k
+        gW, gb = partial[w0 : w0 + nw], partial[w0 + nw : w0 + nw + k]
+        if first:
+            gb[:] = 0.0
+        for i in range(m):
+            for o in range(k):
+                gb[o] += d64[i, o]
+        if loops:
+            if first:
+                gW[:] = 0.0
+            for i in range(m):
+                for o in range(k):
+                    d = d64[i, o]
+                    for j in range(n_last):
+                        gW[j * k + o] += np.float64(src[i, j]) * d
+        else:
+            delta = da[: m * k].reshape(m, k)
+            for i in range(m):
+                for o in range(k):
+                    delta[i, o] = d64[i, o]
+            _gemm_gradient(src, delta, prod, gW, first)
+        if layers == 1:
+            continue
+        below = db[: m * n_last].reshape(m, n_last)
+        if loops:
+            row = f64[2 * block * k : 2 * block * k + n_last]
+            for i in range(m):
+                row[:] = 0.0
+                for o in range(k):
+                    d = d64[i, o]
+                    for j in range(n_last):
+                        row[j] += d * WT[o, j]
+                for j in range(n_last):
+                    below[i, j] = row[j] * _slope(np.float64(src[i, j]), activation)
+        else:
+            np.dot(delta, W[w0 : w0 + nw].reshape(n_last, k).T, below)
+            _slope_block(below, src, activation)
+        delta = below
+        use_da = True  # the next layer's delta goes into da, then db, ...
+        for layer in range(layers - 2, -1, -1):
+            n_in, n_out, w0 = sizes[layer], sizes[layer + 1], at_layer[layer]
+            at -= block * n_out
+            src = acts[at - block * n_in : at - block * n_in + m * n_in].reshape(m, n_in)
+            nw = n_in * n_out
+            gW, gb = partial[w0 : w0 + nw], partial[w0 + nw : w0 + nw + n_out]
+            _gemm_gradient(src, delta, prod, gW, first)
+            if first:
+                gb[:] = 0.0
+            for i in range(m):
+                for o in range(n_out):
+                    gb[o] += delta[i, o]
+            if layer == 0:
+                break
+            below = (da if use_da else db)[: m * n_in].reshape(m, n_in)
+            use_da = not use_da
+            np.dot(delta, W[w0 : w0 + nw].reshape(n_in, n_out).T, below)
+            _slope_block(below, src, activation)
+            delta = below
+    partial[partial.size - 1] = loss
 
 
 @njit(nogil=True, cache=True)
-def _slope_rows(below, act, activation):
+def _gemm_gradient(src, delta, prod, gW, first):
+    """gW (float64, flat) = or += src^T delta: one GEMM in the products' dtype."""
+    nw = src.shape[1] * delta.shape[1]
+    np.dot(src.T, delta, prod[:nw].reshape(src.shape[1], delta.shape[1]))
+    if first:
+        for q in range(nw):
+            gW[q] = prod[q]
+    else:
+        for q in range(nw):
+            gW[q] += prod[q]
+
+
+@njit(nogil=True, cache=True)
+def _slope_block(below, act, activation):
     """below *= act'(.), the slope written with the activation's outputs ``act``."""
-    m, w = below.shape
-    for i in range(m):
-        for j in range(w):
+    for i in range(below.shape[0]):
+        for j in range(below.shape[1]):
             below[i, j] *= _slope(act[i, j], activation)
 
 
 @njit(nogil=True, cache=True)
-def _add_block(gW, prod, gb, delta, mode):
-    """Add a block's gradient into a chunk's float64 sums: gW += prod (the block's W gradient),
-    gb += the column sums of delta (its bias gradient). ``mode`` 0: add; 1: the chunk's first
-    block, whose product was written into gW itself; 2: the first block, prod copied (widened)."""
-    if mode == 0:
-        for j in range(gW.shape[0]):
-            for o in range(gW.shape[1]):
-                gW[j, o] += prod[j, o]
-    elif mode == 2:
-        for j in range(gW.shape[0]):
-            for o in range(gW.shape[1]):
-                gW[j, o] = prod[j, o]
-    if mode != 0:
-        gb[:] = 0.0
-    for i in range(delta.shape[0]):
-        for o in range(delta.shape[1]):
-            gb[o] += delta[i, o]
-
-
-@njit(nogil=True, cache=True)
-def _widen(src, r0, m, dst):
-    """dst[:m] = rows r0..r0+m of src as float64."""
-    for i in range(m):
-        for j in range(src.shape[1]):
-            dst[i, j] = src[r0 + i, j]
+def _head_block(logits, Y, r0, head, delta):
+    """Sum of the block's losses from its float64 logits; delta = d loss / d logits."""
+    loss = 0.0
+    if head == BINARY:  # ``reference._head``'s loss and slope, one exponential a row
+        for i in range(logits.shape[0]):
+            v, t = logits[i, 0], Y[r0 + i, 0]
+            e = math.exp(-abs(v))
+            loss += max(v, 0.0) - t * v + math.log1p(e)
+            delta[i, 0] = (1.0 / (1.0 + e) if v >= 0.0 else e / (1.0 + e)) - t
+        return loss
+    for i in range(logits.shape[0]):
+        loss += _head(logits[i], 0, logits.shape[1], Y[r0 + i], head, delta[i])
+    return loss
 
 
 # ---- the plan -----------------------------------------------------------------------------------
@@ -107,31 +216,33 @@ def plan(n: int, sizes) -> tuple[int, int, int]:
     return block, per, -(-n_blocks // per)
 
 
-def _layers(params, sizes, dtype=np.float64):
-    """(W (n_in x n_out), b, gradient offset) of each layer of the flat vector: views, or for
-    float32 products one float32 copy of the weights (biases stay float64: they are added in
-    float64 before the activation)."""
-    narrow = params.astype(dtype) if dtype != np.float64 else params
-    out, p0 = [], 0
-    for n_in, n_out in itertools.pairwise(sizes):
-        nw = n_in * n_out
-        out.append(
-            (narrow[p0 : p0 + nw].reshape(n_in, n_out), params[p0 + nw : p0 + nw + n_out], p0)
-        )
-        p0 += nw + n_out
-    return out
+def _weights(params, sizes, dtype):
+    """(the parameters in the products' dtype, in float64, the output layer's weights
+    transposed, each layer's offset) for ``_chunk``: read-only views, or one float32 copy
+    (read-only too: one compiled signature per dtype)."""
+    at = np.array([0, *itertools.accumulate(a * b + b for a, b in itertools.pairwise(sizes))])
+    b = params.view()
+    b.flags.writeable = False
+    W = params.astype(dtype) if dtype != np.float64 else b
+    W.flags.writeable = False
+    n_in, k = sizes[-2], sizes[-1]
+    WT = np.ascontiguousarray(params[at[-2] : at[-2] + n_in * k].reshape(n_in, k).T)
+    return W, b, WT, at[:-1]
 
 
 class _Buffers:
-    """One worker's block buffers (activations, deltas, product) in the products' dtype, kept
-    between calls."""
+    """One worker's block buffers, kept between calls: activations of every layer, two deltas
+    and one product in the products' dtype; logits, their deltas and one row in float64."""
 
     def __init__(self, block: int, sizes: list[int], dtype) -> None:
-        self.acts = [np.empty((block, w), dtype) for w in sizes]
         wide = max(sizes)
-        self.delta = np.empty((block, wide), dtype)
-        self.below = np.empty((block, wide), dtype)
-        self.prod = np.empty(max(a * b for a, b in itertools.pairwise(sizes)), dtype)
+        self.bufs = (
+            np.empty(block * sum(sizes), dtype),
+            np.empty(block * wide, dtype),
+            np.empty(block * wide, dtype),
+            np.empty(max(a * b for a, b in itertools.pairwise(sizes)), dtype),
+        )
+        self.f64 = np.empty(2 * block * sizes[-1] + sizes[-2])
 
 
 _local = threading.local()
@@ -142,60 +253,6 @@ def _buffers(block: int, sizes: list[int], dtype) -> _Buffers:
     if getattr(_local, "key", None) != key:
         _local.key, _local.buf = key, _Buffers(block, sizes, dtype)
     return _local.buf
-
-
-def _forward_block(X, r0, m, layers, activation, buf):
-    """buf.acts[l][:m] = layer l's input for rows r0..r0+m (l = 0: the rows, in the products'
-    dtype; float32 rows are used in place for float32 products); the last entry holds the
-    logits. Returns layer 0's input."""
-    dtype = buf.acts[0].dtype
-    if X.dtype == dtype:
-        a = X[r0 : r0 + m]
-    else:
-        a = buf.acts[0][:m]
-        _widen(X, r0, m, a)
-    last = len(layers) - 1
-    for index, (W, b, _) in enumerate(layers):
-        z = buf.acts[index + 1][:m]
-        np.matmul(a, W, out=z)
-        _bias_activate(z, b, activation, index == last)
-        if index == 0:
-            rows = a
-        a = z
-    return rows
-
-
-def _chunk_gradient(X, Y, layers, sizes, activation, head, r0, r1, block, partial):
-    """partial[:P] = the gradient of rows r0..r1, partial[P] = their loss (blocks in order)."""
-    dtype = layers[0][0].dtype
-    buf = _buffers(block, sizes, dtype)
-    P = partial.size - 1
-    loss = 0.0
-    for s in range(r0, r1, block):
-        m = min(block, r1 - s)
-        a0 = _forward_block(X, s, m, layers, activation, buf)
-        k = sizes[-1]
-        delta = buf.delta[:m, :k]
-        loss += _head_rows(buf.acts[-1][:m], Y, s, head, delta)
-        for index in range(len(layers) - 1, -1, -1):
-            W, _, p0 = layers[index]
-            n_in, n_out = W.shape
-            src = a0 if index == 0 else buf.acts[index][:m]
-            gW = partial[p0 : p0 + n_in * n_out].reshape(n_in, n_out)
-            # float64: the chunk's first block writes its product in place (no zeroing, no
-            # addition); float32 products are widened into the float64 sums
-            in_place = s == r0 and dtype == np.float64
-            prod = gW if in_place else buf.prod[: n_in * n_out].reshape(n_in, n_out)
-            np.matmul(src.T, delta, out=prod)
-            gb = partial[p0 + n_in * n_out : p0 + n_in * n_out + n_out]
-            _add_block(gW, prod, gb, delta, 1 if in_place else (2 if s == r0 else 0))
-            if index == 0:
-                break
-            below = (buf.below if delta.base is buf.delta else buf.delta)[:m, :n_in]
-            np.matmul(delta, W.T, out=below)
-            _slope_rows(below, src, activation)
-            delta = below
-    partial[P] = loss
 
 
 def combine(partial: np.ndarray, out: np.ndarray) -> None:
@@ -221,8 +278,11 @@ _blas = [0]
 def blas_threads(n: int) -> None:
     """Set BLAS's thread count (process-wide; only when it changes: the call is not free).
     The GEMMs here run on one BLAS thread each, inside worker threads; the tensor-parallel
-    slices give BLAS the rank's threads."""
+    slices give BLAS the rank's threads. SciPy's BLAS, which ``_chunk`` calls, is loaded
+    first, so that the limit reaches it as well as NumPy's."""
     if _blas[0] != n:
+        import scipy.linalg.cython_blas  # noqa: F401  (Numba's np.dot: SciPy's BLAS)
+
         threadpool_limits(limits=n, user_api="blas")
         _blas[0] = n
 
@@ -249,24 +309,21 @@ def gradient_partials(
     n = X.shape[0]
     widths = [int(s) for s in sizes]
     block, per, n_chunks = plan(n, widths)
-    layers = _layers(params, widths, products)
+    W, b, WT, at = _weights(params, widths, products)
+    sizes_a = np.array(widths, dtype=np.int64)
     partial = np.empty((n_chunks, params.size + 1))
     rows = per * block
     blas_threads(1)
 
     def task(c):
-        return lambda: _chunk_gradient(
-            X,
-            Y,
-            layers,
-            widths,
-            activation,
-            head,
-            c * rows,
-            min(n, (c + 1) * rows),
-            block,
-            partial[c],
-        )
+        def run():
+            buf = _buffers(block, widths, products)
+            r0, r1, bufs, f64 = c * rows, min(n, (c + 1) * rows), buf.bufs, buf.f64
+            _chunk(
+                X, Y, W, b, WT, sizes_a, at, activation, head, r0, r1, block, bufs, f64, partial[c]
+            )
+
+        return run
 
     _run([task(c) for c in range(n_chunks)], numba.get_num_threads())
     return partial

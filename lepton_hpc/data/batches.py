@@ -77,6 +77,33 @@ def _floor_div(v, d, inv):
 
 
 @njit(cache=True)
+def _walk(dst, top, h, lo_mask, ks):
+    """Cycle walking: each value of dst at or above ``top`` is put through the network again
+    until it falls below. Rounds over the values still outside, each listed first (no branch),
+    so that the network runs as a SIMD loop over them: the domain is up to 4x n, so about half
+    the values walk at least once (at 2M rows, 1.1M networks an epoch: 56 ms one at a time
+    in a ``while`` loop, scalar, against 10 ms for the first pass over every value)."""
+    idx = np.empty(dst.size, np.int64)
+    val = np.empty(dst.size, np.uint64)
+    c = 0
+    for i in range(dst.size):
+        idx[c] = i
+        c += np.int64(np.uint64(dst[i]) >= top)
+    while c > 0:
+        for j in range(c):
+            val[j] = np.uint64(dst[idx[j]])
+        for j in range(c):
+            val[j] = _network(val[j], h, lo_mask, ks)
+        left = 0
+        for j in range(c):
+            i = idx[j]
+            dst[i] = np.int64(val[j])
+            idx[left] = i
+            left += np.int64(val[j] >= top)
+        c = left
+
+
+@njit(cache=True)
 def _permute_part(index, n, half, keys, per, pos, out, lo, hi):
     h = np.uint64(half)
     lo_mask = (np.uint64(1) << h) - np.uint64(1)
@@ -86,11 +113,7 @@ def _permute_part(index, n, half, keys, per, pos, out, lo, hi):
     src, dst, res = index[lo:hi], pos[lo:hi], out[lo:hi]
     for i in range(src.size):
         dst[i] = np.int64(_network(np.uint64(src[i]), h, lo_mask, ks))
-    for i in range(src.size):
-        v = np.uint64(dst[i])
-        while v >= top:
-            v = _network(v, h, lo_mask, ks)
-        dst[i] = np.int64(v)
+    _walk(dst, top, h, lo_mask, ks)
     if per & (per - 1) == 0:  # a power of two: the batch is a shift
         shift = np.int64(0)
         while (np.int64(1) << shift) < per:

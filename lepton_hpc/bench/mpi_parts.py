@@ -1,10 +1,12 @@
 """The parts that run under ``mpiexec -n k``: our allreduce by buffer size, the HDF5 read rate
-of our partitioned reader against a raw read of the same bytes, the steady full-batch step, and
-the streamed read (``data.stream``) from a cold file against a sequential read of it.
+of our partitioned reader against a raw read of the same bytes, the steady full-batch step, the
+mini-batch step taken apart, and the streamed read (``data.stream``) from a cold file against a
+sequential read of it.
 
     mpiexec -n 2 python -m lepton_hpc.bench.mpi_parts allreduce --features D --out J
     mpiexec -n k python -m lepton_hpc.bench.mpi_parts hdf5 --h5 F --x-bin X --y-bin Y --rows N ...
     mpiexec -n k python -m lepton_hpc.bench.mpi_parts step --h5 F [--weak-h5 W] [--backend B] ...
+    mpiexec -n k python -m lepton_hpc.bench.mpi_parts minibatch --h5 F --out J
 
 Collectives go through ``lepton_hpc.comm`` (``allreduce_`` is mpi4py's in-place
 ``Allreduce``), as in training. Rank 0 writes the part's JSON.
@@ -18,9 +20,11 @@ import statistics
 import time
 
 import numpy as np
+from numba import njit
 
 from ..comm import Communicator, world
 from .common import (
+    GLOBAL_BATCH,
     bench_params,
     buffer_sizes,
     evict,
@@ -195,6 +199,113 @@ def step(args, comm: Communicator) -> dict:
     return result
 
 
+@njit(cache=False)
+def _load_rows(X, y, rows) -> float:
+    """Load the first and last element of each of the rows (and its target): every cache line
+    of a row of up to 128 bytes, with no copy and no arithmetic but one add a row."""
+    total = 0.0
+    last = X.shape[1] - 1
+    for i in range(rows.size):
+        r = rows[i]
+        total += X[r, 0] + X[r, last] + y[r]
+    return total
+
+
+def minibatch(args, comm: Communicator) -> dict:
+    """The mini-batch step of training (global batch ``GLOBAL_BATCH``, the rank's threads as in
+    training) taken apart, with training's own pieces: the epoch's batch plan
+    (``data.batches.EpochBatches``), the gather of the rank's batch rows (``BatchGather``), the
+    gradient (``kernels.cpu``), the allreduce and the update. Three epochs, the first a
+    warm-up. Then the floor a step cannot go below on this machine: loading the cache lines of
+    the same batches' rows from memory (random rows of the rank's block), with no copy and no
+    compute (``_load_rows``)."""
+    from ..data.batches import BatchGather, EpochBatches
+    from ..data.reader import read_block
+    from ..device import select_device
+    from ..kernels import BINARY, SIGMOID
+    from ..log import Log
+
+    device = select_device("cpu", 0, comm)
+    log = Log(comm.rank, comm.size)
+    block = read_block(args.h5, "X", "y", comm, log)
+    X, y = block.X, np.ascontiguousarray(block.y, dtype=np.float64)
+    n_global = int(sum(comm.allgather(block.n)))
+    plan = EpochBatches(
+        range(block.start, block.start + block.n), n_global, GLOBAL_BATCH, 42, X[:1].nbytes + 8
+    )
+    gather = BatchGather(X, y)
+    params = bench_params(args.features)
+    sizes = np.array([args.features, 1], dtype=np.int64)
+    P = params.size
+    buf = np.zeros(P + 4)
+    parts = dict.fromkeys(("plan", "gather", "gradient", "allreduce", "update"), 0.0)
+    walls, steps, clock = [], 0, time.perf_counter
+    for epoch in range(3):
+        comm.barrier()
+        t_epoch = clock()
+        t0 = clock()
+        batches = plan(epoch)
+        spent = dict.fromkeys(parts, 0.0)
+        spent["plan"] = clock() - t0
+        for k in range(len(batches)):
+            t0 = clock()
+            rows = batches[k]
+            t1 = clock()
+            xb, yb = gather(rows)
+            t2 = clock()
+            device.gradient(xb, yb, params, sizes, SIGMOID, BINARY, buf[: P + 2])
+            t3 = clock()
+            comm.allreduce_(buf)
+            t4 = clock()
+            params -= 0.01 * buf[:P] / max(buf[P + 1], 1.0)
+            t5 = clock()
+            for name, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+                spent[name] += dt
+        if epoch:  # the first epoch warms up
+            walls.append(clock() - t_epoch)
+            steps += len(batches)
+            for name in parts:
+                parts[name] += spent[name]
+    floor = 0.0
+    batches = plan(3)
+    _load_rows(X, y, batches[0])
+    comm.barrier()
+    for k in range(len(batches)):
+        t0 = clock()
+        _load_rows(X, y, batches[k])
+        floor += clock() - t0
+    per_rank = comm.allgather(
+        {"wall": sum(walls) / steps, "floor": floor / len(batches)}
+        | {name: v / steps for name, v in parts.items()}
+    )
+    mean = {key: statistics.fmean(r[key] for r in per_rank) for key in per_rank[0]}
+    step_s = max(r["wall"] for r in per_rank)
+    note = "mean over ranks of each rank's mean a step"
+    figures = {
+        "step_s": figure(step_s, "s", note="epoch time / steps, slowest rank"),
+        **{
+            f"{name}_step_s": figure(
+                mean[name], "s", note=note + ("; includes waiting" if name == "allreduce" else "")
+            )
+            for name in parts
+        },
+        "other_step_s": figure(
+            max(0.0, step_s - sum(mean[name] for name in parts)), "s", note="the loop itself"
+        ),
+        "load_floor_step_s": figure(
+            mean["floor"], "s", note="loading the batch's rows only (random lines, no copy)"
+        ),
+    }
+    return {
+        "ranks": comm.size,
+        "threads_per_rank": device.threads,
+        "global_batch": GLOBAL_BATCH,
+        "steps_per_epoch": len(batches),
+        "per_rank": per_rank,
+        "figures": figures,
+    }
+
+
 def _sequential_read(path: str, piece: int = 8 << 20) -> float:
     """Seconds of one process reading the whole file in 8 MiB ``read`` calls (what ``dd
     bs=8M of=/dev/null`` does)."""
@@ -263,7 +374,13 @@ def stream(args, comm: Communicator) -> dict:
 COLD_ROUNDS = 5
 
 
-PARTS = {"allreduce": allreduce, "hdf5": hdf5, "step": step, "stream": stream}
+PARTS = {
+    "allreduce": allreduce,
+    "hdf5": hdf5,
+    "step": step,
+    "minibatch": minibatch,
+    "stream": stream,
+}
 
 
 def main() -> None:

@@ -141,6 +141,25 @@ def ratio_specs(ks: list[int], kc: int) -> list[tuple]:
             "higher",
         ),
         (
+            f"minibatch_floor_vs_ddp_k{kc}",
+            (f"ddp_k{kc}", "ddp_minibatch_step_s"),
+            (f"minibatch_k{kc}", "load_floor_step_s"),
+            (
+                f"DDP (gloo) mini-batch step / the floor of ours: loading the cache lines of the "
+                f"batch's random rows, no copy, no compute ({kc} rank(s)): the most a step can gain"
+            ),
+            None,
+            "higher",
+        ),
+        (
+            f"minibatch_gather_share_k{kc}",
+            (f"minibatch_k{kc}", "gather_step_s"),
+            (f"minibatch_k{kc}", "step_s"),
+            f"the batch gather's share of our mini-batch step ({kc} rank(s))",
+            None,
+            "lower",
+        ),
+        (
             f"comm_share_fullbatch_k{kc}",
             (f"step_k{kc}", "strong_comm_share"),
             None,

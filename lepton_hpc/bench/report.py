@@ -38,6 +38,16 @@ TIMING_ROWS = [
 SHOWN = {  # figures of the training and DDP runs listed under "Timings"
     "ddp_": ("ddp_full_epoch_s", "ddp_minibatch_epoch_s", "ddp_minibatch_step_s"),
     "train_minibatch": ("epoch_s", "step_s"),
+    "minibatch_k": (
+        "step_s",
+        "plan_step_s",
+        "gather_step_s",
+        "gradient_step_s",
+        "allreduce_step_s",
+        "update_step_s",
+        "other_step_s",
+        "load_floor_step_s",
+    ),
     "train_lbfgs": ("time_to_sklearn_loss_s",),
 }
 

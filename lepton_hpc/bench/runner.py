@@ -244,6 +244,8 @@ class Bench:
         mini = ("train.epochs=6", f"train.batch_size={GLOBAL_BATCH}", "optim.name=sgd")
         for k in fitting:
             self.train(f"train_minibatch_k{k}", k, self.data["h5"], *mini)
+        for k in fitting:  # the same step taken apart, and its floor
+            self.micro(f"minibatch_k{k}", "mpi_parts", "minibatch", k)
         for k in fitting:
             if torch_missing:
                 self.skipped(f"ddp_k{k}", torch_missing)

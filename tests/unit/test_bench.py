@@ -61,6 +61,8 @@ def test_results_json_structure(bench_run):
         "train_full_k1",
         "train_full_k2",
         "train_minibatch_k2",
+        "minibatch_k1",
+        "minibatch_k2",
         "allreduce_k2",
         "hdf5_k1",
         "hdf5_k2",
@@ -112,6 +114,23 @@ def test_every_ratio_is_finite_and_positive(bench_run):
         assert key in stdout  # the ratios are printed
     for key, why in res["skipped_ratios"].items():
         assert why, key
+
+
+def test_minibatch_step_is_taken_apart(bench_run):
+    """The mini-batch step's pieces add up to no more than the step, the floor (loading the
+    rows only) is below the step, and the ratios to the step and to DDP are reported."""
+    _, _, res = bench_run
+    for k in (1, 2):
+        figs = {
+            n: f["value"] for n, f in res["parts"][f"minibatch_k{k}"]["results"]["figures"].items()
+        }
+        pieces = ("plan", "gather", "gradient", "allreduce", "update")
+        assert all(figs[f"{p}_step_s"] > 0 for p in pieces), figs
+        assert sum(figs[f"{p}_step_s"] for p in pieces) <= figs["step_s"] * 1.05, figs
+        assert 0 < figs["load_floor_step_s"] < figs["step_s"], figs
+    assert "minibatch_gather_share_k2" in res["ratios"]
+    if HAS_TORCH:
+        assert "minibatch_floor_vs_ddp_k2" in res["ratios"]
 
 
 def test_peers_run_or_are_skipped_with_a_reason(bench_run):

@@ -26,7 +26,8 @@ from tests.conftest import ROOT, mpi_env
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 OLD_PARTS = (
-    "memory,numpy,torch_cpu,step,train,ddp,allreduce,horovod,hdf5,layouts,stream,tensor,sklearn"
+    "memory,numpy,torch_cpu,step,train,minibatch,ddp,allreduce,horovod,hdf5,layouts,stream,"
+    "tensor,sklearn"
 )
 
 

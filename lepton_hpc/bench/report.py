@@ -13,6 +13,8 @@ def _fmt(v: float | None, unit: str = "s") -> str:
     if v is None:
         return "—"
     if unit == "s":
+        if v < 1e-3:
+            return f"{v * 1e6:.0f} us"
         return f"{v * 1e3:.1f} ms" if v < 10 else f"{v:.1f} s"
     return f"{v:.3g} {unit}"
 

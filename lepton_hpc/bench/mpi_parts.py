@@ -235,8 +235,8 @@ def minibatch(args, comm: Communicator) -> dict:
         range(block.start, block.start + block.n), n_global, GLOBAL_BATCH, 42, X[:1].nbytes + 8
     )
     gather = BatchGather(X, y)
-    params = bench_params(args.features)
-    sizes = np.array([args.features, 1], dtype=np.int64)
+    params = bench_params(X.shape[1])  # the file's features
+    sizes = np.array([X.shape[1], 1], dtype=np.int64)
     P = params.size
     buf = np.zeros(P + 4)
     parts = dict.fromkeys(("plan", "gather", "gradient", "allreduce", "update"), 0.0)

@@ -194,17 +194,19 @@ json.dump(report, open(sys.argv[2], "w"))
 """
 
 
-def _host_runs_haswell_code() -> bool:
+def _host_features() -> dict:
     import llvmlite.binding as llvm
 
-    host = llvm.get_host_cpu_features()
+    return dict(llvm.get_host_cpu_features())
+
+
+def _host_runs_haswell_code() -> bool:
+    host = _host_features()
     return bool(host.get("avx2", False) and host.get("fma", False))
 
 
 def _host_has_avx512() -> bool:
-    import llvmlite.binding as llvm
-
-    return bool(llvm.get_host_cpu_features().get("avx512f", False))
+    return bool(_host_features().get("avx512f", False))
 
 
 @pytest.mark.skipif(

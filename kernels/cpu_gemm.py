@@ -106,12 +106,8 @@ def _chunk(X, Y, W, b, WT, sizes, at_layer, activation, head, r0, r1, block, buf
         # the output layer's gradient
         src = acts[at - block * n_last : at - block * n_last + m * n_last].reshape(m, n_last)
         nw = n_last * k
-        gW, gb = partial[w0 : w0 + nw], partial[w0 + nw : w0 + nw + k]
-        if first:
-            gb[:] = 0.0
-        for i in range(m):
-            for o in range(k):
-                gb[o] += d64[i, o]
+        gW = partial[w0 : w0 + nw]
+        _bias_gradient(d64, partial[w0 + nw : w0 + nw + k], first)
         if loops:
             if first:
                 gW[:] = 0.0
@@ -126,8 +122,6 @@ def _chunk(X, Y, W, b, WT, sizes, at_layer, activation, head, r0, r1, block, buf
                 for o in range(k):
                     delta[i, o] = d64[i, o]
             _gemm_gradient(src, delta, prod, gW, first)
-        if layers == 1:
-            continue
         below = db[: m * n_last].reshape(m, n_last)
         if loops:
             row = f64[2 * block * k : 2 * block * k + n_last]
@@ -149,13 +143,8 @@ def _chunk(X, Y, W, b, WT, sizes, at_layer, activation, head, r0, r1, block, buf
             at -= block * n_out
             src = acts[at - block * n_in : at - block * n_in + m * n_in].reshape(m, n_in)
             nw = n_in * n_out
-            gW, gb = partial[w0 : w0 + nw], partial[w0 + nw : w0 + nw + n_out]
-            _gemm_gradient(src, delta, prod, gW, first)
-            if first:
-                gb[:] = 0.0
-            for i in range(m):
-                for o in range(n_out):
-                    gb[o] += delta[i, o]
+            _gemm_gradient(src, delta, prod, partial[w0 : w0 + nw], first)
+            _bias_gradient(delta, partial[w0 + nw : w0 + nw + n_out], first)
             if layer == 0:
                 break
             below = (da if use_da else db)[: m * n_in].reshape(m, n_in)
@@ -177,6 +166,16 @@ def _gemm_gradient(src, delta, prod, gW, first):
     else:
         for q in range(nw):
             gW[q] += prod[q]
+
+
+@njit(nogil=True, cache=True)
+def _bias_gradient(delta, gb, first):
+    """gb (float64) = or += the column sums of delta: a layer's bias gradient."""
+    if first:
+        gb[:] = 0.0
+    for i in range(delta.shape[0]):
+        for o in range(delta.shape[1]):
+            gb[o] += delta[i, o]
 
 
 @njit(nogil=True, cache=True)

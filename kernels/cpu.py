@@ -31,6 +31,8 @@ from .cpu_tiles import (
     _one_output_panels,
     _one_output_panels4,
     _one_output_panels4x16,
+    _taken_panels4,
+    _taken_panels4x16,
     tiles_kernel,
 )
 
@@ -43,6 +45,7 @@ MIN_CHUNK_BLOCKS = 8  # a chunk has at least this many blocks: small batches pay
 TILE_WIDTH = 32  # one-output models up to this many features: rows held in registers
 TILE_AHEAD_BYTES = 2048  # software prefetch distance of the register-tile kernels
 PANEL_AHEAD_ROWS = 8  # ... and of the feature-panel kernel (d > 32): the next group of rows
+TAKEN_AHEAD_ROWS = 16  # ... and of the panels on rows taken by index (random rows)
 PANEL_MAX_WIDTH = 28  # with AVX-512, 17 to this many features run 4-feature panels, not tiles
 # MLPs with a hidden layer at least this wide run their layers as BLAS GEMMs over blocks of
 # rows (``cpu_gemm``); narrower ones the loop nests of ``cpu_passes``, which win there. Tests
@@ -128,6 +131,9 @@ def _transposed(params: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 PRODUCTS = {"float64": np.float64, "float32": np.float32}
 
+# The panel kernels and the same kernels on rows taken by index (``taken_rows``).
+_TAKEN = {_one_output_panels4: _taken_panels4, _one_output_panels4x16: _taken_panels4x16}
+
 
 def _read_only(a: np.ndarray) -> np.ndarray:
     """``a`` as a read-only array (a view of it when it is writable).
@@ -195,6 +201,51 @@ def gradient(
         n_chunks, rows = _plan(n, block, P + 1)
         partial = _mlp_gradient(X, Y, pT, sizes, activation, head, block, rows, n_chunks)
     if partial.shape[1] <= _COMBINE_TILE:  # one tile: no thread pool for a few hundred adds
+        _combine_columns(partial, out, 0, P + 1)
+    else:
+        _combine(partial, out[: P + 1])
+    out[P + 1] = n
+
+
+def taken_rows(X, y, sizes, head: int, products: str = "float64"):
+    """``(X, Y)`` prepared once for ``gradient_rows`` (read-only rows, float64 targets), or
+    None where a mini-batch of X is better copied and given to ``gradient``.
+
+    The rows are read where they are by the one-output models whose rows run the 4-feature
+    panels (every feature count on AVX2; 17-28 features with AVX-512) with float64 products:
+    ``cpu_tiles._taken_panels4`` and ``_taken_panels4x16`` are those kernels on rows taken by
+    index, with the same bits as on a copy of the rows. Other models (register tiles, 8-feature
+    panels, float32 products, MLPs, the reference kernels) keep the copy."""
+    sizes = np.asarray(sizes)
+    if not native.supported()[0] or not USE_PANELS or sizes.size != 2 or int(sizes[1]) != 1:
+        return None
+    if not isinstance(X, np.ndarray) or X.ndim != 2 or X.shape[1] != int(sizes[0]):
+        return None
+    if X.dtype not in (np.float32, np.float64) or not X.flags.c_contiguous:
+        return None
+    if (products == "float32" and _float32_rows(X)) or (USE_TILES and _tiled(X.shape[1])):
+        return None
+    if _panels(X)[0] not in _TAKEN:
+        return None
+    return _read_only(X), _read_only(targets(y, X.shape[0], 1, head))
+
+
+def gradient_rows(X, Y, rows, params, sizes, activation, head, out, products="float64") -> None:
+    """``gradient`` of the rows ``X[rows]`` and targets ``Y[rows]``, read where they are (X, Y
+    from ``taken_rows``; rows: int32 or int64 positions in X, each in range). The same chunks,
+    groups and arithmetic as ``gradient(X[rows], Y[rows], ...)``: the same bits."""
+    del sizes, activation, products  # [d, 1] (``taken_rows`` checked); float64 products
+    P, n = params.size, rows.size
+    if params.dtype != np.float64 or not params.flags.c_contiguous or X.shape[1] + 1 != P:
+        raise ValueError(f"params must be contiguous float64 of length {X.shape[1] + 1}")
+    check_gradient_out(out, P)
+    if n == 0:
+        out[:] = 0.0
+        return
+    n_chunks, chunk_rows = _plan(n, _single_block(X), P + 1)
+    kernel, ahead = _TAKEN[_panels(X)[0]], TAKEN_AHEAD_ROWS
+    partial = kernel(X, Y, rows, params, head == BINARY, ahead, chunk_rows, n_chunks)
+    if partial.shape[1] <= _COMBINE_TILE:  # as in ``gradient``
         _combine_columns(partial, out, 0, P + 1)
     else:
         _combine(partial, out[: P + 1])

@@ -9,10 +9,11 @@ the thread count.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .native.heads import head_lanes
-from .native.intrinsics import prefetch_at
+from .native.intrinsics import prefetch_at, prefetch_row
 from .native.simd import (
     fma,
     hsum,
@@ -549,10 +550,37 @@ def _panel_group(X, xf, w, i, d, live, bias, yf, binary, g, ahead):
     return q, loss
 
 
+def _row_at(i, r, d):
+    """Where row r of a group of 8 starts in the flat rows: (i + r) d for the rows i .. i + 7
+    of X, ``i[r]`` when i is a tuple of the 8 rows' offsets (rows gathered by index)."""
+
+
+@overload(_row_at, inline="always")
+def _row_at_impl(i, r, d):  # noqa: ARG001
+    if isinstance(i, types.Integer):
+        return lambda i, r, d: (i + r) * d
+    if isinstance(i, types.UniTuple):
+        return lambda i, r, d: i[r]  # noqa: ARG005
+    return None
+
+
+def _ahead_at(i, ahead, row_bytes):
+    """The byte offset of the row ``ahead`` rows after row i (an integer i only: gathered
+    groups, a tuple i, prefetch their rows themselves)."""
+
+
+@overload(_ahead_at, inline="always")
+def _ahead_at_impl(i, ahead, row_bytes):  # noqa: ARG001
+    if isinstance(i, types.Integer):
+        return lambda i, ahead, row_bytes: (i + ahead) * row_bytes
+    return lambda i, ahead, row_bytes: 0  # noqa: ARG005
+
+
 @njit(inline="always", error_model="numpy")
 def _x4(xf, i, r, d, o, count, live):
-    """Features o .. o + 3 of row i + r (lanes >= count, and rows past live, read as 0)."""
-    return load4(xf, (i + r) * d + o, count if live > r else 0)
+    """Features o .. o + 3 of row r of the group at i (lanes >= count, and rows past live, read
+    as 0); i: the first row's number, or the 8 rows' offsets (see ``_row_at``)."""
+    return load4(xf, _row_at(i, r, d) + o, count if live > r else 0)
 
 
 @njit(inline="always", error_model="numpy")
@@ -597,7 +625,7 @@ def _dots4(X, xf, w, i, d, live, ahead):
     every = max(1, 64 // (4 * X.itemsize))
     for p in range(full):
         if ahead > 0 and p % every == 0:
-            at = (i + ahead) * rb + 4 * p * X.itemsize
+            at = _ahead_at(i, ahead, rb) + 4 * p * X.itemsize
             for r in range(8):
                 prefetch_at(X, at + r * rb)
         a = _dot_panel4(xf, i, d, 4 * p, 4, live, load4(w, 4 * p, 4), a)
@@ -713,3 +741,135 @@ def _panels_kernel(lanes: int, group: int = 8):
 _one_output_panels = _panels_kernel(8)  # AVX-512, d > 32
 _one_output_panels4 = _panels_kernel(4)  # AVX2, d > 16
 _one_output_panels4x16 = _panels_kernel(4, 16)  # AVX2, d <= 16
+
+
+# ---- the same kernels on rows taken by index (a mini-batch, no copy of its rows) -------------
+
+
+@njit(inline="always")
+def _offsets8(rows, i, stop, d):
+    """The offsets in the flat rows of rows[i .. i + 7] (rows from ``stop`` on: the last
+    row's, read as 0 by the group anyway)."""
+    last = stop - 1
+    return (
+        np.int64(rows[min(i, last)]) * d,
+        np.int64(rows[min(i + 1, last)]) * d,
+        np.int64(rows[min(i + 2, last)]) * d,
+        np.int64(rows[min(i + 3, last)]) * d,
+        np.int64(rows[min(i + 4, last)]) * d,
+        np.int64(rows[min(i + 5, last)]) * d,
+        np.int64(rows[min(i + 6, last)]) * d,
+        np.int64(rows[min(i + 7, last)]) * d,
+    )
+
+
+@njit(inline="always", error_model="numpy")
+def _taken_group4(X, xf, w, at, d, live, bias, yb, binary, g):
+    """``_panel_group4`` of 8 rows taken by index (``at``: their offsets; yb: their targets)."""
+    z = _dots4(X, xf, w, at, d, live, 0) + bias
+    y = load8(yb, 0, live)
+    if binary:
+        q, loss = head_lanes(z, y, live, True)
+    else:
+        q, loss = head_lanes(z, y, live, False)
+    _grads4(xf, at, d, live, q, g)
+    return q, loss
+
+
+@njit(inline="always", error_model="numpy")
+def _taken_group4x16(X, xf, w, at0, at1, d, live, bias, yb, binary, g):
+    """``_panel_group4x16`` of 16 rows taken by index (offsets at0, at1; yb: their targets)."""
+    za = _dots4(X, xf, w, at0, d, live, 0)
+    zb = _dots4(X, xf, w, at1, d, live - 8, 0)
+    y = load16(yb, 0, live)
+    z = join8(za, zb) + bias
+    if binary:
+        q, loss = head_lanes(z, y, live, True)
+    else:
+        q, loss = head_lanes(z, y, live, False)
+    _grads4(xf, at0, d, live, part8(q, 0), g)
+    _grads4(xf, at1, d, live - 8, part8(q, 1), g)
+    return q, loss
+
+
+def _taken_chunk(group: int):
+    """One chunk of ``_one_output_panels4`` (group 8) or ``_one_output_panels4x16`` (group 16)
+    on the rows ``X[rows]``, read where they are: the same groups and arithmetic as the kernel on
+    a copy of those rows, so the same bits, without the copy. The rows ``ahead`` rows on are
+    prefetched (and their targets): their cache misses overlap the groups' arithmetic.
+
+    A function of its own, called from a ``prange`` loop (``_taken_panels4``): it compiles once,
+    outside Numba's parfor passes, which over the inlined groups take most of the panel
+    kernels' compile time. ``group`` is a constant of the closure, each value a function (and
+    cache entry) of its own."""
+
+    def chunk(X, Y, rows, w, binary, ahead, start, stop, out):
+        d = X.shape[1]
+        n = rows.size
+        xf, yf = X.reshape(-1), Y.reshape(-1)
+        g = np.zeros((d + 3) // 4 * 4)
+        yb = np.zeros(group)
+        if group == 16:
+            bias = splat16(w[d])
+            q_sum, loss_sum = zero16(), zero16()
+        else:
+            bias = splat8(w[d])
+            q_sum, loss_sum = zero8(), zero8()
+        for i in range(start, stop, group):
+            live = min(group, stop - i)
+            for r in range(group):
+                if i + ahead + r < n:
+                    later = rows[i + ahead + r]
+                    prefetch_row(X, later)
+                    prefetch_at(yf, np.int64(later) * 8)
+            for r in range(live):
+                yb[r] = yf[rows[i + r]]
+            if group == 16:
+                at0, at1 = _offsets8(rows, i, stop, d), _offsets8(rows, i + 8, stop, d)
+                if live == 16:
+                    q, loss = _taken_group4x16(X, xf, w, at0, at1, d, 16, bias, yb, binary, g)
+                else:
+                    q, loss = _taken_group4x16(X, xf, w, at0, at1, d, live, bias, yb, binary, g)
+            else:
+                at = _offsets8(rows, i, stop, d)
+                if live == 8:
+                    q, loss = _taken_group4(X, xf, w, at, d, 8, bias, yb, binary, g)
+                else:
+                    q, loss = _taken_group4(X, xf, w, at, d, live, bias, yb, binary, g)
+            q_sum = q_sum + q
+            loss_sum = loss_sum + loss
+        for j in range(d):
+            out[j] = g[j]
+        out[d] = hsum(q_sum)
+        out[d + 1] = hsum(loss_sum)
+
+    name = "_taken_chunk4" + ("x16" if group == 16 else "")
+    chunk.__name__ = chunk.__qualname__ = name
+    return njit(error_model="numpy", cache=True)(chunk)
+
+
+_taken_chunk4 = _taken_chunk(8)
+_taken_chunk4x16 = _taken_chunk(16)
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _taken_panels4(X, Y, rows, w, binary, ahead, chunk_rows, n_chunks):
+    """``_one_output_panels4`` on the rows ``X[rows]`` (targets ``Y[rows]``), read in place."""
+    n = rows.size
+    partial = np.empty((n_chunks, X.shape[1] + 2))
+    for c in prange(n_chunks):
+        start = c * chunk_rows
+        _taken_chunk4(X, Y, rows, w, binary, ahead, start, min(n, start + chunk_rows), partial[c])
+    return partial
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _taken_panels4x16(X, Y, rows, w, binary, ahead, chunk_rows, n_chunks):
+    """``_one_output_panels4x16`` on the rows ``X[rows]`` (targets ``Y[rows]``), in place."""
+    n = rows.size
+    partial = np.empty((n_chunks, X.shape[1] + 2))
+    for c in prange(n_chunks):
+        start = c * chunk_rows
+        stop = min(n, start + chunk_rows)
+        _taken_chunk4x16(X, Y, rows, w, binary, ahead, start, stop, partial[c])
+    return partial

@@ -34,8 +34,16 @@ class Backend(Protocol):
         them; ``X_host``/``y_host`` are the rank's rows in host memory, ``X``/``y`` what
         ``place`` made of them."""
 
+    def taken_gather(
+        self, X_host: np.ndarray, y_host: np.ndarray, sizes, head: int
+    ) -> Callable[[np.ndarray], tuple] | None:
+        """A callable ``rows -> (TakenBatch, None)``: mini-batches that ``gradient`` reads where
+        their rows are, with no copy; None where the kernels want the rows copied
+        (``batch_gather``)."""
+
     def gradient(self, X, y, params, sizes, activation, head, out) -> None:
-        """Summed loss gradient, loss and row count into ``out`` (see ``lepton_hpc.kernels``)."""
+        """Summed loss gradient, loss and row count into ``out`` (see ``lepton_hpc.kernels``);
+        X may be a ``TakenBatch`` of ``taken_gather`` (y is then unused)."""
 
     def forward(self, X, params, sizes, activation, head, out) -> None:
         """Model outputs into ``out`` (see ``lepton_hpc.kernels``)."""
@@ -49,6 +57,19 @@ class Backend(Protocol):
     def sliced_forward(self, X, local, plan, activation, head, out, allreduce) -> None:
         """Model outputs into ``out`` from one tensor-parallel slice (see
         ``lepton_hpc.kernels.tensor``)."""
+
+
+class TakenBatch:
+    """A mini-batch left where its rows are: the rank's rows ``X`` and targets ``Y`` (read-only,
+    as ``kernels.cpu.taken_rows`` prepared them) and the batch's positions ``rows`` in them.
+    The CPU backend's gradient reads it in place (``Device.gradient``), with the same bits as
+    on the copied rows; only reductions that hand the batch to that gradient as it is take
+    such batches (``FusedReduction.in_place``)."""
+
+    __slots__ = ("X", "Y", "rows")
+
+    def __init__(self, X: np.ndarray, Y: np.ndarray, rows: np.ndarray) -> None:
+        self.X, self.Y, self.rows = X, Y, rows
 
 
 @dataclass(slots=True)
@@ -73,7 +94,20 @@ class Device:
 
         return BatchGather(X_host, y_host)
 
+    def taken_gather(self, X_host: np.ndarray, y_host: np.ndarray, sizes, head: int):
+        prepare = getattr(self.kernels, "taken_rows", None)
+        taken = None if prepare is None else prepare(X_host, y_host, sizes, head, self.products)
+        if taken is None:
+            return None
+        X, Y = taken
+        return lambda rows: (TakenBatch(X, Y, rows), None)
+
     def gradient(self, X, y, params, sizes, activation, head, out) -> None:
+        if type(X) is TakenBatch:
+            self.kernels.gradient_rows(
+                X.X, X.Y, X.rows, params, sizes, activation, head, out, self.products
+            )
+            return
         self.kernels.gradient(X, y, params, sizes, activation, head, out, self.products)
 
     def forward(self, X, params, sizes, activation, head, out) -> None:
@@ -111,6 +145,9 @@ class CudaDevice(Device):
     def batch_gather(self, X_host: np.ndarray, y_host: np.ndarray, X, y):  # noqa: ARG002
         kernels = self.kernels
         return lambda rows: kernels.gather_rows(X, y, rows)
+
+    def taken_gather(self, X_host, y_host, sizes, head: int):  # noqa: ARG002
+        return None  # batches are gathered on the GPU (``batch_gather``)
 
     def tensor_kernels(self) -> ModuleType:
         """``kernels.cuda_tensor``: the slices' kernels on the GPU (rows on the host or GPU)."""

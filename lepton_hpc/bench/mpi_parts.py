@@ -215,8 +215,10 @@ def _load_rows(X, y, rows) -> float:
 def minibatch(args, comm: Communicator) -> dict:
     """The mini-batch step of training (global batch ``GLOBAL_BATCH``, the rank's threads as in
     training) taken apart, with training's own pieces: the epoch's batch plan
-    (``data.batches.EpochBatches``), the gather of the rank's batch rows (``BatchGather``), the
-    gradient (``kernels.cpu``), the allreduce and the update. Three epochs, the first a
+    (``data.batches.EpochBatches``), the batch as training takes it (``Device.taken_gather``:
+    rows the gradient reads in place, where the kernels can; else ``BatchGather``'s copy), the
+    gradient (``kernels.cpu``; it reads the rows of a batch taken in place), the allreduce
+    and the update. Three epochs, the first a
     warm-up. Then the floor a step cannot go below on this machine: loading the cache lines of
     the same batches' rows from memory (random rows of the rank's block), with no copy and no
     compute (``_load_rows``)."""
@@ -234,9 +236,9 @@ def minibatch(args, comm: Communicator) -> dict:
     plan = EpochBatches(
         range(block.start, block.start + block.n), n_global, GLOBAL_BATCH, 42, X[:1].nbytes + 8
     )
-    gather = BatchGather(X, y)
     params = bench_params(X.shape[1])  # the file's features
     sizes = np.array([X.shape[1], 1], dtype=np.int64)
+    gather = device.taken_gather(X, y, sizes, BINARY) or BatchGather(X, y)
     P = params.size
     buf = np.zeros(P + 4)
     parts = dict.fromkeys(("plan", "gather", "gradient", "allreduce", "update"), 0.0)
@@ -301,6 +303,7 @@ def minibatch(args, comm: Communicator) -> dict:
         "ranks": comm.size,
         "threads_per_rank": device.threads,
         "global_batch": GLOBAL_BATCH,
+        "rows_in_place": not isinstance(gather, BatchGather),
         "steps_per_epoch": len(batches),
         "per_rank": per_rank,
         "figures": figures,

@@ -201,8 +201,12 @@ class Loop:
     def _rows_plan(self) -> tuple:
         """The batch gather and the epochs' batch plan of this rank's training rows in memory
         (made again after ``data.balance`` moved rows)."""
-        s, train = self.setup, self.setup.data.train
-        gather = s.device.batch_gather(train.X, train.y, s.X, s.y)
+        s, train, ctx = self.setup, self.setup.data.train, self.ctx
+        gather = None  # the batch's rows read where they are, where the kernel can
+        if getattr(ctx.reduction, "in_place", False):
+            gather = s.device.taken_gather(train.X, train.y, ctx.sizes, ctx.head)
+        if gather is None:
+            gather = s.device.batch_gather(train.X, train.y, s.X, s.y)
         index = range(train.offset, train.offset + train.n)  # this rank's training rows
         row_bytes = train.X[:1].nbytes + train.y[:1].nbytes
         plan = EpochBatches(

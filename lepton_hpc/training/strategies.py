@@ -130,6 +130,9 @@ class _Done:
 class FusedReduction:
     """The default: one kernel pass over the rank's rows, one allreduce of the fused buffer."""
 
+    in_place = True
+    """The kernel gets the batch as it is: a ``TakenBatch`` (rows read where they are) will do."""
+
     def __init__(self, kernel, reducer: Any) -> None:
         self.kernel, self.reducer = kernel, reducer
 
@@ -158,6 +161,8 @@ class FusedReduction:
 
 class BlockOrderedReduction(FusedReduction):
     """Reproducible mode: per-block partial sums, allgathered and added in global block order."""
+
+    in_place = False  # slices the batch's rows block by block
 
     def __init__(self, kernel, comm, file_rows: np.ndarray, block_rows: int, blocks=None) -> None:
         super().__init__(kernel, comm)

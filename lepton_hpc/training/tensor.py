@@ -163,6 +163,8 @@ class TensorReduction(FusedReduction):
     summed over the data group, carrying the group's agreed stop flag (sampled when the step
     began)."""
 
+    in_place = False  # the slices' kernels take the batch's rows as an array
+
     def __init__(
         self,
         grid: TensorGrid,

@@ -482,6 +482,77 @@ def test_feature_panels_match_reference(monkeypatch, kernel, head, dtype):
     assert_same_bits_on_1_and_2_threads(X, y, params, sizes, head)
 
 
+TAKEN = {  # the panel kernels that also read rows in place, and their feature counts
+    "4 features": (cpu_tiles._one_output_panels4, (1, 3, 4, 5, 33, 70)),
+    "4 features, 16 rows": (cpu_tiles._one_output_panels4x16, (1, 3, 5, 8, 13, 16, 31, 32)),
+}
+
+
+@pytest.mark.parametrize("kernel", list(TAKEN))
+@pytest.mark.parametrize("head", [SQUARED, BINARY])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_read_in_place_give_the_bits_of_the_copied_rows(monkeypatch, kernel, head, dtype):
+    """``gradient_rows``: a mini-batch's rows read where they are (``cpu_tiles._taken_*``)
+    give the same bits as ``gradient`` on a copy of them, for every tail of the panels, of the
+    row groups and of the chunks; rows ascending (as training's batches) or in any order and
+    repeated (int32, as training's batches: int64 positions would compile each kernel again);
+    against the float64 reference; on 1 and 2 threads; no rows."""
+    chosen, feature_counts = TAKEN[kernel]
+    monkeypatch.setattr(cpu, "USE_TILES", False)
+    monkeypatch.setattr(cpu, "USE_PANELS", True)
+    monkeypatch.setattr(cpu, "_panels", lambda X: (chosen, 8))
+    rng = np.random.default_rng(5)
+    for d in feature_counts:
+        X, y, params, sizes = make_problem((d, 1), head, 3_000, dtype, seed=d)
+        X_in, Y_in = cpu.taken_rows(X, y, sizes, head)
+        P = len(params)
+        for n in (1, 7, 8, 9, 15, 16, 17, 203, 2_900):
+            for rows in (
+                np.sort(rng.choice(3_000, n, replace=False)).astype(np.int32),
+                rng.integers(0, 3_000, n).astype(np.int32),  # any order, repeats
+            ):
+                got = np.full(P + 2, np.nan)
+                cpu.gradient_rows(X_in, Y_in, rows, params, sizes, SIGMOID, head, got)
+                want = run_gradient(X[rows], y[rows], params, sizes, SIGMOID, head)
+                np.testing.assert_array_equal(got, want, err_msg=f"d {d}, {n} rows")
+                g_ref, loss_ref, _, _ = reference(X[rows], y[rows], params, sizes, SIGMOID, head)
+                assert rel_err(got[:P], g_ref) < 1e-12, (d, n)
+                assert abs(got[P] - loss_ref) <= 1e-12 * abs(loss_ref), (d, n)
+    none = np.full(P + 2, np.nan)
+    cpu.gradient_rows(X_in, Y_in, np.zeros(0, np.int32), params, sizes, SIGMOID, head, none)
+    assert not none.any()
+    if numba.config.NUMBA_NUM_THREADS >= 2:
+        rows = rng.integers(0, 3_000, 2_999).astype(np.int32)
+        runs, saved = [], numba.get_num_threads()
+        try:
+            for threads in (1, 2):
+                numba.set_num_threads(threads)
+                runs.append(np.empty(P + 2))
+                cpu.gradient_rows(X_in, Y_in, rows, params, sizes, SIGMOID, head, runs[-1])
+        finally:
+            numba.set_num_threads(saved)
+        np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_rows_are_copied_where_no_kernel_reads_them_in_place(monkeypatch):
+    """``taken_rows`` says None (copy the batch) for the models and paths without a kernel on
+    rows in place: MLPs and softmax, float32 products on wide float32 rows, the register
+    tiles, the 8-feature panels, rows not C-ordered, and the reference kernels."""
+    monkeypatch.setattr(cpu, "USE_TILES", False)
+    X, y, _, sizes = make_problem((40, 1), BINARY, 50, np.float32)
+    assert cpu.taken_rows(X, y, sizes, BINARY) is not None
+    assert cpu.taken_rows(X, y, sizes, BINARY, "float32") is None
+    assert cpu.taken_rows(X[:, ::2], y, np.array([20, 1]), BINARY) is None
+    assert cpu.taken_rows(X, y, np.array([40, 8, 1]), BINARY) is None
+    assert cpu.taken_rows(X, y, np.array([40, 3]), SOFTMAX) is None
+    monkeypatch.setattr(cpu, "_panels", lambda X: (cpu_tiles._one_output_panels, 8))
+    assert cpu.taken_rows(X, y, sizes, BINARY) is None
+    monkeypatch.setattr(cpu, "USE_TILES", True)
+    assert cpu.taken_rows(X[:, :8].copy(), y, np.array([8, 1]), BINARY) is None
+    monkeypatch.setattr(cpu.native, "supported", lambda: (False, "test"))
+    assert cpu.taken_rows(X, y, sizes, BINARY) is None
+
+
 @TILES_HERE
 @pytest.mark.parametrize("kernel", list(TILE_KERNELS))
 @pytest.mark.parametrize("head", [SQUARED, BINARY])

@@ -576,6 +576,18 @@ def _ahead_at_impl(i, ahead, row_bytes):  # noqa: ARG001
     return lambda i, ahead, row_bytes: 0  # noqa: ARG005
 
 
+def _y_at(i):
+    """Where the targets of a group of rows start: at row i of Y, or at 0 of the group's own
+    targets when i is a tuple of the rows' offsets (rows gathered by index)."""
+
+
+@overload(_y_at, inline="always")
+def _y_at_impl(i):
+    if isinstance(i, types.Integer):
+        return lambda i: i
+    return lambda i: 0  # noqa: ARG005
+
+
 @njit(inline="always", error_model="numpy")
 def _x4(xf, i, r, d, o, count, live):
     """Features o .. o + 3 of row r of the group at i (lanes >= count, and rows past live, read
@@ -647,9 +659,10 @@ def _grads4(xf, i, d, live, q, g):
 @njit(inline="always", error_model="numpy")
 def _panel_group4(X, xf, w, i, d, live, bias, yf, binary, g, ahead):
     """``_panel_group`` with panels of 4 features: 8 accumulators of one 256-bit register each,
-    so the group fits AVX2's 16 registers (the head is still one vec8: two registers there)."""
+    so the group fits AVX2's 16 registers (the head is still one vec8: two registers there).
+    Rows gathered by index: i is the tuple of their offsets, yf their own targets, ahead 0."""
     z = _dots4(X, xf, w, i, d, live, ahead) + bias
-    y = load8(yf, i, live)
+    y = load8(yf, _y_at(i), live)
     if binary:
         q, loss = head_lanes(z, y, live, True)
     else:
@@ -764,19 +777,6 @@ def _offsets8(rows, i, stop, d):
 
 
 @njit(inline="always", error_model="numpy")
-def _taken_group4(X, xf, w, at, d, live, bias, yb, binary, g):
-    """``_panel_group4`` of 8 rows taken by index (``at``: their offsets; yb: their targets)."""
-    z = _dots4(X, xf, w, at, d, live, 0) + bias
-    y = load8(yb, 0, live)
-    if binary:
-        q, loss = head_lanes(z, y, live, True)
-    else:
-        q, loss = head_lanes(z, y, live, False)
-    _grads4(xf, at, d, live, q, g)
-    return q, loss
-
-
-@njit(inline="always", error_model="numpy")
 def _taken_group4x16(X, xf, w, at0, at1, d, live, bias, yb, binary, g):
     """``_panel_group4x16`` of 16 rows taken by index (offsets at0, at1; yb: their targets)."""
     za = _dots4(X, xf, w, at0, d, live, 0)
@@ -833,9 +833,9 @@ def _taken_chunk(group: int):
             else:
                 at = _offsets8(rows, i, stop, d)
                 if live == 8:
-                    q, loss = _taken_group4(X, xf, w, at, d, 8, bias, yb, binary, g)
+                    q, loss = _panel_group4(X, xf, w, at, d, 8, bias, yb, binary, g, 0)
                 else:
-                    q, loss = _taken_group4(X, xf, w, at, d, live, bias, yb, binary, g)
+                    q, loss = _panel_group4(X, xf, w, at, d, live, bias, yb, binary, g, 0)
             q_sum = q_sum + q
             loss_sum = loss_sum + loss
         for j in range(d):

@@ -60,7 +60,7 @@ $(STAMP)/package: $(STAMP)/python setup.cfg pyproject.toml
 	@echo "==> lepton_hpc (editable) and test tools"
 	@$(PIP) install --no-build-isolation --no-deps -e . > $(STAMP)/package.log 2>&1 || { cat $(STAMP)/package.log; exit 1; }
 	@$(PIP) install matplotlib pytest pytest-timeout scikit-learn ruff hypothesis onnx onnxruntime pyarrow pandas netCDF4 hdf5plugin zstandard lz4 blosc blosc2
-	@echo "==> compiling the Numba kernels into their cache (lepton warmup, 2-8 minutes)"
+	@echo "==> compiling the Numba kernels into their cache (lepton warmup, 5-12 minutes)"
 	@$(VENV)/bin/lepton warmup || echo "lepton warmup failed: the first run compiles its kernels"
 	@touch $@
 

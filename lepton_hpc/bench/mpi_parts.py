@@ -218,10 +218,9 @@ def minibatch(args, comm: Communicator) -> dict:
     (``data.batches.EpochBatches``), the batch as training takes it (``Device.taken_gather``:
     rows the gradient reads in place, where the kernels can; else ``BatchGather``'s copy), the
     gradient (``kernels.cpu``; it reads the rows of a batch taken in place), the allreduce
-    and the update. Three epochs, the first a
-    warm-up. Then the floor a step cannot go below on this machine: loading the cache lines of
-    the same batches' rows from memory (random rows of the rank's block), with no copy and no
-    compute (``_load_rows``)."""
+    and the update. Three epochs, the first a warm-up. Then the floor a step cannot go below on
+    this machine: loading the cache lines of the same batches' rows from memory (random rows of
+    the rank's block), with no copy and no compute (``_load_rows``)."""
     from ..data.batches import BatchGather, EpochBatches
     from ..data.reader import read_block
     from ..device import select_device

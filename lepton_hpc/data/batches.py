@@ -38,34 +38,35 @@ def uniform(keys: np.ndarray, seed: int, stream: int) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-_M32 = np.uint64(0xFFFFFFFF)
+_U16, _U13 = np.uint32(16), np.uint32(13)
+_C1, _C2 = np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
 
 
 @njit(cache=True)
 def _round(r, k):
-    """Feistel round function: murmur3's fmix32 of (r xor k), on 32 bits.
+    """Feistel round function: murmur3's fmix32 of (r xor k), on 32 bits (uint32 r and k).
 
-    Written on uint64 with masks (Numba widens small integers); LLVM keeps 32-bit lanes, so
-    the loops calling it vectorise 8 or 16 values wide.
+    Each step is cut back to uint32 (Numba widens small integers to 64 bits): LLVM then keeps
+    32-bit lanes, and the loops calling it vectorise 8 values wide on AVX2, not 4.
     """
-    h = (r ^ k) & _M32
-    h ^= h >> np.uint64(16)
-    h = (h * np.uint64(0x85EBCA6B)) & _M32
-    h ^= h >> np.uint64(13)
-    h = (h * np.uint64(0xC2B2AE35)) & _M32
-    return h ^ (h >> np.uint64(16))
+    h = np.uint32(r ^ k)
+    h = np.uint32(h ^ (h >> _U16))
+    h = np.uint32(h * _C1)
+    h = np.uint32(h ^ (h >> _U13))
+    h = np.uint32(h * _C2)
+    return np.uint32(h ^ (h >> _U16))
 
 
 @njit(cache=True)
 def _network(v, h, lo_mask, keys):
-    """Four keyed Feistel rounds on the two ``h``-bit halves of v (h <= 32), written out with
-    no inner loop so that the loop calling it vectorises."""
-    left, right = v >> h, v & lo_mask
-    left, right = right, left ^ (_round(right, keys[0]) & lo_mask)
-    left, right = right, left ^ (_round(right, keys[1]) & lo_mask)
-    left, right = right, left ^ (_round(right, keys[2]) & lo_mask)
-    left, right = right, left ^ (_round(right, keys[3]) & lo_mask)
-    return (left << h) | right
+    """Four keyed Feistel rounds on the two ``h``-bit halves of v (h <= 32; lo_mask and keys
+    uint32), written out with no inner loop so that the loop calling it vectorises."""
+    left, right = np.uint32(v >> h), np.uint32(v & lo_mask)
+    left, right = right, np.uint32(left ^ (_round(right, keys[0]) & lo_mask))
+    left, right = right, np.uint32(left ^ (_round(right, keys[1]) & lo_mask))
+    left, right = right, np.uint32(left ^ (_round(right, keys[2]) & lo_mask))
+    left, right = right, np.uint32(left ^ (_round(right, keys[3]) & lo_mask))
+    return (np.uint64(left) << h) | np.uint64(right)
 
 
 @njit(cache=True)
@@ -106,8 +107,8 @@ def _walk(dst, top, h, lo_mask, ks):
 @njit(cache=True)
 def _permute_part(index, n, half, keys, per, pos, out, lo, hi):
     h = np.uint64(half)
-    lo_mask = (np.uint64(1) << h) - np.uint64(1)
-    k0, k1, k2, k3 = keys[0], keys[1], keys[2], keys[3]
+    lo_mask = np.uint32((np.uint64(1) << h) - np.uint64(1))
+    k0, k1, k2, k3 = np.uint32(keys[0]), np.uint32(keys[1]), np.uint32(keys[2]), np.uint32(keys[3])
     ks = (k0, k1, k2, k3)
     top = np.uint64(n)
     src, dst, res = index[lo:hi], pos[lo:hi], out[lo:hi]

@@ -90,6 +90,13 @@ def test_permute_equals_the_numpy_reference(n):
     assert np.array_equal(permute(idx, n, seed=11, epoch=3), _permute_numpy(idx, n, 11, 3))
 
 
+@pytest.mark.parametrize("n", [2**31 + 11, 3 * 2**40 + 5, 2**62 + 1])
+def test_permute_of_many_rows_equals_the_numpy_reference(n):
+    """Halves of 16 to 32 bits: the network's 32-bit lanes hold them whole."""
+    idx = np.unique(np.random.default_rng(n % 1000).integers(0, n, 5_000))
+    assert np.array_equal(permute(idx, n, seed=5, epoch=2), _permute_numpy(idx, n, 5, 2))
+
+
 @pytest.mark.parametrize("batch", [256, 100, 4097])
 def test_batches_are_the_permutation_cut_in_order(batch):
     n, lo, hi = 10_007, 3_000, 7_001

@@ -207,9 +207,25 @@ def gradient(
     out[P + 1] = n
 
 
-def taken_rows(X, y, sizes, head: int, products: str = "float64"):
-    """``(X, Y)`` prepared once for ``gradient_rows`` (read-only rows, float64 targets), or
-    None where a mini-batch of X is better copied and given to ``gradient``.
+class TakenRows:
+    """A rank's rows prepared once for ``gradient_rows`` (by ``taken_rows``): the rows ``X``
+    and float64 targets ``Y`` (read-only), and what each step would otherwise work out again
+    from them: the kernel (``cpu_tiles._taken_panels4`` or ``_taken_panels4x16``), the head and
+    the rows per block of the chunk plan."""
+
+    __slots__ = ("X", "Y", "binary", "block", "kernel", "n_params")
+
+    def __init__(self, X: np.ndarray, y, head: int) -> None:
+        self.X, self.Y = _read_only(X), _read_only(targets(y, X.shape[0], 1, head))
+        self.binary = head == BINARY
+        self.kernel = _TAKEN[_panels(X)[0]]
+        self.block = _single_block(X)
+        self.n_params = X.shape[1] + 1
+
+
+def taken_rows(X, y, sizes, head: int, products: str = "float64") -> TakenRows | None:
+    """The rows of X (targets y) prepared once for ``gradient_rows``, or None where a
+    mini-batch of X is better copied and given to ``gradient``.
 
     The rows are read where they are by the one-output models whose rows run the 4-feature
     panels (every feature count on AVX2; 17-28 features with AVX-512) with float64 products:
@@ -227,24 +243,25 @@ def taken_rows(X, y, sizes, head: int, products: str = "float64"):
         return None
     if _panels(X)[0] not in _TAKEN:
         return None
-    return _read_only(X), _read_only(targets(y, X.shape[0], 1, head))
+    return TakenRows(X, y, head)
 
 
-def gradient_rows(X, Y, rows, params, sizes, activation, head, out, products="float64") -> None:
-    """``gradient`` of the rows ``X[rows]`` and targets ``Y[rows]``, read where they are (X, Y
-    from ``taken_rows``; rows: int32 or int64 positions in X, each in range). The same chunks,
-    groups and arithmetic as ``gradient(X[rows], Y[rows], ...)``: the same bits."""
-    del sizes, activation, products  # [d, 1] (``taken_rows`` checked); float64 products
-    P, n = params.size, rows.size
-    if params.dtype != np.float64 or not params.flags.c_contiguous or X.shape[1] + 1 != P:
-        raise ValueError(f"params must be contiguous float64 of length {X.shape[1] + 1}")
+def gradient_rows(taken: TakenRows, rows, params, out) -> None:
+    """``gradient`` of the rows ``X[rows]`` and targets ``Y[rows]`` of ``taken``
+    (``taken_rows``), read where they are (rows: int32 or int64 positions in X, each in range):
+    the same chunks, groups and arithmetic as ``gradient(X[rows], Y[rows], ...)``, the same
+    bits."""
+    P, n = taken.n_params, rows.size
+    if params.size != P or params.dtype != np.float64 or not params.flags.c_contiguous:
+        raise ValueError(f"params must be contiguous float64 of length {P}")
     check_gradient_out(out, P)
     if n == 0:
         out[:] = 0.0
         return
-    n_chunks, chunk_rows = _plan(n, _single_block(X), P + 1)
-    kernel, ahead = _TAKEN[_panels(X)[0]], TAKEN_AHEAD_ROWS
-    partial = kernel(X, Y, rows, params, head == BINARY, ahead, chunk_rows, n_chunks)
+    n_chunks, chunk_rows = _plan(n, taken.block, P + 1)
+    partial = taken.kernel(
+        taken.X, taken.Y, rows, params, taken.binary, TAKEN_AHEAD_ROWS, chunk_rows, n_chunks
+    )
     if partial.shape[1] <= _COMBINE_TILE:  # as in ``gradient``
         _combine_columns(partial, out, 0, P + 1)
     else:

@@ -60,16 +60,16 @@ class Backend(Protocol):
 
 
 class TakenBatch:
-    """A mini-batch left where its rows are: the rank's rows ``X`` and targets ``Y`` (read-only,
-    as ``kernels.cpu.taken_rows`` prepared them) and the batch's positions ``rows`` in them.
+    """A mini-batch left where its rows are: the rank's rows as ``kernels.cpu.taken_rows``
+    prepared them (``taken``) and the batch's positions ``rows`` in them.
     The CPU backend's gradient reads it in place (``Device.gradient``), with the same bits as
     on the copied rows; only reductions that hand the batch to that gradient as it is take
     such batches (``FusedReduction.in_place``)."""
 
-    __slots__ = ("X", "Y", "rows")
+    __slots__ = ("rows", "taken")
 
-    def __init__(self, X: np.ndarray, Y: np.ndarray, rows: np.ndarray) -> None:
-        self.X, self.Y, self.rows = X, Y, rows
+    def __init__(self, taken, rows: np.ndarray) -> None:
+        self.taken, self.rows = taken, rows
 
 
 @dataclass(slots=True)
@@ -99,14 +99,11 @@ class Device:
         taken = None if prepare is None else prepare(X_host, y_host, sizes, head, self.products)
         if taken is None:
             return None
-        X, Y = taken
-        return lambda rows: (TakenBatch(X, Y, rows), None)
+        return lambda rows: (TakenBatch(taken, rows), None)
 
     def gradient(self, X, y, params, sizes, activation, head, out) -> None:
         if type(X) is TakenBatch:
-            self.kernels.gradient_rows(
-                X.X, X.Y, X.rows, params, sizes, activation, head, out, self.products
-            )
+            self.kernels.gradient_rows(X.taken, X.rows, params, out)
             return
         self.kernels.gradient(X, y, params, sizes, activation, head, out, self.products)
 

@@ -504,7 +504,7 @@ def test_rows_read_in_place_give_the_bits_of_the_copied_rows(monkeypatch, kernel
     rng = np.random.default_rng(5)
     for d in feature_counts:
         X, y, params, sizes = make_problem((d, 1), head, 3_000, dtype, seed=d)
-        X_in, Y_in = cpu.taken_rows(X, y, sizes, head)
+        taken = cpu.taken_rows(X, y, sizes, head)
         P = len(params)
         for n in (1, 7, 8, 9, 15, 16, 17, 203, 2_900):
             for rows in (
@@ -512,14 +512,14 @@ def test_rows_read_in_place_give_the_bits_of_the_copied_rows(monkeypatch, kernel
                 rng.integers(0, 3_000, n).astype(np.int32),  # any order, repeats
             ):
                 got = np.full(P + 2, np.nan)
-                cpu.gradient_rows(X_in, Y_in, rows, params, sizes, SIGMOID, head, got)
+                cpu.gradient_rows(taken, rows, params, got)
                 want = run_gradient(X[rows], y[rows], params, sizes, SIGMOID, head)
                 np.testing.assert_array_equal(got, want, err_msg=f"d {d}, {n} rows")
                 g_ref, loss_ref, _, _ = reference(X[rows], y[rows], params, sizes, SIGMOID, head)
                 assert rel_err(got[:P], g_ref) < 1e-12, (d, n)
                 assert abs(got[P] - loss_ref) <= 1e-12 * abs(loss_ref), (d, n)
     none = np.full(P + 2, np.nan)
-    cpu.gradient_rows(X_in, Y_in, np.zeros(0, np.int32), params, sizes, SIGMOID, head, none)
+    cpu.gradient_rows(taken, np.zeros(0, np.int32), params, none)
     assert not none.any()
     if numba.config.NUMBA_NUM_THREADS >= 2:
         rows = rng.integers(0, 3_000, 2_999).astype(np.int32)
@@ -528,7 +528,7 @@ def test_rows_read_in_place_give_the_bits_of_the_copied_rows(monkeypatch, kernel
             for threads in (1, 2):
                 numba.set_num_threads(threads)
                 runs.append(np.empty(P + 2))
-                cpu.gradient_rows(X_in, Y_in, rows, params, sizes, SIGMOID, head, runs[-1])
+                cpu.gradient_rows(taken, rows, params, runs[-1])
         finally:
             numba.set_num_threads(saved)
         np.testing.assert_array_equal(runs[0], runs[1])

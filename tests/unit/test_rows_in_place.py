@@ -22,9 +22,9 @@ def test_batches_read_in_place_train_the_model_of_copied_batches(monkeypatch, dt
     calls: list[int] = []
     real = cpu.gradient_rows
 
-    def counted(X, Y, rows, *rest):
+    def counted(taken, rows, *rest):
         calls.append(rows.size)
-        real(X, Y, rows, *rest)
+        real(taken, rows, *rest)
 
     monkeypatch.setattr(cpu, "gradient_rows", counted)
 

@@ -215,10 +215,10 @@ class TakenRows:
 
     __slots__ = ("X", "Y", "binary", "block", "kernel", "n_params")
 
-    def __init__(self, X: np.ndarray, y, head: int) -> None:
+    def __init__(self, X: np.ndarray, y, head: int, kernel) -> None:
         self.X, self.Y = _read_only(X), _read_only(targets(y, X.shape[0], 1, head))
         self.binary = head == BINARY
-        self.kernel = _TAKEN[_panels(X)[0]]
+        self.kernel = kernel
         self.block = _single_block(X)
         self.n_params = X.shape[1] + 1
 
@@ -241,9 +241,8 @@ def taken_rows(X, y, sizes, head: int, products: str = "float64") -> TakenRows |
         return None
     if (products == "float32" and _float32_rows(X)) or (USE_TILES and _tiled(X.shape[1])):
         return None
-    if _panels(X)[0] not in _TAKEN:
-        return None
-    return TakenRows(X, y, head)
+    kernel = _TAKEN.get(_panels(X)[0])
+    return None if kernel is None else TakenRows(X, y, head, kernel)
 
 
 def gradient_rows(taken: TakenRows, rows, params, out) -> None:

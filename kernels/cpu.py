@@ -31,8 +31,10 @@ from .cpu_tiles import (
     _one_output_panels,
     _one_output_panels4,
     _one_output_panels4x16,
+    _one_output_tiles8,
     _taken_panels4,
     _taken_panels4x16,
+    _taken_tiles8,
     tiles_kernel,
 )
 
@@ -45,7 +47,7 @@ MIN_CHUNK_BLOCKS = 8  # a chunk has at least this many blocks: small batches pay
 TILE_WIDTH = 32  # one-output models up to this many features: rows held in registers
 TILE_AHEAD_BYTES = 2048  # software prefetch distance of the register-tile kernels
 PANEL_AHEAD_ROWS = 8  # ... and of the feature-panel kernel (d > 32): the next group of rows
-TAKEN_AHEAD_ROWS = 16  # ... and of the panels on rows taken by index (random rows)
+TAKEN_AHEAD_ROWS = 16  # ... and of the kernels on rows taken by index (random rows)
 PANEL_MAX_WIDTH = 28  # with AVX-512, 17 to this many features run 4-feature panels, not tiles
 # MLPs with a hidden layer at least this wide run their layers as BLAS GEMMs over blocks of
 # rows (``cpu_gemm``); narrower ones the loop nests of ``cpu_passes``, which win there. Tests
@@ -131,8 +133,12 @@ def _transposed(params: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 PRODUCTS = {"float64": np.float64, "float32": np.float32}
 
-# The panel kernels and the same kernels on rows taken by index (``taken_rows``).
-_TAKEN = {_one_output_panels4: _taken_panels4, _one_output_panels4x16: _taken_panels4x16}
+# The kernels that have a twin on rows taken by index (``taken_rows``), and that twin.
+_TAKEN = {
+    _one_output_panels4: _taken_panels4,
+    _one_output_panels4x16: _taken_panels4x16,
+    _one_output_tiles8: _taken_tiles8,
+}
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -210,8 +216,8 @@ def gradient(
 class TakenRows:
     """A rank's rows prepared once for ``gradient_rows`` (by ``taken_rows``): the rows ``X``
     and float64 targets ``Y`` (read-only), and what each step would otherwise work out again
-    from them: the kernel (``cpu_tiles._taken_panels4`` or ``_taken_panels4x16``), the head and
-    the rows per block of the chunk plan."""
+    from them: the kernel (``cpu_tiles._taken_panels4``, ``_taken_panels4x16`` or
+    ``_taken_tiles8``), the head and the rows per block of the chunk plan."""
 
     __slots__ = ("X", "Y", "binary", "block", "kernel", "n_params")
 
@@ -228,10 +234,12 @@ def taken_rows(X, y, sizes, head: int, products: str = "float64") -> TakenRows |
     mini-batch of X is better copied and given to ``gradient``.
 
     The rows are read where they are by the one-output models whose rows run the 4-feature
-    panels (every feature count on AVX2; 17-28 features with AVX-512) with float64 products:
-    ``cpu_tiles._taken_panels4`` and ``_taken_panels4x16`` are those kernels on rows taken by
-    index, with the same bits as on a copy of the rows. Other models (register tiles, 8-feature
-    panels, float32 products, MLPs, the reference kernels) keep the copy."""
+    panels (every feature count on AVX2; 17-28 features with AVX-512) or, with AVX-512, the
+    logistic head's register tiles of eight-row groups (29-32 features), with float64
+    products: ``cpu_tiles._taken_panels4``, ``_taken_panels4x16`` and ``_taken_tiles8`` are
+    those kernels on rows taken by index, with the same bits as on a copy of the rows. Other
+    models (the other register tiles, 8-feature panels, float32 products, MLPs, the reference
+    kernels) keep the copy."""
     sizes = np.asarray(sizes)
     if not native.supported()[0] or not USE_PANELS or sizes.size != 2 or int(sizes[1]) != 1:
         return None
@@ -239,9 +247,11 @@ def taken_rows(X, y, sizes, head: int, products: str = "float64") -> TakenRows |
         return None
     if X.dtype not in (np.float32, np.float64) or not X.flags.c_contiguous:
         return None
-    if (products == "float32" and _float32_rows(X)) or (USE_TILES and _tiled(X.shape[1])):
+    if products == "float32" and _float32_rows(X):
         return None
-    kernel = _TAKEN.get(_panels(X)[0])
+    d = X.shape[1]
+    copied = tiles_kernel(d, head == BINARY) if USE_TILES and _tiled(d) else _panels(X)[0]
+    kernel = _TAKEN.get(copied)
     return None if kernel is None else TakenRows(X, y, head, kernel)
 
 

@@ -113,24 +113,33 @@ def _tile_group8(xf, o, d, live, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2
     head then runs once per eight rows; for the cheap squared head the spills cost more than
     they save, so it keeps the four-row groups.
     """
-    x00, x01, x02, x03 = _row_tiles(xf, o + 0 * d, d if live > 0 else 0)
+    at = (o, o + d, o + 2 * d, o + 3 * d, o + 4 * d, o + 5 * d, o + 6 * d, o + 7 * d)
+    y = load8(yf, i, live)
+    return _tile_group8_at(xf, at, d, live, w0, w1, w2, w3, bias, y, binary, g0, g1, g2, g3)
+
+
+@njit(inline="always", error_model="numpy")
+def _tile_group8_at(xf, at, d, live, w0, w1, w2, w3, bias, y, binary, g0, g1, g2, g3):
+    """``_tile_group8`` of the eight rows whose first values are ``xf[at[0]]`` ..
+    ``xf[at[7]]`` (consecutive rows, or rows taken by index) and whose targets are the vec8
+    ``y``."""
+    x00, x01, x02, x03 = _row_tiles(xf, at[0], d if live > 0 else 0)
     z0 = _dot_tiles(x00, x01, x02, x03, w0, w1, w2, w3)
-    x10, x11, x12, x13 = _row_tiles(xf, o + 1 * d, d if live > 1 else 0)
+    x10, x11, x12, x13 = _row_tiles(xf, at[1], d if live > 1 else 0)
     z1 = _dot_tiles(x10, x11, x12, x13, w0, w1, w2, w3)
-    x20, x21, x22, x23 = _row_tiles(xf, o + 2 * d, d if live > 2 else 0)
+    x20, x21, x22, x23 = _row_tiles(xf, at[2], d if live > 2 else 0)
     z2 = _dot_tiles(x20, x21, x22, x23, w0, w1, w2, w3)
-    x30, x31, x32, x33 = _row_tiles(xf, o + 3 * d, d if live > 3 else 0)
+    x30, x31, x32, x33 = _row_tiles(xf, at[3], d if live > 3 else 0)
     z3 = _dot_tiles(x30, x31, x32, x33, w0, w1, w2, w3)
-    x40, x41, x42, x43 = _row_tiles(xf, o + 4 * d, d if live > 4 else 0)
+    x40, x41, x42, x43 = _row_tiles(xf, at[4], d if live > 4 else 0)
     z4 = _dot_tiles(x40, x41, x42, x43, w0, w1, w2, w3)
-    x50, x51, x52, x53 = _row_tiles(xf, o + 5 * d, d if live > 5 else 0)
+    x50, x51, x52, x53 = _row_tiles(xf, at[5], d if live > 5 else 0)
     z5 = _dot_tiles(x50, x51, x52, x53, w0, w1, w2, w3)
-    x60, x61, x62, x63 = _row_tiles(xf, o + 6 * d, d if live > 6 else 0)
+    x60, x61, x62, x63 = _row_tiles(xf, at[6], d if live > 6 else 0)
     z6 = _dot_tiles(x60, x61, x62, x63, w0, w1, w2, w3)
-    x70, x71, x72, x73 = _row_tiles(xf, o + 7 * d, d if live > 7 else 0)
+    x70, x71, x72, x73 = _row_tiles(xf, at[7], d if live > 7 else 0)
     z7 = _dot_tiles(x70, x71, x72, x73, w0, w1, w2, w3)
     z = hsum8(z0, z1, z2, z3, z4, z5, z6, z7) + bias
-    y = load8(yf, i, live)
     if binary:
         q, loss = head_lanes(z, y, live, True)
     else:
@@ -792,6 +801,20 @@ def _taken_group4x16(X, xf, w, at0, at1, d, live, bias, yb, binary, g):
     return q, loss
 
 
+@njit(inline="always")
+def _taken_targets(X, yf, rows, i, group, live, ahead, yb):
+    """yb[:live] = the targets of the rows ``rows[i : i + live]``; the rows (lines and
+    targets) ``ahead`` rows on are prefetched, so their cache misses overlap the arithmetic."""
+    n = rows.size
+    for r in range(group):
+        if i + ahead + r < n:
+            later = rows[i + ahead + r]
+            prefetch_row(X, later)
+            prefetch_at(yf, np.int64(later) * 8)
+    for r in range(live):
+        yb[r] = yf[rows[i + r]]
+
+
 def _taken_chunk(group: int):
     """One chunk of ``_one_output_panels4`` (group 8) or ``_one_output_panels4x16`` (group 16)
     on the rows ``X[rows]``, read where they are: the same groups and arithmetic as the kernel on
@@ -805,7 +828,6 @@ def _taken_chunk(group: int):
 
     def chunk(X, Y, rows, w, binary, ahead, start, stop, out):
         d = X.shape[1]
-        n = rows.size
         xf, yf = X.reshape(-1), Y.reshape(-1)
         g = np.zeros((d + 3) // 4 * 4)
         yb = np.zeros(group)
@@ -817,13 +839,7 @@ def _taken_chunk(group: int):
             q_sum, loss_sum = zero8(), zero8()
         for i in range(start, stop, group):
             live = min(group, stop - i)
-            for r in range(group):
-                if i + ahead + r < n:
-                    later = rows[i + ahead + r]
-                    prefetch_row(X, later)
-                    prefetch_at(yf, np.int64(later) * 8)
-            for r in range(live):
-                yb[r] = yf[rows[i + r]]
+            _taken_targets(X, yf, rows, i, group, live, ahead, yb)
             if group == 16:
                 at0, at1 = _offsets8(rows, i, stop, d), _offsets8(rows, i + 8, stop, d)
                 if live == 16:
@@ -850,6 +866,49 @@ def _taken_chunk(group: int):
 
 _taken_chunk4 = _taken_chunk(8)
 _taken_chunk4x16 = _taken_chunk(16)
+
+
+@njit(error_model="numpy", cache=True)
+def _taken_tiles_chunk8(X, Y, rows, w, binary, ahead, start, stop, out):
+    """One chunk of ``_one_output_tiles8`` (the register tiles, eight-row groups) on the rows
+    ``X[rows]``, read where they are: the same groups and arithmetic as the kernel on a copy of
+    those rows (``_tile_group8_at``), so the same bits, without the copy; the rows ``ahead``
+    rows on are prefetched, with their targets. A function of its own, as ``_taken_chunk``'s."""
+    d = X.shape[1]
+    xf, yf = X.reshape(-1), Y.reshape(-1)
+    yb = np.zeros(8)
+    w0, w1, w2, w3 = _row_tiles(w, 0, d)
+    bias = splat8(w[d])
+    g0, g1, g2, g3 = zero8(), zero8(), zero8(), zero8()
+    q_sum, loss_sum = zero8(), zero8()
+    for i in range(start, stop, 8):
+        live = min(8, stop - i)
+        _taken_targets(X, yf, rows, i, 8, live, ahead, yb)
+        at = _offsets8(rows, i, stop, d)
+        y = load8(yb, 0, live)
+        if live == 8:
+            g0, g1, g2, g3, q, loss = _tile_group8_at(
+                xf, at, d, 8, w0, w1, w2, w3, bias, y, binary, g0, g1, g2, g3
+            )
+        else:
+            g0, g1, g2, g3, q, loss = _tile_group8_at(
+                xf, at, d, live, w0, w1, w2, w3, bias, y, binary, g0, g1, g2, g3
+            )
+        q_sum = q_sum + q
+        loss_sum = loss_sum + loss
+    _store_partial(out, d, g0, g1, g2, g3, hsum(q_sum), hsum(loss_sum))
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _taken_tiles8(X, Y, rows, w, binary, ahead, chunk_rows, n_chunks):
+    """``_one_output_tiles8`` on the rows ``X[rows]`` (targets ``Y[rows]``), read in place."""
+    n = rows.size
+    partial = np.empty((n_chunks, X.shape[1] + 2))
+    for c in prange(n_chunks):
+        start = c * chunk_rows
+        stop = min(n, start + chunk_rows)
+        _taken_tiles_chunk8(X, Y, rows, w, binary, ahead, start, stop, partial[c])
+    return partial
 
 
 @njit(parallel=True, error_model="numpy", cache=True)

@@ -482,9 +482,10 @@ def test_feature_panels_match_reference(monkeypatch, kernel, head, dtype):
     assert_same_bits_on_1_and_2_threads(X, y, params, sizes, head)
 
 
-TAKEN = {  # the panel kernels that also read rows in place, and their feature counts
+TAKEN = {  # the kernels that also read rows in place, and their feature counts
     "4 features": (cpu_tiles._one_output_panels4, (1, 3, 4, 5, 33, 70)),
     "4 features, 16 rows": (cpu_tiles._one_output_panels4x16, (1, 3, 5, 8, 13, 16, 31, 32)),
+    "tiles, 8 rows": (cpu_tiles._one_output_tiles8, (29, 30, 31, 32)),  # AVX-512, logistic
 }
 
 
@@ -496,15 +497,25 @@ def test_rows_read_in_place_give_the_bits_of_the_copied_rows(monkeypatch, kernel
     give the same bits as ``gradient`` on a copy of them, for every tail of the panels, of the
     row groups and of the chunks; rows ascending (as training's batches) or in any order and
     repeated (int32, as training's batches: int64 positions would compile each kernel again);
-    against the float64 reference; on 1 and 2 threads; no rows."""
+    against the float64 reference; on 1 and 2 threads; no rows. The register tiles (AVX-512
+    only) are read in place for the logistic head's eight-row groups; the squared head's
+    four-row tiles copy the rows."""
     chosen, feature_counts = TAKEN[kernel]
-    monkeypatch.setattr(cpu, "USE_TILES", False)
+    tiles = chosen is cpu_tiles._one_output_tiles8
+    if tiles and not native.has_avx512():
+        pytest.skip("the register tiles run only with AVX-512")
+    monkeypatch.setattr(cpu, "USE_TILES", tiles)
     monkeypatch.setattr(cpu, "USE_PANELS", True)
-    monkeypatch.setattr(cpu, "_panels", lambda X: (chosen, 8))
+    if not tiles:
+        monkeypatch.setattr(cpu, "_panels", lambda X: (chosen, 8))
     rng = np.random.default_rng(5)
     for d in feature_counts:
         X, y, params, sizes = make_problem((d, 1), head, 3_000, dtype, seed=d)
         taken = cpu.taken_rows(X, y, sizes, head)
+        if tiles and head == SQUARED:
+            assert taken is None, d
+            return
+        assert taken is not None and taken.kernel is cpu._TAKEN[chosen], d
         P = len(params)
         for n in (1, 7, 8, 9, 15, 16, 17, 203, 2_900):
             for rows in (
@@ -537,7 +548,8 @@ def test_rows_read_in_place_give_the_bits_of_the_copied_rows(monkeypatch, kernel
 def test_rows_are_copied_where_no_kernel_reads_them_in_place(monkeypatch):
     """``taken_rows`` says None (copy the batch) for the models and paths without a kernel on
     rows in place: MLPs and softmax, float32 products on wide float32 rows, the register
-    tiles, the 8-feature panels, rows not C-ordered, and the reference kernels."""
+    tiles other than the logistic head's eight-row groups, the 8-feature panels, rows not
+    C-ordered, and the reference kernels."""
     monkeypatch.setattr(cpu, "USE_TILES", False)
     X, y, _, sizes = make_problem((40, 1), BINARY, 50, np.float32)
     assert cpu.taken_rows(X, y, sizes, BINARY) is not None
@@ -549,6 +561,7 @@ def test_rows_are_copied_where_no_kernel_reads_them_in_place(monkeypatch):
     assert cpu.taken_rows(X, y, sizes, BINARY) is None
     monkeypatch.setattr(cpu, "USE_TILES", True)
     assert cpu.taken_rows(X[:, :8].copy(), y, np.array([8, 1]), BINARY) is None
+    assert cpu.taken_rows(X[:, :32].copy(), y, np.array([32, 1]), SQUARED) is None
     monkeypatch.setattr(cpu.native, "supported", lambda: (False, "test"))
     assert cpu.taken_rows(X, y, sizes, BINARY) is None
 

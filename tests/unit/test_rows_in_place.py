@@ -12,7 +12,7 @@ from lepton_hpc.training.strategies import FusedReduction
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("d", [5, 40])
+@pytest.mark.parametrize("d", [5, 32, 40])
 def test_batches_read_in_place_train_the_model_of_copied_batches(monkeypatch, dtype, d):
     if cpu.taken_rows(np.zeros((2, d), dtype), np.zeros(2), np.array([d, 1]), BINARY) is None:
         pytest.skip("no kernel reads these rows in place on this CPU (register tiles)")

@@ -203,12 +203,17 @@ _COMBINE_TILE = 256
 
 @njit(nogil=True, **_JIT)  # nogil: cpu_gemm calls it on its worker threads
 def _combine_columns(partial, out, lo, hi):
-    """out[j] = sum over chunks c (in order) of partial[c, j], for columns lo..hi."""
-    for j in range(lo, hi):
-        out[j] = 0.0
+    """out[j] = sum over chunks c (in order) of partial[c, j], for columns lo..hi.
+
+    On views from column lo, indexed from 0: LLVM vectorises these loops (indexed from lo, it
+    kept them scalar: 31 against 7.6 us for two rows of 18,562 columns), the same sums."""
+    o = out[lo:hi]
+    for j in range(hi - lo):
+        o[j] = 0.0
     for c in range(partial.shape[0]):
-        for j in range(lo, hi):
-            out[j] += partial[c, j]
+        row = partial[c, lo:hi]
+        for j in range(hi - lo):
+            o[j] += row[j]
 
 
 @njit(parallel=True, **_JIT)

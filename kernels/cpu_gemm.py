@@ -10,8 +10,16 @@ do; ``products = float32`` multiplies in float32 and sums each block's results i
 Work split, the same rule as ``cpu``: rows are cut into blocks whose size depends only on n and
 the model, blocks are grouped into chunks, each chunk sums its blocks in order into its own
 partial row, and the partial rows are added in chunk order. A chunk is one Numba function
-(``_chunk``) on a worker thread, without the GIL; its GEMMs are SciPy's BLAS (Numba's
-``np.dot``) on one BLAS thread, so the bits never depend on the thread count.
+(``_chunk``), run by the rank's Numba threads (``_chunks``, a ``prange`` over the chunks, each
+thread with buffers of its own); its GEMMs are SciPy's BLAS (Numba's ``np.dot``) on one BLAS
+thread, so the bits never depend on the thread count.
+
+Why Numba's threads and not a pool of Python threads: on a virtual machine, handing a task to a
+sleeping thread and waiting for its result cost 63-70 us a round trip
+(``ThreadPoolExecutor.submit(...).result()``), every call; Numba's OpenMP workers spin briefly
+between parallel regions. A mini-batch step of 256 rows of a 256-64-32-1 network took 272-340
+us through such a pool and 218-220 us on Numba's threads (float32 products, 2 threads), the
+same bits.
 """
 
 from __future__ import annotations
@@ -19,15 +27,14 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
-from numba import njit
+from numba import njit, prange
 from threadpoolctl import threadpool_limits
 
 from . import BINARY
-from .cpu_layers import _combine_columns
+from .cpu_layers import _combine, _combine_columns
 from .reference import _activate, _head, _slope
 
 BLOCK_FLOATS = 1 << 16  # a block's activations (rows x sum of widths): 512 KiB of float64
@@ -155,6 +162,20 @@ def _chunk(X, Y, W, b, WT, sizes, at_layer, activation, head, r0, r1, block, buf
     partial[partial.size - 1] = loss
 
 
+@njit(parallel=True, nogil=True, cache=True)
+def _chunks(X, Y, W, b, WT, sizes, at, act, head, n, rows, block, bufs, partial):
+    """``_chunk`` of each chunk c (rows c * rows .. c * rows + rows - 1, up to n) into
+    partial[c], the chunks shared by the rank's threads. ``bufs``: ``_chunk``'s buffers, one
+    row per thread (each thread uses the row of its thread number)."""
+    acts, da, db, prod, f64 = bufs
+    for c in prange(partial.shape[0]):
+        t = numba.get_thread_id()
+        r0 = c * rows
+        r1 = min(n, r0 + rows)
+        mine = (acts[t], da[t], db[t], prod[t])
+        _chunk(X, Y, W, b, WT, sizes, at, act, head, r0, r1, block, mine, f64[t], partial[c])
+
+
 @njit(nogil=True, cache=True)
 def _gemm_gradient(src, delta, prod, gW, first):
     """gW (float64, flat) = or += src^T delta: one GEMM in the products' dtype."""
@@ -230,53 +251,49 @@ def _weights(params, sizes, dtype):
 
 
 class _Buffers:
-    """One worker's block buffers, kept between calls: activations of every layer, two deltas
-    and one product in the products' dtype; logits, their deltas and one row in float64."""
+    """The block buffers of each of ``threads`` threads, kept between calls: activations of
+    every layer, two deltas and one product in the products' dtype; logits, their deltas and
+    one row in float64 (one row of each array a thread)."""
 
-    def __init__(self, block: int, sizes: list[int], dtype) -> None:
+    def __init__(self, block: int, sizes: list[int], dtype, threads: int) -> None:
         wide = max(sizes)
+        product = max(a * b for a, b in itertools.pairwise(sizes))
         self.bufs = (
-            np.empty(block * sum(sizes), dtype),
-            np.empty(block * wide, dtype),
-            np.empty(block * wide, dtype),
-            np.empty(max(a * b for a, b in itertools.pairwise(sizes)), dtype),
+            np.empty((threads, block * sum(sizes)), dtype),
+            np.empty((threads, block * wide), dtype),
+            np.empty((threads, block * wide), dtype),
+            np.empty((threads, product), dtype),
+            np.empty((threads, 2 * block * sizes[-1] + sizes[-2])),
         )
-        self.f64 = np.empty(2 * block * sizes[-1] + sizes[-2])
 
 
-_local = threading.local()
+_local = threading.local()  # each calling thread's buffers: callers never share them
 
 
-def _buffers(block: int, sizes: list[int], dtype) -> _Buffers:
-    key = (block, tuple(sizes), np.dtype(dtype))
+def _buffers(block: int, sizes: list[int], dtype, threads: int) -> _Buffers:
+    key = (block, tuple(sizes), np.dtype(dtype), threads)
     if getattr(_local, "key", None) != key:
-        _local.key, _local.buf = key, _Buffers(block, sizes, dtype)
+        _local.key, _local.buf = key, _Buffers(block, sizes, dtype, threads)
     return _local.buf
 
 
 def combine(partial: np.ndarray, out: np.ndarray) -> None:
-    """out = the chunks' partial rows added in chunk order, column ranges on the worker threads
-    (``cpu._combine``'s loop and bits without Numba's thread pool, whose workers would spin
-    beside the BLAS threads of the next call)."""
+    """out = the chunks' partial rows added in chunk order (``cpu._combine``'s bits): on the
+    rank's threads, tiles of columns each, for wide rows; on the calling thread otherwise."""
     width = partial.shape[1]
-    threads = numba.get_num_threads()
-    pieces = threads if width >= 65536 else 1
-    step = -(-width // pieces)
-
-    def task(lo):
-        return lambda: _combine_columns(partial, out, lo, min(width, lo + step))
-
-    _run([task(lo) for lo in range(0, width, step)], threads)
+    if width >= 65536 and numba.get_num_threads() > 1:
+        _combine(partial, out)
+    else:
+        _combine_columns(partial, out, 0, width)
 
 
 # ---- threads ------------------------------------------------------------------------------------
-_pool: list = [None, 0]
 _blas = [0]
 
 
 def blas_threads(n: int) -> None:
     """Set BLAS's thread count (process-wide; only when it changes: the call is not free).
-    The GEMMs here run on one BLAS thread each, inside worker threads; the tensor-parallel
+    The GEMMs here run on one BLAS thread each, inside the rank's threads; the tensor-parallel
     slices give BLAS the rank's threads. SciPy's BLAS, which ``_chunk`` calls, is loaded
     first, so that the limit reaches it as well as NumPy's."""
     if _blas[0] != n:
@@ -284,19 +301,6 @@ def blas_threads(n: int) -> None:
 
         threadpool_limits(limits=n, user_api="blas")
         _blas[0] = n
-
-
-def _run(tasks, threads: int) -> None:
-    if threads <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            task()
-        return
-    if _pool[1] != threads:
-        if _pool[0] is not None:
-            _pool[0].shutdown(wait=True)
-        _pool[0], _pool[1] = ThreadPoolExecutor(threads, thread_name_prefix="lepton-gemm"), threads
-    for future in [_pool[0].submit(task) for task in tasks]:
-        future.result()
 
 
 def gradient_partials(
@@ -311,18 +315,7 @@ def gradient_partials(
     W, b, WT, at = _weights(params, widths, products)
     sizes_a = np.array(widths, dtype=np.int64)
     partial = np.empty((n_chunks, params.size + 1))
-    rows = per * block
     blas_threads(1)
-
-    def task(c):
-        def run():
-            buf = _buffers(block, widths, products)
-            r0, r1, bufs, f64 = c * rows, min(n, (c + 1) * rows), buf.bufs, buf.f64
-            _chunk(
-                X, Y, W, b, WT, sizes_a, at, activation, head, r0, r1, block, bufs, f64, partial[c]
-            )
-
-        return run
-
-    _run([task(c) for c in range(n_chunks)], numba.get_num_threads())
+    bufs = _buffers(block, widths, products, numba.get_num_threads()).bufs
+    _chunks(X, Y, W, b, WT, sizes_a, at, activation, head, n, per * block, block, bufs, partial)
     return partial

@@ -201,7 +201,7 @@ def _store_untransposed(gT, sizes, p_off, row):
 _COMBINE_TILE = 256
 
 
-@njit(nogil=True, **_JIT)  # nogil: cpu_gemm calls it on its worker threads
+@njit(nogil=True, **_JIT)
 def _combine_columns(partial, out, lo, hi):
     """out[j] = sum over chunks c (in order) of partial[c, j], for columns lo..hi.
 

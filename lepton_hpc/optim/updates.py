@@ -21,7 +21,7 @@ from numba import njit, prange
 PARALLEL_MIN = 1 << 15  # parameters from which the update runs on the rank's threads
 # NumPy's error model: a division by zero gives inf or nan instead of raising, so no branch per
 # element and LLVM vectorises the loops (Adam on 18,593 parameters: 119 against 29 us, the
-# same bits). The divisors never are zero: c1 > 0 (beta1 < 1) and sqrt(v / c2) + eps > 0
+# same bits). The divisors are never zero: c1 > 0 (beta1 < 1) and sqrt(v / c2) + eps > 0
 # (eps > 0, both checked by the configuration); a NaN gradient gives NaN either way.
 _JIT = {"cache": True, "error_model": "numpy"}
 

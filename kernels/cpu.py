@@ -46,7 +46,6 @@ MIN_CHUNKS = 16  # ...but never fewer than this (when there are enough blocks)
 MIN_CHUNK_BLOCKS = 8  # a chunk has at least this many blocks: small batches pay less per chunk
 TILE_WIDTH = 32  # one-output models up to this many features: rows held in registers
 TILE_AHEAD_BYTES = 2048  # software prefetch distance of the register-tile kernels
-PANEL_AHEAD_ROWS = 8  # ... and of the feature-panel kernel (d > 32): the next group of rows
 TAKEN_AHEAD_ROWS = 16  # ... and of the kernels on rows taken by index (random rows)
 PANEL_MAX_WIDTH = 28  # with AVX-512, 17 to this many features run 4-feature panels, not tiles
 # MLPs with a hidden layer at least this wide run their layers as BLAS GEMMs over blocks of
@@ -93,12 +92,13 @@ def _panels(X: np.ndarray):
     """(feature-panel kernel, prefetch distance in rows) for one-output rows of X: panels of 8
     features with AVX-512 for rows wider than the tiles; otherwise panels of 4, in groups of 16
     rows up to TILE_WIDTH features (there the head is a large part of the work: two groups'
-    heads run interleaved) and of 8 rows above (AVX2)."""
+    heads run interleaved) and of 8 rows above (AVX2). Rows wider than the tiles are read in
+    memory order, one after the other, and take no software prefetch (distance 0)."""
     if USE_TILES and X.shape[1] > TILE_WIDTH:
-        return _one_output_panels, PANEL_AHEAD_ROWS
+        return _one_output_panels, 0
     if X.shape[1] <= TILE_WIDTH:
         return _one_output_panels4x16, max(16, TILE_AHEAD_BYTES // (X.shape[1] * X.itemsize))
-    return _one_output_panels4, PANEL_AHEAD_ROWS
+    return _one_output_panels4, 0
 
 
 def _float32_rows(X: np.ndarray) -> bool:

@@ -495,18 +495,24 @@ def _x8(xf, i, r, d, o, count, live):
 
 
 @njit(inline="always", error_model="numpy")
-def _dot_panel(xf, i, d, o, count, live, wp, a):
-    """The 8 rows' dot-product lanes ``a`` (a tuple of 8 vec8) plus features o .. o + 7."""
-    return (
-        fma(_x8(xf, i, 0, d, o, count, live), wp, a[0]),
-        fma(_x8(xf, i, 1, d, o, count, live), wp, a[1]),
-        fma(_x8(xf, i, 2, d, o, count, live), wp, a[2]),
-        fma(_x8(xf, i, 3, d, o, count, live), wp, a[3]),
-        fma(_x8(xf, i, 4, d, o, count, live), wp, a[4]),
-        fma(_x8(xf, i, 5, d, o, count, live), wp, a[5]),
-        fma(_x8(xf, i, 6, d, o, count, live), wp, a[6]),
-        fma(_x8(xf, i, 7, d, o, count, live), wp, a[7]),
-    )
+def _row_dot(xf, i, r, d, live, w):
+    """Row r of the group at i (a row past live reads as 0): its dot product with w as the 8
+    lanes of one accumulator, features 8 at a time in order (summed across lanes by the caller).
+
+    A group's rows are read one after the other, each from its start to its end: the memory
+    sees one forward stream. Read panel by panel across the 8 rows (8 accumulators, each
+    weight panel loaded once for the eight rows: the same sums in the same order, so the same
+    bits), the rows were eight streams a row apart, and from memory that ran at 0.4-0.6 of the
+    read ceiling for d = 64-1024, against 0.8-0.9 here for d = 64-256.
+    """
+    full = d // 8
+    a = zero8()
+    for p in range(full):
+        a = fma(_x8(xf, i, r, d, 8 * p, 8, live), load8(w, 8 * p, 8), a)
+    if d > 8 * full:
+        o = 8 * full
+        a = fma(_x8(xf, i, r, d, o, d - o, live), load8(w, o, d - o), a)
+    return a
 
 
 @njit(inline="always", error_model="numpy")
@@ -526,32 +532,29 @@ def _grad_panel(xf, i, d, o, count, live, q, g):
 
 
 @njit(inline="always", error_model="numpy")
-def _panel_group(X, xf, w, i, d, live, bias, yf, binary, g, ahead):
-    """Logits, head and gradient of rows i .. i + live - 1 (live <= 8) of a model with d > 32.
-
-    At each new cache line of the panels, the same line of the 8 rows ``ahead`` rows on is
-    prefetched, so the prefetches spread over the pass instead of coming in one burst a group.
-    """
-    full = d // 8
-    z0 = zero8()
-    a = (z0, z0, z0, z0, z0, z0, z0, z0)
-    rb = d * X.itemsize
-    every = max(1, 64 // (8 * X.itemsize))  # panels to a cache line
-    for p in range(full):
-        if p % every == 0:
-            at = (i + ahead) * rb + 8 * p * X.itemsize
-            for r in range(8):
-                prefetch_at(X, at + r * rb)
-        a = _dot_panel(xf, i, d, 8 * p, 8, live, load8(w, 8 * p, 8), a)
-    if d > 8 * full:
-        o = 8 * full
-        a = _dot_panel(xf, i, d, o, d - o, live, load8(w, o, d - o), a)
-    z = hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]) + bias
+def _panel_group(xf, w, i, d, live, bias, yf, binary, g):
+    """Logits, head and gradient of rows i .. i + live - 1 (live <= 8) of a model with d > 32:
+    the rows' dot products one row after the other (``_row_dot``), the head on their 8 logits,
+    then the gradient panel by panel over the 8 rows, read again from L1."""
+    z = (
+        hsum8(
+            _row_dot(xf, i, 0, d, live, w),
+            _row_dot(xf, i, 1, d, live, w),
+            _row_dot(xf, i, 2, d, live, w),
+            _row_dot(xf, i, 3, d, live, w),
+            _row_dot(xf, i, 4, d, live, w),
+            _row_dot(xf, i, 5, d, live, w),
+            _row_dot(xf, i, 6, d, live, w),
+            _row_dot(xf, i, 7, d, live, w),
+        )
+        + bias
+    )
     y = load8(yf, i, live)
     if binary:
         q, loss = head_lanes(z, y, live, True)
     else:
         q, loss = head_lanes(z, y, live, False)
+    full = d // 8
     for p in range(full):
         _grad_panel(xf, i, d, 8 * p, 8, live, q, g)
     if d > 8 * full:
@@ -657,6 +660,20 @@ def _dots4(X, xf, w, i, d, live, ahead):
 
 
 @njit(inline="always", error_model="numpy")
+def _row_dot4(xf, i, r, d, live, w):
+    """``_row_dot`` in panels of 4 features (one vec4 accumulator): the lanes of row r's dot
+    product, the row read from its start to its end."""
+    full = d // 4
+    a = zero4()
+    for p in range(full):
+        a = fma(_x4(xf, i, r, d, 4 * p, 4, live), load4(w, 4 * p, 4), a)
+    if d > 4 * full:
+        o = 4 * full
+        a = fma(_x4(xf, i, r, d, o, d - o, live), load4(w, o, d - o), a)
+    return a
+
+
+@njit(inline="always", error_model="numpy")
 def _grads4(xf, i, d, live, q, g):
     full = d // 4
     for p in range(full):
@@ -666,11 +683,24 @@ def _grads4(xf, i, d, live, q, g):
 
 
 @njit(inline="always", error_model="numpy")
-def _panel_group4(X, xf, w, i, d, live, bias, yf, binary, g, ahead):
-    """``_panel_group`` with panels of 4 features: 8 accumulators of one 256-bit register each,
-    so the group fits AVX2's 16 registers (the head is still one vec8: two registers there).
-    Rows gathered by index: i is the tuple of their offsets, yf their own targets, ahead 0."""
-    z = _dots4(X, xf, w, i, d, live, ahead) + bias
+def _panel_group4(xf, w, i, d, live, bias, yf, binary, g):
+    """``_panel_group`` with panels of 4 features: one 256-bit accumulator a row, and the
+    gradient's 8 rows a panel of one register each, so the group fits AVX2's 16 registers (the
+    head is still one vec8: two registers there). Rows gathered by index: i is the tuple of
+    their offsets, yf their own targets."""
+    z = (
+        hsum8x4(
+            _row_dot4(xf, i, 0, d, live, w),
+            _row_dot4(xf, i, 1, d, live, w),
+            _row_dot4(xf, i, 2, d, live, w),
+            _row_dot4(xf, i, 3, d, live, w),
+            _row_dot4(xf, i, 4, d, live, w),
+            _row_dot4(xf, i, 5, d, live, w),
+            _row_dot4(xf, i, 6, d, live, w),
+            _row_dot4(xf, i, 7, d, live, w),
+        )
+        + bias
+    )
     y = load8(yf, _y_at(i), live)
     if binary:
         q, loss = head_lanes(z, y, live, True)
@@ -705,16 +735,19 @@ def _panel_group4x16(X, xf, w, i, d, live, bias, yf, binary, g, ahead):
 def _panels_kernel(lanes: int, group: int = 8):
     """The one-output gradient in feature panels of ``lanes`` (8: AVX-512, 4: AVX2) features.
 
-    Eight rows at a time: their dot products panel by panel (8 accumulators in registers, each
-    weight panel loaded once for the eight rows), the head on the 8 logits as one vec8, then the
-    gradient panel by panel (the rows read again from L1 and widened again; the gradient, d
-    float64 per chunk, stays in L1). For AVX-512 this runs rows wider than the register tiles
-    (d > 32): with rows this wide a group's work is long enough to hide the head's latency.
-    16-row groups (16 rows a stride apart read together) were slower from memory, and LLVM's
-    own vectorisation of the pipelined passes (``cpu_passes``) reached 0.35-0.6 of the read
-    ceiling for d = 64-1024. Chunks are as in the other kernels: results do not depend on the
-    thread count. ``ahead``: prefetch distance in rows. ``lanes`` is a constant of the closure,
-    each size a kernel (and cache index) of its own, as for ``_tiles_kernel``.
+    Eight rows at a time: their dot products one row after the other (one accumulator of
+    ``lanes`` lanes a row, so the group's rows are read in memory order: ``_row_dot``), the head
+    on the 8 logits as one vec8, then the gradient panel by panel over the eight rows (the rows
+    read again from L1 and widened again; the gradient, d float64 per chunk, stays in L1). For
+    AVX-512 this runs rows wider than the register tiles (d > 32): with rows this wide a group's
+    work is long enough to hide the head's latency. 16-row groups were slower from memory, and
+    LLVM's own vectorisation of the pipelined passes (``cpu_passes``) reached 0.35-0.6 of the
+    read ceiling for d = 64-1024. Chunks are as in the other kernels: results do not depend on
+    the thread count. ``ahead``: prefetch distance in rows, used by the 16-row groups of narrow
+    rows (a wide row's own stream is what the hardware prefetchers follow best; software
+    prefetch of the next group, in one burst or spread over the row, was slower). ``lanes`` is
+    a constant of the closure, each size a kernel (and cache index) of its own, as for
+    ``_tiles_kernel``.
     """
 
     def kernel(X, Y, w, binary, ahead, chunk_rows, n_chunks):
@@ -740,13 +773,13 @@ def _panels_kernel(lanes: int, group: int = 8):
                         q, loss = _panel_group4x16(X, xf, w, i, d, live, bias, yf, binary, g, ahead)
                 elif lanes == 8:
                     if live == 8:
-                        q, loss = _panel_group(X, xf, w, i, d, 8, bias, yf, binary, g, ahead)
+                        q, loss = _panel_group(xf, w, i, d, 8, bias, yf, binary, g)
                     else:
-                        q, loss = _panel_group(X, xf, w, i, d, live, bias, yf, binary, g, ahead)
+                        q, loss = _panel_group(xf, w, i, d, live, bias, yf, binary, g)
                 elif live == 8:
-                    q, loss = _panel_group4(X, xf, w, i, d, 8, bias, yf, binary, g, ahead)
+                    q, loss = _panel_group4(xf, w, i, d, 8, bias, yf, binary, g)
                 else:
-                    q, loss = _panel_group4(X, xf, w, i, d, live, bias, yf, binary, g, ahead)
+                    q, loss = _panel_group4(xf, w, i, d, live, bias, yf, binary, g)
                 q_sum = q_sum + q
                 loss_sum = loss_sum + loss
             for j in range(d):
@@ -849,9 +882,9 @@ def _taken_chunk(group: int):
             else:
                 at = _offsets8(rows, i, stop, d)
                 if live == 8:
-                    q, loss = _panel_group4(X, xf, w, at, d, 8, bias, yb, binary, g, 0)
+                    q, loss = _panel_group4(xf, w, at, d, 8, bias, yb, binary, g)
                 else:
-                    q, loss = _panel_group4(X, xf, w, at, d, live, bias, yb, binary, g, 0)
+                    q, loss = _panel_group4(xf, w, at, d, live, bias, yb, binary, g)
             q_sum = q_sum + q
             loss_sum = loss_sum + loss
         for j in range(d):

@@ -139,6 +139,10 @@ import json, sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 import reference as ref
+from lepton_hpc import kernel_cache
+# compile afresh: code loaded from a cache has no assembly to inspect, and the source tree's
+# own cache may hold this CPU's entries already (from a bench's AVX2 part, for instance)
+kernel_cache.seed = lambda installed, dest: 0
 from lepton_hpc.kernels import BINARY, SOFTMAX, SQUARED, TANH, SIGMOID, cpu, native, param_count
 from lepton_hpc.kernels import reference as plain
 from lepton_hpc.kernels import cpu_float32, cpu_layers, cpu_passes, cpu_tiles, fastmath

@@ -497,22 +497,30 @@ def _x8(xf, i, r, d, o, count, live):
 @njit(inline="always", error_model="numpy")
 def _row_dot(xf, i, r, d, live, w):
     """Row r of the group at i (a row past live reads as 0): its dot product with w as the 8
-    lanes of one accumulator, features 8 at a time in order (summed across lanes by the caller).
+    lanes of a vec8 (summed across lanes by the caller), features 8 at a time in order, even
+    and odd panels in two accumulators (the tail in the odd one), added at the end.
 
     A group's rows are read one after the other, each from its start to its end: the memory
     sees one forward stream. Read panel by panel across the 8 rows (8 accumulators, each
-    weight panel loaded once for the eight rows: the same sums in the same order, so the same
-    bits), the rows were eight streams a row apart, and from memory that ran at 0.4-0.6 of the
-    read ceiling for d = 64-1024, against 0.8-0.9 here for d = 64-256.
+    weight panel loaded once for the eight rows), the rows were eight streams a row apart, and
+    from memory that ran at 0.4-0.6 of the read ceiling for d = 64-1024, against 0.8-0.9 in
+    this order for d = 64-256. With one accumulator a row, a wide row's products were one chain
+    of dependent FMAs, longer than the CPU's window, so rows did not overlap: two chains ran
+    d = 512-1024 10-15 % faster from memory.
     """
     full = d // 8
-    a = zero8()
-    for p in range(full):
-        a = fma(_x8(xf, i, r, d, 8 * p, 8, live), load8(w, 8 * p, 8), a)
+    a, b = zero8(), zero8()
+    for h in range(full // 2):
+        o = 16 * h
+        a = fma(_x8(xf, i, r, d, o, 8, live), load8(w, o, 8), a)
+        b = fma(_x8(xf, i, r, d, o + 8, 8, live), load8(w, o + 8, 8), b)
+    if full % 2:
+        o = 8 * full - 8
+        a = fma(_x8(xf, i, r, d, o, 8, live), load8(w, o, 8), a)
     if d > 8 * full:
         o = 8 * full
-        a = fma(_x8(xf, i, r, d, o, d - o, live), load8(w, o, d - o), a)
-    return a
+        b = fma(_x8(xf, i, r, d, o, d - o, live), load8(w, o, d - o), b)
+    return a + b
 
 
 @njit(inline="always", error_model="numpy")
@@ -661,16 +669,21 @@ def _dots4(X, xf, w, i, d, live, ahead):
 
 @njit(inline="always", error_model="numpy")
 def _row_dot4(xf, i, r, d, live, w):
-    """``_row_dot`` in panels of 4 features (one vec4 accumulator): the lanes of row r's dot
+    """``_row_dot`` in panels of 4 features (two vec4 accumulators): the lanes of row r's dot
     product, the row read from its start to its end."""
     full = d // 4
-    a = zero4()
-    for p in range(full):
-        a = fma(_x4(xf, i, r, d, 4 * p, 4, live), load4(w, 4 * p, 4), a)
+    a, b = zero4(), zero4()
+    for h in range(full // 2):
+        o = 8 * h
+        a = fma(_x4(xf, i, r, d, o, 4, live), load4(w, o, 4), a)
+        b = fma(_x4(xf, i, r, d, o + 4, 4, live), load4(w, o + 4, 4), b)
+    if full % 2:
+        o = 4 * full - 4
+        a = fma(_x4(xf, i, r, d, o, 4, live), load4(w, o, 4), a)
     if d > 4 * full:
         o = 4 * full
-        a = fma(_x4(xf, i, r, d, o, d - o, live), load4(w, o, d - o), a)
-    return a
+        b = fma(_x4(xf, i, r, d, o, d - o, live), load4(w, o, d - o), b)
+    return a + b
 
 
 @njit(inline="always", error_model="numpy")
@@ -684,7 +697,7 @@ def _grads4(xf, i, d, live, q, g):
 
 @njit(inline="always", error_model="numpy")
 def _panel_group4(xf, w, i, d, live, bias, yf, binary, g):
-    """``_panel_group`` with panels of 4 features: one 256-bit accumulator a row, and the
+    """``_panel_group`` with panels of 4 features: two 256-bit accumulators a row, and the
     gradient's 8 rows a panel of one register each, so the group fits AVX2's 16 registers (the
     head is still one vec8: two registers there). Rows gathered by index: i is the tuple of
     their offsets, yf their own targets."""
@@ -735,7 +748,7 @@ def _panel_group4x16(X, xf, w, i, d, live, bias, yf, binary, g, ahead):
 def _panels_kernel(lanes: int, group: int = 8):
     """The one-output gradient in feature panels of ``lanes`` (8: AVX-512, 4: AVX2) features.
 
-    Eight rows at a time: their dot products one row after the other (one accumulator of
+    Eight rows at a time: their dot products one row after the other (two accumulators of
     ``lanes`` lanes a row, so the group's rows are read in memory order: ``_row_dot``), the head
     on the 8 logits as one vec8, then the gradient panel by panel over the eight rows (the rows
     read again from L1 and widened again; the gradient, d float64 per chunk, stays in L1). For

@@ -2,8 +2,8 @@
 
 The float64 kernels widen every float32 element of X twice (once for its row's dot product,
 once for the gradient) and multiply in float64: on the widest rows that work is about as fast
-as the memory (d = 512-1024: 0.65-0.75 of the read ceiling on an AVX-512 Zen 4, d = 64-256
-0.8-0.9). Here the float32 elements are used as they are read:
+as the memory (three bench runs on an AVX-512 Zen 4: d = 512-1024 0.44-0.75 of the read
+ceiling, d = 64-256 0.74-0.91). Here the float32 elements are used as they are read:
 
 - a row's dot product with the weights rounded to float32: float32 products, summed in float32
   by the vectorised loop (several partial sums, added at the end), then widened, plus the

@@ -128,7 +128,11 @@ def mlp_path(request, monkeypatch):
 
 
 def make_problem(sizes, head, n, dtype=np.float64, seed=0):
-    """Random X (n, d), targets for the head, and parameters of moderate scale."""
+    """Random X (n, d), targets for the head, and parameters of moderate scale. Past 256
+    features the first layer's shrink as 1 / sqrt(d), to logits of about 2 standard deviations:
+    a logistic row classified far beyond that has sigmoid(z) - y near float64's resolution of
+    sigmoid(z) (1e-16 on values of 1e-5 and less), and no kernel can match a reference there
+    to 1e-12."""
     rng = np.random.default_rng(seed)
     sizes = np.asarray(sizes, dtype=np.int64)
     X = rng.standard_normal((n, sizes[0])).astype(dtype)
@@ -140,6 +144,9 @@ def make_problem(sizes, head, n, dtype=np.float64, seed=0):
     else:
         y = rng.integers(0, k, n).astype(np.float64)
     params = rng.standard_normal(param_count(sizes)) * 0.5
+    d = int(sizes[0])
+    if d > 256:
+        params[: d * int(sizes[1])] *= (16 / d) ** 0.5
     return X, y, params, sizes
 
 
@@ -453,8 +460,8 @@ TILE_KERNELS = {  # name: (kernel, the widest rows it takes)
     "32 rows, 1 tile": (cpu_tiles._one_output_tiles32_1, 8),
 }
 PANELS = {  # kernel: feature counts (every panel tail)
-    "8 features": (cpu_tiles._one_output_panels, (33, 39, 40, 64, 65, 127, 257)),
-    "4 features": (cpu_tiles._one_output_panels4, (1, 3, 4, 5, 8, 31, 33, 70)),
+    "8 features": (cpu_tiles._one_output_panels, (33, 39, 40, 64, 65, 127, 1023, 1024, 257)),
+    "4 features": (cpu_tiles._one_output_panels4, (1, 3, 4, 5, 8, 31, 33, 1021, 1024, 70)),
     "4 features, 16 rows": (cpu_tiles._one_output_panels4x16, (1, 3, 4, 5, 8, 13, 16, 31, 32)),
 }
 

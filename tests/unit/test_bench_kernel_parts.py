@@ -314,3 +314,29 @@ def test_quick_smoke_of_new_parts(tmp_path):
     assert "## Feature sweep" in md
     if HAS_TORCH:
         assert "## MLP training against PyTorch CPU" in md
+
+
+def test_bench_cpu_times_each_shape_in_cache_and_rejects_bad_arguments(capsys):
+    """``python -m lepton_hpc.kernels.bench_cpu``: a median for the ceiling and for every head and
+    products setting at each (size, feature count), with the ratio printed; bad arguments give
+    one usage error (exit 2), not a traceback."""
+    from lepton_hpc.kernels import bench_cpu
+
+    res = bench_cpu.main(1, features=[8, 40], mib=[0.25], products=["float64", "float32"])
+    assert set(res) == {(0.25, 8), (0.25, 40)}
+    for med in res.values():
+        assert set(med) == {
+            "ceiling",
+            "linear",
+            "logistic",
+            "linear (float32 products)",
+            "logistic (float32 products)",
+        }
+        assert all(t > 0 and math.isfinite(t) for t in med.values())
+    out = capsys.readouterr().out
+    assert out.count("read ceiling") == 2 and "8192 x 8 float32 (0.2 MiB)" in out
+    assert bench_cpu._parse(["3", "--features", "8,256", "--mib", "8"]).features == [8, 256]
+    for bad in (["--products", "float16"], ["--features", "0"], ["0"], ["--mib", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            bench_cpu._parse(bad)
+        assert exc.value.code == 2

@@ -7,12 +7,12 @@ the loop nests). By default every product and sum is float64 (float32 rows are w
 block buffer first), so results agree with the float64 reference to rounding, as the loop nests
 do; ``products = float32`` multiplies in float32 and sums each block's results in float64.
 
-Work split, the same rule as ``cpu``: rows are cut into blocks whose size depends only on n and
-the model, blocks are grouped into chunks, each chunk sums its blocks in order into its own
-partial row, and the partial rows are added in chunk order. A chunk is one Numba function
-(``_chunk``), run by the rank's Numba threads (``_chunks``, a ``prange`` over the chunks, each
-thread with buffers of its own); its GEMMs are SciPy's BLAS (Numba's ``np.dot``) on one BLAS
-thread, so the bits never depend on the thread count.
+Work split, the same rule as ``cpu``: rows are cut into blocks whose size depends only on n, the
+model and the products' dtype, blocks are grouped into chunks, each chunk sums its blocks in
+order into its own partial row, and the partial rows are added in chunk order. A chunk is one
+Numba function (``_chunk``), run by the rank's Numba threads (``_chunks``, a ``prange`` over the
+chunks, each thread with buffers of its own); its GEMMs are SciPy's BLAS (Numba's ``np.dot``)
+on one BLAS thread, so the bits never depend on the thread count.
 
 Why Numba's threads and not a pool of Python threads: on a virtual machine, handing a task to a
 sleeping thread and waiting for its result cost 63-70 us a round trip
@@ -37,12 +37,12 @@ from . import BINARY
 from .cpu_layers import _combine, _combine_columns
 from .reference import _activate, _head, _slope
 
-BLOCK_FLOATS = 1 << 16  # a block's activations (rows x sum of widths): 512 KiB of float64
+BLOCK_BYTES = 1 << 19  # a block's activations (rows x sum of widths) in the products' dtype
 MIN_BLOCK, MAX_BLOCK = 64, 1024
 MAX_CHUNKS = 64  # partial rows of the gradient (each P + 1 floats) held at once
-SMALL_SPLIT = 4  # a small batch is cut into this many blocks, so that threads share it...
-MIN_BLOCK_FLOPS = 2e7  # ...but no block does less work than this (about 0.2-0.3 ms here):
-# below it the hand-over between threads costs more than it saves
+FEW_BLOCKS = 4  # a batch of at most this many blocks is cut into 2 or 4, so that threads share it,
+MIN_BLOCK_FLOPS = 2e7  # but into no more than its work in blocks of this (0.2-0.3 ms here),
+# rounded up: below that the hand-over between threads costs more than it saves
 
 
 # ---- one chunk of rows: products and the steps between them, compiled as one function ----------
@@ -224,14 +224,23 @@ def _head_block(logits, Y, r0, head, delta):
 
 
 # ---- the plan -----------------------------------------------------------------------------------
-def plan(n: int, sizes) -> tuple[int, int, int]:
-    """(rows per block, blocks per chunk, chunks) for n rows: from n and the model only."""
+def plan(n: int, sizes, itemsize: int = 8) -> tuple[int, int, int]:
+    """(rows per block, blocks per chunk, chunks) for n rows: from n, the model and the size of
+    the products' dtype only (``itemsize``; float32 blocks hold twice the rows).
+
+    Blocks are of equal size to a row. A batch of a few blocks (a mini-batch) is cut into a power
+    of two of them, 2 at least, so that two or four threads share it evenly: a 256-row batch of
+    a 256-256-256-1 network with float32 products is two blocks of 128 rows (it was four of 64,
+    1.07-1.22x slower), one of 256-64-32-1 two of 128 (it was 180 + 76, 1.2x slower)."""
     widths = int(np.sum(sizes))
     flops_per_row = 6 * sum(a * b for a, b in itertools.pairwise(sizes))
-    block = min(MAX_BLOCK, max(MIN_BLOCK, BLOCK_FLOATS // widths))
-    smallest = min(block, max(MIN_BLOCK, int(MIN_BLOCK_FLOPS // flops_per_row)))
-    block = max(smallest, min(block, -(-n // SMALL_SPLIT)))
-    n_blocks = -(-n // block)
+    limit = min(MAX_BLOCK, max(MIN_BLOCK, BLOCK_BYTES // (itemsize * widths)))
+    smallest = min(limit, max(MIN_BLOCK, int(MIN_BLOCK_FLOPS // flops_per_row)))
+    n_blocks = max(1, -(-n // limit))
+    if n_blocks <= FEW_BLOCKS:
+        shared = max(2, 1 << (n_blocks - 1).bit_length())
+        n_blocks = max(n_blocks, min(shared, -(-n // smallest)))
+    block = max(1, -(-n // n_blocks))
     per = -(-n_blocks // MAX_CHUNKS)
     return block, per, -(-n_blocks // per)
 
@@ -311,7 +320,7 @@ def gradient_partials(
     block's sums added into float64)."""
     n = X.shape[0]
     widths = [int(s) for s in sizes]
-    block, per, n_chunks = plan(n, widths)
+    block, per, n_chunks = plan(n, widths, np.dtype(products).itemsize)
     W, b, WT, at = _weights(params, widths, products)
     sizes_a = np.array(widths, dtype=np.int64)
     partial = np.empty((n_chunks, params.size + 1))

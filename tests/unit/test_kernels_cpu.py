@@ -743,6 +743,9 @@ def test_gemm_plan_depends_on_rows_and_model_only():
 
     sizes = [256, 256, 256, 1]
     assert cpu_gemm.plan(256, sizes) == (64, 1, 4)  # a mini-batch is cut for the threads
+    assert cpu_gemm.plan(256, sizes, 4) == (128, 1, 2)  # float32 blocks hold twice the rows
+    assert cpu_gemm.plan(256, [256, 64, 32, 1]) == (128, 1, 2)  # equal blocks, not 180 + 76
+    assert cpu_gemm.plan(1, sizes) == (1, 1, 1)
     block, per, chunks = cpu_gemm.plan(1_000_000, sizes)
     assert block * per * chunks >= 1_000_000 and chunks <= cpu_gemm.MAX_CHUNKS
     assert block * per * (chunks - 1) < 1_000_000

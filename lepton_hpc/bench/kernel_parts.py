@@ -294,7 +294,7 @@ def _mlp_case(d: int, hidden, n_full: int, n_mini: int, dev, reps_full: int) -> 
             for s in range(0, n, batch):
                 xb, yb = X[s : s + batch], y[s : s + batch]
                 device.gradient(xb, yb, params, sizes_a, RELU, BINARY, buf)
-                opt.step(params, buf[:P] / buf[P + 1])
+                opt.step_sums(params, buf[:P], buf[P + 1])  # the mean in the update's pass
 
         return epoch
 

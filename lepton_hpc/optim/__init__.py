@@ -15,7 +15,10 @@ from .lbfgs import LBFGS
 
 
 class Optimizer:
-    """``step(params, grad)`` updates ``params`` in place from the global mean gradient."""
+    """``step(params, grad)`` updates ``params`` in place from the global mean gradient;
+    ``step_sums(params, sums, rows, l2)`` from the gradient summed over ``rows`` rows, with
+    the L2 term ``l2 * params`` added to the mean where ``l2`` is not empty (the built-in
+    optimisers fold both into their one pass: ``updates``)."""
 
     full_batch_line_search = False
 
@@ -30,6 +33,14 @@ class Optimizer:
     def step(self, params: np.ndarray, grad: np.ndarray) -> None:
         raise NotImplementedError
 
+    def step_sums(
+        self, params: np.ndarray, sums: np.ndarray, rows: float, l2: np.ndarray = updates.NO_L2
+    ) -> None:
+        grad = sums / rows
+        if l2.size:
+            grad += l2 * params
+        self.step(params, grad)
+
     def state(self) -> dict[str, np.ndarray]:
         return {"t": np.array(self.t)}
 
@@ -41,8 +52,11 @@ class SGD(Optimizer):
     """Plain gradient descent: ``p -= lr * g``. (Each update is one fused pass, ``updates``.)"""
 
     def step(self, params: np.ndarray, grad: np.ndarray) -> None:
+        self.step_sums(params, grad, 1.0)
+
+    def step_sums(self, params, sums, rows, l2=updates.NO_L2) -> None:
         self.t += 1
-        updates.sgd(params, grad, self.lr)
+        updates.sgd(params, sums, float(rows), l2, self.lr)
 
 
 class Momentum(Optimizer):
@@ -54,8 +68,11 @@ class Momentum(Optimizer):
         self.v = np.zeros(n)
 
     def step(self, params: np.ndarray, grad: np.ndarray) -> None:
+        self.step_sums(params, grad, 1.0)
+
+    def step_sums(self, params, sums, rows, l2=updates.NO_L2) -> None:
         self.t += 1
-        updates.momentum(params, grad, self.v, self.mu, self.lr)
+        updates.momentum(params, sums, float(rows), l2, self.v, self.mu, self.lr)
 
     def state(self) -> dict[str, np.ndarray]:
         return {**super().state(), "v": self.v}
@@ -75,9 +92,25 @@ class Adam(Optimizer):
         self.v = np.zeros(n)
 
     def step(self, params: np.ndarray, grad: np.ndarray) -> None:
+        self.step_sums(params, grad, 1.0)
+
+    def step_sums(self, params, sums, rows, l2=updates.NO_L2) -> None:
         self.t += 1
         c1, c2 = 1.0 - self.b1**self.t, 1.0 - self.b2**self.t  # the bias corrections
-        updates.adam(params, grad, self.m, self.v, self.b1, self.b2, c1, c2, self.lr, self.eps)
+        updates.adam(
+            params,
+            sums,
+            float(rows),
+            l2,
+            self.m,
+            self.v,
+            self.b1,
+            self.b2,
+            c1,
+            c2,
+            self.lr,
+            self.eps,
+        )
 
     def state(self) -> dict[str, np.ndarray]:
         return {**super().state(), "m": self.m, "v": self.v}

@@ -25,6 +25,7 @@ from ..comm.base import Communicator
 from ..compile_clock import compile_clock
 from ..device import Device
 from ..faults import FaultHooks, StopFlag
+from ..optim.updates import NO_L2
 
 TAIL = 4  # loss sum, rows, stop flag, step: the slots after the payload
 
@@ -116,6 +117,7 @@ class StepContext:
     slow: float = field(init=False)  # LEPTON_FAULT slow=F@RANK: this rank's factor (1.0: off)
 
     def __post_init__(self) -> None:
+        self.l2_mask = np.ascontiguousarray(self.l2_mask, dtype=np.float64)  # the update's type
         self.l2_any = bool(self.l2_mask.any())
         self.buf = fused_buffer(self.n_params)
         factor = getattr(self.hooks, "slow_factor", None)
@@ -155,10 +157,16 @@ class StepContext:
             grad += self.l2_mask * params
         return grad
 
-    def gradient(
+    def update(self, opt, params: np.ndarray, sums: np.ndarray, rows: float) -> None:
+        """``opt``'s update from summed gradients: the bits of ``opt.step(params,
+        self.mean_gradient(sums, rows, params))``, the mean folded into the optimiser's pass."""
+        opt.step_sums(params, sums, max(rows, 1.0), self.l2_mask if self.l2_any else NO_L2)
+
+    def summed_gradient(
         self, params: np.ndarray, X, y, step: int, rows: np.ndarray | None = None
     ) -> tuple[np.ndarray, StepOutcome]:
-        """Global mean gradient of the batch (with L2) via one fused allreduce.
+        """The batch's gradient summed over every rank's rows (a view of the fused buffer,
+        valid until the next step) via one fused allreduce.
 
         ``rows``: the local row positions of X (None: all local rows), for block-ordered sums.
         """
@@ -168,5 +176,11 @@ class StepContext:
         self.mark(buf, step)
         with self.timers("comm"):
             self.reduction.reduce_(buf)
-        out = self.outcome(buf, step)
-        return self.mean_gradient(buf[: self.n_params], out.rows, params), out
+        return buf[: self.n_params], self.outcome(buf, step)
+
+    def gradient(
+        self, params: np.ndarray, X, y, step: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, StepOutcome]:
+        """Global mean gradient of the batch (with L2): ``summed_gradient``'s mean."""
+        sums, out = self.summed_gradient(params, X, y, step, rows)
+        return self.mean_gradient(sums, out.rows, params), out

@@ -238,8 +238,8 @@ class Strategy:
         self.P = ctx.n_params
 
     def step(self, params: np.ndarray, X, y, step: int, rows: np.ndarray) -> StepOutcome:
-        grad, out = self.ctx.gradient(params, X, y, step, rows)
-        self.opt.step(params, grad)
+        sums, out = self.ctx.summed_gradient(params, X, y, step, rows)
+        self.ctx.update(self.opt, params, sums, out.rows)
         return out
 
     def settle(self, params: np.ndarray, step: int) -> StepOutcome:  # noqa: ARG002
@@ -284,7 +284,7 @@ class Overlap(Strategy):
         with ctx.timers("comm"):
             request.Wait()
         out = ctx.outcome(buf, step)
-        self.opt.step(params, ctx.mean_gradient(buf[: self.P], out.rows, params))
+        ctx.update(self.opt, params, buf[: self.P], out.rows)
         return out
 
     def settle(self, params: np.ndarray, step: int) -> StepOutcome:
@@ -329,7 +329,7 @@ class LocalSGD(Strategy):
             ctx.reduction.local_sums(params, X, y, self.local, rows)
         n = self.local[P + 1]
         if n > 0:  # a rank with none of this batch's rows keeps its parameters
-            self.opt.step(params, ctx.mean_gradient(self.local[:P], n, params))
+            ctx.update(self.opt, params, self.local[:P], n)
         self.rows += n
         self.loss += self.local[P]
         self.steps += 1

@@ -153,6 +153,30 @@ def test_fused_updates_are_the_numpy_bits(name, n):
     assert np.array_equal(p, _numpy_updates(name, p0.copy(), grads))
 
 
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("n", [7, 100_003])
+def test_updates_from_summed_gradients_are_the_bits_of_the_mean_then_the_update(name, n):
+    """``step_sums``: the mean (and L2 term) folded into the pass gives the bits of NumPy's
+    ``sums / rows + l2 * params`` followed by the update, and ``step`` those of rows = 1."""
+    rng = np.random.default_rng(n + 1)
+    p0 = rng.standard_normal(n)
+    sums = [rng.standard_normal(n) * 10.0 ** rng.integers(-6, 4, n) for _ in range(3)]
+    rows = [3.0, 1.0, 4097.0]
+    l2 = np.where(rng.random(n) < 0.7, 1e-3, 0.0)
+    for mask in (l2, np.zeros(0)):
+        fused = make_optimizer(OptimConfig(name=name, lr=0.01, momentum=0.9), n)
+        plain = make_optimizer(OptimConfig(name=name, lr=0.01, momentum=0.9), n)
+        p, q = p0.copy(), p0.copy()
+        for s, r in zip(sums, rows, strict=True):
+            fused.step_sums(p, s, r, mask)
+            grad = s / r
+            if mask.size:
+                grad += mask * q
+            plain.step(q, grad)
+        assert np.array_equal(p, q) and not np.array_equal(p, p0)
+        assert fused.t == plain.t == 3
+
+
 def test_serial_and_threaded_updates_are_cached_apart():
     """Numba's disk cache keys a kernel by qualified name and signature, not by its options: the
     serial and threaded update of each optimiser need names of their own, or a fresh process

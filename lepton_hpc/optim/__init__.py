@@ -14,6 +14,16 @@ from . import updates
 from .lbfgs import LBFGS
 
 
+def mean_of_sums(sums: np.ndarray, rows: float, l2: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """The mean gradient from the gradient summed over ``rows`` rows, with the L2 term
+    ``l2 * params`` where ``l2`` is not empty: the NumPy expressions whose bits every
+    optimiser's ``step_sums`` gives."""
+    grad = sums / rows
+    if l2.size:
+        grad += l2 * params
+    return grad
+
+
 class Optimizer:
     """``step(params, grad)`` updates ``params`` in place from the global mean gradient;
     ``step_sums(params, sums, rows, l2)`` from the gradient summed over ``rows`` rows, with
@@ -36,10 +46,7 @@ class Optimizer:
     def step_sums(
         self, params: np.ndarray, sums: np.ndarray, rows: float, l2: np.ndarray = updates.NO_L2
     ) -> None:
-        grad = sums / rows
-        if l2.size:
-            grad += l2 * params
-        self.step(params, grad)
+        self.step(params, mean_of_sums(sums, rows, l2, params))
 
     def state(self) -> dict[str, np.ndarray]:
         return {"t": np.array(self.t)}

@@ -25,6 +25,7 @@ from ..comm.base import Communicator
 from ..compile_clock import compile_clock
 from ..device import Device
 from ..faults import FaultHooks, StopFlag
+from ..optim import mean_of_sums
 from ..optim.updates import NO_L2
 
 TAIL = 4  # loss sum, rows, stop flag, step: the slots after the payload
@@ -152,15 +153,16 @@ class StepContext:
 
     def mean_gradient(self, sums: np.ndarray, rows: float, params: np.ndarray) -> np.ndarray:
         """The global mean gradient from summed gradients: ``sums / rows + l2_mask * params``."""
-        grad = sums / max(rows, 1.0)
-        if self.l2_any:
-            grad += self.l2_mask * params
-        return grad
+        return mean_of_sums(sums, max(rows, 1.0), self._l2(), params)
 
     def update(self, opt, params: np.ndarray, sums: np.ndarray, rows: float) -> None:
         """``opt``'s update from summed gradients: the bits of ``opt.step(params,
         self.mean_gradient(sums, rows, params))``, the mean folded into the optimiser's pass."""
-        opt.step_sums(params, sums, max(rows, 1.0), self.l2_mask if self.l2_any else NO_L2)
+        opt.step_sums(params, sums, max(rows, 1.0), self._l2())
+
+    def _l2(self) -> np.ndarray:
+        """The L2 coefficients the mean adds, or none (an empty array) where all are 0."""
+        return self.l2_mask if self.l2_any else NO_L2
 
     def summed_gradient(
         self, params: np.ndarray, X, y, step: int, rows: np.ndarray | None = None

@@ -9,9 +9,9 @@ models, about 128 KiB of activations for MLPs) grouped into chunks that depend o
 model, so results are bitwise identical for any thread count. Precision: float32 X is widened as
 it is read; every product, sum and accumulator is float64 (agreement with a float64 reference to
 ~1e-13), unless ``train.products = "float32"`` (see ``gradient``). One-output models run the
-register tiles of ``cpu_tiles`` where the CPU has AVX-512 (up to ``TILE_WIDTH`` features) and
-its feature panels elsewhere (wider rows; any row on AVX2); models with several outputs the
-pipelined passes.
+register tiles of ``cpu_tiles`` where the CPU has AVX-512 and the rows are narrow (``_tiled``),
+and its feature panels for every other width (any row on AVX2, ``_panels``); models with
+several outputs the pipelined passes.
 """
 
 import numpy as np
@@ -31,10 +31,8 @@ from .cpu_tiles import (
     _one_output_panels,
     _one_output_panels4,
     _one_output_panels4x16,
-    _one_output_tiles8,
     _taken_panels4,
     _taken_panels4x16,
-    _taken_tiles8,
     tiles_kernel,
 )
 
@@ -47,7 +45,8 @@ MIN_CHUNK_BLOCKS = 8  # a chunk has at least this many blocks: small batches pay
 TILE_WIDTH = 32  # one-output models up to this many features: rows held in registers
 TILE_AHEAD_BYTES = 2048  # software prefetch distance of the register-tile kernels
 TAKEN_AHEAD_ROWS = 16  # ... and of the kernels on rows taken by index (random rows)
-PANEL_MAX_WIDTH = 28  # with AVX-512, 17 to this many features run 4-feature panels, not tiles
+PANEL_AHEAD_WIDTH = 28  # ... those 4-feature panels prefetch (software) rows up to this width
+PANEL4_WIDTH = 40  # one-output rows up to this many features run 4-feature panels of 16 rows
 # MLPs with a hidden layer at least this wide run their layers as BLAS GEMMs over blocks of
 # rows (``cpu_gemm``); narrower ones the loop nests of ``cpu_passes``, which win there. Tests
 # switch it.
@@ -80,25 +79,36 @@ def _mlp_block(sizes: np.ndarray) -> int:
     return min(max(MLP_ROW_FLOATS // int(sizes[1:].sum()), 8), 512)
 
 
-def _tiled(d: int) -> bool:
+def _tiled(d: int, binary: bool) -> bool:
     """Whether one-output rows of d features run the register tiles (with AVX-512): rows of one
-    or two registers (d <= 16), and of four where at most 3 of their 32 lanes are padding (d >
-    28); at 17-28 features the 4-feature panels in groups of 16 rows waste less and were faster
-    (d = 20: 10.7 against 15.7 ms, d = 24: 10.1 against 13.0 for 256 MiB)."""
-    return d <= 16 or PANEL_MAX_WIDTH < d <= TILE_WIDTH
+    or two registers (d <= 16), and, for the squared head, of four (29-32 features, at most 3 of
+    their 32 lanes padding). The 4-feature panels in groups of 16 rows take the rest up to
+    ``PANEL4_WIDTH``: at 17-28 features they waste less (d = 20: 10.7 against 15.7 ms, d = 24:
+    10.1 against 13.0 for 256 MiB), and the logistic head's two groups' heads interleaved beat
+    its eight-row register tiles at 29-32 (d = 32, 512 MiB: 0.82-0.86 of the read ceiling
+    against 0.72-0.74)."""
+    return d <= 16 or (not binary and TILE_WIDTH - 4 < d <= TILE_WIDTH)
 
 
 def _panels(X: np.ndarray):
-    """(feature-panel kernel, prefetch distance in rows) for one-output rows of X: panels of 8
-    features with AVX-512 for rows wider than the tiles; otherwise panels of 4, in groups of 16
-    rows up to TILE_WIDTH features (there the head is a large part of the work: two groups'
-    heads run interleaved) and of 8 rows above (AVX2). Rows wider than the tiles are read in
-    memory order, one after the other, and take no software prefetch (distance 0)."""
-    if USE_TILES and X.shape[1] > TILE_WIDTH:
-        return _one_output_panels, 0
-    if X.shape[1] <= TILE_WIDTH:
-        return _one_output_panels4x16, max(16, TILE_AHEAD_BYTES // (X.shape[1] * X.itemsize))
-    return _one_output_panels4, 0
+    """(feature-panel kernel, prefetch distance in rows) for one-output rows of X: up to
+    ``PANEL4_WIDTH`` features panels of 4 features in groups of 16 rows (there the head is a
+    large part of the work: two groups' heads run interleaved); wider rows panels of 8 features
+    (AVX-512) or of 4 in groups of 8 rows (AVX2), read in memory order, one after the other.
+    Rows up to ``PANEL_AHEAD_WIDTH`` features (AVX-512) or ``TILE_WIDTH`` (AVX2) take a
+    software prefetch; wider ones run faster without it.
+
+    At 33-40 features the 8-feature panels pay a whole panel for 1-8 features. Logistic, 256
+    MiB of rows, timed in rotation: with AVX-512 the 16-row groups were faster in 15 of 18
+    pairs (three runs of d = 33-37 and 40), by up to 40 %; on AVX2 code 0.73-0.84 of the read
+    ceiling against 0.56-0.77 in 8-row groups; with the prefetch 5-25 % slower. At 48 features
+    and more the wider panels win."""
+    d = X.shape[1]
+    if d > PANEL4_WIDTH:
+        return (_one_output_panels if USE_TILES else _one_output_panels4), 0
+    prefetched = PANEL_AHEAD_WIDTH if USE_TILES else TILE_WIDTH
+    ahead = max(16, TILE_AHEAD_BYTES // (d * X.itemsize)) if d <= prefetched else 0
+    return _one_output_panels4x16, ahead
 
 
 def _float32_rows(X: np.ndarray) -> bool:
@@ -137,7 +147,6 @@ PRODUCTS = {"float64": np.float64, "float32": np.float32}
 _TAKEN = {
     _one_output_panels4: _taken_panels4,
     _one_output_panels4x16: _taken_panels4x16,
-    _one_output_tiles8: _taken_tiles8,
 }
 
 
@@ -187,12 +196,10 @@ def gradient(
     if products == "float32" and one_output and _float32_rows(X):
         n_chunks, rows = _plan(n, _single_block(X), P + 1)
         partial = one_output_float32(X, Y, pT, head == BINARY, rows, n_chunks)
-    elif USE_TILES and one_output and _tiled(X.shape[1]):
+    elif USE_TILES and one_output and _tiled(X.shape[1], head == BINARY):
         n_chunks, rows = _plan(n, _single_block(X), P + 1)
         ahead = max(1, TILE_AHEAD_BYTES // (X.shape[1] * X.itemsize))
-        # Narrow rows take one or two registers; up to 32 features, the logistic head pays for
-        # eight-row groups, the cheap squared head does not.
-        tiles = tiles_kernel(X.shape[1], head == BINARY)
+        tiles = tiles_kernel(X.shape[1])
         partial = tiles(X, Y, pT, head == BINARY, ahead, rows, n_chunks)
     elif USE_PANELS and one_output:  # wider rows, or no AVX-512: feature panels
         n_chunks, rows = _plan(n, _single_block(X), P + 1)
@@ -216,8 +223,8 @@ def gradient(
 class TakenRows:
     """A rank's rows prepared once for ``gradient_rows`` (by ``taken_rows``): the rows ``X``
     and float64 targets ``Y`` (read-only), and what each step would otherwise work out again
-    from them: the kernel (``cpu_tiles._taken_panels4``, ``_taken_panels4x16`` or
-    ``_taken_tiles8``), the head and the rows per block of the chunk plan."""
+    from them: the kernel (``cpu_tiles._taken_panels4`` or ``_taken_panels4x16``), the head
+    and the rows per block of the chunk plan."""
 
     __slots__ = ("X", "Y", "binary", "block", "kernel", "n_params")
 
@@ -234,12 +241,11 @@ def taken_rows(X, y, sizes, head: int, products: str = "float64") -> TakenRows |
     mini-batch of X is better copied and given to ``gradient``.
 
     The rows are read where they are by the one-output models whose rows run the 4-feature
-    panels (every feature count on AVX2; 17-28 features with AVX-512) or, with AVX-512, the
-    logistic head's register tiles of eight-row groups (29-32 features), with float64
-    products: ``cpu_tiles._taken_panels4``, ``_taken_panels4x16`` and ``_taken_tiles8`` are
-    those kernels on rows taken by index, with the same bits as on a copy of the rows. Other
-    models (the other register tiles, 8-feature panels, float32 products, MLPs, the reference
-    kernels) keep the copy."""
+    panels (every feature count on AVX2; with AVX-512 17-40 features, but the squared head's
+    register tiles at 29-32), with float64 products: ``cpu_tiles._taken_panels4`` and
+    ``_taken_panels4x16`` are those kernels on rows taken by index, with the same bits as on a
+    copy of the rows. Other models (the register tiles, 8-feature panels, float32 products,
+    MLPs, the reference kernels) keep the copy."""
     sizes = np.asarray(sizes)
     if not native.supported()[0] or not USE_PANELS or sizes.size != 2 or int(sizes[1]) != 1:
         return None
@@ -250,7 +256,8 @@ def taken_rows(X, y, sizes, head: int, products: str = "float64") -> TakenRows |
     if products == "float32" and _float32_rows(X):
         return None
     d = X.shape[1]
-    copied = tiles_kernel(d, head == BINARY) if USE_TILES and _tiled(d) else _panels(X)[0]
+    binary = head == BINARY
+    copied = tiles_kernel(d) if USE_TILES and _tiled(d, binary) else _panels(X)[0]
     kernel = _TAKEN.get(copied)
     return None if kernel is None else TakenRows(X, y, head, kernel)
 

@@ -104,60 +104,6 @@ def _tile_group(xf, o, d, live, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2,
 
 
 @njit(inline="always", error_model="numpy")
-def _tile_group8(xf, o, d, live, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2, g3):
-    """_tile_group for eight rows (live <= 8), with the head on the eight logits as one vec8.
-
-    32 registers of rows do not fit beside the weights and the gradient, so the compiler
-    spills some rows to the stack after their dot products and the gradient's FMAs read them
-    back from L1 (a load, not a second widening). For the logistic head that pays, since its
-    head then runs once per eight rows; for the cheap squared head the spills cost more than
-    they save, so it keeps the four-row groups.
-    """
-    at = (o, o + d, o + 2 * d, o + 3 * d, o + 4 * d, o + 5 * d, o + 6 * d, o + 7 * d)
-    y = load8(yf, i, live)
-    return _tile_group8_at(xf, at, d, live, w0, w1, w2, w3, bias, y, binary, g0, g1, g2, g3)
-
-
-@njit(inline="always", error_model="numpy")
-def _tile_group8_at(xf, at, d, live, w0, w1, w2, w3, bias, y, binary, g0, g1, g2, g3):
-    """``_tile_group8`` of the eight rows whose first values are ``xf[at[0]]`` ..
-    ``xf[at[7]]`` (consecutive rows, or rows taken by index) and whose targets are the vec8
-    ``y``."""
-    x00, x01, x02, x03 = _row_tiles(xf, at[0], d if live > 0 else 0)
-    z0 = _dot_tiles(x00, x01, x02, x03, w0, w1, w2, w3)
-    x10, x11, x12, x13 = _row_tiles(xf, at[1], d if live > 1 else 0)
-    z1 = _dot_tiles(x10, x11, x12, x13, w0, w1, w2, w3)
-    x20, x21, x22, x23 = _row_tiles(xf, at[2], d if live > 2 else 0)
-    z2 = _dot_tiles(x20, x21, x22, x23, w0, w1, w2, w3)
-    x30, x31, x32, x33 = _row_tiles(xf, at[3], d if live > 3 else 0)
-    z3 = _dot_tiles(x30, x31, x32, x33, w0, w1, w2, w3)
-    x40, x41, x42, x43 = _row_tiles(xf, at[4], d if live > 4 else 0)
-    z4 = _dot_tiles(x40, x41, x42, x43, w0, w1, w2, w3)
-    x50, x51, x52, x53 = _row_tiles(xf, at[5], d if live > 5 else 0)
-    z5 = _dot_tiles(x50, x51, x52, x53, w0, w1, w2, w3)
-    x60, x61, x62, x63 = _row_tiles(xf, at[6], d if live > 6 else 0)
-    z6 = _dot_tiles(x60, x61, x62, x63, w0, w1, w2, w3)
-    x70, x71, x72, x73 = _row_tiles(xf, at[7], d if live > 7 else 0)
-    z7 = _dot_tiles(x70, x71, x72, x73, w0, w1, w2, w3)
-    z = hsum8(z0, z1, z2, z3, z4, z5, z6, z7) + bias
-    if binary:
-        q, loss = head_lanes(z, y, live, True)
-    else:
-        q, loss = head_lanes(z, y, live, False)
-    s0, s1, s2, s3 = lane8(q, 0), lane8(q, 1), lane8(q, 2), lane8(q, 3)
-    s4, s5, s6, s7 = lane8(q, 4), lane8(q, 5), lane8(q, 6), lane8(q, 7)
-    g0 = _add_rows(g0, s0, s1, s2, s3, x00, x10, x20, x30)
-    g0 = _add_rows(g0, s4, s5, s6, s7, x40, x50, x60, x70)
-    g1 = _add_rows(g1, s0, s1, s2, s3, x01, x11, x21, x31)
-    g1 = _add_rows(g1, s4, s5, s6, s7, x41, x51, x61, x71)
-    g2 = _add_rows(g2, s0, s1, s2, s3, x02, x12, x22, x32)
-    g2 = _add_rows(g2, s4, s5, s6, s7, x42, x52, x62, x72)
-    g3 = _add_rows(g3, s0, s1, s2, s3, x03, x13, x23, x33)
-    g3 = _add_rows(g3, s4, s5, s6, s7, x43, x53, x63, x73)
-    return g0, g1, g2, g3, q, loss
-
-
-@njit(inline="always", error_model="numpy")
 def _rows8_one_tile(xf, o, d, live, w0):
     """Rows i .. i + live - 1 (live <= 8) of a model with d <= 8 (one vec8 each, widened; rows
     past live read as 0) and their logits without the bias."""
@@ -276,7 +222,7 @@ def _group16_two_tiles(xf, o, d, live, w0, w1, bias, yf, i, binary, g0, g1, h0, 
 def _tiles_kernel(group: int, tiles: int = 4):
     """The one-output kernel for groups of ``group`` rows: k == 1 and d <= 8 * tiles.
 
-    ``tiles`` is the number of vec8 registers a row takes: 4 (d <= 32, groups of 4 or 8 rows),
+    ``tiles`` is the number of vec8 registers a row takes: 4 (d <= 32, groups of 4 rows),
     2 (d <= 16, groups of 16) or 1 (d <= 8, groups of 32). Narrow rows take a half or a quarter
     of the loads, products and gradient FMAs, and their larger groups keep several heads in
     flight; they run for both heads.
@@ -285,8 +231,7 @@ def _tiles_kernel(group: int, tiles: int = 4):
     (hsum4 / hsum8), the head on the group's logits as one vector, and FMAs into the gradient,
     which stays in four registers for the whole chunk. Returns the (n_chunks, d + 2) partial
     sums: gradient, bias gradient, loss. Chunks are as in cpu_passes (whole blocks, from n and
-    the model only), so results do not depend on the thread count. The two group sizes agree to
-    rounding, not bitwise (another order of the FMAs).
+    the model only), so results do not depend on the thread count.
 
     ``group`` is a constant of the closure: Numba prunes the other size's branches before typing,
     so each size compiles to a kernel of its own (both in one function, the register allocation
@@ -310,8 +255,6 @@ def _tiles_kernel(group: int, tiles: int = 4):
             bias = splat32(w[d])
         elif group == 16:
             bias = splat16(w[d])
-        elif group == 8:
-            bias = splat8(w[d])
         else:
             bias = splat4(w[d])
         for c in prange(n_chunks):
@@ -320,8 +263,6 @@ def _tiles_kernel(group: int, tiles: int = 4):
                 q_sum, loss_sum = zero32(), zero32()
             elif group == 16:
                 q_sum, loss_sum = zero16(), zero16()
-            elif group == 8:
-                q_sum, loss_sum = zero8(), zero8()
             else:
                 q_sum, loss_sum = zero4(), zero4()
             start, stop = c * chunk_rows, min(n, (c + 1) * chunk_rows)
@@ -347,15 +288,6 @@ def _tiles_kernel(group: int, tiles: int = 4):
                     else:
                         g0, g1, g2, g3, q, loss = _group16_two_tiles(
                             xf, i * d, d, live, w0, w1, bias, yf, i, binary, g0, g1, g2, g3
-                        )
-                elif group == 8:
-                    if live == 8:  # the common case, with its masks known to be the full rows
-                        g0, g1, g2, g3, q, loss = _tile_group8(
-                            xf, i * d, d, 8, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2, g3
-                        )
-                    else:
-                        g0, g1, g2, g3, q, loss = _tile_group8(
-                            xf, i * d, d, live, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2, g3
                         )
                 elif live == 4:
                     g0, g1, g2, g3, q, loss = _tile_group(
@@ -395,25 +327,24 @@ def _store_partial(row, d, g0, g1, g2, g3, q_sum, loss_sum):
 
 
 _one_output_tiles = _tiles_kernel(4)  # the squared head: cheap, so rows stay in registers
-_one_output_tiles8 = _tiles_kernel(8)  # the logistic head: runs once per eight rows
 _one_output_tiles16_2 = _tiles_kernel(16, 2)  # d <= 16, both heads
 _one_output_tiles32_1 = _tiles_kernel(32, 1)  # d <= 8, both heads
 
 
-def tiles_kernel(d: int, binary: bool):
-    """The register-tile gradient kernel for d <= 32 features and this head."""
+def tiles_kernel(d: int):
+    """The register-tile gradient kernel for d <= 32 features (either head)."""
     if d <= 8:
         return _one_output_tiles32_1
     if d <= 16:
         return _one_output_tiles16_2
-    return _one_output_tiles8 if binary else _one_output_tiles
+    return _one_output_tiles
 
 
 @njit(inline="always", error_model="numpy")
 def _logits8(xf, o, d, live, w0, w1, w2, w3, bias):
     """The logits (a vec8) of rows i .. i + live - 1 (live <= 8) of a one-output model with
     d <= 32 whose first value is ``xf[o]``: the dot products of the register-tile gradient
-    kernel for that d (``_group32_one_tile``, ``_group16_two_tiles`` or ``_tile_group8``), so the
+    kernel for that d (``_group32_one_tile``, ``_group16_two_tiles`` or ``_tile_group``), so the
     same bits where the gradient runs them (``cpu._tiled``)."""
     if d <= 8:
         return _rows8_one_tile(xf, o, d, live, w0)[8] + bias
@@ -912,49 +843,6 @@ def _taken_chunk(group: int):
 
 _taken_chunk4 = _taken_chunk(8)
 _taken_chunk4x16 = _taken_chunk(16)
-
-
-@njit(error_model="numpy", cache=True)
-def _taken_tiles_chunk8(X, Y, rows, w, binary, ahead, start, stop, out):
-    """One chunk of ``_one_output_tiles8`` (the register tiles, eight-row groups) on the rows
-    ``X[rows]``, read where they are: the same groups and arithmetic as the kernel on a copy of
-    those rows (``_tile_group8_at``), so the same bits, without the copy; the rows ``ahead``
-    rows on are prefetched, with their targets. A function of its own, as ``_taken_chunk``'s."""
-    d = X.shape[1]
-    xf, yf = X.reshape(-1), Y.reshape(-1)
-    yb = np.zeros(8)
-    w0, w1, w2, w3 = _row_tiles(w, 0, d)
-    bias = splat8(w[d])
-    g0, g1, g2, g3 = zero8(), zero8(), zero8(), zero8()
-    q_sum, loss_sum = zero8(), zero8()
-    for i in range(start, stop, 8):
-        live = min(8, stop - i)
-        _taken_targets(X, yf, rows, i, 8, live, ahead, yb)
-        at = _offsets8(rows, i, stop, d)
-        y = load8(yb, 0, live)
-        if live == 8:
-            g0, g1, g2, g3, q, loss = _tile_group8_at(
-                xf, at, d, 8, w0, w1, w2, w3, bias, y, binary, g0, g1, g2, g3
-            )
-        else:
-            g0, g1, g2, g3, q, loss = _tile_group8_at(
-                xf, at, d, live, w0, w1, w2, w3, bias, y, binary, g0, g1, g2, g3
-            )
-        q_sum = q_sum + q
-        loss_sum = loss_sum + loss
-    _store_partial(out, d, g0, g1, g2, g3, hsum(q_sum), hsum(loss_sum))
-
-
-@njit(parallel=True, error_model="numpy", cache=True)
-def _taken_tiles8(X, Y, rows, w, binary, ahead, chunk_rows, n_chunks):
-    """``_one_output_tiles8`` on the rows ``X[rows]`` (targets ``Y[rows]``), read in place."""
-    n = rows.size
-    partial = np.empty((n_chunks, X.shape[1] + 2))
-    for c in prange(n_chunks):
-        start = c * chunk_rows
-        stop = min(n, start + chunk_rows)
-        _taken_tiles_chunk8(X, Y, rows, w, binary, ahead, start, stop, partial[c])
-    return partial
 
 
 @njit(parallel=True, error_model="numpy", cache=True)

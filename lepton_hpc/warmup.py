@@ -44,9 +44,10 @@ from .errors import LeptonError
 from .log import Log
 
 ROWS = 1100  # tiny, but room for one batch of 1,024 (the parallel batch gather)
-# One-output models: register tiles of one, two and four registers a row (<= 8, <= 16 and 29-32
-# features), 4-feature panels (17-28) and 8-feature panels (wider); AVX2 runs panels for all.
-NARROW, MID, PANEL, TILED, WIDE = 6, 12, 20, 30, 40
+# One-output models with AVX-512: register tiles of one, two and four registers a row (<= 8, <= 16
+# features, and the squared head's 29-32), 4-feature panels (17-40) and 8-feature panels (wider);
+# AVX2 runs panels for all.
+NARROW, MID, PANEL, TILED, WIDE = 6, 12, 20, 30, 48
 CLASSES = 3
 TASKS = (  # the data files (task, features)
     ("binary", NARROW),

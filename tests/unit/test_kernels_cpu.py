@@ -455,14 +455,16 @@ def assert_same_bits_on_1_and_2_threads(X, y, params, sizes, head, products="flo
 
 TILE_KERNELS = {  # name: (kernel, the widest rows it takes)
     "4 rows": (cpu_tiles._one_output_tiles, 32),
-    "8 rows": (cpu_tiles._one_output_tiles8, 32),
     "16 rows, 2 tiles": (cpu_tiles._one_output_tiles16_2, 16),
     "32 rows, 1 tile": (cpu_tiles._one_output_tiles32_1, 8),
 }
 PANELS = {  # kernel: feature counts (every panel tail)
     "8 features": (cpu_tiles._one_output_panels, (33, 39, 40, 64, 65, 127, 1023, 1024, 257)),
     "4 features": (cpu_tiles._one_output_panels4, (1, 3, 4, 5, 8, 31, 33, 1021, 1024, 70)),
-    "4 features, 16 rows": (cpu_tiles._one_output_panels4x16, (1, 3, 4, 5, 8, 13, 16, 31, 32)),
+    "4 features, 16 rows": (
+        cpu_tiles._one_output_panels4x16,
+        (1, 3, 4, 5, 8, 13, 16, 31, 33, 34, 35, 36, 37, 39, 40, 32),
+    ),
 }
 
 
@@ -470,8 +472,8 @@ PANELS = {  # kernel: feature counts (every panel tail)
 @pytest.mark.parametrize("head", [SQUARED, BINARY])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_feature_panels_match_reference(monkeypatch, kernel, head, dtype):
-    """The feature-panel kernels (8 features a panel: d > 32 on AVX-512; 4: AVX2, in groups
-    of 16 rows up to 32 features): gradient and loss against the float64 reference for every
+    """The feature-panel kernels (8 features a panel: d > 40 on AVX-512; 4: AVX2; 4 in groups
+    of 16 rows: up to 40 features on both): gradient and loss against the float64 reference for every
     tail of their panels and of their row groups, and the same bits for 1 and 2 threads."""
     chosen, feature_counts = PANELS[kernel]
     monkeypatch.setattr(cpu, "USE_TILES", False)
@@ -491,8 +493,10 @@ def test_feature_panels_match_reference(monkeypatch, kernel, head, dtype):
 
 TAKEN = {  # the kernels that also read rows in place, and their feature counts
     "4 features": (cpu_tiles._one_output_panels4, (1, 3, 4, 5, 33, 70)),
-    "4 features, 16 rows": (cpu_tiles._one_output_panels4x16, (1, 3, 5, 8, 13, 16, 31, 32)),
-    "tiles, 8 rows": (cpu_tiles._one_output_tiles8, (29, 30, 31, 32)),  # AVX-512, logistic
+    "4 features, 16 rows": (
+        cpu_tiles._one_output_panels4x16,
+        (1, 3, 5, 8, 13, 16, 31, 32, 33, 36, 37, 40),
+    ),
 }
 
 
@@ -504,24 +508,15 @@ def test_rows_read_in_place_give_the_bits_of_the_copied_rows(monkeypatch, kernel
     give the same bits as ``gradient`` on a copy of them, for every tail of the panels, of the
     row groups and of the chunks; rows ascending (as training's batches) or in any order and
     repeated (int32, as training's batches: int64 positions would compile each kernel again);
-    against the float64 reference; on 1 and 2 threads; no rows. The register tiles (AVX-512
-    only) are read in place for the logistic head's eight-row groups; the squared head's
-    four-row tiles copy the rows."""
+    against the float64 reference; on 1 and 2 threads; no rows."""
     chosen, feature_counts = TAKEN[kernel]
-    tiles = chosen is cpu_tiles._one_output_tiles8
-    if tiles and not native.has_avx512():
-        pytest.skip("the register tiles run only with AVX-512")
-    monkeypatch.setattr(cpu, "USE_TILES", tiles)
+    monkeypatch.setattr(cpu, "USE_TILES", False)
     monkeypatch.setattr(cpu, "USE_PANELS", True)
-    if not tiles:
-        monkeypatch.setattr(cpu, "_panels", lambda X: (chosen, 8))
+    monkeypatch.setattr(cpu, "_panels", lambda X: (chosen, 8))
     rng = np.random.default_rng(5)
     for d in feature_counts:
         X, y, params, sizes = make_problem((d, 1), head, 3_000, dtype, seed=d)
         taken = cpu.taken_rows(X, y, sizes, head)
-        if tiles and head == SQUARED:
-            assert taken is None, d
-            return
         assert taken is not None and taken.kernel is cpu._TAKEN[chosen], d
         P = len(params)
         for n in (1, 7, 8, 9, 15, 16, 17, 203, 2_900):
@@ -582,8 +577,8 @@ def test_every_tile_kernel_matches_reference_for_both_heads(monkeypatch, kernel,
     of its group, float32 and float64."""
     monkeypatch.setattr(cpu, "USE_TILES", True)
     chosen, widest = TILE_KERNELS[kernel]
-    monkeypatch.setattr(cpu, "tiles_kernel", lambda d, binary: chosen)
-    monkeypatch.setattr(cpu, "_tiled", lambda d: True)
+    monkeypatch.setattr(cpu, "tiles_kernel", lambda d: chosen)
+    monkeypatch.setattr(cpu, "_tiled", lambda d, binary: True)
     cases = [
         (d, n) for d in (1, 5, 8, 9, 15, 16, 17, 31, 32) if d <= widest for n in (1, 9, 31, 33)
     ]
@@ -602,12 +597,24 @@ def test_narrow_tile_kernels_are_chosen_and_forward_has_their_logits(monkeypatch
     """d <= 8 and d <= 16 run the one- and two-register kernels; the forward pass computes each
     row's logit as the gradient kernel does (a row's loss from the gradient's sum equals the
     loss from the outputs to the last bit when a single row is summed)."""
-    assert cpu_tiles.tiles_kernel(8, True) is cpu_tiles._one_output_tiles32_1
-    assert cpu_tiles.tiles_kernel(9, False) is cpu_tiles._one_output_tiles16_2
-    assert cpu_tiles.tiles_kernel(17, False) is cpu_tiles._one_output_tiles
-    assert cpu_tiles.tiles_kernel(32, True) is cpu_tiles._one_output_tiles8
-    # with AVX-512, 17-28 features run the 4-feature panels (16-row groups) instead
-    assert [d for d in range(1, 40) if cpu._tiled(d)] == [*range(1, 17), 29, 30, 31, 32]
+    assert cpu_tiles.tiles_kernel(8) is cpu_tiles._one_output_tiles32_1
+    assert cpu_tiles.tiles_kernel(9) is cpu_tiles._one_output_tiles16_2
+    assert cpu_tiles.tiles_kernel(17) is cpu_tiles._one_output_tiles
+    # with AVX-512, 17-40 features run the 4-feature panels (16-row groups) instead, but the
+    # squared head's four-row tiles at 29-32
+    assert [d for d in range(1, 50) if cpu._tiled(d, False)] == [*range(1, 17), 29, 30, 31, 32]
+    assert [d for d in range(1, 50) if cpu._tiled(d, True)] == [*range(1, 17)]
+    widths = (17, 28, 29, 32, 33, 40, 41)
+    for avx512, panels4x16, prefetched, wider in (
+        (True, (17, 28, 29, 32, 33, 40), [17, 28], cpu_tiles._one_output_panels),
+        (False, (17, 28, 29, 32, 33, 40), [17, 28, 29, 32], cpu_tiles._one_output_panels4),
+    ):
+        monkeypatch.setattr(cpu, "USE_TILES", avx512)
+        kernels = {d: cpu._panels(np.zeros((4, d), np.float32)) for d in widths}
+        assert {d: k for d, (k, _) in kernels.items()} == {
+            d: cpu_tiles._one_output_panels4x16 if d in panels4x16 else wider for d in widths
+        }
+        assert [d for d, (_, ahead) in kernels.items() if ahead] == prefetched
     monkeypatch.setattr(cpu, "USE_TILES", True)
     for d in (3, 8, 12, 16):
         X, y, params, sizes = make_problem((d, 1), SQUARED, 1, np.float32, seed=d)

@@ -550,8 +550,7 @@ def test_rows_read_in_place_give_the_bits_of_the_copied_rows(monkeypatch, kernel
 def test_rows_are_copied_where_no_kernel_reads_them_in_place(monkeypatch):
     """``taken_rows`` says None (copy the batch) for the models and paths without a kernel on
     rows in place: MLPs and softmax, float32 products on wide float32 rows, the register
-    tiles other than the logistic head's eight-row groups, the 8-feature panels, rows not
-    C-ordered, and the reference kernels."""
+    tiles, the 8-feature panels, rows not C-ordered, and the reference kernels."""
     monkeypatch.setattr(cpu, "USE_TILES", False)
     X, y, _, sizes = make_problem((40, 1), BINARY, 50, np.float32)
     assert cpu.taken_rows(X, y, sizes, BINARY) is not None

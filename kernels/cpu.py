@@ -113,10 +113,11 @@ def _panels(X: np.ndarray):
 
 def _float32_rows(X: np.ndarray) -> bool:
     """One-output rows that ``train.products = "float32"`` runs with float32 products: float32
-    rows wider than the register tiles. Narrower rows keep the float64 tiles and panels, which
-    are as fast there (their per-row head is the larger part of the work; d = 32: 10.2 against
-    11.0 ms for 256 MiB)."""
-    return X.dtype == np.float32 and X.shape[1] > TILE_WIDTH
+    rows wider than ``PANEL4_WIDTH``. Narrower rows keep the float64 tiles and panels, which
+    are as fast or faster there (their per-row head is the larger part of the work; d = 32:
+    10.2 against 11.0 ms for 256 MiB; d = 33-40: 0.69-0.82 of the read ceiling against
+    0.49-0.80 in two runs)."""
+    return X.dtype == np.float32 and X.shape[1] > PANEL4_WIDTH
 
 
 def _gemm(sizes: np.ndarray) -> bool:
@@ -171,7 +172,7 @@ def gradient(
 
     ``products = "float32"`` lets the GEMM path of wide MLPs multiply in float32 (activations
     float32, each row block's sums added into float64), and one-output models on float32 rows
-    wider than ``TILE_WIDTH`` run ``cpu_float32`` (float32 products, each row's and each 8-row
+    wider than ``PANEL4_WIDTH`` run ``cpu_float32`` (float32 products, each row's and each 8-row
     group's sums in float32, everything across groups float64); every other path stays float64.
     """
     if not native.supported()[0]:

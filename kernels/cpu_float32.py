@@ -1,4 +1,4 @@
-"""One-output gradient with float32 products (``train.products = "float32"``), rows of d > 32.
+"""One-output gradient with float32 products (``train.products = "float32"``), rows of d > 40.
 
 The float64 kernels widen every float32 element of X twice (once for its row's dot product,
 once for the gradient) and multiply in float64: on the widest rows that work is about as fast

@@ -472,7 +472,7 @@ def _grad_panel(xf, i, d, o, count, live, q, g):
 
 @njit(inline="always", error_model="numpy")
 def _panel_group(xf, w, i, d, live, bias, yf, binary, g):
-    """Logits, head and gradient of rows i .. i + live - 1 (live <= 8) of a model with d > 32:
+    """Logits, head and gradient of rows i .. i + live - 1 (live <= 8) of a model with d > 40:
     the rows' dot products one row after the other (``_row_dot``), the head on their 8 logits,
     then the gradient panel by panel over the 8 rows, read again from L1."""
     z = (
@@ -683,15 +683,15 @@ def _panels_kernel(lanes: int, group: int = 8):
     ``lanes`` lanes a row, so the group's rows are read in memory order: ``_row_dot``), the head
     on the 8 logits as one vec8, then the gradient panel by panel over the eight rows (the rows
     read again from L1 and widened again; the gradient, d float64 per chunk, stays in L1). For
-    AVX-512 this runs rows wider than the register tiles (d > 32): with rows this wide a group's
-    work is long enough to hide the head's latency. 16-row groups were slower from memory, and
-    LLVM's own vectorisation of the pipelined passes (``cpu_passes``) reached 0.35-0.6 of the
-    read ceiling for d = 64-1024. Chunks are as in the other kernels: results do not depend on
-    the thread count. ``ahead``: prefetch distance in rows, used by the 16-row groups of narrow
-    rows (a wide row's own stream is what the hardware prefetchers follow best; software
-    prefetch of the next group, in one burst or spread over the row, was slower). ``lanes`` is
-    a constant of the closure, each size a kernel (and cache index) of its own, as for
-    ``_tiles_kernel``.
+    AVX-512 this runs rows wider than 40 features (``cpu.PANEL4_WIDTH``): with rows this wide a
+    group's work is long enough to hide the head's latency. 16-row groups were slower from
+    memory, and LLVM's own vectorisation of the pipelined passes (``cpu_passes``) reached
+    0.35-0.6 of the read ceiling for d = 64-1024. Chunks are as in the other kernels: results do
+    not depend on the thread count. ``ahead``: prefetch distance in rows, used by the 16-row
+    groups of narrow rows (a wide row's own stream is what the hardware prefetchers follow best;
+    software prefetch of the next group, in one burst or spread over the row, was slower).
+    ``lanes`` is a constant of the closure, each size a kernel (and cache index) of its own, as
+    for ``_tiles_kernel``.
     """
 
     def kernel(X, Y, w, binary, ahead, chunk_rows, n_chunks):
@@ -737,7 +737,7 @@ def _panels_kernel(lanes: int, group: int = 8):
     return njit(parallel=True, error_model="numpy", cache=True)(kernel)
 
 
-_one_output_panels = _panels_kernel(8)  # AVX-512, d > 32
+_one_output_panels = _panels_kernel(8)  # AVX-512, d > 40
 _one_output_panels4 = _panels_kernel(4)  # AVX2, d > 16
 _one_output_panels4x16 = _panels_kernel(4, 16)  # AVX2, d <= 16
 

@@ -203,11 +203,11 @@ def test_reproducible_mode_is_bitwise_equal_for_1_2_3_ranks(uneven_file, tmp_pat
 
 @pytest.mark.parametrize("optim", ["lbfgs", "momentum"])
 def test_float32_products_of_wide_rows_are_bitwise_equal_for_1_2_3_ranks(tmp_path, optim):
-    """A logistic model on 40 float32 features with train.products = "float32" (the
+    """A logistic model on 48 float32 features with train.products = "float32" (the
     float32-product kernel) in reproducible mode: the same bits at 1, 2 and 3 ranks, within
     1e-5 of the float64 products' run and not equal to it (the other kernel did run)."""
     path = tmp_path / "wide.h5"
-    args = ["--task", "logistic", "--rows", 3001, "--features", 40, "--seed", 6, "--out", path]
+    args = ["--task", "logistic", "--rows", 3001, "--features", 48, "--seed", 6, "--out", path]
     ok(lepton(1, "datagen", *args))
     lr = 1.0 if optim == "lbfgs" else 0.5
     body = {

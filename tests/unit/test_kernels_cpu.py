@@ -554,7 +554,9 @@ def test_rows_are_copied_where_no_kernel_reads_them_in_place(monkeypatch):
     monkeypatch.setattr(cpu, "USE_TILES", False)
     X, y, _, sizes = make_problem((40, 1), BINARY, 50, np.float32)
     assert cpu.taken_rows(X, y, sizes, BINARY) is not None
-    assert cpu.taken_rows(X, y, sizes, BINARY, "float32") is None
+    assert cpu.taken_rows(X, y, sizes, BINARY, "float32") is not None  # float64 panels
+    X48, y48, _, _ = make_problem((48, 1), BINARY, 50, np.float32)
+    assert cpu.taken_rows(X48, y48, np.array([48, 1]), BINARY, "float32") is None
     assert cpu.taken_rows(X[:, ::2], y, np.array([20, 1]), BINARY) is None
     assert cpu.taken_rows(X, y, np.array([40, 8, 1]), BINARY) is None
     assert cpu.taken_rows(X, y, np.array([40, 3]), SOFTMAX) is None
@@ -809,7 +811,7 @@ def test_float32_products_one_output_wide_rows_match_reference(monkeypatch, head
     calls = []
     real = cpu.one_output_float32
     monkeypatch.setattr(cpu, "one_output_float32", lambda *a: calls.append(1) or real(*a))
-    for d in (33, 39, 40, 64, 65, 127, 257, 1024):
+    for d in (41, 47, 48, 64, 65, 127, 257, 1024):
         for n in (1, 7, 8, 9, 15, 16, 17, 203, 4099):
             X, y, params, sizes = make_problem((d, 1), head, n, np.float32, seed=7 * d + n)
             out = run_gradient(X, y, params, sizes, SIGMOID, head, "float32")
@@ -825,9 +827,10 @@ def test_float32_products_one_output_wide_rows_match_reference(monkeypatch, head
 
 
 def test_float32_products_one_output_only_on_wide_float32_rows(monkeypatch):
-    """float64 rows, and rows up to the tiles' width, keep the float64 kernels (same bits)."""
+    """float64 rows, and float32 rows up to 40 features, keep the float64 kernels (same bits)."""
     monkeypatch.setattr(cpu, "one_output_float32", lambda *a: pytest.fail("float32 kernel ran"))
-    for d, dtype in ((32, np.float32), (8, np.float32), (33, np.float64), (300, np.float64)):
+    cases = ((32, np.float32), (8, np.float32), (33, np.float32), (40, np.float32))
+    for d, dtype in (*cases, (33, np.float64), (300, np.float64)):
         X, y, params, sizes = make_problem((d, 1), BINARY, 1001, dtype, seed=d)
         np.testing.assert_array_equal(
             run_gradient(X, y, params, sizes, SIGMOID, BINARY, "float32"),

@@ -656,7 +656,7 @@ def _panel_group4(xf, w, i, d, live, bias, yf, binary, g):
 
 @njit(inline="always", error_model="numpy")
 def _panel_group4x16(X, xf, w, i, d, live, bias, yf, binary, g, ahead):
-    """Sixteen rows (live <= 16) in 4-feature panels, for narrow rows on AVX2 (d <= 16): the
+    """Sixteen rows (live <= 16) in 4-feature panels, for rows of up to 40 features: the
     logits of rows 0-7 and 8-15 one after the other (8 accumulators each), their head on one
     vec16 so that the two groups' heads run interleaved (the head is most of the work there)."""
     rb = d * X.itemsize
@@ -738,8 +738,8 @@ def _panels_kernel(lanes: int, group: int = 8):
 
 
 _one_output_panels = _panels_kernel(8)  # AVX-512, d > 40
-_one_output_panels4 = _panels_kernel(4)  # AVX2, d > 16
-_one_output_panels4x16 = _panels_kernel(4, 16)  # AVX2, d <= 16
+_one_output_panels4 = _panels_kernel(4)  # AVX2, d > 40
+_one_output_panels4x16 = _panels_kernel(4, 16)  # d <= 40 (AVX-512: 17-40, not the tiles)
 
 
 # ---- the same kernels on rows taken by index (a mini-batch, no copy of its rows) -------------

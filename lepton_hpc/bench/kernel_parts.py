@@ -8,11 +8,12 @@ the read ceiling, the same on AVX2-only code, and MLP training steps against PyT
 ``dsweep``/``avx2`` make, for each feature count d, a float32 X of about ``--bytes`` bytes (rows =
 bytes / 4d) and time in rotation the slice-based all-core read of X (``micro.read_sum``, the
 ceiling) and ``kernels.cpu.gradient`` on it, as the ``memory`` part does for the data set; for
-rows wider than the register tiles also with ``train.products = "float32"`` (``ours32``). Under
-``NUMBA_CPU_NAME`` the toolkit's own check (``kernels.native.supported``) decides whether the tuned
-kernels run (``ours``); ``avx2`` records its answer and the features of the code, times the tuned
-kernels (``tuned``: ours where the check chose them, else forced on) and the generic reference
-kernels (``generic``: what such a CPU ran before the check knew named CPUs).
+rows wider than the 4-feature panels (40 features) also with ``train.products = "float32"``
+(``ours32``). Under ``NUMBA_CPU_NAME`` the toolkit's own check (``kernels.native.supported``)
+decides whether the tuned kernels run (``ours``); ``avx2`` records its answer and the features of
+the code, times the tuned kernels (``tuned``: ours where the check chose them, else forced on)
+and the generic reference kernels (``generic``: what such a CPU ran before the check knew named
+CPUs).
 
 Numba's JIT applies the host's feature list over the named CPU unless ``NUMBA_CPU_FEATURES`` is
 set, so ``NUMBA_CPU_NAME=haswell`` alone still compiles AVX-512 code on an AVX-512 host; ``avx2``
@@ -36,10 +37,10 @@ from .common import cores, figure, part_parser, summary, time_it, time_rotating,
 SWEEP_D = (8, 16, 32, 64, 128, 256, 512, 1024)
 AVX2_D = (8, 32, 256)
 SWEEP_TRAIN_D = (8, 32, 256)  # feature counts also timed as lepton train epochs at 2 ranks
-# kernels.cpu.TILE_WIDTH (a test checks): wider rows are also timed with float32 products
-TILE_WIDTH = 32
-SWEEP32_D = tuple(d for d in SWEEP_D if d > TILE_WIDTH)
-SWEEP_TRAIN32_D = tuple(d for d in SWEEP_TRAIN_D if d > TILE_WIDTH)
+# kernels.cpu.PANEL4_WIDTH (a test checks): wider float32 rows are also timed with float32 products
+FLOAT32_WIDTH = 40
+SWEEP32_D = tuple(d for d in SWEEP_D if d > FLOAT32_WIDTH)
+SWEEP_TRAIN32_D = tuple(d for d in SWEEP_TRAIN_D if d > FLOAT32_WIDTH)
 MLP_ROWS, MLP_QUICK_ROWS = 1_000_000, 100_000  # full-batch rows at most (fewer for big nets)
 SWEEP_BYTES = 256 << 20  # X of about 256 MB per feature count
 QUICK_SWEEP_BYTES = 64 << 20  # above a 32 MiB L3: still a read from memory
@@ -98,7 +99,7 @@ def kernel_sweep(args) -> dict:
                 X, y, p, s, SIGMOID, BINARY, o
             ),
         }
-        if d > TILE_WIDTH:  # train.products = "float32": float32 products on wide rows
+        if d > FLOAT32_WIDTH:  # train.products = "float32": float32 products on wide rows
             fns["ours32"] = lambda X=X, y=y, p=params, s=sizes, o=out: cpu.gradient(
                 X, y, p, s, SIGMOID, BINARY, o, "float32"
             )

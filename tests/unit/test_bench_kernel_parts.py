@@ -114,7 +114,7 @@ def canned_parts() -> dict:
 def test_sweep_float32_rows_are_those_of_the_float32_kernel():
     from lepton_hpc.kernels import cpu
 
-    assert kernel_parts.TILE_WIDTH == cpu.TILE_WIDTH
+    assert kernel_parts.FLOAT32_WIDTH == cpu.PANEL4_WIDTH
     assert kernel_parts.SWEEP32_D == (64, 128, 256, 512, 1024)
     assert kernel_parts.SWEEP_TRAIN32_D == (256,)
 
@@ -264,14 +264,14 @@ def test_torch_model_copies_our_layout_in_float32():
 
 def test_kernel_sweep_in_process_agrees_with_numpy():
     """A tiny sweep through the part's own function: both figures, and the NumPy check."""
-    args = types.SimpleNamespace(part="dsweep", sizes="8,33", bytes=64 * 1024, repeats=2)
+    args = types.SimpleNamespace(part="dsweep", sizes="8,41", bytes=64 * 1024, repeats=2)
     res = kernel_parts.kernel_sweep(args)
-    assert res["features"] == [8, 33]
-    for d in (8, 33):
+    assert res["features"] == [8, 41]
+    for d in (8, 41):
         assert res["figures"][f"ceiling_s_d{d}"]["value"] > 0
         assert res["figures"][f"ours_s_d{d}"]["rows"] == kernel_parts.sweep_rows(d, 64 * 1024)
         assert res["gradient_vs_numpy_f64"][str(d)]["ours"] < 1e-6
-    assert 1e-12 < res["gradient_vs_numpy_f64"]["33"]["ours32"] < 1e-6  # float32 products
+    assert 1e-12 < res["gradient_vs_numpy_f64"]["41"]["ours32"] < 1e-6  # float32 products
     assert "ours32_s_d8" not in res["figures"]
     assert "tuned_s_d8" not in res["figures"]  # forced tuned kernels only in the avx2 part
 

@@ -188,7 +188,7 @@ class TrainConfig:
     """Precision of the training passes' products: "float64", or "float32" on the CPU for MLPs
     with a hidden layer of 64 units or more (float32 GEMMs and activations, each block of rows
     summed into float64: about 1.2-1.8x faster) and for one-output models (linear, logistic) on
-    float32 data of more than 32 features (float32 products, each row's and each 8-row group's
+    float32 data of more than 40 features (float32 products, each row's and each 8-row group's
     sums in float32, the rest in float64: as fast up to 256 features, up to 1.1x faster at
     512-1024 on the AVX-512 CPU measured); gradients within about 1e-6 of float64.
     Predictions, metrics, other models and the GPU kernels compute in float64 either way."""

@@ -627,11 +627,42 @@ def _grads4(xf, i, d, live, q, g):
 
 
 @njit(inline="always", error_model="numpy")
+def _grad_half4(xf, i, d, o, count, live, qa, qb, qc, qd, g, r):
+    """Features o .. o + 3 of the gradient, over rows r .. r + 3 of the group (their head's
+    values qa .. qd, broadcast)."""
+    lo = fma(_x4(xf, i, r, d, o, count, live), qa, load4(g, o, 4))
+    hi = _x4(xf, i, r + 1, d, o, count, live) * qb
+    lo = fma(_x4(xf, i, r + 2, d, o, count, live), qc, lo)
+    hi = fma(_x4(xf, i, r + 3, d, o, count, live), qd, hi)
+    store4(g, o, 4, lo + hi)
+
+
+@njit(inline="always", error_model="numpy")
+def _grads4_halves(xf, i, d, live, q, g):
+    """``_grads4`` in two passes over the gradient, rows 0-3 and then rows 4-7: each panel
+    addresses 4 rows, not 8, so their offsets stay in registers (with 8, the AVX2 code reloaded
+    row strides from the stack in every panel: on a Zen 3 CPU 8-10 % slower at d = 1024, 0-5 %
+    at 256, the same up to 128)."""
+    full = d // 4
+    rest = d - 4 * full
+    qa, qb, qc, qd = lane4(q, 0), lane4(q, 1), lane4(q, 2), lane4(q, 3)
+    for p in range(full):
+        _grad_half4(xf, i, d, 4 * p, 4, live, qa, qb, qc, qd, g, 0)
+    if rest:
+        _grad_half4(xf, i, d, 4 * full, rest, live, qa, qb, qc, qd, g, 0)
+    qa, qb, qc, qd = lane4(q, 4), lane4(q, 5), lane4(q, 6), lane4(q, 7)
+    for p in range(full):
+        _grad_half4(xf, i, d, 4 * p, 4, live, qa, qb, qc, qd, g, 4)
+    if rest:
+        _grad_half4(xf, i, d, 4 * full, rest, live, qa, qb, qc, qd, g, 4)
+
+
+@njit(inline="always", error_model="numpy")
 def _panel_group4(xf, w, i, d, live, bias, yf, binary, g):
     """``_panel_group`` with panels of 4 features: two 256-bit accumulators a row, and the
-    gradient's 8 rows a panel of one register each, so the group fits AVX2's 16 registers (the
-    head is still one vec8: two registers there). Rows gathered by index: i is the tuple of
-    their offsets, yf their own targets."""
+    gradient in two passes of 4 rows (``_grads4_halves``), so the group fits AVX2's 16 vector
+    registers and its row offsets the general ones (the head is still one vec8: two registers
+    there). Rows gathered by index: i is the tuple of their offsets, yf their own targets."""
     z = (
         hsum8x4(
             _row_dot4(xf, i, 0, d, live, w),
@@ -650,7 +681,7 @@ def _panel_group4(xf, w, i, d, live, bias, yf, binary, g):
         q, loss = head_lanes(z, y, live, True)
     else:
         q, loss = head_lanes(z, y, live, False)
-    _grads4(xf, i, d, live, q, g)
+    _grads4_halves(xf, i, d, live, q, g)
     return q, loss
 
 
@@ -681,17 +712,17 @@ def _panels_kernel(lanes: int, group: int = 8):
 
     Eight rows at a time: their dot products one row after the other (two accumulators of
     ``lanes`` lanes a row, so the group's rows are read in memory order: ``_row_dot``), the head
-    on the 8 logits as one vec8, then the gradient panel by panel over the eight rows (the rows
-    read again from L1 and widened again; the gradient, d float64 per chunk, stays in L1). For
-    AVX-512 this runs rows wider than 40 features (``cpu.PANEL4_WIDTH``): with rows this wide a
-    group's work is long enough to hide the head's latency. 16-row groups were slower from
-    memory, and LLVM's own vectorisation of the pipelined passes (``cpu_passes``) reached
-    0.35-0.6 of the read ceiling for d = 64-1024. Chunks are as in the other kernels: results do
-    not depend on the thread count. ``ahead``: prefetch distance in rows, used by the 16-row
-    groups of narrow rows (a wide row's own stream is what the hardware prefetchers follow best;
-    software prefetch of the next group, in one burst or spread over the row, was slower).
-    ``lanes`` is a constant of the closure, each size a kernel (and cache index) of its own, as
-    for ``_tiles_kernel``.
+    on the 8 logits as one vec8, then the gradient panel by panel over the eight rows (AVX2:
+    over rows 0-3, then rows 4-7; the rows read again from L1 and widened again; the gradient, d
+    float64 per chunk, stays in L1). For AVX-512 this runs rows wider than 40 features
+    (``cpu.PANEL4_WIDTH``): with rows this wide a group's work is long enough to hide the head's
+    latency. 16-row groups were slower from memory, and LLVM's own vectorisation of the
+    pipelined passes (``cpu_passes``) reached 0.35-0.6 of the read ceiling for d = 64-1024.
+    Chunks are as in the other kernels: results do not depend on the thread count. ``ahead``:
+    prefetch distance in rows, used by the 16-row groups of narrow rows (a wide row's own stream
+    is what the hardware prefetchers follow best; software prefetch of the next group, in one
+    burst or spread over the row, was slower). ``lanes`` is a constant of the closure, each size
+    a kernel (and cache index) of its own, as for ``_tiles_kernel``.
     """
 
     def kernel(X, Y, w, binary, ahead, chunk_rows, n_chunks):

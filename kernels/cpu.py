@@ -44,7 +44,6 @@ MIN_CHUNKS = 16  # ...but never fewer than this (when there are enough blocks)
 MIN_CHUNK_BLOCKS = 8  # a chunk has at least this many blocks: small batches pay less per chunk
 TILE_WIDTH = 32  # one-output models up to this many features: rows held in registers
 TILE_AHEAD_BYTES = 2048  # software prefetch distance of the register-tile kernels
-TAKEN_AHEAD_ROWS = 16  # ... and of the kernels on rows taken by index (random rows)
 PANEL_AHEAD_WIDTH = 28  # ... those 4-feature panels prefetch (software) rows up to this width
 PANEL4_WIDTH = 40  # one-output rows up to this many features run 4-feature panels of 16 rows
 # MLPs with a hidden layer at least this wide run their layers as BLAS GEMMs over blocks of
@@ -149,6 +148,8 @@ _TAKEN = {
     _one_output_panels4: _taken_panels4,
     _one_output_panels4x16: _taken_panels4x16,
 }
+# their prefetch distance in rows (random rows): the next group, spread over the group's phases
+_TAKEN_AHEAD = {_taken_panels4: 8, _taken_panels4x16: 16}
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -224,15 +225,15 @@ def gradient(
 class TakenRows:
     """A rank's rows prepared once for ``gradient_rows`` (by ``taken_rows``): the rows ``X``
     and float64 targets ``Y`` (read-only), and what each step would otherwise work out again
-    from them: the kernel (``cpu_tiles._taken_panels4`` or ``_taken_panels4x16``), the head
-    and the rows per block of the chunk plan."""
+    from them: the kernel (``cpu_tiles._taken_panels4`` or ``_taken_panels4x16``), its
+    prefetch distance (one group of rows), the head and the rows per block of the chunk plan."""
 
-    __slots__ = ("X", "Y", "binary", "block", "kernel", "n_params")
+    __slots__ = ("X", "Y", "ahead", "binary", "block", "kernel", "n_params")
 
     def __init__(self, X: np.ndarray, y, head: int, kernel) -> None:
         self.X, self.Y = _read_only(X), _read_only(targets(y, X.shape[0], 1, head))
         self.binary = head == BINARY
-        self.kernel = kernel
+        self.kernel, self.ahead = kernel, _TAKEN_AHEAD[kernel]
         self.block = _single_block(X)
         self.n_params = X.shape[1] + 1
 
@@ -277,7 +278,7 @@ def gradient_rows(taken: TakenRows, rows, params, out) -> None:
         return
     n_chunks, chunk_rows = _plan(n, taken.block, P + 1)
     partial = taken.kernel(
-        taken.X, taken.Y, rows, params, taken.binary, TAKEN_AHEAD_ROWS, chunk_rows, n_chunks
+        taken.X, taken.Y, rows, params, taken.binary, taken.ahead, chunk_rows, n_chunks
     )
     if partial.shape[1] <= _COMBINE_TILE:  # as in ``gradient``
         _combine_columns(partial, out, 0, P + 1)

@@ -658,11 +658,10 @@ def _grads4_halves(xf, i, d, live, q, g):
 
 
 @njit(inline="always", error_model="numpy")
-def _panel_group4(xf, w, i, d, live, bias, yf, binary, g):
-    """``_panel_group`` with panels of 4 features: two 256-bit accumulators a row, and the
-    gradient in two passes of 4 rows (``_grads4_halves``), so the group fits AVX2's 16 vector
-    registers and its row offsets the general ones (the head is still one vec8: two registers
-    there). Rows gathered by index run the same arithmetic in ``_taken_group4``."""
+def _logits_head4(xf, w, i, d, live, bias, yf, binary):
+    """The head's (q, loss) lanes of the 8 rows of a group at i (live <= 8): their dot products
+    one row after the other (``_row_dot4``), then the head on the 8 logits. Rows gathered by
+    index: i is the tuple of their offsets, yf their own targets."""
     z = (
         hsum8x4(
             _row_dot4(xf, i, 0, d, live, w),
@@ -681,6 +680,16 @@ def _panel_group4(xf, w, i, d, live, bias, yf, binary, g):
         q, loss = head_lanes(z, y, live, True)
     else:
         q, loss = head_lanes(z, y, live, False)
+    return q, loss
+
+
+@njit(inline="always", error_model="numpy")
+def _panel_group4(xf, w, i, d, live, bias, yf, binary, g):
+    """``_panel_group`` with panels of 4 features: two 256-bit accumulators a row, and the
+    gradient in two passes of 4 rows (``_grads4_halves``), so the group fits AVX2's 16 vector
+    registers and its row offsets the general ones (the head is still one vec8: two registers
+    there). Rows gathered by index run the same arithmetic in ``_taken_group4``."""
+    q, loss = _logits_head4(xf, w, i, d, live, bias, yf, binary)
     _grads4_halves(xf, i, d, live, q, g)
     return q, loss
 
@@ -836,24 +845,7 @@ def _taken_group4(X, xf, w, at, d, live, bias, yb, binary, g, yf, rows, i, ahead
     on a Zen 3 CPU, d = 64, 2,078 random rows of 1M, one thread: 160 against 220 us a batch
     from memory, with ``ahead`` one group where 16 rows gained a few per cent)."""
     _prefetch_taken(X, yf, rows, i, ahead, 0, 3)
-    z = (
-        hsum8x4(
-            _row_dot4(xf, at, 0, d, live, w),
-            _row_dot4(xf, at, 1, d, live, w),
-            _row_dot4(xf, at, 2, d, live, w),
-            _row_dot4(xf, at, 3, d, live, w),
-            _row_dot4(xf, at, 4, d, live, w),
-            _row_dot4(xf, at, 5, d, live, w),
-            _row_dot4(xf, at, 6, d, live, w),
-            _row_dot4(xf, at, 7, d, live, w),
-        )
-        + bias
-    )
-    y = load8(yb, 0, live)
-    if binary:
-        q, loss = head_lanes(z, y, live, True)
-    else:
-        q, loss = head_lanes(z, y, live, False)
+    q, loss = _logits_head4(xf, w, at, d, live, bias, yb, binary)
     _prefetch_taken(X, yf, rows, i, ahead, 3, 6)
     _grads4_rows4(xf, at, d, live, lane4(q, 0), lane4(q, 1), lane4(q, 2), lane4(q, 3), g, 0)
     _prefetch_taken(X, yf, rows, i, ahead, 6, 8)

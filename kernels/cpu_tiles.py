@@ -818,8 +818,8 @@ def _taken_group4x16(X, xf, w, at0, at1, d, live, bias, yb, binary, g, yf, rows,
     """``_panel_group4x16`` of 16 rows taken by index (offsets at0, at1; yb: their targets).
     The 16 rows ``ahead`` rows on (rows[i + ahead ...]) are prefetched four at a time between
     the group's four phases, not in one burst at its start: on a Zen 3 CPU (2,078 random rows
-    of 2M, d = 32, one thread) 73 against 97 us a batch from memory; a burst of 48 prefetches
-    fills the core's miss buffers, and the group's arithmetic waits behind it."""
+    of 2M, d = 32, one thread) 73 against 97 us a batch from memory. A burst of 48 prefetches is
+    more misses than a core keeps in flight; most likely the group's loads waited behind it."""
     _prefetch_taken(X, yf, rows, i, ahead, 0, 4)
     za = _dots4(X, xf, w, at0, d, live, 0)
     _prefetch_taken(X, yf, rows, i, ahead, 4, 8)

@@ -148,8 +148,6 @@ _TAKEN = {
     _one_output_panels4: _taken_panels4,
     _one_output_panels4x16: _taken_panels4x16,
 }
-# their prefetch distance in rows (random rows): the next group, spread over the group's phases
-_TAKEN_AHEAD = {_taken_panels4: 8, _taken_panels4x16: 16}
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -225,15 +223,15 @@ def gradient(
 class TakenRows:
     """A rank's rows prepared once for ``gradient_rows`` (by ``taken_rows``): the rows ``X``
     and float64 targets ``Y`` (read-only), and what each step would otherwise work out again
-    from them: the kernel (``cpu_tiles._taken_panels4`` or ``_taken_panels4x16``), its
-    prefetch distance (one group of rows), the head and the rows per block of the chunk plan."""
+    from them: the kernel (``cpu_tiles._taken_panels4`` or ``_taken_panels4x16``), the head
+    and the rows per block of the chunk plan."""
 
-    __slots__ = ("X", "Y", "ahead", "binary", "block", "kernel", "n_params")
+    __slots__ = ("X", "Y", "binary", "block", "kernel", "n_params")
 
     def __init__(self, X: np.ndarray, y, head: int, kernel) -> None:
         self.X, self.Y = _read_only(X), _read_only(targets(y, X.shape[0], 1, head))
         self.binary = head == BINARY
-        self.kernel, self.ahead = kernel, _TAKEN_AHEAD[kernel]
+        self.kernel = kernel
         self.block = _single_block(X)
         self.n_params = X.shape[1] + 1
 
@@ -277,9 +275,7 @@ def gradient_rows(taken: TakenRows, rows, params, out) -> None:
         out[:] = 0.0
         return
     n_chunks, chunk_rows = _plan(n, taken.block, P + 1)
-    partial = taken.kernel(
-        taken.X, taken.Y, rows, params, taken.binary, taken.ahead, chunk_rows, n_chunks
-    )
+    partial = taken.kernel(taken.X, taken.Y, rows, params, taken.binary, chunk_rows, n_chunks)
     if partial.shape[1] <= _COMBINE_TILE:  # as in ``gradient``
         _combine_columns(partial, out, 0, P + 1)
     else:

@@ -863,16 +863,16 @@ def _taken_targets(yf, rows, i, live, yb):
 def _taken_chunk(group: int):
     """One chunk of ``_one_output_panels4`` (group 8) or ``_one_output_panels4x16`` (group 16)
     on the rows ``X[rows]``, read where they are: the same groups and arithmetic as the kernel on
-    a copy of those rows, so the same bits, without the copy. The rows ``ahead`` rows on (the
-    next group: ``cpu.TakenRows``) are prefetched (and their targets), a few at a time between
-    the group's phases: their cache misses overlap the groups' arithmetic.
+    a copy of those rows, so the same bits, without the copy. The next group's rows (``group``
+    rows on) are prefetched (and their targets), a few at a time between the group's phases:
+    their cache misses overlap the groups' arithmetic.
 
     A function of its own, called from a ``prange`` loop (``_taken_panels4``): it compiles once,
     outside Numba's parfor passes, which over the inlined groups take most of the panel
     kernels' compile time. ``group`` is a constant of the closure, each value a function (and
     cache entry) of its own."""
 
-    def chunk(X, Y, rows, w, binary, ahead, start, stop, out):
+    def chunk(X, Y, rows, w, binary, start, stop, out):
         d = X.shape[1]
         xf, yf = X.reshape(-1), Y.reshape(-1)
         g = np.zeros((d + 3) // 4 * 4)
@@ -890,21 +890,21 @@ def _taken_chunk(group: int):
                 at0, at1 = _offsets8(rows, i, stop, d), _offsets8(rows, i + 8, stop, d)
                 if live == 16:
                     q, loss = _taken_group4x16(
-                        X, xf, w, at0, at1, d, 16, bias, yb, binary, g, yf, rows, i, ahead
+                        X, xf, w, at0, at1, d, 16, bias, yb, binary, g, yf, rows, i, group
                     )
                 else:
                     q, loss = _taken_group4x16(
-                        X, xf, w, at0, at1, d, live, bias, yb, binary, g, yf, rows, i, ahead
+                        X, xf, w, at0, at1, d, live, bias, yb, binary, g, yf, rows, i, group
                     )
             else:
                 at = _offsets8(rows, i, stop, d)
                 if live == 8:
                     q, loss = _taken_group4(
-                        X, xf, w, at, d, 8, bias, yb, binary, g, yf, rows, i, ahead
+                        X, xf, w, at, d, 8, bias, yb, binary, g, yf, rows, i, group
                     )
                 else:
                     q, loss = _taken_group4(
-                        X, xf, w, at, d, live, bias, yb, binary, g, yf, rows, i, ahead
+                        X, xf, w, at, d, live, bias, yb, binary, g, yf, rows, i, group
                     )
             q_sum = q_sum + q
             loss_sum = loss_sum + loss
@@ -923,23 +923,23 @@ _taken_chunk4x16 = _taken_chunk(16)
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
-def _taken_panels4(X, Y, rows, w, binary, ahead, chunk_rows, n_chunks):
+def _taken_panels4(X, Y, rows, w, binary, chunk_rows, n_chunks):
     """``_one_output_panels4`` on the rows ``X[rows]`` (targets ``Y[rows]``), read in place."""
     n = rows.size
     partial = np.empty((n_chunks, X.shape[1] + 2))
     for c in prange(n_chunks):
         start = c * chunk_rows
-        _taken_chunk4(X, Y, rows, w, binary, ahead, start, min(n, start + chunk_rows), partial[c])
+        _taken_chunk4(X, Y, rows, w, binary, start, min(n, start + chunk_rows), partial[c])
     return partial
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
-def _taken_panels4x16(X, Y, rows, w, binary, ahead, chunk_rows, n_chunks):
+def _taken_panels4x16(X, Y, rows, w, binary, chunk_rows, n_chunks):
     """``_one_output_panels4x16`` on the rows ``X[rows]`` (targets ``Y[rows]``), in place."""
     n = rows.size
     partial = np.empty((n_chunks, X.shape[1] + 2))
     for c in prange(n_chunks):
         start = c * chunk_rows
         stop = min(n, start + chunk_rows)
-        _taken_chunk4x16(X, Y, rows, w, binary, ahead, start, stop, partial[c])
+        _taken_chunk4x16(X, Y, rows, w, binary, start, stop, partial[c])
     return partial

@@ -62,11 +62,25 @@ def _network(v, h, lo_mask, keys):
     """Four keyed Feistel rounds on the two ``h``-bit halves of v (h <= 32; lo_mask and keys
     uint32), written out with no inner loop so that the loop calling it vectorises."""
     left, right = np.uint32(v >> h), np.uint32(v & lo_mask)
-    left, right = right, np.uint32(left ^ (_round(right, keys[0]) & lo_mask))
-    left, right = right, np.uint32(left ^ (_round(right, keys[1]) & lo_mask))
-    left, right = right, np.uint32(left ^ (_round(right, keys[2]) & lo_mask))
-    left, right = right, np.uint32(left ^ (_round(right, keys[3]) & lo_mask))
+    left, right = right, np.uint32(left ^ np.uint32(_round(right, keys[0]) & lo_mask))
+    left, right = right, np.uint32(left ^ np.uint32(_round(right, keys[1]) & lo_mask))
+    left, right = right, np.uint32(left ^ np.uint32(_round(right, keys[2]) & lo_mask))
+    left, right = right, np.uint32(left ^ np.uint32(_round(right, keys[3]) & lo_mask))
     return (np.uint64(left) << h) | np.uint64(right)
+
+
+@njit(cache=True, inline="always")
+def _network32(v, h, lo_mask, k0, k1, k2, k3):
+    """``_network`` of a uint32 v whose halves are at most 16 bits (h = half & 31), to a uint32:
+    every step cut back to 32 bits, so that LLVM keeps the whole network on 32-bit lanes (8 a
+    vector on AVX2; with 64-bit steps in between it widened and narrowed the lanes each round,
+    3x slower)."""
+    left, right = np.uint32(v >> h), np.uint32(v & lo_mask)
+    left, right = right, np.uint32(left ^ np.uint32(_round(right, k0) & lo_mask))
+    left, right = right, np.uint32(left ^ np.uint32(_round(right, k1) & lo_mask))
+    left, right = right, np.uint32(left ^ np.uint32(_round(right, k2) & lo_mask))
+    left, right = right, np.uint32(left ^ np.uint32(_round(right, k3) & lo_mask))
+    return np.uint32(np.uint32(left << h) | right)
 
 
 @njit(cache=True)
@@ -142,17 +156,73 @@ def _permute(index, n, half, keys, per, pos, out):
         _permute_part(index, n, half, keys, per, pos, out, lo, hi)
 
 
+_SUB = 2048  # values of a chunk of ``_numbers_part32`` at a time: 8 KiB a buffer, in L1
+
+
+@njit(cache=True)
+def _numbers_part32(first, lo, hi, n, half, keys, per, out):
+    """``_permute_part`` of the consecutive rows ``first + lo`` .. ``first + hi`` to batch
+    numbers (out[lo:hi]), for n < 2^32: the positions on 32-bit lanes, ``_SUB`` rows at a
+    time in buffers that stay in L1, the row numbers counted, not read (at 2M rows of 4M,
+    4.7 against 7.2 ms on one thread)."""
+    buf = np.empty(_SUB, np.uint32)
+    val = np.empty(_SUB, np.uint32)
+    idx = np.empty(_SUB, np.int64)
+    h = np.uint32(half & 31)
+    lo_mask = np.uint32((np.uint32(1) << h) - np.uint32(1))
+    k0, k1, k2, k3 = np.uint32(keys[0]), np.uint32(keys[1]), np.uint32(keys[2]), np.uint32(keys[3])
+    top = np.uint32(n)
+    shift = 0
+    while (np.int64(1) << shift) < per:
+        shift += 1
+    pow2 = (np.int64(1) << shift) == per  # the batch is a shift
+    sh = np.uint32(shift & 31)
+    inv = 1.0 / per
+    for s in range(lo, hi, _SUB):
+        m = min(hi, s + _SUB) - s
+        base = np.uint32(first + s)
+        for i in range(m):
+            buf[i] = _network32(np.uint32(base + np.uint32(i)), h, lo_mask, k0, k1, k2, k3)
+        c = 0  # cycle walking, as in ``_walk``: the values still at or above n, listed first
+        for i in range(m):
+            idx[c] = i
+            c += np.int64(buf[i] >= top)
+        while c > 0:
+            for j in range(c):
+                val[j] = buf[idx[j]]
+            for j in range(c):
+                val[j] = _network32(val[j], h, lo_mask, k0, k1, k2, k3)
+            left = 0
+            for j in range(c):
+                i = idx[j]
+                buf[i] = val[j]
+                idx[left] = i
+                left += np.int64(val[j] >= top)
+            c = left
+        res = out[s : s + m]
+        if pow2:
+            for i in range(m):
+                res[i] = np.uint32(buf[i] >> sh)
+        else:
+            for i in range(m):
+                res[i] = _floor_div(np.int64(buf[i]), per, inv)
+
+
 @njit(parallel=True, cache=True)
 def _batch_numbers(first, m, n, half, keys, per, out):
     """out[i] = (position of training row ``first + i`` under the permutation) // per, for the
     ``m`` consecutive rows of a rank: ``_permute`` without the index and position arrays of the
-    whole block (16 bytes a row), each chunk's in a small buffer of its own."""
+    whole block (16 bytes a row), each chunk's in a small buffer of its own (on 32-bit lanes
+    for n < 2^32)."""
     chunk = 65536
     for c in prange((m + chunk - 1) // chunk):
         lo, hi = c * chunk, min(m, (c + 1) * chunk)
-        src = np.arange(first + lo, first + hi)
-        pos = np.empty(hi - lo, np.int64)
-        _permute_part(src, n, half, keys, per, pos, out[lo:hi], 0, hi - lo)
+        if n < np.int64(1) << 32:
+            _numbers_part32(first, lo, hi, n, half, keys, per, out)
+        else:
+            src = np.arange(first + lo, first + hi)
+            pos = np.empty(hi - lo, np.int64)
+            _permute_part(src, n, half, keys, per, pos, out[lo:hi], 0, hi - lo)
 
 
 @njit(cache=True)

@@ -97,6 +97,29 @@ def test_permute_of_many_rows_equals_the_numpy_reference(n):
     assert np.array_equal(permute(idx, n, seed=5, epoch=2), _permute_numpy(idx, n, 5, 2))
 
 
+@pytest.mark.parametrize(
+    ("first", "m", "n", "per"),
+    [
+        (0, 1, 2, 1),
+        (3, 5_000, 10_007, 64),
+        (37, 200_000, 300_001, 100),
+        (0, 70_000, 70_000, 4096),  # more than one chunk of the 32-bit path, a tail in each
+        (2**32 - 70_011, 70_000, 2**32 - 11, 4096),  # the largest n on 32-bit lanes
+        (2**32 - 70_011, 70_000, 2**32 - 11, 3000),
+        (2**32 - 5_000, 9_000, 2**32 + 3, 4096),  # the 64-bit path, rows either side of 2^32
+    ],
+)
+def test_batch_numbers_of_a_range_equal_the_numpy_reference(first, m, n, per):
+    """``_batch_numbers`` (32-bit lanes below n = 2^32, 64-bit above): the reference
+    permutation's positions of the rows first .. first + m - 1, cut into batches of ``per``."""
+    from lepton_hpc.data.batches import _batch_numbers, _half, _keys
+
+    out = np.empty(m, np.int64)
+    _batch_numbers(first, m, n, _half(n), _keys(9, 4), per, out)
+    want = _permute_numpy(np.arange(first, first + m, dtype=np.int64), n, 9, 4) // per
+    assert np.array_equal(out, want)
+
+
 @pytest.mark.parametrize("batch", [256, 100, 4097])
 def test_batches_are_the_permutation_cut_in_order(batch):
     n, lo, hi = 10_007, 3_000, 7_001

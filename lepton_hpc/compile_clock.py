@@ -17,23 +17,23 @@ class CompileClock:
     """Running total of seconds spent inside outermost ``numba:compile`` events."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
-        self._depth = 0
+        self.seconds = 0.0  # compilations ended
+        self.depth = 0  # compile events under way (0: nothing compiles; ``now()`` is ``seconds``)
         self._t0 = 0.0
 
     def start(self) -> None:
-        if self._depth == 0:
+        if self.depth == 0:
             self._t0 = time.perf_counter()
-        self._depth += 1
+        self.depth += 1
 
     def end(self) -> None:
-        self._depth -= 1
-        if self._depth == 0:
+        self.depth -= 1
+        if self.depth == 0:
             self.seconds += time.perf_counter() - self._t0
 
     def now(self) -> float:
         """Seconds compiled so far, including a compilation still under way."""
-        running = time.perf_counter() - self._t0 if self._depth else 0.0
+        running = time.perf_counter() - self._t0 if self.depth else 0.0
         return self.seconds + running
 
 

@@ -124,8 +124,11 @@ class Watchdog:
         if self.auto:
             self.steps_seen += 1
             if self.steps_seen > AUTO_WARMUP_STEPS:  # compile-time steps do not set the scale
-                self.slowest_step = max(self.slowest_step, now - self._last)
-            self.timeout = auto_limit(self.slowest_step, self.steps_seen, scale=self.scale)
+                if now - self._last > self.slowest_step:  # the limit moves only with it
+                    self.slowest_step = now - self._last
+                    self.timeout = auto_limit(self.slowest_step, self.steps_seen, scale=self.scale)
+            else:
+                self.timeout = auto_limit(self.slowest_step, self.steps_seen, scale=self.scale)
             if not self.armed and self.steps_seen >= AUTO_WARMUP_STEPS:
                 self.armed = True
                 if self.on_arm is not None:

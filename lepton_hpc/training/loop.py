@@ -165,12 +165,12 @@ class Loop:
                     out = out + strategy.settle(st.params, st.step)
                     if fed is not None and fed.round_done:  # client steps of every client
                         st.step = fed.global_step
+                    st.optimizer = opt.state()  # what a checkpoint saves (not every step)
                 self.rows_seen += out.rows
                 self._check_finite(out.loss_sum, st.step)
                 st.epoch_loss += out.loss_sum
                 st.epoch_rows += out.rows
                 self.watchdog.beat(st.step)
-                st.optimizer = opt.state()
                 if out.stop and fed is not None:  # after the round's metrics and checkpoint
                     stop_after_round = True
                 elif out.stop:

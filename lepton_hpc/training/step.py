@@ -46,18 +46,25 @@ class Timers:
         self._clock = compile_clock()
 
     def __call__(self, name: str) -> Timers:
-        self._open.append((name, time.perf_counter(), self._clock.now()))
+        clock = self._clock  # ``clock.now()`` without the call while nothing compiles
+        c0 = clock.now() if clock.depth else clock.seconds
+        self._open.append((name, time.perf_counter(), c0))
         return self
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, *exc) -> None:
+        t1 = time.perf_counter()
         name, t0, c0 = self._open.pop()
-        compiled = self._clock.now() - c0
-        self.seconds[name] += time.perf_counter() - t0 - compiled
-        if compiled and not self._open:
-            self.seconds["compile"] += compiled
+        clock = self._clock
+        compiled = (clock.now() if clock.depth else clock.seconds) - c0
+        if compiled:
+            self.seconds[name] += t1 - t0 - compiled
+            if not self._open:
+                self.seconds["compile"] += compiled
+        else:
+            self.seconds[name] += t1 - t0
 
 
 @dataclass(slots=True)

@@ -50,6 +50,17 @@ def test_slow_steps_after_warmup_raise_the_limit():
     assert w.slowest_step >= 0.5 and w.timeout >= faults.AUTO_MULTIPLE * 0.5
 
 
+def test_the_auto_limit_is_the_slowest_steps_after_every_beat():
+    """The limit is recomputed only when the slowest step moves: it is still, after every
+    beat, ``auto_limit`` of the slowest step so far (faster steps leave it where it was)."""
+    w = Watchdog("auto", lambda *a: None, scale=1e-4)
+    for step, slow in enumerate([0, 0.9, 0, 0, 0, 0, 0.3, 0, 0.5, 0.1, 0, 0.2, 0.5]):
+        w._last -= slow  # a step that took ``slow`` seconds more
+        w.beat(step)
+        assert w.timeout == faults.auto_limit(w.slowest_step, w.steps_seen, scale=1e-4)
+    assert 0.5 <= w.slowest_step < 0.9  # the warm-up's slow step does not count
+
+
 def test_a_frozen_step_fires_once_and_a_hold_has_its_own_limit():
     fired = []
     w = Watchdog("auto", lambda step, idle: fired.append((step, idle)), scale=0.002)

@@ -57,29 +57,35 @@ def _round(r, k):
     return np.uint32(h ^ (h >> _U16))
 
 
+@njit(cache=True, inline="always")
+def _rounds(left, right, lo_mask, k0, k1, k2, k3):
+    """The four keyed Feistel rounds on the halves (left, right) (uint32; lo_mask and the keys
+    uint32), written out with no inner loop so that the loop calling them vectorises. Every
+    step is cut back to 32 bits: LLVM then keeps the rounds on 32-bit lanes (8 a vector on
+    AVX2; with 64-bit steps in between it widened and narrowed the lanes each round, 3x
+    slower)."""
+    left, right = right, np.uint32(left ^ np.uint32(_round(right, k0) & lo_mask))
+    left, right = right, np.uint32(left ^ np.uint32(_round(right, k1) & lo_mask))
+    left, right = right, np.uint32(left ^ np.uint32(_round(right, k2) & lo_mask))
+    left, right = right, np.uint32(left ^ np.uint32(_round(right, k3) & lo_mask))
+    return left, right
+
+
 @njit(cache=True)
 def _network(v, h, lo_mask, keys):
     """Four keyed Feistel rounds on the two ``h``-bit halves of v (h <= 32; lo_mask and keys
-    uint32), written out with no inner loop so that the loop calling it vectorises."""
-    left, right = np.uint32(v >> h), np.uint32(v & lo_mask)
-    left, right = right, np.uint32(left ^ np.uint32(_round(right, keys[0]) & lo_mask))
-    left, right = right, np.uint32(left ^ np.uint32(_round(right, keys[1]) & lo_mask))
-    left, right = right, np.uint32(left ^ np.uint32(_round(right, keys[2]) & lo_mask))
-    left, right = right, np.uint32(left ^ np.uint32(_round(right, keys[3]) & lo_mask))
+    uint32)."""
+    left, right = _rounds(
+        np.uint32(v >> h), np.uint32(v & lo_mask), lo_mask, keys[0], keys[1], keys[2], keys[3]
+    )
     return (np.uint64(left) << h) | np.uint64(right)
 
 
 @njit(cache=True, inline="always")
 def _network32(v, h, lo_mask, k0, k1, k2, k3):
-    """``_network`` of a uint32 v whose halves are at most 16 bits (h = half & 31), to a uint32:
-    every step cut back to 32 bits, so that LLVM keeps the whole network on 32-bit lanes (8 a
-    vector on AVX2; with 64-bit steps in between it widened and narrowed the lanes each round,
-    3x slower)."""
-    left, right = np.uint32(v >> h), np.uint32(v & lo_mask)
-    left, right = right, np.uint32(left ^ np.uint32(_round(right, k0) & lo_mask))
-    left, right = right, np.uint32(left ^ np.uint32(_round(right, k1) & lo_mask))
-    left, right = right, np.uint32(left ^ np.uint32(_round(right, k2) & lo_mask))
-    left, right = right, np.uint32(left ^ np.uint32(_round(right, k3) & lo_mask))
+    """``_network`` of a uint32 v whose halves are at most 16 bits (h = half & 31), to a
+    uint32, on 32-bit lanes throughout."""
+    left, right = _rounds(np.uint32(v >> h), np.uint32(v & lo_mask), lo_mask, k0, k1, k2, k3)
     return np.uint32(np.uint32(left << h) | right)
 
 
@@ -89,6 +95,21 @@ def _floor_div(v, d, inv):
     q = np.int64(np.float64(v) * inv)
     q = q - 1 if q * d > v else q
     return q + 1 if (q + 1) * d <= v else q
+
+
+@njit(cache=True, inline="always")
+def _cut(pos, per, out):
+    """out[i] = pos[i] // per (pos below 2^52): a shift where ``per`` is a power of two."""
+    if per & (per - 1) == 0:
+        shift = np.int64(0)
+        while (np.int64(1) << shift) < per:
+            shift += 1
+        for i in range(pos.size):
+            out[i] = np.int64(pos[i]) >> shift
+    else:
+        inv = 1.0 / per
+        for i in range(pos.size):
+            out[i] = _floor_div(np.int64(pos[i]), per, inv)
 
 
 @njit(cache=True)
@@ -129,16 +150,7 @@ def _permute_part(index, n, half, keys, per, pos, out, lo, hi):
     for i in range(src.size):
         dst[i] = np.int64(_network(np.uint64(src[i]), h, lo_mask, ks))
     _walk(dst, top, h, lo_mask, ks)
-    if per & (per - 1) == 0:  # a power of two: the batch is a shift
-        shift = np.int64(0)
-        while (np.int64(1) << shift) < per:
-            shift += 1
-        for i in range(src.size):
-            res[i] = dst[i] >> shift
-    else:
-        inv = 1.0 / per
-        for i in range(src.size):
-            res[i] = _floor_div(dst[i], per, inv)
+    _cut(dst, per, res)
 
 
 @njit(parallel=True, cache=True)
@@ -172,12 +184,6 @@ def _numbers_part32(first, lo, hi, n, half, keys, per, out):
     lo_mask = np.uint32((np.uint32(1) << h) - np.uint32(1))
     k0, k1, k2, k3 = np.uint32(keys[0]), np.uint32(keys[1]), np.uint32(keys[2]), np.uint32(keys[3])
     top = np.uint32(n)
-    shift = 0
-    while (np.int64(1) << shift) < per:
-        shift += 1
-    pow2 = (np.int64(1) << shift) == per  # the batch is a shift
-    sh = np.uint32(shift & 31)
-    inv = 1.0 / per
     for s in range(lo, hi, _SUB):
         m = min(hi, s + _SUB) - s
         base = np.uint32(first + s)
@@ -199,13 +205,7 @@ def _numbers_part32(first, lo, hi, n, half, keys, per, out):
                 idx[left] = i
                 left += np.int64(val[j] >= top)
             c = left
-        res = out[s : s + m]
-        if pow2:
-            for i in range(m):
-                res[i] = np.uint32(buf[i] >> sh)
-        else:
-            for i in range(m):
-                res[i] = _floor_div(np.int64(buf[i]), per, inv)
+        _cut(buf[:m], per, out[s : s + m])
 
 
 @njit(parallel=True, cache=True)

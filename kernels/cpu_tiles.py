@@ -629,12 +629,13 @@ def _grads4(xf, i, d, live, q, g):
 @njit(inline="always", error_model="numpy")
 def _grad_half4(xf, i, d, o, count, live, qa, qb, qc, qd, g, r):
     """Features o .. o + 3 of the gradient, over rows r .. r + 3 of the group (their head's
-    values qa .. qd, broadcast)."""
-    lo = fma(_x4(xf, i, r, d, o, count, live), qa, load4(g, o, 4))
-    hi = _x4(xf, i, r + 1, d, o, count, live) * qb
-    lo = fma(_x4(xf, i, r + 2, d, o, count, live), qc, lo)
-    hi = fma(_x4(xf, i, r + 3, d, o, count, live), qd, hi)
-    store4(g, o, 4, lo + hi)
+    values qa .. qd, broadcast), added one row after the other: the order of
+    ``_dot_grad_row4``, which adds one row at a time while the next group streams in."""
+    v = fma(_x4(xf, i, r, d, o, count, live), qa, load4(g, o, 4))
+    v = fma(_x4(xf, i, r + 1, d, o, count, live), qb, v)
+    v = fma(_x4(xf, i, r + 2, d, o, count, live), qc, v)
+    v = fma(_x4(xf, i, r + 3, d, o, count, live), qd, v)
+    store4(g, o, 4, v)
 
 
 @njit(inline="always", error_model="numpy")
@@ -651,8 +652,8 @@ def _grads4_rows4(xf, i, d, live, qa, qb, qc, qd, g, r):
 def _grads4_halves(xf, i, d, live, q, g):
     """``_grads4`` in two passes over the gradient, rows 0-3 and then rows 4-7: each panel
     addresses 4 rows, not 8, so their offsets stay in registers (with 8, the AVX2 code reloaded
-    row strides from the stack in every panel: on a Zen 3 CPU 8-10 % slower at d = 1024, 0-5 %
-    at 256, the same up to 128)."""
+    row strides from the stack in every panel). The last group of a chunk in
+    ``_one_output_panels4``; the rows are added in the order of ``_dot_grad_row4``."""
     _grads4_rows4(xf, i, d, live, lane4(q, 0), lane4(q, 1), lane4(q, 2), lane4(q, 3), g, 0)
     _grads4_rows4(xf, i, d, live, lane4(q, 4), lane4(q, 5), lane4(q, 6), lane4(q, 7), g, 4)
 
@@ -684,13 +685,54 @@ def _logits_head4(xf, w, i, d, live, bias, yf, binary):
 
 
 @njit(inline="always", error_model="numpy")
-def _panel_group4(xf, w, i, d, live, bias, yf, binary, g):
-    """``_panel_group`` with panels of 4 features: two 256-bit accumulators a row, and the
-    gradient in two passes of 4 rows (``_grads4_halves``), so the group fits AVX2's 16 vector
-    registers and its row offsets the general ones (the head is still one vec8: two registers
-    there). Rows gathered by index run the same arithmetic in ``_taken_group4``."""
-    q, loss = _logits_head4(xf, w, i, d, live, bias, yf, binary)
-    _grads4_halves(xf, i, d, live, q, g)
+def _dot_grad_row4(xf, n, r, d, n_live, w, c, qr, g):
+    """Row r of the next group (at n, n_live rows): its dot product's lanes, as ``_row_dot4``;
+    in the same loop row r of the current (full) group at c added into the gradient with its
+    head's value qr. Each element of the gradient gets the rows one after the other, so the
+    group's two passes run as one stream: the rows of the next group keep arriving while the
+    current one's gradient is formed from L1."""
+    full = d // 4
+    a, b = zero4(), zero4()
+    for h in range(full // 2):
+        o = 8 * h
+        a = fma(_x4(xf, n, r, d, o, 4, n_live), load4(w, o, 4), a)
+        b = fma(_x4(xf, n, r, d, o + 4, 4, n_live), load4(w, o + 4, 4), b)
+        store4(g, o, 4, fma(_x4(xf, c, r, d, o, 4, 8), qr, load4(g, o, 4)))
+        store4(g, o + 4, 4, fma(_x4(xf, c, r, d, o + 4, 4, 8), qr, load4(g, o + 4, 4)))
+    if full % 2:
+        o = 4 * full - 4
+        a = fma(_x4(xf, n, r, d, o, 4, n_live), load4(w, o, 4), a)
+        store4(g, o, 4, fma(_x4(xf, c, r, d, o, 4, 8), qr, load4(g, o, 4)))
+    if d > 4 * full:
+        o = 4 * full
+        b = fma(_x4(xf, n, r, d, o, d - o, n_live), load4(w, o, d - o), b)
+        store4(g, o, 4, fma(_x4(xf, c, r, d, o, d - o, 8), qr, load4(g, o, 4)))
+    return a + b
+
+
+@njit(inline="always", error_model="numpy")
+def _pipelined_group4(xf, w, n, n_live, d, c, q, g, bias, yf, binary):
+    """The head's (q, loss) lanes of the next group (at n, n_live <= 8 rows), whose rows are
+    read in the same pass as the current group's (at c, 8 rows, head values q) gradient
+    (``_dot_grad_row4``)."""
+    z = (
+        hsum8x4(
+            _dot_grad_row4(xf, n, 0, d, n_live, w, c, lane4(q, 0), g),
+            _dot_grad_row4(xf, n, 1, d, n_live, w, c, lane4(q, 1), g),
+            _dot_grad_row4(xf, n, 2, d, n_live, w, c, lane4(q, 2), g),
+            _dot_grad_row4(xf, n, 3, d, n_live, w, c, lane4(q, 3), g),
+            _dot_grad_row4(xf, n, 4, d, n_live, w, c, lane4(q, 4), g),
+            _dot_grad_row4(xf, n, 5, d, n_live, w, c, lane4(q, 5), g),
+            _dot_grad_row4(xf, n, 6, d, n_live, w, c, lane4(q, 6), g),
+            _dot_grad_row4(xf, n, 7, d, n_live, w, c, lane4(q, 7), g),
+        )
+        + bias
+    )
+    y = load8(yf, n, n_live)
+    if binary:
+        q, loss = head_lanes(z, y, n_live, True)
+    else:
+        q, loss = head_lanes(z, y, n_live, False)
     return q, loss
 
 
@@ -721,9 +763,10 @@ def _panels_kernel(lanes: int, group: int = 8):
 
     Eight rows at a time: their dot products one row after the other (two accumulators of
     ``lanes`` lanes a row, so the group's rows are read in memory order: ``_row_dot``), the head
-    on the 8 logits as one vec8, then the gradient panel by panel over the eight rows (AVX2:
-    over rows 0-3, then rows 4-7; the rows read again from L1 and widened again; the gradient, d
-    float64 per chunk, stays in L1). For AVX-512 this runs rows wider than 40 features
+    on the 8 logits as one vec8, then the gradient panel by panel over the eight rows (the rows
+    read again from L1 and widened again; the gradient, d float64 per chunk, stays in L1). AVX2
+    runs these groups pipelined instead (``_one_output_panels4``); here ``lanes`` 4 is for the
+    16-row groups. For AVX-512 this runs rows wider than 40 features
     (``cpu.PANEL4_WIDTH``): with rows this wide a group's work is long enough to hide the head's
     latency. 16-row groups were slower from memory, and LLVM's own vectorisation of the
     pipelined passes (``cpu_passes``) reached 0.35-0.6 of the read ceiling for d = 64-1024.
@@ -755,15 +798,10 @@ def _panels_kernel(lanes: int, group: int = 8):
                         q, loss = _panel_group4x16(X, xf, w, i, d, 16, bias, yf, binary, g, ahead)
                     else:
                         q, loss = _panel_group4x16(X, xf, w, i, d, live, bias, yf, binary, g, ahead)
-                elif lanes == 8:
-                    if live == 8:
-                        q, loss = _panel_group(xf, w, i, d, 8, bias, yf, binary, g)
-                    else:
-                        q, loss = _panel_group(xf, w, i, d, live, bias, yf, binary, g)
                 elif live == 8:
-                    q, loss = _panel_group4(xf, w, i, d, 8, bias, yf, binary, g)
+                    q, loss = _panel_group(xf, w, i, d, 8, bias, yf, binary, g)
                 else:
-                    q, loss = _panel_group4(xf, w, i, d, live, bias, yf, binary, g)
+                    q, loss = _panel_group(xf, w, i, d, live, bias, yf, binary, g)
                 q_sum = q_sum + q
                 loss_sum = loss_sum + loss
             for j in range(d):
@@ -778,7 +816,61 @@ def _panels_kernel(lanes: int, group: int = 8):
 
 
 _one_output_panels = _panels_kernel(8)  # AVX-512, d > 40
-_one_output_panels4 = _panels_kernel(4)  # AVX2, d > 40
+
+
+@njit(error_model="numpy", cache=True)
+def _pipelined_chunk4(X, Y, w, binary, start, stop, out):
+    """One chunk (rows start .. stop - 1) of ``_one_output_panels4``, into ``out`` (d + 2).
+
+    The groups of 8 rows of ``_panels_kernel`` in 4-feature panels, pipelined: group k + 1's
+    rows are read, row r of it in the same loop as row r of group k added into the gradient
+    (``_pipelined_group4``), and its head runs after its 8 rows; the chunk's last group is added
+    alone (``_grads4_halves``). So the rows stream without the pause of a second pass over each
+    group. A function of its own, called from the ``prange`` loop, as ``_taken_chunk``: it
+    compiles in about a third of the time of the kernel with the groups inlined there, and ran
+    as fast (Zen 3, 256 MiB of float32 rows, 2 threads, fractions of the read ceiling at d = 64
+    / 256 / 1024: 0.66 / 0.76 / 0.73 against 0.68 / 0.77 / 0.73 inlined and 0.61 / 0.71 / 0.68
+    for the two passes)."""
+    d = X.shape[1]
+    xf = X.reshape(-1)
+    yf = Y.reshape(-1)
+    bias = splat8(w[d])
+    g = np.zeros((d + 3) // 4 * 4)
+    q_sum, loss_sum = zero8(), zero8()
+    if start < stop:
+        live = min(8, stop - start)
+        if live == 8:
+            q, loss = _logits_head4(xf, w, start, d, 8, bias, yf, binary)
+        else:
+            q, loss = _logits_head4(xf, w, start, d, live, bias, yf, binary)
+        for i in range(start, stop, 8):
+            q_sum = q_sum + q
+            loss_sum = loss_sum + loss
+            after = min(8, stop - i - 8)
+            if after == 8:
+                q, loss = _pipelined_group4(xf, w, i + 8, 8, d, i, q, g, bias, yf, binary)
+            elif after > 0:
+                q, loss = _pipelined_group4(xf, w, i + 8, after, d, i, q, g, bias, yf, binary)
+            else:
+                _grads4_halves(xf, i, d, min(8, stop - i), q, g)
+    for j in range(d):
+        out[j] = g[j]
+    out[d] = hsum(q_sum)
+    out[d + 1] = hsum(loss_sum)
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _one_output_panels4(X, Y, w, binary, ahead, chunk_rows, n_chunks):  # noqa: ARG001
+    """The one-output gradient for AVX2, rows wider than 40 features, chunk by chunk
+    (``_pipelined_chunk4``). ``ahead`` is unused (the signature of the other kernels)."""
+    n = X.shape[0]
+    partial = np.empty((n_chunks, X.shape[1] + 2))
+    for c in prange(n_chunks):
+        start = c * chunk_rows
+        _pipelined_chunk4(X, Y, w, binary, start, min(n, start + chunk_rows), partial[c])
+    return partial
+
+
 _one_output_panels4x16 = _panels_kernel(4, 16)  # d <= 40 (AVX-512: 17-40, not the tiles)
 
 
@@ -839,9 +931,11 @@ def _taken_group4x16(X, xf, w, at0, at1, d, live, bias, yb, binary, g, yf, rows,
 
 @njit(inline="always", error_model="numpy")
 def _taken_group4(X, xf, w, at, d, live, bias, yb, binary, g, yf, rows, i, ahead):
-    """``_panel_group4`` of 8 rows taken by index (offsets at; yb: their targets), the same
-    arithmetic. The 8 rows ``ahead`` rows on are prefetched in three parts, before the dot
-    products, after the head and between the gradient's two passes (as ``_taken_group4x16``;
+    """A group of ``_pipelined_chunk4`` on 8 rows taken by index (offsets at; yb: their
+    targets), the same arithmetic: the dot products and head of ``_logits_head4``, the
+    gradient's rows added in the order of ``_grad_half4``. The 8 rows ``ahead`` rows on are
+    prefetched in three parts, before the dot products, after the head and between the
+    gradient's two passes (as ``_taken_group4x16``;
     on a Zen 3 CPU, d = 64, 2,078 random rows of 1M, one thread: 160 against 220 us a batch
     from memory, with ``ahead`` one group where 16 rows gained a few per cent)."""
     _prefetch_taken(X, yf, rows, i, ahead, 0, 3)

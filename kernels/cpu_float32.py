@@ -23,7 +23,7 @@ thread count, so the bits are too.
 import numpy as np
 from numba import njit, prange
 
-from .native.heads import head_lanes
+from .native.heads import head_of
 from .native.simd import hsum, load8, splat8, store8, zero8
 
 # reassociation: the dot products' float32 sums vectorise; contraction: their products and sums
@@ -87,10 +87,7 @@ def one_output_float32(X, Y, w, binary, chunk_rows, n_chunks):
             _dots(X, i, live, w32, z)
             zv = load8(z, 0, live) + bias
             yv = load8(yf, i, live)
-            if binary:
-                qv, loss = head_lanes(zv, yv, live, True)
-            else:
-                qv, loss = head_lanes(zv, yv, live, False)
+            qv, loss = head_of(zv, yv, live, binary)
             q_sum = q_sum + qv
             loss_sum = loss_sum + loss
             store8(qb, 0, GROUP, qv)

@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .native.heads import head_lanes
+from .native.heads import head_lanes, head_of
 from .native.intrinsics import prefetch_at, prefetch_row
 from .native.simd import (
     fma,
@@ -91,10 +91,7 @@ def _tile_group(xf, o, d, live, w0, w1, w2, w3, bias, yf, i, binary, g0, g1, g2,
         + bias
     )
     y = load4(yf, i, live)
-    if binary:
-        q, loss = head_lanes(z, y, live, True)
-    else:
-        q, loss = head_lanes(z, y, live, False)
+    q, loss = head_of(z, y, live, binary)
     s0, s1, s2, s3 = lane8(q, 0), lane8(q, 1), lane8(q, 2), lane8(q, 3)
     g0 = _add_rows(g0, s0, s1, s2, s3, x00, x10, x20, x30)
     g1 = _add_rows(g1, s0, s1, s2, s3, x01, x11, x21, x31)
@@ -162,10 +159,7 @@ def _group32_one_tile(xf, o, d, live, w0, bias, yf, i, binary, ga, gb, gc, gd):
     v0, v1, v2, v3, v4, v5, v6, v7, zd = _rows8_one_tile(xf, o + 24 * d, d, live - 24, w0)
     y = load32(yf, i, live)
     z = join16(join8(za, zb), join8(zc, zd)) + bias
-    if binary:
-        q, loss = head_lanes(z, y, live, True)
-    else:
-        q, loss = head_lanes(z, y, live, False)
+    q, loss = head_of(z, y, live, binary)
     ga = fma(x4, lane8(q, 4), fma(x0, lane8(q, 0), ga))
     gb = fma(x5, lane8(q, 5), fma(x1, lane8(q, 1), gb))
     gc = fma(x6, lane8(q, 6), fma(x2, lane8(q, 2), gc))
@@ -200,10 +194,7 @@ def _group16_two_tiles(xf, o, d, live, w0, w1, bias, yf, i, binary, g0, g1, h0, 
     )
     y = load16(yf, i, live)
     z = join8(za, zb) + bias
-    if binary:
-        q, loss = head_lanes(z, y, live, True)
-    else:
-        q, loss = head_lanes(z, y, live, False)
+    q, loss = head_of(z, y, live, binary)
     s0, s1, s2, s3 = lane8(q, 0), lane8(q, 1), lane8(q, 2), lane8(q, 3)
     s4, s5, s6, s7 = lane8(q, 4), lane8(q, 5), lane8(q, 6), lane8(q, 7)
     g0 = _add_rows(g0, s0, s1, s2, s3, a0, a1, a2, a3)
@@ -489,10 +480,7 @@ def _panel_group(xf, w, i, d, live, bias, yf, binary, g):
         + bias
     )
     y = load8(yf, i, live)
-    if binary:
-        q, loss = head_lanes(z, y, live, True)
-    else:
-        q, loss = head_lanes(z, y, live, False)
+    q, loss = head_of(z, y, live, binary)
     full = d // 8
     for p in range(full):
         _grad_panel(xf, i, d, 8 * p, 8, live, q, g)
@@ -677,10 +665,7 @@ def _logits_head4(xf, w, i, d, live, bias, yf, binary):
         + bias
     )
     y = load8(yf, _y_at(i), live)
-    if binary:
-        q, loss = head_lanes(z, y, live, True)
-    else:
-        q, loss = head_lanes(z, y, live, False)
+    q, loss = head_of(z, y, live, binary)
     return q, loss
 
 
@@ -729,10 +714,7 @@ def _pipelined_group4(xf, w, n, n_live, d, c, q, g, bias, yf, binary):
         + bias
     )
     y = load8(yf, n, n_live)
-    if binary:
-        q, loss = head_lanes(z, y, n_live, True)
-    else:
-        q, loss = head_lanes(z, y, n_live, False)
+    q, loss = head_of(z, y, n_live, binary)
     return q, loss
 
 
@@ -749,10 +731,7 @@ def _panel_group4x16(X, xf, w, i, d, live, bias, yf, binary, g, ahead):
     zb = _dots4(X, xf, w, i + 8, d, live - 8, 0)
     y = load16(yf, i, live)
     z = join8(za, zb) + bias
-    if binary:
-        q, loss = head_lanes(z, y, live, True)
-    else:
-        q, loss = head_lanes(z, y, live, False)
+    q, loss = head_of(z, y, live, binary)
     _grads4(xf, i, d, live, part8(q, 0), g)
     _grads4(xf, i + 8, d, live - 8, part8(q, 1), g)
     return q, loss
@@ -919,10 +898,7 @@ def _taken_group4x16(X, xf, w, at0, at1, d, live, bias, yb, binary, g, yf, rows,
     _prefetch_taken(X, yf, rows, i, ahead, 8, 12)
     y = load16(yb, 0, live)
     z = join8(za, zb) + bias
-    if binary:
-        q, loss = head_lanes(z, y, live, True)
-    else:
-        q, loss = head_lanes(z, y, live, False)
+    q, loss = head_of(z, y, live, binary)
     _grads4(xf, at0, d, live, part8(q, 0), g)
     _prefetch_taken(X, yf, rows, i, ahead, 12, 16)
     _grads4(xf, at1, d, live - 8, part8(q, 1), g)

@@ -8,7 +8,7 @@ checks it against ``_head_loss`` (relative error < 1e-14).
 """
 
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic
 
 from .. import fastmath as fm
@@ -106,3 +106,12 @@ def head_lanes(_typingctx, z, y, count, binary):
         return context.make_tuple(builder, rtype, [grad, loss])
 
     return rtype(z, y, count, binary), codegen
+
+
+@njit(inline="always")
+def head_of(z, y, count, binary):
+    """``head_lanes`` for a ``binary`` flag known only when the kernel runs: both heads are
+    compiled and the flag picks one (``head_lanes`` itself takes it as a literal)."""
+    if binary:
+        return head_lanes(z, y, count, True)
+    return head_lanes(z, y, count, False)

@@ -31,6 +31,7 @@ from .cpu_tiles import (
     _one_output_panels,
     _one_output_panels4,
     _one_output_panels4x16,
+    _one_output_pipelined4,
     _taken_panels4,
     _taken_panels4x16,
     tiles_kernel,
@@ -57,6 +58,12 @@ USE_TILES = native.has_avx512()
 # One-output models the tiles do not take (``_tiled``; any d without AVX-512) run feature
 # panels of 8 or 4 features (``_panels``), faster than the pipelined pass. Tests switch it.
 USE_PANELS = True
+# The CPUs (LLVM's name of the host) whose AVX2 code runs the wide-row groups faster pipelined
+# (``cpu_tiles._one_output_pipelined4``) than in two passes (``_one_output_panels4``): the same
+# bits either way. Measured faster on Zen 3 (4-15 % from memory at d >= 128) and slower on a
+# Zen 4 running AVX2 code (20-30 %); elsewhere the two passes, the kernel measured longest.
+PIPELINED_CPUS = ("znver3",)
+PIPELINED = native.host_cpu() in PIPELINED_CPUS
 
 
 def _plan(n: int, block: int, width: int) -> tuple[int, int]:
@@ -104,7 +111,9 @@ def _panels(X: np.ndarray):
     and more the wider panels win."""
     d = X.shape[1]
     if d > PANEL4_WIDTH:
-        return (_one_output_panels if USE_TILES else _one_output_panels4), 0
+        if USE_TILES:
+            return _one_output_panels, 0
+        return (_one_output_pipelined4 if PIPELINED else _one_output_panels4), 0
     prefetched = PANEL_AHEAD_WIDTH if USE_TILES else TILE_WIDTH
     ahead = max(16, TILE_AHEAD_BYTES // (d * X.itemsize)) if d <= prefetched else 0
     return _one_output_panels4x16, ahead
@@ -146,6 +155,7 @@ PRODUCTS = {"float64": np.float64, "float32": np.float32}
 # The kernels that have a twin on rows taken by index (``taken_rows``), and that twin.
 _TAKEN = {
     _one_output_panels4: _taken_panels4,
+    _one_output_pipelined4: _taken_panels4,
     _one_output_panels4x16: _taken_panels4x16,
 }
 

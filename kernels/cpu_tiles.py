@@ -640,8 +640,9 @@ def _grads4_rows4(xf, i, d, live, qa, qb, qc, qd, g, r):
 def _grads4_halves(xf, i, d, live, q, g):
     """``_grads4`` in two passes over the gradient, rows 0-3 and then rows 4-7: each panel
     addresses 4 rows, not 8, so their offsets stay in registers (with 8, the AVX2 code reloaded
-    row strides from the stack in every panel). The last group of a chunk in
-    ``_one_output_panels4``; the rows are added in the order of ``_dot_grad_row4``."""
+    row strides from the stack in every panel). Each element of the gradient gets the rows one
+    after the other, as in the pipelined groups (``_dot_grad_row4``), so both give the same
+    bits; the last group of a pipelined chunk runs this."""
     _grads4_rows4(xf, i, d, live, lane4(q, 0), lane4(q, 1), lane4(q, 2), lane4(q, 3), g, 0)
     _grads4_rows4(xf, i, d, live, lane4(q, 4), lane4(q, 5), lane4(q, 6), lane4(q, 7), g, 4)
 
@@ -666,6 +667,18 @@ def _logits_head4(xf, w, i, d, live, bias, yf, binary):
     )
     y = load8(yf, _y_at(i), live)
     q, loss = head_of(z, y, live, binary)
+    return q, loss
+
+
+@njit(inline="always", error_model="numpy")
+def _panel_group4(xf, w, i, d, live, bias, yf, binary, g):
+    """``_panel_group`` with panels of 4 features: two 256-bit accumulators a row, and the
+    gradient in two passes of 4 rows (``_grads4_halves``), so the group fits AVX2's 16 vector
+    registers and its row offsets the general ones (the head is still one vec8: two registers
+    there). The same bits as the pipelined groups (``_pipelined_group4``); rows gathered by
+    index run the same arithmetic in ``_taken_group4``."""
+    q, loss = _logits_head4(xf, w, i, d, live, bias, yf, binary)
+    _grads4_halves(xf, i, d, live, q, g)
     return q, loss
 
 
@@ -743,9 +756,10 @@ def _panels_kernel(lanes: int, group: int = 8):
     Eight rows at a time: their dot products one row after the other (two accumulators of
     ``lanes`` lanes a row, so the group's rows are read in memory order: ``_row_dot``), the head
     on the 8 logits as one vec8, then the gradient panel by panel over the eight rows (the rows
-    read again from L1 and widened again; the gradient, d float64 per chunk, stays in L1). AVX2
-    runs these groups pipelined instead (``_one_output_panels4``); here ``lanes`` 4 is for the
-    16-row groups. For AVX-512 this runs rows wider than 40 features
+    read again from L1 and widened again; the gradient, d float64 per chunk, stays in L1; for
+    AVX2 over rows 0-3, then rows 4-7). Where the AVX2 groups run faster pipelined (a Zen 3
+    CPU), ``_one_output_pipelined4`` runs them instead, with the same bits. For AVX-512 this
+    runs rows wider than 40 features
     (``cpu.PANEL4_WIDTH``): with rows this wide a group's work is long enough to hide the head's
     latency. 16-row groups were slower from memory, and LLVM's own vectorisation of the
     pipelined passes (``cpu_passes``) reached 0.35-0.6 of the read ceiling for d = 64-1024.
@@ -777,10 +791,15 @@ def _panels_kernel(lanes: int, group: int = 8):
                         q, loss = _panel_group4x16(X, xf, w, i, d, 16, bias, yf, binary, g, ahead)
                     else:
                         q, loss = _panel_group4x16(X, xf, w, i, d, live, bias, yf, binary, g, ahead)
+                elif lanes == 8:
+                    if live == 8:
+                        q, loss = _panel_group(xf, w, i, d, 8, bias, yf, binary, g)
+                    else:
+                        q, loss = _panel_group(xf, w, i, d, live, bias, yf, binary, g)
                 elif live == 8:
-                    q, loss = _panel_group(xf, w, i, d, 8, bias, yf, binary, g)
+                    q, loss = _panel_group4(xf, w, i, d, 8, bias, yf, binary, g)
                 else:
-                    q, loss = _panel_group(xf, w, i, d, live, bias, yf, binary, g)
+                    q, loss = _panel_group4(xf, w, i, d, live, bias, yf, binary, g)
                 q_sum = q_sum + q
                 loss_sum = loss_sum + loss
             for j in range(d):
@@ -795,11 +814,12 @@ def _panels_kernel(lanes: int, group: int = 8):
 
 
 _one_output_panels = _panels_kernel(8)  # AVX-512, d > 40
+_one_output_panels4 = _panels_kernel(4)  # AVX2, d > 40
 
 
 @njit(error_model="numpy", cache=True)
 def _pipelined_chunk4(X, Y, w, binary, start, stop, out):
-    """One chunk (rows start .. stop - 1) of ``_one_output_panels4``, into ``out`` (d + 2).
+    """One chunk (rows start .. stop - 1) of ``_one_output_pipelined4``, into ``out`` (d + 2).
 
     The groups of 8 rows of ``_panels_kernel`` in 4-feature panels, pipelined: group k + 1's
     rows are read, row r of it in the same loop as row r of group k added into the gradient
@@ -809,7 +829,8 @@ def _pipelined_chunk4(X, Y, w, binary, start, stop, out):
     compiles in about a third of the time of the kernel with the groups inlined there, and ran
     as fast (Zen 3, 256 MiB of float32 rows, 2 threads, fractions of the read ceiling at d = 64
     / 256 / 1024: 0.66 / 0.76 / 0.73 against 0.68 / 0.77 / 0.73 inlined and 0.61 / 0.71 / 0.68
-    for the two passes)."""
+    for the two passes). On a Zen 4 CPU running AVX2 code the two passes were faster (0.79 /
+    0.80 / 0.73 against 0.64 / 0.60 / 0.52): ``cpu.PIPELINED_CPUS`` says where this runs."""
     d = X.shape[1]
     xf = X.reshape(-1)
     yf = Y.reshape(-1)
@@ -839,9 +860,10 @@ def _pipelined_chunk4(X, Y, w, binary, start, stop, out):
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
-def _one_output_panels4(X, Y, w, binary, ahead, chunk_rows, n_chunks):  # noqa: ARG001
-    """The one-output gradient for AVX2, rows wider than 40 features, chunk by chunk
-    (``_pipelined_chunk4``). ``ahead`` is unused (the signature of the other kernels)."""
+def _one_output_pipelined4(X, Y, w, binary, ahead, chunk_rows, n_chunks):  # noqa: ARG001
+    """``_one_output_panels4`` with the groups pipelined, chunk by chunk
+    (``_pipelined_chunk4``): the same bits. ``ahead`` is unused (the signature of the other
+    kernels)."""
     n = X.shape[0]
     partial = np.empty((n_chunks, X.shape[1] + 2))
     for c in prange(n_chunks):

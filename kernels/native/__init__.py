@@ -178,6 +178,14 @@ def has_avx512() -> bool:
     return bool(target_features().get("avx512f", False))
 
 
+def host_cpu() -> str:
+    """LLVM's name of the CPU this process runs on ("znver3", "skylake-avx512", ...), whatever
+    CPU Numba's code is generated for: how that code runs depends on this one."""
+    import llvmlite.binding as llvm
+
+    return llvm.get_host_cpu_name()
+
+
 def _described(name: str) -> str:
     """The named target as the user set it: 'NUMBA_CPU_NAME=haswell, NUMBA_CPU_FEATURES=""'."""
     from numba import config

@@ -461,6 +461,10 @@ TILE_KERNELS = {  # name: (kernel, the widest rows it takes)
 PANELS = {  # kernel: feature counts (every panel tail)
     "8 features": (cpu_tiles._one_output_panels, (33, 39, 40, 64, 65, 127, 1023, 1024, 257)),
     "4 features": (cpu_tiles._one_output_panels4, (1, 3, 4, 5, 8, 31, 33, 1021, 1024, 70)),
+    "4 features, pipelined": (
+        cpu_tiles._one_output_pipelined4,
+        (1, 3, 4, 5, 8, 31, 33, 1021, 1024, 70),
+    ),
     "4 features, 16 rows": (
         cpu_tiles._one_output_panels4x16,
         (1, 3, 4, 5, 8, 13, 16, 31, 33, 34, 35, 36, 37, 39, 40, 32),
@@ -493,6 +497,7 @@ def test_feature_panels_match_reference(monkeypatch, kernel, head, dtype):
 
 TAKEN = {  # the kernels that also read rows in place, and their feature counts
     "4 features": (cpu_tiles._one_output_panels4, (1, 3, 4, 5, 33, 70)),
+    "4 features, pipelined": (cpu_tiles._one_output_pipelined4, (1, 3, 4, 5, 33, 70)),
     "4 features, 16 rows": (
         cpu_tiles._one_output_panels4x16,
         (1, 3, 5, 8, 13, 16, 31, 32, 33, 36, 37, 40),
@@ -545,6 +550,28 @@ def test_rows_read_in_place_give_the_bits_of_the_copied_rows(monkeypatch, kernel
         finally:
             numba.set_num_threads(saved)
         np.testing.assert_array_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("head", [SQUARED, BINARY])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pipelined_avx2_groups_give_the_bits_of_the_two_passes(monkeypatch, head, dtype):
+    """The AVX2 wide-row kernel runs its 8-row groups in two passes or pipelined, by the CPU
+    (``cpu.PIPELINED``): both add each gradient element's rows one after the other, so a user's
+    results do not depend on which ran. Every tail of the panels, of the groups and of the
+    chunks (one group to several chunks), both heads, both row types."""
+    monkeypatch.setattr(cpu, "USE_TILES", False)
+    monkeypatch.setattr(cpu, "USE_PANELS", True)
+    problems = [
+        make_problem((d, 1), head, n, dtype, seed=d + n)
+        for d in (41, 42, 43, 44, 45, 48, 64, 70, 257, 1024)
+        for n in (1, 7, 8, 9, 16, 17, 8_200)
+    ]
+    runs = []
+    for kernel in (cpu_tiles._one_output_panels4, cpu_tiles._one_output_pipelined4):
+        monkeypatch.setattr(cpu, "_panels", lambda X, k=kernel: (k, 0))
+        runs.append([run_gradient(X, y, p, s, SIGMOID, head) for X, y, p, s in problems])
+    for (X, _, _, _), two, piped in zip(problems, *runs, strict=True):
+        np.testing.assert_array_equal(two, piped, err_msg=f"{X.shape}")
 
 
 def test_rows_are_copied_where_no_kernel_reads_them_in_place(monkeypatch):
@@ -607,11 +634,14 @@ def test_narrow_tile_kernels_are_chosen_and_forward_has_their_logits(monkeypatch
     assert [d for d in range(1, 50) if cpu._tiled(d, True)] == [*range(1, 17)]
     widths = (17, 28, 29, 32, 33, 40, 41)
     panels4x16 = (17, 28, 29, 32, 33, 40)  # with AVX-512 and on AVX2 alike
-    for avx512, prefetched, wider in (
-        (True, [17, 28], cpu_tiles._one_output_panels),
-        (False, [17, 28, 29, 32], cpu_tiles._one_output_panels4),
+    for avx512, pipelined, prefetched, wider in (
+        (True, False, [17, 28], cpu_tiles._one_output_panels),
+        (True, True, [17, 28], cpu_tiles._one_output_panels),
+        (False, False, [17, 28, 29, 32], cpu_tiles._one_output_panels4),
+        (False, True, [17, 28, 29, 32], cpu_tiles._one_output_pipelined4),
     ):
         monkeypatch.setattr(cpu, "USE_TILES", avx512)
+        monkeypatch.setattr(cpu, "PIPELINED", pipelined)
         kernels = {d: cpu._panels(np.zeros((4, d), np.float32)) for d in widths}
         assert {d: k for d, (k, _) in kernels.items()} == {
             d: cpu_tiles._one_output_panels4x16 if d in panels4x16 else wider for d in widths

@@ -61,7 +61,7 @@ USE_PANELS = True
 # The CPUs (LLVM's name of the host) whose AVX2 code runs the wide-row groups faster pipelined
 # (``cpu_tiles._one_output_pipelined4``) than in two passes (``_one_output_panels4``): the same
 # bits either way. Measured faster on Zen 3 (4-15 % from memory at d >= 128) and slower on a
-# Zen 4 running AVX2 code (20-30 %); elsewhere the two passes, the kernel measured longest.
+# Zen 4 running AVX2 code (20-30 %); elsewhere the two passes, the kernel with the longest record.
 PIPELINED_CPUS = ("znver3",)
 PIPELINED = native.host_cpu() in PIPELINED_CPUS
 

@@ -929,11 +929,10 @@ def _taken_group4x16(X, xf, w, at0, at1, d, live, bias, yb, binary, g, yf, rows,
 
 @njit(inline="always", error_model="numpy")
 def _taken_group4(X, xf, w, at, d, live, bias, yb, binary, g, yf, rows, i, ahead):
-    """A group of ``_pipelined_chunk4`` on 8 rows taken by index (offsets at; yb: their
-    targets), the same arithmetic: the dot products and head of ``_logits_head4``, the
-    gradient's rows added in the order of ``_grad_half4``. The 8 rows ``ahead`` rows on are
-    prefetched in three parts, before the dot products, after the head and between the
-    gradient's two passes (as ``_taken_group4x16``;
+    """``_panel_group4`` of 8 rows taken by index (offsets at; yb: their targets), the same
+    arithmetic, so the bits of both AVX2 wide-row kernels (two passes and pipelined). The 8
+    rows ``ahead`` rows on are prefetched in three parts, before the dot products, after the
+    head and between the gradient's two passes (as ``_taken_group4x16``;
     on a Zen 3 CPU, d = 64, 2,078 random rows of 1M, one thread: 160 against 220 us a batch
     from memory, with ``ahead`` one group where 16 rows gained a few per cent)."""
     _prefetch_taken(X, yf, rows, i, ahead, 0, 3)

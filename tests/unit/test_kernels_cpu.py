@@ -834,6 +834,31 @@ def test_float32_products_bits_do_not_depend_on_threads_and_leave_other_paths_al
         np.testing.assert_array_equal(out, run_gradient(X, y, params, sizes, TANH, head))
 
 
+def test_float32_products_follow_each_calls_parameters():
+    """The float32 copy of the parameters is kept between calls (in a thread's own array):
+    each call reads its own parameters, whatever model or parameters came before."""
+    from lepton_hpc.kernels import cpu_gemm
+
+    X, y, params, sizes = make_problem((33, 80, 40, 1), BINARY, 700, np.float32, seed=6)
+    other = make_problem((20, 48, 33, 1), BINARY, 300, np.float32, seed=7)
+    assert cpu._gemm(sizes) and cpu._gemm(other[3])
+    fresh = []
+    for p in (params, params * 0.5):
+        cpu_gemm._local.narrow = None  # as if nothing ran before
+        out = np.zeros(len(p) + 2)
+        cpu.gradient(X, y, p, sizes, RELU, BINARY, out, "float32")
+        fresh.append(out)
+    assert rel_err(fresh[0], fresh[1]) > 1e-3
+    for p, expect in ((params, fresh[0]), (params * 0.5, fresh[1]), (params, fresh[0])):
+        cpu.gradient(*other, RELU, BINARY, np.zeros(len(other[2]) + 2), "float32")
+        out = np.zeros(len(p) + 2)
+        cpu.gradient(X, y, p, sizes, RELU, BINARY, out, "float32")
+        np.testing.assert_array_equal(out, expect)
+        out = np.zeros(len(p) + 2)
+        cpu.gradient(X, y, p * 2.0, sizes, RELU, BINARY, out, "float32")  # same model, new values
+        assert rel_err(out, expect) > 1e-3
+
+
 @pytest.mark.parametrize("head", [SQUARED, BINARY])
 def test_float32_products_one_output_wide_rows_match_reference(monkeypatch, head):
     """One-output models on float32 rows wider than the tiles (``cpu_float32``): every tail of

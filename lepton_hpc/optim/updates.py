@@ -15,10 +15,16 @@ is ``sums[i] / rows``, plus ``l2[i] * params[i]`` where ``l2`` (the L2 coefficie
 parameter) is not empty, the bits of NumPy's ``sums / rows + l2 * params``. The mean is then
 no pass and no array of its own (it was 60 us of a 1.5 ms mini-batch step of a 131,841-parameter
 MLP here). A gradient that is already a mean is divided by 1.0, which changes no bit.
+
+Where ``rows`` is a power of two (a batch of 256 or 4,096 rows, a mean's 1.0), ``sums[i] / rows``
+is computed as ``sums[i] * (1 / rows)``: that reciprocal is exact, and both operations round the
+same real number once, so the bits are the same (subnormal results included), without the
+division, the slowest instruction of the pass.
 """
 
 from __future__ import annotations
 
+import math
 import types
 
 import numpy as np
@@ -32,42 +38,77 @@ PARALLEL_MIN = 1 << 15  # parameters from which the update runs on the rank's th
 _JIT = {"cache": True, "error_model": "numpy"}
 
 
+@njit(inline="always", error_model="numpy")
+def _reciprocal(rows):
+    """1 / rows where that is exact (rows a power of two whose reciprocal is a normal number),
+    else 0.0: the passes then divide."""
+    mantissa, exponent = math.frexp(rows)
+    return 1.0 / rows if mantissa == 0.5 and -1020 < exponent < 1020 else 0.0
+
+
+@njit(inline="always", error_model="numpy")
+def _sgd_at(i, g, params, l2, decay, lr):
+    if decay:
+        g += l2[i] * params[i]
+    params[i] -= lr * g
+
+
 def _sgd(params, sums, rows, l2, lr):
     """The gradient is ``sums / rows``, plus ``l2 * params`` where ``l2`` is not empty."""
     decay = l2.size > 0
-    for i in prange(params.size):
-        g = sums[i] / rows
-        if decay:
-            g += l2[i] * params[i]
-        params[i] -= lr * g
+    inverse = _reciprocal(rows)
+    if inverse != 0.0:
+        for i in prange(params.size):
+            _sgd_at(i, sums[i] * inverse, params, l2, decay, lr)
+    else:
+        for i in prange(params.size):
+            _sgd_at(i, sums[i] / rows, params, l2, decay, lr)
+
+
+@njit(inline="always", error_model="numpy")
+def _momentum_at(i, g, params, l2, decay, v, mu, lr):
+    if decay:
+        g += l2[i] * params[i]
+    vi = v[i] * mu
+    vi += g
+    v[i] = vi
+    params[i] -= lr * vi
 
 
 def _momentum(params, sums, rows, l2, v, mu, lr):
     decay = l2.size > 0
-    for i in prange(params.size):
-        g = sums[i] / rows
-        if decay:
-            g += l2[i] * params[i]
-        vi = v[i] * mu
-        vi += g
-        v[i] = vi
-        params[i] -= lr * vi
+    inverse = _reciprocal(rows)
+    if inverse != 0.0:
+        for i in prange(params.size):
+            _momentum_at(i, sums[i] * inverse, params, l2, decay, v, mu, lr)
+    else:
+        for i in prange(params.size):
+            _momentum_at(i, sums[i] / rows, params, l2, decay, v, mu, lr)
+
+
+@njit(inline="always", error_model="numpy")
+def _adam_at(i, g, params, l2, decay, m, v, b1, b2, c1, c2, lr, eps):
+    if decay:
+        g += l2[i] * params[i]
+    mi = m[i] * b1
+    mi += (1.0 - b1) * g
+    vi = v[i] * b2
+    vi += (1.0 - b2) * g * g
+    m[i] = mi
+    v[i] = vi
+    params[i] -= lr * (mi / c1) / (np.sqrt(vi / c2) + eps)
 
 
 def _adam(params, sums, rows, l2, m, v, b1, b2, c1, c2, lr, eps):
     """c1 = 1 - b1**t, c2 = 1 - b2**t (the bias corrections)."""
     decay = l2.size > 0
-    for i in prange(params.size):
-        g = sums[i] / rows
-        if decay:
-            g += l2[i] * params[i]
-        mi = m[i] * b1
-        mi += (1.0 - b1) * g
-        vi = v[i] * b2
-        vi += (1.0 - b2) * g * g
-        m[i] = mi
-        v[i] = vi
-        params[i] -= lr * (mi / c1) / (np.sqrt(vi / c2) + eps)
+    inverse = _reciprocal(rows)
+    if inverse != 0.0:
+        for i in prange(params.size):
+            _adam_at(i, sums[i] * inverse, params, l2, decay, m, v, b1, b2, c1, c2, lr, eps)
+    else:
+        for i in prange(params.size):
+            _adam_at(i, sums[i] / rows, params, l2, decay, m, v, b1, b2, c1, c2, lr, eps)
 
 
 def _pair(fn):

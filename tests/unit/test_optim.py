@@ -177,6 +177,29 @@ def test_updates_from_summed_gradients_are_the_bits_of_the_mean_then_the_update(
         assert fused.t == plain.t == 3
 
 
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("n", [9, 1 << 15])
+def test_sums_over_a_power_of_two_rows_keep_the_bits_of_the_division(name, n):
+    """Rows a power of two: the passes multiply by the exact reciprocal instead of dividing;
+    every bit stays that of NumPy's ``sums / rows`` then the update, subnormal, huge, signed
+    zero, infinite and NaN sums included, and rows whose reciprocal would not be normal."""
+    rng = np.random.default_rng(n + 2)
+    p0 = rng.standard_normal(n)
+    edge = np.array([5e-324, -5e-324, 1e-310, -3e-308, 1.7e308, -1.7e308, 0.0, -0.0, np.inf])
+    for rows in (256.0, 4096.0, 0.5, 2.0, 2.0**-1019, 2.0**1019, 2.0**1023, 3.0, 1.0, 6.0):
+        sums = rng.standard_normal(n) * 10.0 ** rng.integers(-320, 300, n)
+        sums[: edge.size] = edge[: min(n, edge.size)]
+        sums[-1] = np.nan
+        fused = make_optimizer(OptimConfig(name=name, lr=0.01, momentum=0.9), n)
+        plain = make_optimizer(OptimConfig(name=name, lr=0.01, momentum=0.9), n)
+        p, q = p0.copy(), p0.copy()
+        with np.errstate(all="ignore"):
+            for scale in (1.0, -0.5):
+                fused.step_sums(p, sums * scale, rows)
+                plain.step(q, sums * scale / rows)
+        assert np.array_equal(p.view(np.int64), q.view(np.int64)), rows
+
+
 def test_serial_and_threaded_updates_are_cached_apart():
     """Numba's disk cache keys a kernel by qualified name and signature, not by its options: the
     serial and threaded update of each optimiser need names of their own, or a fresh process
